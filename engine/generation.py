@@ -1,0 +1,158 @@
+"""Prompts and token generation over our decoder forward, with or without sparse memory.
+
+`sparse` mode (MSA section 4): each routing layer's KV cache starts with the pooled K̄/V̄ chunks of the
+documents that layer selected; lower layers have none. The prompt's positions start at k (the selected
+documents count as k slots before it), so pooled keys keep the rotation of their document-local
+positions. `interleave` mode builds a prompt with the original text of the routed documents instead
+and generates with no memory in the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from .memory import BankState
+from .model import DecoderModel, KVCache
+
+QUESTION_SENTINEL = "\u2063MSA_QUESTION\u2063"
+
+
+@dataclass
+class Prompt:
+    ids: list
+    question_mask: list  # True on the question's own tokens (not template, not injected context)
+
+
+def build_prompt(model: DecoderModel, question: str, system: Optional[str] = None, context: str = "",
+                 history: Optional[list] = None) -> Prompt:
+    """Chat-template prompt with the question tokens marked. `context` (injected documents) goes before
+    the question inside the user turn. Template, context and question are tokenized separately and
+    joined, so the question mask is exact."""
+    tok = model.tokenizer
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.extend(history or [])
+    messages.append({"role": "user", "content": QUESTION_SENTINEL})
+    if getattr(tok, "chat_template", None):
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # a base model without a template: plain text
+        rendered = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + f"{QUESTION_SENTINEL}\nAnswer:"
+    prefix, suffix = rendered.split(QUESTION_SENTINEL)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    pre_ids = enc(prefix + context)
+    q_ids = enc(question)
+    suf_ids = enc(suffix)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None and getattr(tok, "add_bos_token", False) and (not pre_ids or pre_ids[0] != bos):
+        pre_ids = [bos] + pre_ids
+    return Prompt(pre_ids + q_ids + suf_ids, [False] * len(pre_ids) + [True] * len(q_ids) + [False] * len(suf_ids))
+
+
+def context_block(texts: list) -> str:
+    parts = [f"[{i + 1}] {t.strip()}" for i, t in enumerate(texts)]
+    return "Use the following documents to answer.\n\n" + "\n\n".join(parts) + "\n\nQuestion: "
+
+
+def stop_token_ids(model: DecoderModel) -> set:
+    tok = model.tokenizer
+    ids = set()
+    for t in (tok.eos_token_id, getattr(model.config, "eos_token_id", None)):
+        if isinstance(t, int):
+            ids.add(t)
+        elif isinstance(t, (list, tuple)):
+            ids.update(t)
+    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+        tid = tok.convert_tokens_to_ids(name) if name in tok.get_vocab() else None
+        if isinstance(tid, int):
+            ids.add(tid)
+    return ids
+
+
+def sparse_memory(state: BankState, per_layer_rows: torch.Tensor, n_layers: int, routing_layers: list,
+                  model: DecoderModel) -> list:
+    """Per model layer: None, or (k [1, G, M, D], v [1, G, M, D]) of the chunks of the documents that
+    routing layer selected (M = their chunk count)."""
+    memory = [None] * n_layers
+    G, D = model.n_kv_heads, model.head_dim
+    for i, layer in enumerate(routing_layers):
+        rows = per_layer_rows[i].tolist()
+        if not rows:
+            continue
+        idx = torch.cat([torch.arange(*state.chunk_range(r)) for r in rows])
+        k = state.keys[i].index_select(0, idx).to(model.device, model.dtype)  # [M, G*D]
+        v = state.values[i].index_select(0, idx).to(model.device, model.dtype)
+        M = idx.numel()
+        memory[layer] = (k.view(M, G, D).transpose(0, 1)[None], v.view(M, G, D).transpose(0, 1)[None])
+    return memory
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0
+    finish_reason: str = "length"
+    token_ids: list = field(default_factory=list)
+
+
+def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, temperature: float = 0.0,
+                    memory: Optional[list] = None, position_offset: int = 0, seed: Optional[int] = None,
+                    stats: Optional[GenerationStats] = None, stop_ids: Optional[set] = None) -> Iterator[int]:
+    """Yield generated token ids one by one (greedy at temperature 0), filling `stats` as it goes."""
+    stats = stats if stats is not None else GenerationStats()
+    stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    cache = KVCache(model.n_layers, memory=list(memory) if memory else [])
+    t0 = time.perf_counter()
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    pos = position_offset + torch.arange(len(prompt_ids))[None]
+    logits = model.forward(ids, pos, cache=cache)
+    stats.prompt_tokens = len(prompt_ids)
+    stats.prefill_s = time.perf_counter() - t0
+    next_pos = position_offset + len(prompt_ids)
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(logits[0].float() / temperature, dim=-1).cpu()
+            tok = int(torch.multinomial(probs, 1, generator=gen))
+        else:
+            tok = int(torch.argmax(logits[0]))
+        if step == 0:
+            stats.first_token_s = time.perf_counter() - t0
+        if tok in stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.completion_tokens += 1
+        stats.token_ids.append(tok)
+        yield tok
+        if step == max_new_tokens - 1:
+            break
+        logits = model.forward(torch.tensor([[tok]]), torch.tensor([[next_pos]]), cache=cache)
+        next_pos += 1
+    stats.decode_s = time.perf_counter() - t1
+
+
+def decode_stream(tokenizer, token_iter: Iterator[int]) -> Iterator[str]:
+    """Turn token ids into text pieces; holds back incomplete UTF-8 sequences (shown as U+FFFD)."""
+    ids, sent = [], ""
+    for t in token_iter:
+        ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(sent):
+        yield text[len(sent):]

@@ -1,0 +1,177 @@
+"""Router projectors W_QR / W_KR: what turns a layer's states into routing queries and routing keys.
+
+MSA section 6: per routing layer, bias-free linear maps reading the layer's normalised input (the same
+input as q_proj/k_proj), no norm, no RoPE. W_QR: hidden -> H x D, W_KR: hidden -> H_kv x D.
+
+Two kinds live behind one interface:
+- `Router`: trained projectors, loaded from a router adapter folder or an MSA-4B-format checkpoint.
+- `QKRouter`: the training-free baseline: the layer's own q_proj/k_proj (with Qwen3's q_norm/k_norm),
+  before RoPE. Measured at chance level on real banks (NOTES.md): a baseline, not the default quality.
+
+Both map a normalised layer input h [..., hidden] to [..., heads, D]. Because W_KR is linear,
+mean_pool(h) @ W_KR^T == mean_pool(h @ W_KR^T): a bank that keeps its pooled layer inputs can be
+re-keyed for a new router with one matrix product per layer, no model forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Optional
+
+import torch
+
+ROUTER_FORMAT_VERSION = 1
+MSA4B_Q = "model.layers.{layer}.self_attn.router_q_proj.0.weight"
+MSA4B_K = "model.layers.{layer}.self_attn.router_k_proj.0.weight"
+_MSA4B_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.router_([qk])_proj\.0\.weight$")
+
+
+class RouterMismatchError(ValueError):
+    pass
+
+
+class QKRouter:
+    """Training-free routing with the layer's own query/key projections, before RoPE."""
+
+    kind = "qk"
+
+    def __init__(self, model, layers):
+        self.model = model
+        self.layers = list(layers)
+
+    def fingerprint(self) -> str:
+        return "qk"
+
+    def query(self, layer: int, h_norm: torch.Tensor, q_pre_rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h_norm [T, hidden] -> [T, H, D]. `q_pre_rope` [H, T, D], when the forward already computed it."""
+        if q_pre_rope is None:
+            q_pre_rope, _, _ = self.model.project_qkv(layer, h_norm[None])
+            q_pre_rope = q_pre_rope[0]
+        return q_pre_rope.transpose(0, 1)
+
+    def key(self, layer: int, h_norm: torch.Tensor) -> torch.Tensor:
+        """h_norm [N, hidden] -> [N, G, D]. Not linear for Qwen3 (k_norm), so it cannot re-key from pooled inputs."""
+        _, k, _ = self.model.project_qkv(layer, h_norm[None])
+        return k[0].transpose(0, 1)
+
+
+class Router:
+    """Trained router projectors, one (W_QR, W_KR) pair per routing layer."""
+
+    kind = "router"
+
+    def __init__(self, wq: dict, wk: dict, n_heads: int, n_kv_heads: int, head_dim: int,
+                 meta: Optional[dict] = None):
+        if sorted(wq) != sorted(wk):
+            raise ValueError(f"router has W_QR for layers {sorted(wq)} but W_KR for layers {sorted(wk)}")
+        self.layers = sorted(int(l) for l in wq)
+        self.wq = {int(l): w for l, w in wq.items()}  # [H*D, hidden]
+        self.wk = {int(l): w for l, w in wk.items()}  # [G*D, hidden]
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.meta = dict(meta or {})
+        for l in self.layers:
+            if self.wq[l].shape[0] != n_heads * head_dim or self.wk[l].shape[0] != n_kv_heads * head_dim:
+                raise ValueError(f"router layer {l}: W_QR {tuple(self.wq[l].shape)} / W_KR {tuple(self.wk[l].shape)} "
+                                 f"do not match {n_heads} heads, {n_kv_heads} KV heads x {head_dim} dims")
+        self._fingerprint = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.wq[self.layers[0]].shape[1]
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for l in self.layers:
+                for w in (self.wq[l], self.wk[l]):
+                    h.update(str(l).encode())
+                    h.update(w.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+            self._fingerprint = "router:" + h.hexdigest()[:16]
+        return self._fingerprint
+
+    def to(self, device=None, dtype=None) -> "Router":
+        self.wq = {l: w.to(device=device, dtype=dtype) for l, w in self.wq.items()}
+        self.wk = {l: w.to(device=device, dtype=dtype) for l, w in self.wk.items()}
+        return self
+
+    def query(self, layer: int, h_norm: torch.Tensor, q_pre_rope=None) -> torch.Tensor:
+        w = self.wq[layer]
+        return (h_norm.to(w.dtype) @ w.T).view(*h_norm.shape[:-1], self.n_heads, self.head_dim)
+
+    def key(self, layer: int, h_norm: torch.Tensor) -> torch.Tensor:
+        w = self.wk[layer]
+        return (h_norm.to(w.dtype) @ w.T).view(*h_norm.shape[:-1], self.n_kv_heads, self.head_dim)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str) -> None:
+        """A router adapter: `router.safetensors` (MSA-4B weight names) + `router.json`."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, ".router.safetensors.tmp")
+        save_file({k: v.contiguous().cpu() for k, v in self.to_msa4b_state_dict().items()}, tmp)
+        os.replace(tmp, os.path.join(directory, "router.safetensors"))
+        manifest = {"format_version": ROUTER_FORMAT_VERSION, "layers": self.layers, "n_heads": self.n_heads,
+                    "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_size": self.hidden_size,
+                    "fingerprint": self.fingerprint(), "meta": self.meta}
+        tmp = os.path.join(directory, ".router.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(directory, "router.json"))
+
+    @classmethod
+    def load(cls, directory: str) -> "Router":
+        from safetensors.torch import load_file
+
+        path_json = os.path.join(directory, "router.json")
+        path_w = os.path.join(directory, "router.safetensors")
+        if not (os.path.isfile(path_json) and os.path.isfile(path_w)):
+            raise FileNotFoundError(f"{directory!r} is not a router adapter: it needs router.json and "
+                                    "router.safetensors (written by `msa train-router` or Router.save)")
+        with open(path_json) as f:
+            m = json.load(f)
+        if m.get("format_version") != ROUTER_FORMAT_VERSION:
+            raise ValueError(f"router adapter {directory!r} has format version {m.get('format_version')}, "
+                             f"this msa-plugins reads version {ROUTER_FORMAT_VERSION}")
+        router = cls.from_msa4b_state_dict(load_file(path_w), m["n_heads"], m["n_kv_heads"], m["head_dim"],
+                                           meta=m.get("meta"))
+        return router
+
+    def to_msa4b_state_dict(self) -> dict:
+        sd = {}
+        for l in self.layers:
+            sd[MSA4B_Q.format(layer=l)] = self.wq[l]
+            sd[MSA4B_K.format(layer=l)] = self.wk[l]
+        return sd
+
+    @classmethod
+    def from_msa4b_state_dict(cls, state_dict: dict, n_heads: int, n_kv_heads: int, head_dim: int,
+                              meta: Optional[dict] = None) -> "Router":
+        wq, wk = {}, {}
+        for name, w in state_dict.items():
+            m = _MSA4B_RE.match(name)
+            if m:
+                (wq if m.group(2) == "q" else wk)[int(m.group(1))] = w.detach().float()
+        if not wq:
+            raise ValueError("no router projectors found (expected names like "
+                             f"{MSA4B_Q.format(layer=18)!r})")
+        return cls(wq, wk, n_heads, n_kv_heads, head_dim, meta=meta)
+
+
+def read_msa4b_router(model_dir: str, n_heads: int, n_kv_heads: int, head_dim: int) -> Optional[Router]:
+    """The router projectors of an MSA-4B-format checkpoint folder, or None if it carries none."""
+    from safetensors import safe_open
+
+    files = [f for f in sorted(os.listdir(model_dir)) if f.endswith(".safetensors")]
+    found = {}
+    for f in files:
+        with safe_open(os.path.join(model_dir, f), framework="pt") as st:
+            for name in st.keys():
+                if _MSA4B_RE.match(name):
+                    found[name] = st.get_tensor(name)
+    if not found:
+        return None
+    return Router.from_msa4b_state_dict(found, n_heads, n_kv_heads, head_dim, meta={"source": model_dir})

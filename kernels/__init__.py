@@ -1,0 +1,10 @@
+"""Routing kernels for Memory Sparse Attention (EverMind): document scores and top-k (MSA.md section 3).
+
+`doc_scores` dispatches to the fused Triton kernel on CUDA and to vectorised PyTorch elsewhere; the
+`naive` module is the loop reference every backend is tested against.
+"""
+from .naive import doc_scores_naive, topk_naive
+from .routing import doc_scores, doc_scores_torch, fold_queries, quantize_keys_int8, topk_docs, triton_available
+
+__all__ = ["doc_scores", "doc_scores_torch", "doc_scores_naive", "fold_queries", "quantize_keys_int8",
+           "topk_docs", "topk_naive", "triton_available"]

@@ -1,0 +1,43 @@
+"""MSAConfig: every knob of the engine in one place, with the paper's defaults where they apply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+MODES = ("interleave", "sparse", "protocol")
+
+
+@dataclass
+class MSAConfig:
+    chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64)
+    routing_layers: Optional[list] = None  # None: the router's layers, else the upper half of the model
+    score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (scaled dot product)
+    keep_inputs: bool = False  # keep pooled layer inputs so the bank can be re-keyed for a new router
+    k: int = 5  # documents per question (paper: 16)
+    mode: str = "interleave"  # default answering mode (see MODES)
+    rounds: int = 1  # interleave: routing rounds (re-route on question + injected text)
+    max_rounds: int = 4  # cap on rounds (interleave) and on retrieval steps (protocol)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    system_prompt: Optional[str] = None  # None: the model's chat-template default
+    max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
+    split_long_documents: bool = True
+    batch_tokens: int = 4096  # encoding batch size in (padded) tokens
+    routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
+    protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
+    protocol_delimiter: str = "\n"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.score not in ("cosine", "dot"):
+            raise ValueError(f"score must be 'cosine' or 'dot', got {self.score!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
