@@ -101,6 +101,11 @@ class MSAEngine:
             if router.hidden_size != model.hidden_size or router.n_kv_heads != model.n_kv_heads \
                     or router.head_dim != model.head_dim or router.n_heads != model.n_heads:
                 raise RouterMismatchError("the router's shapes do not match this model (it was trained for another model)")
+            made_for = router.meta.get("model_config_hash")
+            if made_for and made_for != model.config_hash():
+                raise RouterMismatchError(f"this router was trained for another model (config {made_for}, this model "
+                                          f"{model.config_hash()}); train one for this model with `msa train-router`")
+            router.meta.setdefault("model_config_hash", model.config_hash())
             router = router.to(model.device, torch.float32)
         self.routing_layers = layers
         self.router = router if router is not None else QKRouter(model, layers)

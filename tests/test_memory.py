@@ -1,0 +1,173 @@
+"""MemoryBank: persistence, delete, add-after-load, crash safety, and bad input that changes nothing."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from msa_plugins import MSAEngine
+from msa_plugins.engine.memory import MemoryFormatError, ModelMismatchError
+
+DOCS = ["Paris is the capital of France.", "Alice was born in Lisbon and works as a painter.",
+        "The quick brown fox jumps over the lazy dog.", "Berlin is the capital of Germany."]
+Q = "Where was Alice born?"
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    e.add(DOCS, ids=["paris", "alice", "fox", "berlin"], metadata=[{"topic": "geo"}, {"topic": "people"}, {}, {"topic": "geo"}])
+    return e
+
+
+def snapshot(e):
+    s = e.memory.state
+    return (s.ids, s.texts, s.metadata, s.keys_r.clone(), s.keys.clone(), s.values.clone(), s.chunk_doc.clone())
+
+
+def assert_same(a, b):
+    assert a[:3] == b[:3]
+    for x, y in zip(a[3:], b[3:]):
+        assert torch.equal(x, y)
+
+
+def test_add_get_len_nbytes_metadata(engine):
+    assert len(engine) == 4
+    d = engine.get(["alice"])[0]
+    assert d.text == DOCS[1] and d.metadata == {"topic": "people"} and d.n_tokens > 0
+    s = engine.memory.state
+    L, G, D = len(engine.routing_layers), engine.model.n_kv_heads, engine.model.head_dim
+    assert s.keys_r.shape == (L, s.n_chunks, G * D)
+    assert engine.memory.nbytes == 3 * s.keys_r.numel() * 4
+
+
+def test_save_load_round_trip_same_answers_and_memory_mapped(engine, tiny_model_dir, tmp_path):
+    before = engine.query(Q, mode="sparse", max_new_tokens=6)
+    engine.save(tmp_path)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=str(tmp_path))
+    assert_same(snapshot(engine), snapshot(e2))
+    after = e2.query(Q, mode="sparse", max_new_tokens=6)
+    assert after.answer == before.answer
+    assert [d.id for d in after.documents] == [d.id for d in before.documents]
+    assert e2.get(["paris"])[0].metadata == {"topic": "geo"}
+    # the loaded tensors are views of a memory map, not copies
+    import numpy as np
+    assert isinstance(e2.memory.state.keys.numpy().base, np.memmap) or e2.memory.state.keys.numpy().base is not None
+
+
+def test_delete_is_never_routed_again_and_add_after_load(engine, tiny_model_dir, tmp_path):
+    engine.delete(["alice"])
+    assert "alice" not in engine.memory
+    for k in (1, 3, 10):
+        r = engine.route(Q, k=k)
+        assert "alice" not in r.ids and all("alice" not in v[0] for v in r.per_layer.values())
+    res = engine.query(Q, mode="sparse", k=10, max_new_tokens=2)
+    assert "alice" not in [d.id for d in res.documents]
+    engine.save(tmp_path)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=str(tmp_path))
+    e2.add(["A new document about Lisbon."], ids=["new"])
+    assert len(e2) == 4 and "new" in e2.route(Q, k=10).ids
+    # a re-added document gets the same keys as the original encoding
+    e2.add([DOCS[1]], ids=["alice"])
+    s1, s2 = engine.memory.state, e2.memory.state
+    a = e2.memory.state.chunk_range(s2.row_of["alice"])
+    fresh = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    fresh.add([DOCS[1]], ids=["alice"])
+    torch.testing.assert_close(s2.keys_r[:, a[0]:a[1]], fresh.memory.state.keys_r, atol=1e-5, rtol=1e-5)
+
+
+def test_crash_mid_save_leaves_previous_copy_loadable(engine, tiny_model_dir, tmp_path, monkeypatch):
+    engine.save(tmp_path)
+    old = snapshot(engine)
+    engine.add(["Another document."], ids=["extra"])
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies after the new files are written, before the manifest commit
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save(tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=str(tmp_path))
+    assert_same(old, snapshot(e2))
+    engine.save(tmp_path)  # the next save succeeds and clears the crashed generation's files
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("tensors-")]) == 1
+
+
+def test_bad_input_leaves_bank_unchanged(engine):
+    before = snapshot(engine)
+    bad_calls = [
+        (lambda: engine.add(["ok", "   "]), ValueError, "empty"),
+        (lambda: engine.add(["ok", 3]), TypeError, "not a str"),
+        (lambda: engine.add("a single string"), TypeError, "list of strings"),
+        (lambda: engine.add(["x", "y"], ids=["a", "a"]), ValueError, "duplicate"),
+        (lambda: engine.add(["x"], ids=["alice"]), ValueError, "already in the memory"),
+        (lambda: engine.add(["x"], metadata=[{"f": object()}]), TypeError, "JSON"),
+        (lambda: engine.add(["x", "y"], ids=["only-one"]), ValueError, "ids"),
+        (lambda: engine.delete(["alice", "nope"]), KeyError, "unknown"),
+        (lambda: engine.get(["nope"]), KeyError, "unknown"),
+        (lambda: engine.query("   "), ValueError, "empty"),
+        (lambda: engine.query(None), TypeError, "str"),
+    ]
+    for call, exc, words in bad_calls:
+        with pytest.raises(exc, match=words):
+            call()
+        assert_same(before, snapshot(engine))
+
+
+def test_asking_an_empty_memory(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
+    with pytest.raises(LookupError, match="empty"):
+        e.query(Q)
+
+
+def test_other_model_or_settings_refused(engine, tiny_model_dir, tmp_path):
+    engine.save(tmp_path)
+    other = MSAEngine.from_pretrained(tiny_model_dir("qwen3"), device="cpu", chunk_size=4)
+    with pytest.raises(ModelMismatchError, match="different model"):
+        other.load(str(tmp_path))
+    other_p = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=8)
+    with pytest.raises(ModelMismatchError, match="chunk_size"):
+        other_p.load(str(tmp_path))
+    assert len(other_p) == 0
+
+
+def test_truncated_or_tampered_files_fail_clearly(engine, tiny_model_dir, tmp_path):
+    engine.save(tmp_path)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    manifest = tmp_path / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good[: len(good) // 2])
+    with pytest.raises(MemoryFormatError, match="truncated"):
+        e2.load(str(tmp_path))
+    m = json.loads(good)
+    m["n_documents"] = 99
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(MemoryFormatError, match="manifest"):
+        e2.load(str(tmp_path))
+    manifest.write_text(good)
+    docs = tmp_path / m["documents"]["file"]
+    docs.write_text(docs.read_text().replace("Lisbon", "Madrid"))
+    with pytest.raises(MemoryFormatError, match="checksum"):
+        e2.load(str(tmp_path))
+    with pytest.raises(MemoryFormatError, match="no saved memory"):
+        e2.load(str(tmp_path / "nowhere"))
+    assert len(e2) == 0
+
+
+def test_long_documents_are_split_with_parent_id(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, max_doc_tokens=16)
+    long_text = " ".join(["Paris is the capital of France."] * 10)
+    n_tok = len(e._tokenize(long_text))
+    with pytest.warns(UserWarning, match="parent_id"):
+        ids = e.add([long_text], ids=["long"])
+    assert len(ids) == -(-n_tok // 16) and ids[0] == "long#0"
+    assert all(d.metadata["parent_id"] == "long" for d in e.get(ids))
+    assert sum(d.n_tokens for d in e.get(ids)) == n_tok  # nothing cut
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=16, split_long_documents=False)
+    with pytest.raises(ValueError, match="window"):
+        e2.add([long_text])
+    assert len(e2) == 0
