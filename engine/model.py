@@ -199,8 +199,11 @@ class DecoderModel:
                 attn_mask = mask[None, None] & key_padding.to(self.device)[:, None, None, -keys.shape[2]:]
                 # a fully masked row (a padding query) would give NaN; let it see itself
                 attn_mask = attn_mask | torch.eye(S, keys.shape[2], dtype=torch.bool, device=self.device)[None, None]
-            out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=attn_mask,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+            gqa = self.n_heads != self.n_kv_heads
+            if attn_mask is causal:  # no memory, no past, no padding: the fused causal kernel, no mask tensor
+                out = F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True, enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=attn_mask, enable_gqa=gqa)
             out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
             x = x + layer.self_attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
