@@ -84,8 +84,10 @@ def sparse_memory(state: BankState, per_layer_rows: torch.Tensor, n_layers: int,
         if not rows:
             continue
         idx = torch.cat([torch.arange(*state.chunk_range(r)) for r in rows])
-        k = state.keys[i].index_select(0, idx).to(model.device, model.dtype)  # [M, G*D]
-        v = state.values[i].index_select(0, idx).to(model.device, model.dtype)
+        # only the selected documents' chunks travel (from host memory or a memory map in the host tier)
+        idx = idx.to(state.keys.device)
+        k = state.keys[i].index_select(0, idx).to(model.device, non_blocking=True).to(model.dtype)  # [M, G*D]
+        v = state.values[i].index_select(0, idx).to(model.device, non_blocking=True).to(model.dtype)
         M = idx.numel()
         memory[layer] = (k.view(M, G, D).transpose(0, 1)[None], v.view(M, G, D).transpose(0, 1)[None])
     return memory

@@ -132,13 +132,16 @@ class MemoryBank:
     """A document collection held as chunk-pooled latent memory of one model (and one router)."""
 
     def __init__(self, encoder, fingerprint: dict, tokenize, max_doc_tokens: int, split_long: bool = True,
-                 routing_device=None):
+                 routing_device=None, content_device=None):
         self.encoder = encoder
         self.fingerprint = dict(fingerprint)
         self.tokenize = tokenize  # text -> list of token ids (no special tokens)
         self.max_doc_tokens = int(max_doc_tokens)
         self.split_long = split_long
+        # Tiered memory (MSA section 7): routing keys where routing runs (the accelerator); content K̄/V̄
+        # (needed only for the k selected documents) may live in host memory instead, pinned for fast copies.
         self.routing_device = routing_device
+        self.content_device = content_device
         self._state = BankState()
         self._lock = threading.RLock()
 
@@ -230,7 +233,8 @@ class MemoryBank:
             new = torch.cat(new_parts, dim=1)
             if device is not None:
                 new = new.to(device)
-            return new if old is None else torch.cat([old.to(new.device), new], dim=1)
+            out = new if old is None else torch.cat([old.to(new.device), new], dim=1)
+            return _pin(out) if out.device.type == "cpu" and device is not None else out
 
         row_of = dict(s.row_of)
         for i, d in enumerate(ids):
@@ -240,8 +244,9 @@ class MemoryBank:
             n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded),
             doc_start=torch.cat([s.doc_start, new_start]), chunk_doc=torch.cat([s.chunk_doc, new_chunk_doc]),
             keys_r=cat(s.keys_r, [e.keys_r for e in encoded], self.routing_device),
-            keys=cat(s.keys, [e.keys for e in encoded]), values=cat(s.values, [e.values for e in encoded]),
-            inputs=cat(s.inputs, [e.inputs for e in encoded]), row_of=row_of)
+            keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
+            values=cat(s.values, [e.values for e in encoded], self.content_device),
+            inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"), row_of=row_of)
 
     def delete(self, ids) -> None:
         """Remove documents; unknown ids raise KeyError and nothing is removed."""
@@ -328,7 +333,7 @@ class MemoryBank:
             raise ModelMismatchError(
                 f"memory {directory!r} was built with a different model or settings ({details}); load it with the "
                 "engine that built it, or re-ingest the documents with this one")
-        self._state = read_state(directory, manifest, self.routing_device)
+        self._state = read_state(directory, manifest, self.routing_device, self.content_device)
 
 
 def read_manifest(directory: str) -> dict:
@@ -349,7 +354,9 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def read_state(directory: str, manifest: dict, routing_device=None) -> BankState:
+def read_state(directory: str, manifest: dict, routing_device=None, content_device=None) -> BankState:
+    """Load a saved bank. Routing keys go to `routing_device`; content K̄/V̄ stays memory-mapped on disk
+    unless `content_device` names an accelerator (the page cache then serves the selected chunks)."""
     tpath = os.path.join(directory, manifest["tensors"]["file"])
     dpath = os.path.join(directory, manifest["documents"]["file"])
     for p in (tpath, dpath):
@@ -373,9 +380,12 @@ def read_state(directory: str, manifest: dict, routing_device=None) -> BankState
     keys_r = tensors.get("keys_r")
     if keys_r is not None and routing_device is not None:
         keys_r = keys_r.to(routing_device)
+    keys, values = tensors.get("keys"), tensors.get("values")
+    if content_device is not None and torch.device(content_device).type != "cpu":
+        keys, values = keys.to(content_device), values.to(content_device)
     return BankState(ids=tuple(ids), texts=tuple(texts), metadata=tuple(metas), n_tokens=tuple(ntoks),
                      doc_start=tensors["doc_start"].clone(), chunk_doc=tensors["chunk_doc"].clone(),
-                     keys_r=keys_r, keys=tensors.get("keys"), values=tensors.get("values"),
+                     keys_r=keys_r, keys=keys, values=values,
                      inputs=tensors.get("inputs"), row_of={d: i for i, d in enumerate(ids)})
 
 
@@ -432,6 +442,13 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts),
                      keys_r=take(s.keys_r), keys=take(s.keys), values=take(s.values), inputs=take(s.inputs),
                      row_of={d: i for i, d in enumerate(ids)})
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked host memory makes host->device copies of selected chunks asynchronous (CUDA only)."""
+    if torch.cuda.is_available() and not t.is_pinned():
+        return t.pin_memory()
+    return t
 
 
 def _sha256(path: str) -> str:

@@ -24,6 +24,7 @@ class MSAConfig:
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
     split_long_documents: bool = True
     batch_tokens: int = 4096  # encoding batch size in (padded) tokens
+    content_tier: str = "device"  # where content K̄/V̄ lives: "device" (with the model) or "host" (CPU, pinned)
     routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
     protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
     protocol_delimiter: str = "\n"
@@ -36,6 +37,8 @@ class MSAConfig:
             raise ValueError(f"score must be 'cosine' or 'dot', got {self.score!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.content_tier not in ("device", "host"):
+            raise ValueError(f"content_tier must be 'device' or 'host', got {self.content_tier!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
 

@@ -113,7 +113,8 @@ class MSAEngine:
                                keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens)
         max_doc = cfg.max_doc_tokens or model.max_positions
         self.memory = MemoryBank(self.encoder, self.fingerprint(), self._tokenize, max_doc,
-                                 split_long=cfg.split_long_documents, routing_device=model.device)
+                                 split_long=cfg.split_long_documents, routing_device=model.device,
+                                 content_device=model.device if cfg.content_tier == "device" else "cpu")
         self._write_lock = threading.RLock()
 
     # ------------------------------------------------------------------ construction

@@ -132,3 +132,17 @@ def test_protocol_mode_runs_with_a_trained_router(tiny_model_dir, tmp_path):
     e.add(DOCS)
     res = e.query("Where was Alice born?", mode="protocol", max_new_tokens=6, k=2)
     assert res.mode == "protocol" and res.completion_tokens <= 6 and len(res.rounds) <= 3
+
+
+def test_host_content_tier_gives_the_same_sparse_answer(tiny_model_dir, tmp_path):
+    answers = []
+    for tier in ("device", "host"):
+        e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, content_tier=tier)
+        e.add(DOCS, ids=["a", "b", "c"])
+        e.save(str(tmp_path / tier))
+        e.load(str(tmp_path / tier))  # content now memory-mapped from disk
+        res = e.query("Where was Alice born?", mode="sparse", k=2, max_new_tokens=5)
+        answers.append((res.answer, [d.id for d in res.documents]))
+    assert answers[0] == answers[1]
+    with pytest.raises(ValueError, match="content_tier"):
+        MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", content_tier="disk")
