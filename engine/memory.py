@@ -186,36 +186,52 @@ class MemoryBank:
         A text longer than the model's window becomes several memory documents `<id>#<part>` that keep
         `parent_id` (and `part`) in their metadata, with a warning: never silently cut.
         """
+        with self._lock:
+            base = self._state
+            new = self._encode_new(base, texts, ids, metadata, progress)
+            self._state = self._appended(base, *new)  # one assignment: readers see all of it or none
+        return new[0]
+
+    def replace(self, texts, ids, metadata=None, progress: bool = True) -> list:
+        """Replace documents whose ids exist and add the others, in one state swap: a concurrent reader
+        sees the old version or the new one, never neither. On any error the bank is unchanged."""
+        ids = list(ids)
+        with self._lock:
+            gone = set(ids)
+            base = _select_rows(self._state, [r for r, d in enumerate(self._state.ids) if d not in gone])
+            new = self._encode_new(base, texts, ids, metadata, progress)
+            self._state = self._appended(base, *new)
+        return new[0]
+
+    def _encode_new(self, base: BankState, texts, ids, metadata, progress):
         texts = validate_texts(texts)
         metadata = validate_metadata(metadata, len(texts))
-        with self._lock:
-            ids = _check_ids(ids, len(texts), self._state.row_of)
-            doc_ids, doc_texts, doc_meta, doc_tokens = [], [], [], []
-            for doc_id, text, meta in zip(ids, texts, metadata):
-                toks = self.tokenize(text)
-                if not toks:
-                    raise ValueError(f"document {doc_id!r} tokenizes to nothing")
-                if len(toks) <= self.max_doc_tokens:
-                    doc_ids.append(doc_id); doc_texts.append(text); doc_meta.append(meta); doc_tokens.append(toks)
-                    continue
-                if not self.split_long:
-                    raise ValueError(f"document {doc_id!r} has {len(toks)} tokens, more than the window of "
-                                     f"{self.max_doc_tokens}; split it or enable split_long_documents")
-                n_parts = (len(toks) + self.max_doc_tokens - 1) // self.max_doc_tokens
-                warnings.warn(f"document {doc_id!r} has {len(toks)} tokens > window {self.max_doc_tokens}: "
-                              f"stored as {n_parts} memory documents {doc_id}#0..{n_parts - 1} with parent_id")
-                for p in range(n_parts):
-                    part = toks[p * self.max_doc_tokens:(p + 1) * self.max_doc_tokens]
-                    pid = f"{doc_id}#{p}"
-                    if pid in self._state.row_of:
-                        raise ValueError(f"id {pid!r} is already in the memory")
-                    doc_ids.append(pid)
-                    doc_texts.append(self.tokenizer_decode(part))
-                    doc_meta.append({**meta, "parent_id": doc_id, "part": p})
-                    doc_tokens.append(part)
-            encoded = self.encoder.encode(doc_tokens, progress=progress)
-            self._state = self._appended(self._state, doc_ids, doc_texts, doc_meta, encoded)
-        return doc_ids
+        ids = _check_ids(ids, len(texts), base.row_of)
+        doc_ids, doc_texts, doc_meta, doc_tokens = [], [], [], []
+        for doc_id, text, meta in zip(ids, texts, metadata):
+            toks = self.tokenize(text)
+            if not toks:
+                raise ValueError(f"document {doc_id!r} tokenizes to nothing")
+            if len(toks) <= self.max_doc_tokens:
+                doc_ids.append(doc_id); doc_texts.append(text); doc_meta.append(meta); doc_tokens.append(toks)
+                continue
+            if not self.split_long:
+                raise ValueError(f"document {doc_id!r} has {len(toks)} tokens, more than the window of "
+                                 f"{self.max_doc_tokens}; split it or enable split_long_documents")
+            n_parts = (len(toks) + self.max_doc_tokens - 1) // self.max_doc_tokens
+            warnings.warn(f"document {doc_id!r} has {len(toks)} tokens > window {self.max_doc_tokens}: "
+                          f"stored as {n_parts} memory documents {doc_id}#0..{n_parts - 1} with parent_id")
+            for p in range(n_parts):
+                part = toks[p * self.max_doc_tokens:(p + 1) * self.max_doc_tokens]
+                pid = f"{doc_id}#{p}"
+                if pid in base.row_of:
+                    raise ValueError(f"id {pid!r} is already in the memory")
+                doc_ids.append(pid)
+                doc_texts.append(self.tokenizer_decode(part))
+                doc_meta.append({**meta, "parent_id": doc_id, "part": p})
+                doc_tokens.append(part)
+        encoded = self.encoder.encode(doc_tokens, progress=progress)
+        return doc_ids, doc_texts, doc_meta, encoded
 
     def tokenizer_decode(self, toks) -> str:
         return self.encoder.model.tokenizer.decode(toks, skip_special_tokens=True)

@@ -71,10 +71,13 @@ class QueryStream:
 
     def __iter__(self):
         parts = []
-        for p in self._pieces:
-            parts.append(p)
-            yield p
-        self.result = self._finish("".join(parts))
+        try:
+            for p in self._pieces:
+                parts.append(p)
+                yield p
+        finally:  # also when the caller stops reading early: usage and timings of what was generated
+            self._pieces.close() if hasattr(self._pieces, "close") else None
+            self.result = self._finish("".join(parts))
 
 
 class MSAEngine:
@@ -164,6 +167,11 @@ class MSAEngine:
         with self._write_lock:
             return self.memory.add(texts, ids=ids, metadata=metadata, progress=progress)
 
+    def replace(self, texts, ids, metadata=None, progress: bool = True) -> list:
+        """Swap existing documents for new versions in one step: readers see the old or the new, never neither."""
+        with self._write_lock:
+            return self.memory.replace(texts, ids, metadata=metadata, progress=progress)
+
     def delete(self, ids) -> None:
         with self._write_lock:
             self.memory.delete(ids)
@@ -220,7 +228,7 @@ class MSAEngine:
     def stream(self, question: str, mode: Optional[str] = None, k: Optional[int] = None,
                max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                rounds: Optional[int] = None, allow_ids=None, history: Optional[list] = None,
-               system: Optional[str] = None, seed: Optional[int] = None) -> QueryStream:
+               system: Optional[str] = None, seed: Optional[int] = None, stop: Optional[list] = None) -> QueryStream:
         cfg = self.config
         mode = mode or cfg.mode
         if mode not in MODES:
@@ -262,7 +270,7 @@ class MSAEngine:
         else:
             tokens = generate_tokens(self.model, prompt.ids, max_new, temp, memory=memory, position_offset=offset,
                                      seed=seed, stats=stats)
-        pieces = decode_stream(self.model.tokenizer, tokens)
+        pieces = cut_at_stop(decode_stream(self.model.tokenizer, tokens), stop, stats)
 
         def finish(text: str) -> QueryResult:
             total = time.perf_counter() - t0
@@ -346,18 +354,8 @@ class MSAEngine:
         max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         temp = self.config.temperature if temperature is None else temperature
         stats = stats if stats is not None else GenerationStats()
-        text = ""
-        for piece in decode_stream(tok, generate_tokens(self.model, list(ids), max_new, temp, seed=seed, stats=stats)):
-            text += piece
-            if stop:
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    emitted = len(text) - len(piece)
-                    if cut > emitted:
-                        yield text[emitted:cut]
-                    stats.finish_reason = "stop"
-                    return
-            yield piece
+        yield from cut_at_stop(decode_stream(tok, generate_tokens(self.model, list(ids), max_new, temp, seed=seed,
+                                                                  stats=stats)), stop, stats)
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict:
@@ -365,6 +363,30 @@ class MSAEngine:
         return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
                 "documents": len(s), "chunks": s.n_chunks, "tokens": sum(s.n_tokens), "bytes": self.memory.nbytes,
                 "chunk_size": self.config.chunk_size, "score": self.config.score}
+
+
+def cut_at_stop(pieces: Iterator[str], stop: Optional[list], stats: GenerationStats) -> Iterator[str]:
+    """Pass text pieces through until one of the `stop` strings appears; then end generation there."""
+    if not stop:
+        yield from pieces
+        return
+    text, emitted = "", 0
+    hold = max(len(s) for s in stop) - 1  # a stop string may straddle pieces: keep that much back
+    for piece in pieces:
+        text += piece
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            stats.finish_reason = "stop"
+            pieces.close()
+            return
+        safe = len(text) - hold
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
 
 
 def _check_question(question) -> str:

@@ -171,3 +171,28 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir):
     with pytest.raises(ValueError, match="window"):
         e2.add([long_text])
     assert len(e2) == 0
+
+
+def test_replace_swaps_in_one_step_and_failed_replace_changes_nothing(engine):
+    before = snapshot(engine)
+    with pytest.raises(ValueError, match="empty"):
+        engine.replace(["new text", " "], ids=["alice", "extra"])
+    assert_same(before, snapshot(engine))
+    engine.replace(["Alice now lives in Porto."], ids=["alice"], metadata=[{"topic": "moved"}])
+    assert len(engine) == 4 and engine.get(["alice"])[0].text == "Alice now lives in Porto."
+    assert engine.get(["alice"])[0].metadata == {"topic": "moved"}
+
+
+def test_stop_sequences_end_generation_and_early_exit_still_reports_usage(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
+    e.add(DOCS)
+    full = e.query(Q, max_new_tokens=12, k=2)
+    assert len(full.answer) > 3
+    stop = full.answer[2:4]
+    cut = e.query(Q, max_new_tokens=12, k=2, stop=[stop])
+    assert stop not in cut.answer and full.answer.startswith(cut.answer)
+    assert cut.completion_tokens <= full.completion_tokens
+    s = e.stream(Q, max_new_tokens=12, k=2)
+    for _ in s:
+        break
+    assert s.result is not None and s.result.completion_tokens >= 1

@@ -1,0 +1,249 @@
+"""ChatMSA / MSARetriever / MSAVectorStore / MSAStore mechanics on a tiny random model (greedy, deterministic)."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
+
+from msa_plugins import MSAEngine  # noqa: E402
+from msa_plugins.integrations.langchain import ChatMSA, MSARetriever, MSAStore, MSAVectorStore  # noqa: E402
+
+FACTS = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon.",
+         "The quick brown fox jumps over the lazy dog.", "Memory sparse attention routes each question."]
+META = [{"topic": "geo", "year": 2001}, {"topic": "people", "year": 1990}, {"topic": "animals", "year": 2010},
+        {"topic": "ml", "year": 2025}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import make_tiny_model
+    return make_tiny_model("llama", str(tmp_path_factory.mktemp("llama2k")), max_position_embeddings=2048)
+
+
+@pytest.fixture()
+def engine(model_dir):
+    e = MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
+    e.add(FACTS, ids=["f0", "f1", "f2", "f3"], metadata=META, progress=False)
+    return e
+
+
+def test_chat_invoke_carries_documents_usage_timings(engine):
+    chat = ChatMSA(engine=engine, max_tokens=5)
+    msg = chat.invoke("Where was Alice born?")
+    ref = engine.query("Where was Alice born?", max_new_tokens=5)
+    assert isinstance(msg, AIMessage) and msg.content.strip() == ref.answer  # engine.query strips; chat keeps raw pieces
+    assert [d["id"] for d in msg.response_metadata["documents"]] == [d.id for d in ref.documents]
+    assert [d["score"] for d in msg.response_metadata["documents"]] == pytest.approx([d.score for d in ref.documents])
+    assert msg.usage_metadata == {"input_tokens": ref.prompt_tokens, "output_tokens": ref.completion_tokens,
+                                  "total_tokens": ref.prompt_tokens + ref.completion_tokens}
+    assert {"routing_s", "first_token_s", "total_s"} <= set(msg.response_metadata["timings"])
+    # history and system messages reach the engine
+    convo = [SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello"), HumanMessage("Where was Alice born?")]
+    ref2 = engine.query("Where was Alice born?", max_new_tokens=5, system="Be brief.",
+                        history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert chat.invoke(convo).content.strip() == ref2.answer
+
+
+def test_chat_stream_callbacks_and_stop(engine):
+    class Tokens(BaseCallbackHandler):
+        def __init__(self):
+            self.tokens = []
+
+        def on_llm_new_token(self, token, **kw):
+            self.tokens.append(token)
+
+    chat = ChatMSA(engine=engine, max_tokens=6)
+    full = chat.invoke("What is the capital of France?").content
+    cb = Tokens()
+    chunks = list(chat.stream("What is the capital of France?", config={"callbacks": [cb]}))
+    assert "".join(c.content for c in chunks) == full
+    assert "".join(cb.tokens) == full and len(cb.tokens) >= 2
+    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] == 6
+    assert chunks[-1].response_metadata["documents"]
+    stop = full.strip()[2:4]
+    cut = chat.invoke("What is the capital of France?", stop=[stop]).content
+    assert stop not in cut and full.startswith(cut)
+    streamed_cut = "".join(c.content for c in chat.stream("What is the capital of France?", stop=[stop]))
+    assert streamed_cut == cut
+
+
+def test_chat_async_does_not_block_and_concurrency_matches_serial(engine):
+    chat = ChatMSA(engine=engine, max_tokens=4)
+    qs = ["Where was Alice born?", "What is the capital of France?", "What does the fox do?"]
+    serial = [chat.invoke(q).content for q in qs]
+    with ThreadPoolExecutor(3) as ex:
+        assert list(ex.map(lambda q: chat.invoke(q).content, qs)) == serial
+    assert [m.content for m in chat.batch(qs)] == serial
+
+    async def run():
+        ticks = 0
+        done = False
+
+        async def ticker():
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0.005)
+        t = asyncio.create_task(ticker())
+        out = await asyncio.gather(*(chat.ainvoke(q) for q in qs))
+        parts = [c.content async for c in chat.astream(qs[0])]
+        done = True
+        await t
+        return [m.content for m in out], "".join(parts), ticks
+    out, streamed, ticks = asyncio.run(run())
+    assert out == serial and streamed == serial[0] and ticks >= 5
+
+
+def test_chat_filters_and_bad_input(engine):
+    chat = ChatMSA(engine=engine, max_tokens=3, k=4, filter={"year": {"$gte": 2001}})
+    docs = chat.invoke("Tell me something").response_metadata["documents"]
+    assert sorted(d["id"] for d in docs) == ["f0", "f2", "f3"]
+    with pytest.raises(ValueError, match="no memory document matches"):
+        ChatMSA(engine=engine, filter={"topic": "nothing"}).invoke("x?")
+    with pytest.raises(ValueError, match="filter keys"):
+        ChatMSA(engine=engine, filter={3: "geo"}).invoke("x?")
+    with pytest.raises(ValueError, match="cannot be compared"):
+        ChatMSA(engine=engine, filter={"topic": {"$gt": 3}}).invoke("x?")
+    with pytest.raises(ValueError, match="empty"):
+        chat.invoke("   ")
+    with pytest.raises(ValueError, match="text only"):
+        chat.invoke([HumanMessage(content=[{"type": "image", "url": "http://x/y.png"}])])
+    with pytest.raises(ValueError, match="human message"):
+        chat.invoke([SystemMessage("only a system prompt")])
+    with pytest.raises(ValueError, match="cannot switch"):
+        chat.invoke("hi?", model="gpt-4o")
+    with pytest.raises(NotImplementedError):
+        chat.bind_tools([])
+
+
+def test_chat_without_memory_is_plain_generation(engine):
+    chat = ChatMSA(engine=engine, max_tokens=4, use_memory=False)
+    msg = chat.invoke("Where is Paris?")
+    ref = engine.generate("Where is Paris?", max_new_tokens=4)
+    assert msg.content == ref.text and msg.response_metadata["documents"] == []
+    assert msg.usage_metadata["output_tokens"] == ref.completion_tokens
+
+
+def test_retriever_routes_with_k_and_filter(engine):
+    r = MSARetriever(engine=engine, k=3)
+    docs = r.invoke("Where was Alice born?")
+    routing = engine.route("Where was Alice born?", k=3)
+    assert [d.id for d in docs] == routing.ids
+    assert [d.metadata["routing_score"] for d in docs] == pytest.approx(routing.scores)
+    assert len(r.invoke("Where was Alice born?", k=1)) == 1
+    assert [d.id for d in r.invoke("Alice?", filter={"topic": {"$in": ["people", "ml"]}})] in (["f1", "f3"], ["f3", "f1"])
+    with pytest.raises(ValueError):
+        r.invoke("")
+    with pytest.raises(ValueError, match="operator"):
+        r.invoke("Alice?", filter={"year": {"$near": 3}})
+
+
+def test_vector_store_mechanics(model_dir):
+    eng = MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
+    store = MSAVectorStore.from_texts(FACTS[:2], engine=eng, metadatas=META[:2], ids=["a", "b"])
+    assert store.similarity_search("anything", k=5) and len(eng) == 2
+    originals = [Document(page_content="new text for a", metadata={"topic": "x"}), Document(page_content="c text")]
+    ids = store.add_documents(originals, ids=["a", "c"])
+    assert ids == ["a", "c"] and len(eng) == 3  # upsert: no duplicate of "a"
+    assert originals[0].id is None  # caller's documents untouched
+    assert store.get_by_ids(["c", "zz", "a"]) == [Document(id="c", page_content="c text"),
+                                                   Document(id="a", page_content="new text for a", metadata={"topic": "x"})]
+    pairs = store.similarity_search_with_score("What is new?", k=3)
+    routing = eng.route("What is new?", k=3)
+    assert [d.id for d, _ in pairs] == routing.ids and [s for _, s in pairs] == pytest.approx(routing.scores)
+    assert [d.id for d in store.similarity_search("q?", k=3, filter={"topic": "x"})] == ["a"]
+    assert [d.id for d in store.similarity_search("q?", k=3, filter=lambda d: d.id == "b")] == ["b"]
+    assert store.similarity_search("q?", filter={"topic": "none"}) == []
+    store.delete(["a", "missing"])  # VectorStore contract: missing ids are not an error
+    assert sorted(eng.memory.ids) == ["b", "c"]
+    rel = store.similarity_search_with_relevance_scores("q?", k=2)
+    assert all(0.0 <= s <= 1.0 for _, s in rel)
+    assert [d.id for d in store.as_retriever(search_kwargs={"k": 1}).invoke("q?")] == eng.route("q?", k=1).ids
+    with pytest.raises(ValueError, match="filter"):
+        store.similarity_search("q?", filter=["topic"])
+    with pytest.raises(TypeError):
+        store.add_texts([b"bytes are not text"])
+    with pytest.raises(ValueError, match="engine"):
+        MSAVectorStore.from_texts(["x"])
+
+
+def test_store_namespaces_crud_search_and_persistence(model_dir, tmp_path):
+    eng = MSAEngine.from_pretrained(model_dir, device="cpu")
+    store = MSAStore(eng)
+    store.put(("users", "ann"), "cat", {"text": "My cat is called Biscuit.", "kind": "pet", "n": 1})
+    store.put(("users", "ann"), "city", {"text": "I live in Lisbon.", "kind": "place", "n": 2})
+    store.put(("users", "bob"), "cat", {"text": "Bob has no cat.", "kind": "pet", "n": 3})
+    store.put(("docs",), "readme", {"title": "no text field"})
+    assert store.get(("users", "ann"), "cat").value["text"] == "My cat is called Biscuit."
+    assert store.get(("users", "ann"), "nope") is None
+    hits = store.search(("users", "ann"), query="What is my cat called?", limit=5)
+    assert {h.key for h in hits} == {"cat", "city"} and all(tuple(h.namespace) == ("users", "ann") for h in hits)
+    assert [h.score for h in hits] == sorted([h.score for h in hits], reverse=True)
+    assert {tuple(h.namespace) for h in store.search(("users",), query="cat?", limit=10)} == {("users", "ann"),
+                                                                                                ("users", "bob")}
+    assert [h.key for h in store.search(("users",), filter={"kind": "pet", "n": {"$gt": 1}})] == ["cat"]
+    assert tuple(store.search(("users",), filter={"kind": "pet", "n": {"$gt": 1}})[0].namespace) == ("users", "bob")
+    assert store.list_namespaces() == [("docs",), ("users", "ann"), ("users", "bob")]
+    assert store.list_namespaces(prefix=("users",), max_depth=1) == [("users",)]
+    assert store.list_namespaces(suffix=("bob",)) == [("users", "bob")]
+    store.put(("users", "ann"), "cat", {"text": "My cat is called Pepper now.", "kind": "pet", "n": 1})
+    item = store.get(("users", "ann"), "cat")
+    assert item.value["text"].endswith("Pepper now.") and item.updated_at >= item.created_at
+    assert len(eng) == 4  # overwrite, not duplicate
+    store.delete(("users", "bob"), "cat")
+    assert store.get(("users", "bob"), "cat") is None and len(eng) == 3
+    eng.save(str(tmp_path / "mem"))
+    eng2 = MSAEngine.from_pretrained(model_dir, device="cpu", memory=str(tmp_path / "mem"))
+    assert MSAStore(eng2).get(("users", "ann"), "cat").value == item.value
+
+    async def run():
+        await store.aput(("users", "cy"), "k", {"text": "async put"})
+        return await store.aget(("users", "cy"), "k"), await store.asearch(("users", "cy"), query="put?")
+    got, found = asyncio.run(run())
+    assert got.value == {"text": "async put"} and [h.key for h in found] == ["k"]
+    with pytest.raises(TypeError, match="dicts"):
+        store.put(("users",), "bad", "not a dict")
+    with pytest.raises(TypeError, match="must be a str"):
+        store.search(("users",), query=5)
+    with pytest.raises(ValueError):
+        store.put(("users",), "", {"text": "x"})
+
+
+def test_store_in_create_agent_and_graph_node(model_dir):
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import before_model
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.runtime import Runtime
+
+    eng = MSAEngine.from_pretrained(model_dir, device="cpu", k=1)
+    store = MSAStore(eng)
+    store.put(("memories", "u1"), "cat", {"text": "My cat is called Biscuit."})
+    store.put(("memories", "u2"), "dog", {"text": "My dog is called Rex."})
+    seen = []
+
+    @before_model
+    def recall(state, runtime: Runtime):
+        q = state["messages"][-1].content
+        seen.extend(runtime.store.search(("memories", "u1"), query=q, limit=3))
+        return None
+
+    agent = create_agent(ChatMSA(engine=eng, max_tokens=3), tools=[], store=store, middleware=[recall])
+    out = agent.invoke({"messages": [{"role": "user", "content": "What is my cat called?"}]})
+    assert isinstance(out["messages"][-1], AIMessage) and out["messages"][-1].usage_metadata["output_tokens"] >= 1
+    assert [h.key for h in seen] == ["cat"]
+
+    def remember(state: MessagesState, runtime: Runtime):
+        text = state["messages"][-1].content
+        runtime.store.put(("memories", "u3"), "last", {"text": text})
+        return {}
+
+    graph = StateGraph(MessagesState).add_node("remember", remember).add_edge(START, "remember") \
+        .add_edge("remember", END).compile(store=store)
+    graph.invoke({"messages": [{"role": "user", "content": "I like green tea."}]})
+    assert store.get(("memories", "u3"), "last").value == {"text": "I like green tea."}

@@ -1,0 +1,295 @@
+"""LlamaIndex surfaces on a tiny random model (mechanics, ids, order, persistence, async; never answer quality)."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document  # noqa: E402
+from llama_index.core.base.llms.types import ChatMessage, MessageRole  # noqa: E402
+from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
+from llama_index.core.schema import TextNode  # noqa: E402
+from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters  # noqa: E402
+
+from msa_plugins import MSAEngine  # noqa: E402
+from msa_plugins.integrations.llama_index import (MSAIndex, MSALLM, MSAMemoryBlock, MSAQueryEngine,  # noqa: E402
+                                                  load_msa_index)
+
+DOCS = [
+    Document(text="Paris is the capital of France. The Seine runs through it.", id_="france",
+             metadata={"country": "fr", "year": 2001}),
+    Document(text="Alice was born in 1990 in Lisbon and works as a painter.", id_="alice",
+             metadata={"country": "pt", "year": 1990}),
+    Document(text="The quick brown fox jumps over the lazy dog.", id_="fox", metadata={"country": "uk", "year": 2010}),
+]
+GEN = dict(max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # LlamaIndex's chat engines reserve ~500 tokens of window: use a tiny llama with a 4K window
+    from tiny_models import make_tiny_model
+    return make_tiny_model("llama", str(tmp_path_factory.mktemp("llama4k")), max_position_embeddings=4096)
+
+
+@pytest.fixture()
+def engine(model_dir):
+    return MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
+
+
+@pytest.fixture()
+def index(engine):
+    return MSAIndex.from_documents(DOCS, engine=engine)
+
+
+def test_from_documents_keeps_ids_metadata_and_node_parser(engine):
+    splitter = SentenceSplitter(chunk_size=12, chunk_overlap=0)
+    index = MSAIndex.from_documents(DOCS, engine=engine, transformations=[splitter])
+    nodes = list(index.docstore.docs.values())
+    assert len(nodes) > len(DOCS)  # the splitter ran
+    assert sorted(engine.memory.ids) == sorted(n.node_id for n in nodes)
+    for n in nodes:
+        doc = engine.get([n.node_id])[0]
+        assert doc.metadata["ref_doc_id"] == n.ref_doc_id
+        assert doc.metadata["country"] == n.metadata["country"]
+        assert n.get_content() in doc.text
+    assert set(index.ref_doc_info) == {"france", "alice", "fox"}
+
+
+def test_insert_delete_refresh(index, engine):
+    index.insert(Document(text="Berlin is the capital of Germany.", id_="germany", metadata={"country": "de"}))
+    assert len(engine) == 4 and "germany" in index.ref_doc_info
+    index.insert_nodes([TextNode(text="A loose node.", id_="loose")])
+    assert "loose" in engine.memory
+    index.delete_ref_doc("alice", delete_from_docstore=True)
+    assert len(engine) == 4 and "alice" not in index.ref_doc_info
+    assert all(m.get("ref_doc_id") != "alice" for m in engine.memory.state.metadata)
+    changed = Document(text="Paris is the capital of France and its largest city.", id_="france",
+                       metadata={"country": "fr", "year": 2001})
+    assert index.refresh_ref_docs([DOCS[2], changed]) == [False, True]
+    texts = [d.text for d in engine.get(index.ref_doc_info["france"].node_ids)]
+    assert any("largest city" in t for t in texts) and len(engine) == 4
+    with pytest.raises(KeyError, match="unknown node"):
+        index.delete_nodes(["no-such-node"])
+
+
+def test_persist_and_load(index, engine, model_dir, tmp_path):
+    index.storage_context.persist(persist_dir=str(tmp_path))
+    fresh = MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
+    loaded = load_msa_index(str(tmp_path), fresh)
+    assert fresh.memory.ids == engine.memory.ids
+    assert set(loaded.ref_doc_info) == set(index.ref_doc_info)
+    a = index.as_retriever().retrieve("Where was Alice born?")
+    b = loaded.as_retriever().retrieve("Where was Alice born?")
+    assert [n.node_id for n in a] == [n.node_id for n in b]
+    assert [n.score for n in a] == pytest.approx([n.score for n in b])
+    assert b[0].node.metadata == index.docstore.get_node(b[0].node_id).metadata
+    with pytest.raises(FileNotFoundError):
+        load_msa_index(str(tmp_path / "nothing"), fresh)
+
+
+def test_query_engine_sources_are_routing_in_order(index, engine):
+    qe = index.as_query_engine(**GEN)
+    assert isinstance(qe, MSAQueryEngine)
+    resp = qe.query("Where was Alice born?")
+    routing = engine.route("Where was Alice born?", k=2)
+    assert [n.node_id for n in resp.source_nodes] == routing.ids
+    assert [n.score for n in resp.source_nodes] == pytest.approx(routing.scores)
+    assert resp.source_nodes[0].node.ref_doc_id in {"france", "alice", "fox"}
+    t, u = resp.metadata["timings"], resp.metadata["usage"]
+    assert {"routing_s", "first_token_s", "total_s"} <= set(t) and t["total_s"] > 0
+    assert u["completion_tokens"] >= 1 and u["prompt_tokens"] > 0
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert str(resp) == engine.query("Where was Alice born?", k=2, **GEN).answer
+
+
+def test_streaming_and_async_match_sync(index):
+    q = "What is the capital of France?"
+    sync = index.as_query_engine(**GEN).query(q)
+    streamed = index.as_query_engine(streaming=True, **GEN).query(q)
+    assert [n.node_id for n in streamed.source_nodes] == [n.node_id for n in sync.source_nodes]
+    pieces = list(streamed.response_gen)
+    assert "".join(pieces).strip() == str(sync)
+    assert streamed.metadata["usage"]["completion_tokens"] == sync.metadata["usage"]["completion_tokens"]
+    resp = asyncio.run(index.as_query_engine(**GEN).aquery(q))
+    assert str(resp) == str(sync)
+
+    async def astream():
+        r = await index.as_query_engine(streaming=True, **GEN).aquery(q)
+        return "".join([p async for p in r.async_response_gen()])
+    assert asyncio.run(astream()).strip() == str(sync)
+
+
+def test_metadata_filters_restrict_routing(index):
+    filters = MetadataFilters(filters=[MetadataFilter(key="country", value="pt")])
+    resp = index.as_query_engine(filters=filters, similarity_top_k=3, **GEN).query("Who is a painter?")
+    assert [n.node.ref_doc_id for n in resp.source_nodes] == ["alice"]
+    gt = MetadataFilters(filters=[MetadataFilter(key="year", value=2000, operator=FilterOperator.GT)])
+    nodes = index.as_retriever(filters=gt, similarity_top_k=3).retrieve("a city")
+    assert sorted(n.node.ref_doc_id for n in nodes) == ["fox", "france"]
+    none = MetadataFilters(filters=[MetadataFilter(key="country", value="zz")])
+    assert index.as_retriever(filters=none).retrieve("a city") == []
+    assert index.as_query_engine(filters=none, **GEN).query("a city").source_nodes == []
+    bad = MetadataFilters(filters=[MetadataFilter(key="country", value=3, operator=FilterOperator.GT)])
+    with pytest.raises(TypeError, match="cannot be compared"):
+        index.as_retriever(filters=bad).retrieve("a city")
+    with pytest.raises(TypeError, match="keys must be str"):
+        index.as_retriever(filters={3: "x"})
+
+
+def test_bad_queries(index):
+    qe = index.as_query_engine(**GEN)
+    with pytest.raises(ValueError, match="empty"):
+        qe.query("   ")
+    with pytest.raises(ValueError):  # LlamaIndex's own pydantic validation, as for VectorStoreIndex
+        qe.query(42)
+    with pytest.raises(TypeError, match="must be a str"):
+        qe.retrieve(42)
+
+
+def test_concurrent_queries_equal_serial(index):
+    qe = index.as_query_engine(**GEN)
+    questions = ["Where was Alice born?", "What is the capital of France?", "What does the fox do?"]
+    serial = [(str(r), [n.node_id for n in r.source_nodes]) for r in map(qe.query, questions)]
+    with ThreadPoolExecutor(3) as ex:
+        parallel = [(str(r), [n.node_id for n in r.source_nodes]) for r in ex.map(qe.query, questions)]
+    assert parallel == serial
+
+    async def gather():
+        return await asyncio.gather(*(qe.aquery(q) for q in questions))
+    assert [(str(r), [n.node_id for n in r.source_nodes]) for r in asyncio.run(gather())] == serial
+
+
+def test_adds_during_queries_never_half_visible(index, engine):
+    qe = index.as_query_engine(**GEN)
+    stop = threading.Event()
+    seen = []
+
+    def reader():
+        while not stop.is_set():
+            r = qe.query("Where was Alice born?")
+            seen.append(len(r.source_nodes))
+            state = engine.memory.state
+            assert len(state.ids) == len(state.texts) == len(state.metadata) == len(state.doc_start) - 1
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(3):
+        index.insert(Document(text=f"Extra fact number {i} about Lisbon.", id_=f"extra{i}"))
+    stop.set()
+    t.join()
+    assert seen and all(n == 2 for n in seen) and len(engine) == 6
+
+
+def test_llm_complete_chat_stream_and_async(engine):
+    llm = MSALLM(engine=engine, max_new_tokens=4)
+    direct = engine.generate("Where is Paris?", max_new_tokens=4)
+    c = llm.complete("Where is Paris?")
+    assert c.text == direct.text and c.raw["usage"]["completion_tokens"] == direct.completion_tokens
+    assert "total_s" in c.raw["timings"]
+    streamed = list(llm.stream_complete("Where is Paris?"))
+    assert streamed[-1].text == direct.text and "".join(r.delta for r in streamed) == direct.text
+    assert streamed[-1].raw["usage"]["prompt_tokens"] == direct.prompt_tokens
+    msgs = [ChatMessage(role=MessageRole.USER, content="Where is Paris?")]
+    assert llm.chat(msgs).message.content == direct.text
+    assert [r.delta for r in llm.stream_chat(msgs)][-1] == ""
+    with pytest.raises(ValueError):
+        llm.complete("")
+    with pytest.raises(TypeError):
+        llm.complete(5)
+
+    async def with_ticker():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+        task = asyncio.create_task(ticker())
+        r = await llm.achat(msgs)
+        parts = [x.delta async for x in await llm.astream_complete("Where is Paris?")]
+        done.set()
+        await task
+        return r, parts, ticks
+    r, parts, ticks = asyncio.run(with_ticker())
+    assert r.message.content == direct.text and "".join(parts) == direct.text
+    assert ticks >= 5  # the event loop kept running while the model generated
+
+
+def test_chat_engine_uses_msa_llm_and_routing(index):
+    from llama_index.core.memory import Memory
+
+    # the tiny model's 256-token window is below LlamaIndex's default chat-memory reserve: pass a memory
+    chat = index.as_chat_engine(chat_mode="context", llm=MSALLM(engine=index.engine, max_new_tokens=4),
+                                similarity_top_k=2, memory=Memory.from_defaults(token_limit=100))
+    resp = chat.chat("Where was Alice born?")
+    assert isinstance(resp.response, str)
+    assert len(resp.source_nodes) == 2
+    assert all(n.node.ref_doc_id in {"france", "alice", "fox"} for n in resp.source_nodes)
+    default = index.as_chat_engine(memory=Memory.from_defaults(token_limit=100))  # CONDENSE_PLUS_CONTEXT with MSALLM, never OpenAI
+    assert isinstance(default._llm, MSALLM)
+
+
+def test_memory_block_inside_memory(engine):
+    from llama_index.core.memory import Memory
+
+    block = MSAMemoryBlock(name="msa", engine=engine, scope="user-1", k=2)
+    other = MSAMemoryBlock(name="msa2", engine=engine, scope="user-2", k=2)
+    memory = Memory.from_defaults(session_id="s1", token_limit=40, chat_history_token_ratio=0.5,
+                                  token_flush_size=10, memory_blocks=[block])
+
+    async def run():
+        turns = [("user", "My cat is called Biscuit."), ("assistant", "Nice name!"),
+                 ("user", "I live in Lisbon near the river."), ("assistant", "Lisbon is lovely."),
+                 ("user", "My favourite colour is green."), ("assistant", "Noted.")]
+        for role, text in turns:
+            await memory.aput(ChatMessage(role=role, content=text))
+        await memory.aput(ChatMessage(role="user", content="What is my cat called?"))
+        return await memory.aget(), await other.aget([ChatMessage(role="user", content="cat?")])
+
+    messages, other_text = asyncio.run(run())
+    stored = [m for m in engine.memory.state.metadata if m.get("msa_memory_scope") == "user-1"]
+    assert stored, "flushed chat turns went into the memory bank"
+    system = messages[0]
+    assert system.role == MessageRole.SYSTEM and "msa" in system.content
+    routed = [t for t in engine.memory.state.texts if t in system.content]
+    assert 1 <= len(routed) <= 2
+    assert other_text == ""  # another scope sees nothing
+
+
+def test_memory_block_inside_function_agent_run(engine):
+    """FunctionAgent needs a function-calling LLM, which neither the tiny model nor SmolLM2-135M is (MSALLM says
+    so in its metadata). The agent's LLM here is LlamaIndex's MockFunctionCallingLLM recording what it is shown;
+    the thing under test, MSAMemoryBlock inside the agent's Memory, is real."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+    from llama_index.core.memory import Memory
+
+    assert MSALLM(engine=engine).metadata.is_function_calling_model is False
+    seen = []
+
+    def respond(messages, **kw):
+        seen.append(list(messages))
+        return ChatMessage(role="assistant", content="Okay, I will remember that.")
+
+    agent = FunctionAgent(tools=[], llm=MockFunctionCallingLLM(response_generator=respond, is_chat_model=True))
+    block = MSAMemoryBlock(name="long_term", engine=engine, scope="agent-user", k=2)
+    memory = Memory.from_defaults(session_id="agent", token_limit=60, chat_history_token_ratio=0.3,
+                                  token_flush_size=20, memory_blocks=[block])
+
+    async def run():
+        for msg in ["My cat is called Biscuit and she is orange.", "I live in Lisbon near the river Tagus.",
+                    "My favourite colour is green like grass.", "What is my cat called?"]:
+            await agent.run(user_msg=msg, memory=memory)
+    asyncio.run(run())
+    stored = [t for t, m in zip(engine.memory.state.texts, engine.memory.state.metadata)
+              if m.get("msa_memory_scope") == "agent-user"]
+    assert stored, "turns flushed from short-term memory went into the bank"
+    last_system = " ".join(m.content for m in seen[-1] if m.role == MessageRole.SYSTEM and m.content)
+    assert "long_term" in last_system and any(t in last_system for t in stored)
