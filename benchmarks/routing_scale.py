@@ -11,6 +11,14 @@ measured in the same run: a torch sum over a large tensor (read only) and a devi
 
   python benchmarks/routing_scale.py                      # CUDA if present, else CPU (~4 GB, ~2 min)
   python benchmarks/routing_scale.py --max-tokens 1e6 --out /tmp/r.json
+  python benchmarks/routing_scale.py --sizes 16384,1048576,1e8 --breakdown --graph --tune fast
+
+Main columns (as in earlier runs): torch_ms / kernel_ms = doc_scores + `topk_docs` (one host sync).
+--breakdown adds, per size and backend (CUDA events, medians): *_scores_ms (doc_scores alone), topk_ms
+(`topk_docs` on ready scores), topk_sort_ms / topk_key_ms (sync-free `topk_docs_device`, both methods),
+*_device_ms (doc_scores + topk_docs_device: no sync) and *_route_ms (doc_scores + `route_topk`: per-layer
+and layer-mean top-k, one device -> host copy -- the engine's per-question path). --graph adds
+*_graph_ms: that route step captured once in a CUDA graph (`RoutingGraph`), replay + the one copy.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from msa_plugins.kernels import doc_scores_torch, fold_queries, quantize_keys_int8, topk_docs, triton_available
+from msa_plugins.kernels import (RoutingGraph, doc_scores_torch, fold_queries, quantize_keys_int8, route_topk,
+                                 topk_docs, topk_docs_device, triton_available)
 
 L, G, D, H, P, T, DOC_TOKENS, K = 18, 8, 128, 32, 64, 64, 1024, 16
 SIZES = [16_384, 65_536, 262_144, 1_048_576, 4_194_304, 16_777_216, 67_108_864, 100_000_000]
@@ -113,8 +122,17 @@ def main():
     ap.add_argument("--headroom-gb", type=float, default=6.0, help="CUDA: memory left free")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated token counts (e.g. 16384,1048576,1e8) instead of the default ladder")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time doc_scores alone, top-k alone (both methods) and the sync-free route step")
+    ap.add_argument("--graph", action="store_true", help="CUDA: also time the route step as a CUDA graph")
+    ap.add_argument("--tune", default=None,
+                    help="kernel configs to tune over: full, fast, or BLOCKxWARPSxSTAGES[,...] (sets MSA_ROUTING_TUNE)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.tune:
+        os.environ["MSA_ROUTING_TUNE"] = args.tune
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -122,7 +140,7 @@ def main():
     device_name = torch.cuda.get_device_name(dev) if cuda else f"cpu ({os.cpu_count()} cores)"
     use_triton = cuda and triton_available() and not args.no_triton
     if use_triton:
-        from msa_plugins.kernels.routing_triton import doc_scores_triton
+        from msa_plugins.kernels.routing_triton import doc_scores_triton, last_config, tuning_configs
     repeats = args.repeats or (20 if cuda else 3)
     warmup = 3 if cuda else 1
     bw = peak_bandwidth(dev, dtype)
@@ -132,7 +150,9 @@ def main():
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, started = [], time.perf_counter()
     per_token_bytes = L * G * D * x_size(dtype) / P
-    for n_tokens in [s for s in SIZES if s <= args.max_tokens]:
+    sizes = ([int(float(s)) for s in args.sizes.split(",") if s.strip()] if args.sizes
+             else [s for s in SIZES if s <= args.max_tokens])
+    for n_tokens in sizes:
         key_bytes = per_token_bytes * n_tokens
         int8_bytes = key_bytes / x_size(dtype) + L * math.ceil(n_tokens / P) * G * 4
         if cuda:
@@ -171,6 +191,13 @@ def main():
             row["kernel_over_bound"] = row["kernel_ms"] / row["bound_ms"]
             row["torch_over_kernel"] = row["torch_ms"] / row["kernel_ms"]
         row["torch_over_bound"] = row["torch_ms"] / row["bound_ms"]
+        if use_triton:
+            row["kernel_config"] = list(last_config() or ())
+        if args.breakdown:
+            breakdown(row, q, keys, chunk_doc, n_docs, ref_scores, dev, repeats, warmup,
+                      doc_scores_triton if use_triton else None)
+        if args.graph and cuda:
+            graph_times(row, q, keys, chunk_doc, n_docs, dev, repeats, warmup, use_triton)
 
         if do_int8:
             k8, scale = quantize_keys_int8(keys, n_kv_heads=G, tile_chunks=1 << 14)
@@ -181,6 +208,10 @@ def main():
                     dev, repeats, warmup)
                 row["int8_bytes_read"] = k8.numel() + scale.numel() * 4 + chunk_doc.numel() * 8
                 row["int8_bound_ms"] = row["int8_bytes_read"] / (bw["peak_gbps"] * 1e6)
+                row["int8_kernel_config"] = list(last_config() or ())
+                if args.breakdown:
+                    row["int8_kernel_scores_ms"] = median_ms(
+                        lambda: doc_scores_triton(q, k8, chunk_doc, n_docs, keys_scale=scale), dev, repeats, warmup)
             else:
                 s8 = doc_scores_torch(q, k8, chunk_doc, n_docs, keys_scale=scale)
             row["int8_recall_at_5"] = recall_at(topk_docs(ref_scores, 5)[1], topk_docs(s8, 5)[1])
@@ -191,6 +222,8 @@ def main():
         row["wall_s"] = time.perf_counter() - t_size
         rows.append(row)
         print_row(row, header=len(rows) == 1)
+        if args.breakdown or args.graph:
+            print_breakdown(row)
 
     out = Path(args.out or Path(__file__).parent / "results" /
                f"routing_scale_{device_name.split(' (')[0].replace(' ', '_')}.json")
@@ -198,9 +231,70 @@ def main():
     out.write_text(json.dumps({
         "device": device_name, "torch": torch.__version__, "shape": dict(L=L, G=G, D=D, H=H, P=P, T=T,
                                                                           doc_tokens=DOC_TOKENS, k=K),
-        "bandwidth": bw, "repeats": repeats, "timing": "median; CUDA events after warm-up" if cuda
+        "bandwidth": bw, "repeats": repeats,
+        "tune_configs": [list(c) for c in tuning_configs()] if use_triton else None,
+        "timing": "median; CUDA events after warm-up" if cuda
         else "median; perf_counter after warm-up", "rows": rows}, indent=1))
     print(f"wrote {out}")
+
+
+def breakdown(row: dict, q, keys, chunk_doc, n_docs: int, ref_scores, dev, repeats: int, warmup: int,
+              doc_scores_triton=None):
+    """Where the time goes: scoring alone, top-k alone (one-sync and sync-free), sync-free and routed steps."""
+    t = lambda fn: median_ms(fn, dev, repeats, warmup)
+    row["topk_ms"] = t(lambda: topk_docs(ref_scores, K))
+    row["topk_sort_ms"] = t(lambda: topk_docs_device(ref_scores, K, method="sort"))
+    row["topk_key_ms"] = t(lambda: topk_docs_device(ref_scores, K, method="topk"))
+    row["route_topk_ms"] = t(lambda: route_topk(ref_scores, K))
+    backends = [("torch", lambda: doc_scores_torch(q, keys, chunk_doc, n_docs))]
+    if doc_scores_triton is not None:
+        backends.append(("kernel", lambda: doc_scores_triton(q, keys, chunk_doc, n_docs)))
+    for name, score in backends:
+        row[f"{name}_scores_ms"] = t(score)
+        row[f"{name}_device_ms"] = t(lambda: topk_docs_device(score(), K))
+        row[f"{name}_route_ms"] = t(lambda: route_topk(score(), K))
+    if "kernel_route_ms" in row:
+        row["kernel_scores_over_bound"] = row["kernel_scores_ms"] / row["bound_ms"]
+        row["torch_over_kernel_device"] = row["torch_device_ms"] / row["kernel_device_ms"]
+        row["torch_over_kernel_route"] = row["torch_route_ms"] / row["kernel_route_ms"]
+
+
+def graph_times(row: dict, q, keys, chunk_doc, n_docs: int, dev, repeats: int, warmup: int, use_triton: bool):
+    """The route step (doc_scores + per-layer and layer-mean top-k + one copy) replayed from a CUDA graph."""
+    # The kernel first: a failed capture of the other backend must not cost the figure that matters.
+    for name, backend in ([("kernel", "triton")] if use_triton else []) + [("torch", "torch")]:
+        try:
+            graph = RoutingGraph(q, keys, chunk_doc, n_docs, K, backend=backend)
+            expected = route_topk(doc_scores_torch(q, keys, chunk_doc, n_docs) if backend == "torch"
+                                  else graph_reference(q, keys, chunk_doc, n_docs), K)
+            got = graph(q)
+            row[f"{name}_graph_matches_eager"] = all(torch.equal(a, b) for a, b in zip(got, expected))
+            row[f"{name}_graph_ms"] = median_ms(lambda: graph(q), dev, repeats, warmup)
+            row[f"{name}_graph_replay_ms"] = median_ms(graph.replay, dev, repeats, warmup)
+            del graph
+        except Exception as e:  # report, do not lose the rest of the run
+            row[f"{name}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    if "kernel_graph_ms" in row:
+        row["kernel_graph_over_bound"] = row["kernel_graph_ms"] / row["bound_ms"]
+        row["torch_over_kernel_graph"] = row["torch_ms"] / row["kernel_graph_ms"]
+        if "torch_graph_ms" in row:
+            row["torch_graph_over_kernel_graph"] = row["torch_graph_ms"] / row["kernel_graph_ms"]
+
+
+def graph_reference(q, keys, chunk_doc, n_docs):
+    from msa_plugins.kernels.routing_triton import doc_scores_triton
+    return doc_scores_triton(q, keys, chunk_doc, n_docs)
+
+
+def print_breakdown(r: dict):
+    keys = ["torch_scores_ms", "kernel_scores_ms", "kernel_scores_over_bound", "topk_ms", "topk_sort_ms",
+            "topk_key_ms", "route_topk_ms", "torch_device_ms", "kernel_device_ms", "torch_route_ms",
+            "kernel_route_ms", "torch_graph_ms", "kernel_graph_ms", "kernel_graph_replay_ms",
+            "kernel_graph_over_bound", "torch_over_kernel_route", "torch_over_kernel_graph",
+            "int8_kernel_scores_ms", "kernel_config"]
+    parts = [f"{k}={r[k]:.3f}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r]
+    parts += [f"{k}={r[k]}" for k in r if k.endswith(("_error", "_matches_eager"))]
+    print("    " + " ".join(parts), flush=True)
 
 
 def print_row(r: dict, header: bool):

@@ -9,12 +9,13 @@ never selected. Scoring itself is `msa_plugins.kernels.doc_scores`: Triton on CU
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..kernels.routing import doc_scores, topk_docs
+from ..kernels.routing import doc_scores, route_topk
 from .memory import BankState
 
 
@@ -38,18 +39,40 @@ def allow_mask(state: BankState, allow_ids) -> Optional[torch.Tensor]:
     return mask
 
 
+_DEVICE_COPIES: dict = {}
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`, copied once per (tensor, device) rather than per question: a bank snapshot's
+    chunk_doc lives on the CPU next to keys on the GPU, and at 100M tokens it is 12.5 MB to move."""
+    if t.device == device:
+        return t
+    key = (id(t), str(device))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    copy = t.to(device)
+    if len(_DEVICE_COPIES) >= 4:
+        _DEVICE_COPIES.pop(next(iter(_DEVICE_COPIES)))
+    _DEVICE_COPIES[key] = (weakref.ref(t), t._version, copy)
+    return copy
+
+
 def route(q_fold: torch.Tensor, state: BankState, routing_layers: list, k: int, allow_ids=None,
           backend: str = "auto") -> Routing:
-    """q_fold [L, T, G*D] (question tokens only) against the bank snapshot `state`."""
+    """q_fold [L, T, G*D] (question tokens only) against the bank snapshot `state`.
+
+    Scoring and both top-k selections (per layer, and over the layer mean) run where the keys live; only
+    the [L + 1, k] selections come back to the host, in one copy (on CUDA nothing else synchronises).
+    """
     n = len(state)
     if n == 0:
         return Routing([], [], [], {l: ([], []) for l in routing_layers}, torch.zeros(len(routing_layers), 0, dtype=torch.long))
     keys = state.keys_r
-    scores = doc_scores(q_fold.to(keys.device), keys, state.chunk_doc.to(keys.device), n, backend=backend)  # [L, N]
-    scores = scores.float().cpu()
     allow = allow_mask(state, allow_ids)
-    layer_vals, layer_rows = topk_docs(scores, k, allow)  # [L, k']
-    agg_vals, agg_rows = topk_docs(scores.mean(0), k, allow)  # [k']
+    chunk_doc = _on_device(state.chunk_doc, keys.device)
+    scores = doc_scores(q_fold.to(keys.device), keys, chunk_doc, n, backend=backend)  # [L, N]
+    layer_vals, layer_rows, agg_vals, agg_rows = route_topk(scores.float(), k, allow)  # [L, k'], [k']
     per_layer = {l: ([state.ids[int(r)] for r in layer_rows[i]], layer_vals[i].tolist())
                  for i, l in enumerate(routing_layers)}
     rows = agg_rows.tolist()

@@ -349,11 +349,8 @@ class MSAVectorStore(VectorStore):
         if len(ids) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(ids)} ids")
         metas = [dict(m or {}) for m in (metadatas or [{} for _ in texts])]
-        with self._lock:
-            existing = [i for i in ids if i in self.engine.memory]
-            if existing:
-                self.engine.delete(existing)
-            return self.engine.add(texts, ids=ids, metadata=metas, progress=False)
+        with self._lock:  # an existing id is replaced in one step (readers never miss it)
+            return self.engine.replace(texts, ids=ids, metadata=metas, progress=False)
 
     def delete(self, ids: Optional[List[str]] = None, **kwargs: Any) -> Optional[bool]:
         if ids is None:
@@ -464,9 +461,7 @@ class MSAStore(BaseStore):
             created = state.metadata[row]["created_at"] if row is not None else now
             meta = {_MARK: True, "namespace": list(op.namespace), "key": op.key, "value": op.value,
                     "created_at": created, "updated_at": now}
-            if row is not None:
-                self.engine.delete([doc_id])
-            self.engine.add([self._text(op.value)], ids=[doc_id], metadata=[meta], progress=False)
+            self.engine.replace([self._text(op.value)], ids=[doc_id], metadata=[meta], progress=False)
 
     def _search(self, op: SearchOp, state):
         prefix = tuple(op.namespace_prefix)

@@ -310,11 +310,8 @@ class MSAIndex(BaseIndex[IndexDict]):
             if n.ref_doc_id is not None:
                 meta["ref_doc_id"] = n.ref_doc_id
             metas.append(meta)
-        with self._lock:
-            existing = [n.node_id for n in nodes if n.node_id in self._engine.memory]
-            if existing:  # LlamaIndex semantics: re-inserting a node id replaces it
-                self._engine.delete(existing)
-            self._engine.add(texts, ids=[n.node_id for n in nodes], metadata=metas, progress=self._show_progress)
+        with self._lock:  # LlamaIndex semantics: re-inserting a node id replaces it (in one step)
+            self._engine.replace(texts, ids=[n.node_id for n in nodes], metadata=metas, progress=self._show_progress)
 
     def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> IndexDict:
         struct = IndexDict()

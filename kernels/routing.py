@@ -14,6 +14,7 @@ Shapes used throughout:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -21,6 +22,7 @@ import torch
 
 NEG_INF = float("-inf")
 _HALF = (torch.bfloat16, torch.float16)
+_KEYED = (torch.float32, torch.bfloat16, torch.float16)     # exact in float32: the "topk" key
 
 
 def fold_queries(q_R: torch.Tensor, n_kv_heads: int, scoring: str = "cosine") -> torch.Tensor:
@@ -116,6 +118,7 @@ def doc_scores_torch(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tenso
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -142,34 +145,165 @@ def doc_scores(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, n_d
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def topk_docs(doc_scores: torch.Tensor, k: int, allow: Optional[torch.Tensor] = None):
+def _prepare_topk_scores(doc_scores: torch.Tensor, allow: Optional[torch.Tensor]) -> torch.Tensor:
+    """[R, n] scores with every invalid document (-inf, NaN, not allowed) set to -inf; no host sync."""
+    s = doc_scores.view(1, -1) if doc_scores.dim() == 1 else doc_scores
+    if allow is not None:
+        ok = allow.to(device=s.device, dtype=torch.bool).view(1, -1)
+        if s.is_floating_point():
+            ok = ok & (s == s)                                              # NaN is never a valid score
+        return s.masked_fill(~ok, NEG_INF)
+    if s.is_floating_point():
+        # NaN would sort first; +-inf stay as they are (nan_to_num's defaults would clamp them).
+        return torch.nan_to_num(s, nan=NEG_INF, posinf=math.inf, neginf=NEG_INF)
+    return s
+
+
+def _order_key(s: torch.Tensor) -> torch.Tensor:
+    """int64 key [R, n] whose descending order is (higher score, then lower id); all keys are distinct.
+
+    High 32 bits: the float32 bits mapped to a signed integer of the same order (negative floats have their
+    magnitude bits flipped; -0.0 becomes +0.0 first so that the zeros tie); low 32 bits: 2^32 - 1 - id.
+    """
+    s32 = s.float() + 0.0                                                  # -0.0 + 0.0 = +0.0
+    b = s32.view(torch.int32)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b).to(torch.int64)
+    low = (0xFFFFFFFF - torch.arange(s.shape[1], device=s.device, dtype=torch.int64))
+    return b * 4294967296 + low
+
+
+def topk_docs_device(doc_scores: torch.Tensor, k: int, allow: Optional[torch.Tensor] = None,
+                     method: str = "auto"):
+    """Sync-free top-k per row: (values [.., k'], indices [.., k'] int64, valid [.., k'] bool), k' = min(k, n_docs).
+
+    Same order as `topk_docs` (higher score, then lower document id), but nothing is read back to the host,
+    so it can run ahead of the caller (and inside a CUDA graph). Invalid documents (-inf / NaN scores, not
+    in `allow`) are scored -inf and sort after every valid one, so each row's valid entries come first and
+    `valid` is False exactly on its tail; the caller drops them after its one device -> host copy
+    (`topk_docs` does: it keeps the fewest valid count over rows).
+
+    method "sort": one stable descending sort per row (stable: equal scores keep ascending ids) -- one
+    shared-memory kernel for rows up to 4096 documents on CUDA; "topk": torch.topk on a distinct int64
+    key (score bits, then inverted id), linear in n_docs; "auto": sort on CUDA and for short rows, topk for
+    long rows on the CPU. Both give identical results.
+    """
+    one_row = doc_scores.dim() == 1
+    s = _prepare_topk_scores(doc_scores, allow)
+    R, n = s.shape
+    k_eff = max(0, min(int(k), n))
+    if method == "auto":
+        method = "sort" if (s.is_cuda or n <= 4096 or s.dtype not in _KEYED) else "topk"
+    if method == "topk" and s.dtype not in _KEYED:
+        raise ValueError(f"method 'topk' orders float32 scores, not {s.dtype}")
+    if k_eff == 0:
+        values = s[:, :0]
+        indices = torch.empty(R, 0, dtype=torch.int64, device=s.device)
+    elif method == "sort":
+        values, indices = torch.sort(s, dim=1, descending=True, stable=True)
+        values, indices = values[:, :k_eff], indices[:, :k_eff]
+    elif method == "topk":
+        indices = torch.topk(_order_key(s), k_eff, dim=1, largest=True, sorted=True).indices
+        values = s.gather(1, indices)
+    else:
+        raise ValueError(f"unknown top-k method {method!r}")
+    valid = values > NEG_INF
+    if one_row:
+        return values[0], indices[0], valid[0]
+    return values, indices, valid
+
+
+def topk_docs(doc_scores: torch.Tensor, k: int, allow: Optional[torch.Tensor] = None, method: str = "auto"):
     """Top-k documents per row, ordered by higher score then lower document id (deterministic).
 
     doc_scores: [n_docs] or [L, n_docs]; allow: optional bool [n_docs]. Documents scored -inf (no chunk)
     or not allowed never appear, so fewer than k come back when fewer are valid: k' = min(k, fewest valid
     documents in any row). The valid set is the same in every layer in practice (both causes are
-    per-document), so rows lose nothing to that minimum. Returns (values [.., k'] float32, indices [.., k']
-    int64). The id tie-break makes results identical across backends and across sharded ranks.
+    per-document), so rows lose nothing to that minimum. Returns (values [.., k'], indices [.., k'] int64).
+    The id tie-break makes results identical across backends and across sharded ranks.
+
+    This is `topk_docs_device` plus one host read (the valid count) to trim the invalid tail; latency
+    sensitive callers use `topk_docs_device` and trim after their own single copy to the host.
     """
-    one_row = doc_scores.dim() == 1
-    s = doc_scores.view(1, -1) if one_row else doc_scores
-    if allow is not None:
-        s = s.masked_fill(~allow.to(device=s.device, dtype=torch.bool).view(1, -1), NEG_INF)
-    R = s.shape[0]
-    n_valid = int((s > NEG_INF).sum(1).min()) if s.numel() else 0
-    k_eff = min(int(k), n_valid)
-    if k_eff <= 0:
-        empty = torch.empty(R, 0, device=s.device)
-        values, indices = empty.float(), empty.long()
-    else:
-        kth = torch.topk(s, k_eff, dim=1).values[:, -1:]                   # [R, 1] k-th largest score
-        above, tied = s > kth, s == kth
-        need = k_eff - above.sum(1, keepdim=True)                           # how many ties to admit
-        take = above | (tied & (tied.cumsum(1) <= need))                   # ties: lowest ids first
-        indices = take.nonzero()[:, 1].view(R, k_eff)                       # ascending ids per row
-        values = s.gather(1, indices)
-        order = torch.sort(values, dim=1, descending=True, stable=True).indices
-        values, indices = values.gather(1, order), indices.gather(1, order)
-    if one_row:
-        return values[0], indices[0]
+    values, indices, valid = topk_docs_device(doc_scores, k, allow, method=method)
+    k_eff = int(valid.sum(-1).min()) if valid.numel() else 0
+    if k_eff < valid.shape[-1]:
+        values, indices = values[..., :k_eff], indices[..., :k_eff]
     return values, indices
+
+
+def _pack_layers_and_mean(scores: torch.Tensor, k: int, allow: Optional[torch.Tensor]) -> torch.Tensor:
+    """[2, L + 1, k''] float64 on the scores' device: values and ids of the per-layer top-k (rows < L) and
+    of the layer-mean top-k (row L), invalid entries (-inf) last in each row. No host sync."""
+    both = torch.cat([scores, scores.mean(0, keepdim=True)], 0)                # [L + 1, N]
+    vals, idx, _ = topk_docs_device(both, k, allow)
+    packed = torch.empty((2,) + tuple(vals.shape), dtype=torch.float64, device=vals.device)
+    packed[0].copy_(vals)
+    packed[1].copy_(idx)
+    return packed
+
+
+def _unpack_layers_and_mean(packed: torch.Tensor):
+    host_vals, host_idx = packed[0].float(), packed[1].long()
+    L = host_vals.shape[0] - 1
+    valid = host_vals > NEG_INF                                                  # valid entries come first
+    k_layers = int(valid[:L].sum(1).min()) if L else 0
+    k_agg = int(valid[L].sum())
+    return host_vals[:L, :k_layers], host_idx[:L, :k_layers], host_vals[L, :k_agg], host_idx[L, :k_agg]
+
+
+def route_topk(scores: torch.Tensor, k: int, allow: Optional[torch.Tensor] = None):
+    """Per-layer top-k of scores [L, N] and the top-k of their layer mean, as CPU tensors, in one copy.
+
+    Returns (layer values [L, k'] float32, layer ids [L, k'] int64, mean values [k''], mean ids [k'']):
+    exactly `topk_docs(scores, k, allow)` (k' = min(k, fewest valid documents in any layer)) and
+    `topk_docs(scores.mean(0), k, allow)`. Everything runs on the scores' device without a host sync;
+    values and ids travel in one float64 buffer (exact for float32 scores and ids below 2^53), so the
+    selection costs one device -> host copy of [2, L + 1, k] instead of the [L, N] score matrix.
+    """
+    return _unpack_layers_and_mean(_pack_layers_and_mean(scores, k, allow).cpu())
+
+
+class RoutingGraph:
+    """One routing step (doc_scores, top-k per layer and of the layer mean) captured as a CUDA graph.
+
+    For a serving loop over a fixed bank: the bank (keys, chunk_doc, keys_scale, allow) and the question
+    length T are baked in, so rebuild the graph after the bank changes. Each call copies the new folded
+    queries [L, T, G*D] into the static input, replays the graph (one launch for the ~10 kernels) and
+    returns `route_topk`'s CPU tensors after one device -> host copy; `replay()` alone leaves the packed
+    [2, L + 1, k] result in `self.packed` on the device. Construction runs the step twice on a side stream
+    first (kernel tuning and compilation, allocator warm-up), then captures.
+    """
+
+    def __init__(self, q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, k: int,
+                 backend: str = "auto", keys_scale: Optional[torch.Tensor] = None,
+                 allow: Optional[torch.Tensor] = None, warmup: int = 2):
+        if not keys.is_cuda:
+            raise ValueError("RoutingGraph needs CUDA keys")
+        dev = keys.device
+        self.q = q.detach().to(device=dev, dtype=torch.float32).clone()
+        chunk_doc = chunk_doc.to(dev)
+        allow = None if allow is None else allow.to(device=dev, dtype=torch.bool)
+
+        def step():
+            s = doc_scores(self.q, keys, chunk_doc, n_docs, backend=backend, keys_scale=keys_scale)
+            return _pack_layers_and_mean(s, k, allow)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.packed = step()
+        self._bank = (keys, chunk_doc, keys_scale, allow)                   # keep the captured inputs alive
+
+    def replay(self, q: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if q is not None:
+            self.q.copy_(q)
+        self.graph.replay()
+        return self.packed
+
+    def __call__(self, q: Optional[torch.Tensor] = None):
+        return _unpack_layers_and_mean(self.replay(q).cpu())

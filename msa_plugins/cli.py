@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     s.add_argument("memory")
     s.set_defaults(fn=cmd_info)
 
+    from .train_cli import add_parser as add_train_router_parser  # `msa train-router` (issue 4)
+    add_train_router_parser(sub)
+
     args = p.parse_args(argv)
     try:
         return args.fn(args)

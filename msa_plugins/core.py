@@ -20,7 +20,7 @@ from .engine.memory import MemoryBank, MemoryDocument
 from .engine.model import DecoderModel, load_hf_model
 from .engine.router import QKRouter, Router, RouterMismatchError, read_msa4b_router
 from .engine.routing import Routing, route
-from .models import resolve_model
+from .models import DEFAULT_ROUTER_DIR, resolve_model
 
 
 @dataclass
@@ -126,8 +126,9 @@ class MSAEngine:
                         config: Optional[MSAConfig] = None, device: Optional[str] = None, dtype=None,
                         **overrides) -> "MSAEngine":
         """model: None (embedded SmolLM2-135M-Instruct), a local HF folder, or a .gguf file.
-        router: a router adapter folder (msa train-router). An MSA-4B-format checkpoint's own router
-        projectors are loaded automatically. memory: a saved memory folder to load.
+        router: a router adapter folder (msa train-router), or "none" for training-free routing with
+        the layer's own q/k projections. An MSA-4B-format checkpoint's own router projectors are loaded
+        automatically; the embedded default model uses the router shipped with the package. memory: a saved memory folder to load.
         `overrides` set MSAConfig fields (e.g. k=8, chunk_size=32)."""
         config = config or MSAConfig()
         for key, value in overrides.items():
@@ -140,10 +141,14 @@ class MSAEngine:
         hf_model, tokenizer = load_hf_model(folder, device=device, dtype=dtype)
         dm = DecoderModel(hf_model, tokenizer, name=name)
         router_obj = None
-        if router is not None:
+        if router in ("none", "qk"):  # explicitly the training-free baseline (the layer's own q/k)
+            router_obj = None
+        elif router is not None:
             router_obj = Router.load(router)
         else:
             router_obj = read_msa4b_router(folder, dm.n_heads, dm.n_kv_heads, dm.head_dim)
+            if router_obj is None and (model is None or model == "default"):
+                router_obj = Router.load(DEFAULT_ROUTER_DIR)  # the router shipped for the embedded default
         engine = cls(dm, router=router_obj, config=config, name=name)
         if memory is not None:
             engine.load(memory)

