@@ -212,6 +212,11 @@ def main():
                 if args.breakdown:
                     row["int8_kernel_scores_ms"] = median_ms(
                         lambda: doc_scores_triton(q, k8, chunk_doc, n_docs, keys_scale=scale), dev, repeats, warmup)
+                    row["int8_scores_over_bound"] = row["int8_kernel_scores_ms"] / row["int8_bound_ms"]
+                    if "kernel_scores_ms" in row:   # worth using only if faster than the bf16 keys
+                        row["bf16_over_int8_scores"] = row["kernel_scores_ms"] / row["int8_kernel_scores_ms"]
+                    s8_max_abs = (s8 - ref_scores)[torch.isfinite(ref_scores)].abs().max()
+                    row["int8_max_abs_diff_vs_torch"] = float(s8_max_abs)
             else:
                 s8 = doc_scores_torch(q, k8, chunk_doc, n_docs, keys_scale=scale)
             row["int8_recall_at_5"] = recall_at(topk_docs(ref_scores, 5)[1], topk_docs(s8, 5)[1])
@@ -291,7 +296,8 @@ def print_breakdown(r: dict):
             "topk_key_ms", "route_topk_ms", "torch_device_ms", "kernel_device_ms", "torch_route_ms",
             "kernel_route_ms", "torch_graph_ms", "kernel_graph_ms", "kernel_graph_replay_ms",
             "kernel_graph_over_bound", "torch_over_kernel_route", "torch_over_kernel_graph",
-            "int8_kernel_scores_ms", "kernel_config"]
+            "int8_kernel_scores_ms", "int8_bound_ms", "int8_scores_over_bound", "bf16_over_int8_scores",
+            "int8_max_abs_diff_vs_torch", "kernel_config", "int8_kernel_config"]
     parts = [f"{k}={r[k]:.3f}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r]
     parts += [f"{k}={r[k]}" for k in r if k.endswith(("_error", "_matches_eager"))]
     print("    " + " ".join(parts), flush=True)

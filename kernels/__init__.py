@@ -4,8 +4,9 @@
 `naive` module is the loop reference every backend is tested against.
 """
 from .naive import doc_scores_naive, topk_naive
-from .routing import (RoutingGraph, doc_scores, doc_scores_torch, fold_queries, quantize_keys_int8, route_topk,
-                      topk_docs, topk_docs_device, triton_available)
+from .routing import (RoutingGraph, doc_scores, doc_scores_torch, fold_queries, quantize_keys_int8,
+                      quantize_queries_int8, route_topk, topk_docs, topk_docs_device, triton_available)
 
 __all__ = ["RoutingGraph", "doc_scores", "doc_scores_torch", "doc_scores_naive", "fold_queries",
-           "quantize_keys_int8", "route_topk", "topk_docs", "topk_docs_device", "topk_naive", "triton_available"]
+           "quantize_keys_int8", "quantize_queries_int8", "route_topk", "topk_docs", "topk_docs_device",
+           "topk_naive", "triton_available"]

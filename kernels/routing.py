@@ -70,6 +70,16 @@ def quantize_keys_int8(keys: torch.Tensor, n_kv_heads: Optional[int] = None,
     return q8, scale
 
 
+def quantize_queries_int8(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 queries with one fp32 scale per (layer, token), as the fused kernel uses them with int8
+    keys (its int8 x int8 tensor-core dot): q [L, T, G*D] -> (int8 [L, T, G*D], scale [L, T]); q ~= q8 * scale.
+    Rounds half up (floor(x + 0.5)) like the kernel's quantiser."""
+    q = q.float()
+    scale = q.abs().amax(-1).clamp_min(1e-30) / 127.0
+    q8 = torch.floor(q / scale[..., None] + 0.5).clamp_(-127, 127).to(torch.int8)
+    return q8, scale
+
+
 def _tile_scores(q: torch.Tensor, k: torch.Tensor, k_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """q [L, T, G*D] x keys tile [L, n, G*D] -> scores [L, T, n] float32."""
     if k_scale is not None:  # int8: dequantise the tile (the fused kernel applies the scale after the dot)

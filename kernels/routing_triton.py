@@ -4,7 +4,11 @@ Routing is bandwidth bound: per chunk, 64 question tokens x G*D = 1024 dims is 6
 well inside a tensor core's budget, so the goal is to read every key byte exactly once and write almost
 nothing. One program owns BLOCK_C consecutive chunks of one layer (grid = (chunk blocks, layers)):
   1. for each KV head g: load the [BLOCK_C, D] key tile once, tl.dot it with the [BLOCK_T, D] query tile
-     (fp32 accumulation; int8 keys get their per-(chunk, head) scale after the dot),
+     (fp32 accumulation). int8 keys meet int8 queries (one scale per token, quantised in one small launch):
+     an int8 x int8 -> int32 tensor-core dot straight from shared memory (Hopper wgmma s8 / Ampere
+     mma s8), then the key's per-(chunk, head) scale on the partial sum and the token scale once per tile.
+     (The earlier int8 -> fp16 cast in registers read the int8 tile from shared memory 2 bytes at a time
+     and ran ~1.7x slower than the bf16 keys of twice the size.)
   2. max over the question tokens -> S[c] for the block's chunks,
   3. segmented max over runs of equal document ids inside the block (chunk_doc is sorted, so a document is
      a contiguous run), and one atomic_max per run into out[l, doc] (pre-filled with -inf).
@@ -61,6 +65,7 @@ def _route_kernel(q_ptr, k_ptr, scale_ptr, q_scale_ptr, doc_ptr, out_ptr,
     k_rows = k_ptr + l * stride_kl + offs_c[:, None] * stride_kc + offs_d[None, :]   # [BLOCK_C, BLOCK_D]
     k_mask = mask_c[:, None] & mask_d[None, :]
 
+    s_rows = scale_ptr + l * stride_sl + offs_c * stride_sc      # int8 keys: [BLOCK_C] scales of head g at + g
     best = tl.full([BLOCK_C], float("-inf"), tl.float32)     # S[c] = max over question tokens
     for t0 in range(0, T, BLOCK_T):                    # one pass when T <= BLOCK_T (the usual case)
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -68,21 +73,30 @@ def _route_kernel(q_ptr, k_ptr, scale_ptr, q_scale_ptr, doc_ptr, out_ptr,
         q_rows = q_ptr + l * stride_ql + offs_t[:, None] * stride_qt + offs_d[None, :]  # [BLOCK_T, BLOCK_D]
         q_mask = mask_t[:, None] & mask_d[None, :]
         acc = tl.zeros([BLOCK_C, BLOCK_T], dtype=tl.float32)
+        if HAS_SCALE:   # scales are prefetched one head ahead: their load latency hides behind a head's dot
+            s_next = tl.load(s_rows, mask=mask_c, other=0.0)
         for g in range(G):                             # KV heads: D-wide slices of the folded G*D axis
             kg = tl.load(k_rows + g * D, mask=k_mask, other=0)
             qg = tl.load(q_rows + g * D, mask=q_mask, other=0)
             if DOT_FP32:
                 kg = kg.to(tl.float32)
                 qg = qg.to(tl.float32)
-            elif HAS_SCALE:
-                kg = kg.to(tl.float16)                 # int8 values are exact in fp16; q is fp16 too
             if HAS_SCALE:
-                sg = tl.load(scale_ptr + l * stride_sl + offs_c * stride_sc + g, mask=mask_c, other=0.0)
-                acc += tl.dot(kg, tl.trans(qg)) * sg[:, None]
+                # int8 keys x int8 queries: the integer dot is exact (|sum| <= D * 127^2 < 2^24, so also in
+                # the interpreter's fp32 dot); the key's per-(chunk, head) scale multiplies its partial sum.
+                sg = s_next
+                s_next = tl.load(s_rows + (g + 1) % G, mask=mask_c, other=0.0)   # wraps to head 0: a cache hit
+                if DOT_FP32:
+                    part = tl.dot(kg, tl.trans(qg), input_precision="ieee")
+                else:
+                    part = tl.dot(kg, tl.trans(qg), out_dtype=tl.int32).to(tl.float32)
+                acc += part * sg[:, None]
             elif IEEE_DOT:
                 acc = tl.dot(kg, tl.trans(qg), acc, input_precision="ieee")
             else:
                 acc = tl.dot(kg, tl.trans(qg), acc)
+        if HAS_SCALE:                                  # per-token query scale (see quantize_queries_int8)
+            acc = acc * tl.load(q_scale_ptr + l * T + offs_t, mask=mask_t, other=0.0)[None, :]
         acc = tl.where(mask_t[None, :], acc, float("-inf"))  # padded tokens must not win the max
         best = tl.maximum(best, tl.max(acc, axis=1))
     if HAS_QSCALE:
@@ -103,14 +117,20 @@ def _route_kernel(q_ptr, k_ptr, scale_ptr, q_scale_ptr, doc_ptr, out_ptr,
 # stages x (BLOCK_C + BLOCK_T) x D x 2 B, so large tiles run one program per SM and small ones several.
 CONFIGS_FULL = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))
 CONFIGS_FAST = ((64, 4, 3), (128, 8, 2), (128, 8, 3), (256, 8, 2))
+# int8 tiles are half the bytes, so deeper pipelines fit the same shared memory and hide more latency.
+CONFIGS_INT8_EXTRA = ((128, 8, 4), (256, 8, 3))
 TUNE_ENV = "MSA_ROUTING_TUNE"
 
 
-def tuning_configs():
+def tuning_configs(int8: bool = False):
     """The configs the tuner times, from $MSA_ROUTING_TUNE: "full" (default, 7), "fast" (4: bounds the
     first call's compile + timing cost), or an explicit "128x8x2,64x4x3" (BLOCK_C x warps x stages; a
-    single entry means no tuning at all)."""
-    return _parse_configs(os.environ.get(TUNE_ENV, "full"))
+    single entry means no tuning at all). int8 keys add CONFIGS_INT8_EXTRA to "full" and "fast"."""
+    spec = os.environ.get(TUNE_ENV, "full")
+    configs = _parse_configs(spec)
+    if int8 and spec.strip().lower() in ("", "full", "fast"):
+        configs = configs + tuple(c for c in CONFIGS_INT8_EXTRA if c not in configs)
+    return configs
 
 
 @functools.lru_cache(maxsize=32)
@@ -144,22 +164,48 @@ def last_config() -> Optional[Tuple[int, int, int]]:
 
 def _dot_dtype(keys: torch.Tensor) -> torch.dtype:
     if keys.dtype == torch.int8:
-        return torch.float16
+        return torch.int8
     if keys.dtype in (torch.bfloat16, torch.float16, torch.float32):
         return keys.dtype
     raise TypeError(f"routing keys of dtype {keys.dtype} are not supported")
+
+
+@triton.jit
+def _quantize_queries_kernel(q_ptr, q8_ptr, s_ptr, GD, BLOCK: tl.constexpr):
+    # One program per (layer, token) row: scale = max |q| / 127, q8 = floor(q / scale + 0.5) in [-127, 127].
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < GD
+    x = tl.load(q_ptr + row * GD + offs, mask=m, other=0.0)
+    s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30), 127.0)   # IEEE divisions: same bits as torch
+    y = tl.floor(tl.div_rn(x, s) + 0.5)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    tl.store(q8_ptr + row * GD + offs, y.to(tl.int8), mask=m)
+    tl.store(s_ptr + row, s)
+
+
+def _quantize_queries(q: torch.Tensor):
+    """`routing.quantize_queries_int8` in one launch: (q8 [L, T, G*D] int8, scale [L, T] float32)."""
+    L, T, GD = q.shape
+    q8 = torch.empty(q.shape, dtype=torch.int8, device=q.device)
+    scale = torch.empty((L, T), dtype=torch.float32, device=q.device)
+    _quantize_queries_kernel[(L * T,)](q, q8, scale, GD, BLOCK=triton.next_power_of_2(GD), num_warps=4)
+    return q8, scale
 
 
 def _prepare_queries(q: torch.Tensor, keys: torch.Tensor, dt: torch.dtype):
     """Queries in the keys' dot dtype, scaled per layer to max |q| = 1 (half precision keeps its range).
 
     Returns (q_dot [L, T, G*D] contiguous, q_scale [L] float32 or None for fp32 keys, which use q as is).
+    int8 keys take int8 queries with one scale per (layer, token) instead (q_scale [L, T], one launch).
     Three small kernels (max |q|, clamp, divide-and-round into q_dot); the values are those of the PyTorch
     path's `(q / q.abs().amax()).to(dt)`, so both backends round the queries identically.
     """
     q = q.to(device=keys.device, dtype=torch.float32)
     if dt == torch.float32:
         return q.contiguous(), None
+    if dt == torch.int8:
+        return _quantize_queries(q.contiguous())
     q_scale = torch.linalg.vector_norm(q, ord=math.inf, dim=(1, 2)).clamp_min_(1e-30)   # [L] max |q|
     q_dot = torch.empty(q.shape, dtype=dt, device=q.device)
     torch.div(q, q_scale.view(-1, 1, 1), out=q_dot)
@@ -188,7 +234,7 @@ def _plan(keys: torch.Tensor, keys_scale: Optional[torch.Tensor], n_kv_heads: Op
     meta = dict(G=G, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_T=min(64, max(16, triton.next_power_of_2(T))),
                 HAS_SCALE=has_scale, DOT_FP32=interp, SEGMENTED=segmented,
-                IEEE_DOT=keys.dtype == torch.float32, HAS_QSCALE=dt != torch.float32)
+                IEEE_DOT=keys.dtype == torch.float32, HAS_QSCALE=dt in (torch.bfloat16, torch.float16))
     if len(_PLANS) > 256:
         _PLANS.clear()
     plan = _PLANS[key] = (G, D, dt, meta)
@@ -249,8 +295,8 @@ def doc_scores_triton(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tens
     config is tuned once per shape bucket on CUDA (see `tuning_configs`) and BLOCK_C is 32 in the
     interpreter. fp32 keys use an IEEE fp32 dot (exact, not tf32).
 
-    Per call on CUDA: one fill of the output, three small query kernels (none for fp32 keys) and the
-    routing kernel; inputs that are already contiguous and of the right dtype/device are not copied, and
+    Per call on CUDA: one fill of the output, three small query kernels (one int8 quantiser for int8 keys,
+    none for fp32 keys) and the routing kernel; inputs that are already contiguous and of the right dtype/device are not copied, and
     nothing synchronises with the host (so the call can be captured in a CUDA graph once tuned).
     """
     global _last_config
@@ -276,7 +322,7 @@ def doc_scores_triton(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tens
             T, C, n_docs, c_bucket,
             q_dot.stride(0), q_dot.stride(1), keys.stride(0), keys.stride(1), stride_sl, stride_sc)
     if block_c is None and not interp and keys.is_cuda:
-        configs = tuning_configs()
+        configs = tuning_configs(int8=has_scale)
         tune_key = (keys.device.index, c_bucket, T, G, D, keys.dtype, has_scale, configs)
         cfg = _tuned_config(tune_key, configs, args, meta, C, L)
         _last_config = cfg

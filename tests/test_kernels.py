@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from msa_plugins.kernels import (RoutingGraph, doc_scores, doc_scores_naive, doc_scores_torch, fold_queries,
-                                 quantize_keys_int8, route_topk, topk_docs, topk_docs_device, topk_naive,
-                                 triton_available)
+                                 quantize_keys_int8, quantize_queries_int8, route_topk, topk_docs,
+                                 topk_docs_device, topk_naive, triton_available)
 from msa_plugins.kernels.naive import doc_scores_naive_heads
 from msa_plugins.kernels.routing import _pack_layers_and_mean
 
@@ -138,17 +138,31 @@ def clustered_bank(n_docs=300, L=2, G=2, D=64, H=4, T=16, n_queries=16, seed=5):
     return queries, torch.nn.functional.normalize(keys, dim=-1).flatten(2), chunk_doc, n_docs
 
 
-def test_int8_keeps_top5_recall():
+@pytest.mark.parametrize("int8_queries", [False, True])
+def test_int8_keeps_top5_recall(int8_queries):
+    """int8 keys (PyTorch path: fp queries) and int8 keys x int8 queries (what the fused kernel computes)."""
     queries, k, chunk_doc, n_docs = clustered_bank()
     k8, scale = quantize_keys_int8(k, n_kv_heads=2)
     hits = total = 0
     for q in queries:
         _, ref = topk_docs(doc_scores_torch(q, k, chunk_doc, n_docs), 5)
+        if int8_queries:
+            q8, q_scale = quantize_queries_int8(q)
+            q = q8.float() * q_scale[..., None]
         _, got = topk_docs(doc_scores_torch(q, k8, chunk_doc, n_docs, keys_scale=scale), 5)
         for a, b in zip(ref.tolist(), got.tolist()):
             hits += len(set(a) & set(b))
             total += 5
     assert hits / total >= 0.98, hits / total
+
+
+def test_quantize_queries_int8():
+    q = torch.randn(2, 5, 48) * torch.logspace(-3, 2, 5).view(1, 5, 1)   # per-token scales of any size
+    q[1, 2] = 0.0                                                          # an all-zero token
+    q8, s = quantize_queries_int8(q)
+    assert q8.dtype == torch.int8 and s.shape == (2, 5) and int(q8.abs().max()) == 127
+    assert torch.equal(q8[1, 2], torch.zeros(48, dtype=torch.int8))
+    assert ((q8.float() * s[..., None] - q).abs() <= 0.5 * s[..., None] * (1 + 1e-5)).all()
 
 
 def test_topk_rules():
@@ -336,7 +350,11 @@ def test_triton_matches_naive(dtype, T, block_c, segmented):
     q, k = folded(q_R, keys)
     if dtype == torch.int8:
         k, scale = quantize_keys_int8(k, n_kv_heads=2)
-        expected, tol = doc_scores_naive(q, k, chunk_doc, n_docs, keys_scale=scale), 2e-3
+        # The kernel quantises the queries too (int8 tensor-core dot): exact integer dots, then fp32 scales.
+        q8, q_scale = quantize_queries_int8(q)
+        expected, tol = doc_scores_naive(q8.float() * q_scale[..., None], k, chunk_doc, n_docs, keys_scale=scale), 1e-5
+        # and the query rounding stays within the old int8 tolerance against fp queries
+        assert_scores_close(expected, doc_scores_naive(q, k, chunk_doc, n_docs, keys_scale=scale), atol=2e-3)
     else:
         k, scale = k.to(dtype), None
         expected, tol = doc_scores_naive(q, k, chunk_doc, n_docs), TRITON_TOL[dtype]
@@ -351,6 +369,17 @@ def test_triton_matches_naive(dtype, T, block_c, segmented):
         if T == 1:  # dispatch (autotuned on CUDA: once, to bound compile time)
             assert torch.equal(doc_scores(to(q), to(k), to(chunk_doc), n_docs, backend="triton").cpu().isinf(),
                                expected.isinf())
+
+
+@needs_triton
+def test_triton_matches_naive_query_quantiser():
+    """The kernel's one-launch query quantiser gives the bits of `quantize_queries_int8`."""
+    from msa_plugins.kernels.routing_triton import _quantize_queries
+    q = torch.randn(3, 7, 96) * torch.logspace(-3, 2, 7).view(1, 7, 1)
+    q[0, 1] = 0.0
+    q8, s = _quantize_queries(q.to(TRITON_DEVICE))
+    r8, rs = quantize_queries_int8(q)
+    assert torch.equal(s.cpu(), rs) and torch.equal(q8.cpu(), r8)
 
 
 @needs_triton
@@ -388,7 +417,7 @@ def test_triton_interpreter_in_subprocess():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
 @pytest.mark.parametrize("key_type,q_type,has_scale,ieee", [("bf16", "bf16", False, False),
-                                                              ("i8", "fp16", True, False),
+                                                              ("i8", "i8", True, False),
                                                               ("fp32", "fp32", False, True)])
 def test_triton_kernel_compiles_for_gpus(key_type, q_type, has_scale, ieee):
     """Compile (no GPU needed) for Hopper and Ampere at the paper's head shape, as the autotuner would.
@@ -411,7 +440,7 @@ def test_triton_kernel_compiles_for_gpus(key_type, q_type, has_scale, ieee):
     sig = {"q_ptr": f"*{q_type}", "k_ptr": f"*{key_type}", "scale_ptr": "*fp32", "q_scale_ptr": "*fp32",
            "doc_ptr": "*i64", "out_ptr": "*fp32", **{n: "i32" for n in ints}}
     constexprs = dict(G=8, D=128, BLOCK_D=128, BLOCK_T=64, BLOCK_C=128, HAS_SCALE=has_scale, DOT_FP32=False,
-                      SEGMENTED=True, IEEE_DOT=ieee, HAS_QSCALE=not ieee)
+                      SEGMENTED=True, IEEE_DOT=ieee, HAS_QSCALE=key_type == "bf16")
     sig.update({k: "constexpr" for k in constexprs})
     aligned = ["q_ptr", "k_ptr", "scale_ptr", "q_scale_ptr", "doc_ptr", "out_ptr",
                "stride_ql", "stride_qt", "stride_kl", "stride_kc"]       # what runtime specialisation sees
@@ -425,3 +454,8 @@ def test_triton_kernel_compiles_for_gpus(key_type, q_type, has_scale, ieee):
         assert "red.global" in ptx or "atom.global" in ptx     # relaxed atomic max: fire-and-forget red
         if arch == 90 and key_type != "fp32":
             assert "wgmma" in ptx, "Hopper: expected warpgroup tensor-core dots"
+        if key_type == "i8":
+            # int8 x int8 -> int32 tensor-core dots with both operands in shared memory: no int8 -> fp16
+            # cast in registers (that read the int8 tile from shared memory 2 bytes at a time).
+            assert ("wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" if arch == 90 else ".s32.s8.s8.s32") in ptx
+            assert "ld.shared.v2.b8" not in ptx and "cvt.rn.f16.s" not in ptx
