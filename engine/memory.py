@@ -1,7 +1,8 @@
 """MemoryBank: the compressed latent memory of a document collection, and its storage.
 
 Layout (DESIGN.md): per routing layer, contiguous over all layers,
-    keys_r  [L, C, G*D]   routing keys K̄_R (unit-normalised per head for cosine routing)
+    keys_r  [L, C, G*D]   routing keys K̄_R (unit-normalised per head for cosine routing); optionally int8
+    keys_r_scale [L, C, G] per (chunk, KV head) scale of int8 routing keys (half the bytes routing reads)
     keys    [L, C, G*D]   content keys K̄ (post-RoPE, document-local positions)
     values  [L, C, G*D]   content values V̄
     inputs  [L, C, hidden] pooled normalised layer inputs (optional: lets a new router re-key the bank)
@@ -32,6 +33,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..kernels.routing import quantize_keys_int8
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -53,6 +56,7 @@ class BankState:
     doc_start: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))  # [N+1]
     chunk_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [C]
     keys_r: Optional[torch.Tensor] = None  # [L, C, G*D]
+    keys_r_scale: Optional[torch.Tensor] = None  # [L, C, G] when keys_r is int8
     keys: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
     inputs: Optional[torch.Tensor] = None  # [L, C, hidden]
@@ -132,7 +136,7 @@ class MemoryBank:
     """A document collection held as chunk-pooled latent memory of one model (and one router)."""
 
     def __init__(self, encoder, fingerprint: dict, tokenize, max_doc_tokens: int, split_long: bool = True,
-                 routing_device=None, content_device=None):
+                 routing_device=None, content_device=None, int8_routing_keys: bool = False):
         self.encoder = encoder
         self.fingerprint = dict(fingerprint)
         self.tokenize = tokenize  # text -> list of token ids (no special tokens)
@@ -142,6 +146,7 @@ class MemoryBank:
         # (needed only for the k selected documents) may live in host memory instead, pinned for fast copies.
         self.routing_device = routing_device
         self.content_device = content_device
+        self.int8_routing_keys = int8_routing_keys
         self._state = BankState()
         self._lock = threading.RLock()
 
@@ -163,7 +168,8 @@ class MemoryBank:
     @property
     def nbytes(self) -> int:
         s = self._state
-        return sum(t.numel() * t.element_size() for t in (s.keys_r, s.keys, s.values, s.inputs) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (s.keys_r, s.keys_r_scale, s.keys, s.values, s.inputs)
+                   if t is not None)
 
     @property
     def n_tokens(self) -> int:
@@ -259,10 +265,21 @@ class MemoryBank:
             ids=s.ids + tuple(ids), texts=s.texts + tuple(texts), metadata=s.metadata + tuple(metas),
             n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded),
             doc_start=torch.cat([s.doc_start, new_start]), chunk_doc=torch.cat([s.chunk_doc, new_chunk_doc]),
-            keys_r=cat(s.keys_r, [e.keys_r for e in encoded], self.routing_device),
+            **self._routing_keys(s, [e.keys_r for e in encoded]),
             keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
             values=cat(s.values, [e.values for e in encoded], self.content_device),
             inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"), row_of=row_of)
+
+    def _routing_keys(self, s: BankState, new_parts: list) -> dict:
+        """Append new routing keys [L, c, G*D] to the state's, quantised to int8 when configured."""
+        new = torch.cat(new_parts, dim=1).to(self.routing_device or new_parts[0].device)
+        scale = None
+        if self.int8_routing_keys:
+            new, scale = quantize_keys_int8(new.float(), n_kv_heads=self.encoder.model.n_kv_heads)
+        if s.keys_r is not None:
+            new = torch.cat([s.keys_r.to(new.device), new], dim=1)
+            scale = None if scale is None else torch.cat([s.keys_r_scale.to(scale.device), scale], dim=1)
+        return {"keys_r": new, "keys_r_scale": scale}
 
     def delete(self, ids) -> None:
         """Remove documents; unknown ids raise KeyError and nothing is removed."""
@@ -288,7 +305,7 @@ class MemoryBank:
             if len(s):
                 keys_r = torch.stack([self.encoder.routing_keys_from_inputs(l, s.inputs[i])
                                       for i, l in enumerate(self.encoder.routing_layers)]).to(s.keys.dtype)
-                self._state = replace(s, keys_r=keys_r.to(self.routing_device or keys_r.device))
+                self._state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
             self.fingerprint["key_mode"] = router.fingerprint()
 
     # ------------------------------------------------------------------ persistence
@@ -302,7 +319,7 @@ class MemoryBank:
         gen = uuid.uuid4().hex[:12]
         tensors_name, docs_name = f"tensors-{gen}.safetensors", f"docs-{gen}.jsonl"
         tensors = {"doc_start": s.doc_start, "chunk_doc": s.chunk_doc}
-        for name in ("keys_r", "keys", "values", "inputs"):
+        for name in ("keys_r", "keys_r_scale", "keys", "values", "inputs"):
             t = getattr(s, name)
             if t is not None:
                 tensors[name] = t.detach().to("cpu").contiguous()
@@ -393,15 +410,16 @@ def read_state(directory: str, manifest: dict, routing_device=None, content_devi
     if len(ids) != n or tensors["chunk_doc"].shape[0] != c or tensors["doc_start"].shape[0] != n + 1:
         raise MemoryFormatError(f"{directory!r}: the manifest says {n} documents / {c} chunks but the files hold "
                                 f"{len(ids)} / {tensors['chunk_doc'].shape[0]}: the manifest was edited or damaged")
-    keys_r = tensors.get("keys_r")
+    keys_r, keys_r_scale = tensors.get("keys_r"), tensors.get("keys_r_scale")
     if keys_r is not None and routing_device is not None:
         keys_r = keys_r.to(routing_device)
+        keys_r_scale = None if keys_r_scale is None else keys_r_scale.to(routing_device)
     keys, values = tensors.get("keys"), tensors.get("values")
     if content_device is not None and torch.device(content_device).type != "cpu":
         keys, values = keys.to(content_device), values.to(content_device)
     return BankState(ids=tuple(ids), texts=tuple(texts), metadata=tuple(metas), n_tokens=tuple(ntoks),
                      doc_start=tensors["doc_start"].clone(), chunk_doc=tensors["chunk_doc"].clone(),
-                     keys_r=keys_r, keys=keys, values=values,
+                     keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
                      inputs=tensors.get("inputs"), row_of={d: i for i, d in enumerate(ids)})
 
 
@@ -456,7 +474,8 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      n_tokens=tuple(s.n_tokens[r] for r in rows),
                      doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts),
-                     keys_r=take(s.keys_r), keys=take(s.keys), values=take(s.values), inputs=take(s.inputs),
+                     keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
+                     values=take(s.values), inputs=take(s.inputs),
                      row_of={d: i for i, d in enumerate(ids)})
 
 

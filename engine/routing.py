@@ -71,7 +71,8 @@ def route(q_fold: torch.Tensor, state: BankState, routing_layers: list, k: int, 
     keys = state.keys_r
     allow = allow_mask(state, allow_ids)
     chunk_doc = _on_device(state.chunk_doc, keys.device)
-    scores = doc_scores(q_fold.to(keys.device), keys, chunk_doc, n, backend=backend)  # [L, N]
+    scores = doc_scores(q_fold.to(keys.device), keys, chunk_doc, n, backend=backend,
+                        keys_scale=state.keys_r_scale)  # [L, N]
     layer_vals, layer_rows, agg_vals, agg_rows = route_topk(scores.float(), k, allow)  # [L, k'], [k']
     per_layer = {l: ([state.ids[int(r)] for r in layer_rows[i]], layer_vals[i].tolist())
                  for i, l in enumerate(routing_layers)}

@@ -25,6 +25,7 @@ class MSAConfig:
     split_long_documents: bool = True
     batch_tokens: int = 4096  # encoding batch size in (padded) tokens
     content_tier: str = "device"  # where content K̄/V̄ lives: "device" (with the model) or "host" (CPU, pinned)
+    int8_routing_keys: bool = False  # store routing keys as int8 + per-head scale: half the bytes to read
     routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
     protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
     protocol_delimiter: str = "\n"

@@ -117,7 +117,8 @@ class MSAEngine:
         max_doc = cfg.max_doc_tokens or model.max_positions
         self.memory = MemoryBank(self.encoder, self.fingerprint(), self._tokenize, max_doc,
                                  split_long=cfg.split_long_documents, routing_device=model.device,
-                                 content_device=model.device if cfg.content_tier == "device" else "cpu")
+                                 content_device=model.device if cfg.content_tier == "device" else "cpu",
+                                 int8_routing_keys=cfg.int8_routing_keys)
         self._write_lock = threading.RLock()
 
     # ------------------------------------------------------------------ construction
@@ -162,7 +163,7 @@ class MSAEngine:
         return {"model": self.name, "config_hash": m.config_hash(), "tokenizer_hash": m.tokenizer_hash(),
                 "weights_hash": h.hexdigest()[:16], "chunk_size": self.config.chunk_size,
                 "routing_layers": list(self.routing_layers), "key_mode": self.router.fingerprint(),
-                "score": self.config.score}
+                "score": self.config.score, "routing_keys": "int8" if self.config.int8_routing_keys else "float"}
 
     def _tokenize(self, text: str) -> list:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]

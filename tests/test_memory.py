@@ -196,3 +196,26 @@ def test_stop_sequences_end_generation_and_early_exit_still_reports_usage(tiny_m
     for _ in s:
         break
     assert s.result is not None and s.result.completion_tokens >= 1
+
+
+def test_int8_routing_keys_route_like_float_keys_and_persist(tiny_model_dir, tmp_path):
+    texts = DOCS + [f"Document number {i} talks about topic {i * 7 % 11}." for i in range(20)]
+    questions = [Q, "What is the capital of France?", "Which document talks about topic 3?"]
+    f = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    q8 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, int8_routing_keys=True)
+    for e in (f, q8):
+        e.add(texts, ids=[f"d{i}" for i in range(len(texts))])
+    assert q8.memory.state.keys_r.dtype == torch.int8
+    assert q8.memory.state.keys_r_scale.shape == q8.memory.state.keys_r.shape[:2] + (q8.model.n_kv_heads,)
+    overlap = [len(set(f.route(q, k=5).ids) & set(q8.route(q, k=5).ids)) / 5 for q in questions]
+    assert sum(overlap) / len(overlap) >= 0.8
+    for q in questions:  # scores stay close to the float scores
+        a, b = f.route(q, k=len(texts)), q8.route(q, k=len(texts))
+        fs = dict(zip(a.ids, a.scores))
+        assert max(abs(fs[d] - s) for d, s in zip(b.ids, b.scores)) < 0.02
+    q8.save(str(tmp_path))
+    back = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, int8_routing_keys=True,
+                                     memory=str(tmp_path))
+    assert back.route(Q, k=5).ids == q8.route(Q, k=5).ids
+    with pytest.raises(ModelMismatchError, match="routing_keys"):
+        f.load(str(tmp_path))
