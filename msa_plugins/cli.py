@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         else:
             s.add_argument("--memory", default=None, help="where to save the demo memory")
         s.add_argument("--mode", default=None, choices=["interleave", "sparse", "protocol"])
-        s.add_argument("-k", "--k", type=int, default=None)
+        s.add_argument("-k", "--k", type=int, default=2 if name == "demo" else None,
+                       help="documents to route to (demo: 2, since a 135M model reads few documents well)")
         s.add_argument("--max-new-tokens", type=int, default=64)
         s.add_argument("--chunk-size", type=int, default=None)
         s.set_defaults(fn=fn)
@@ -158,8 +159,11 @@ def main(argv=None) -> int:
 
     from .train_cli import add_parser as add_train_router_parser  # `msa train-router` (issue 4)
     add_train_router_parser(sub)
+    from .eval_cli import add_parser as add_eval_parser  # `msa eval` (issue 3)
+    add_eval_parser(sub)
 
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports
     try:
         return args.fn(args)
     except (ValueError, TypeError, KeyError, LookupError, FileNotFoundError) as e:

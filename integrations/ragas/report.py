@@ -74,6 +74,12 @@ def markdown_report(summary: dict[str, Any]) -> str:
         values = [systems[n]["latency"].get(key) for n in names]
         lines.append("| " + " | ".join([f"latency {key}", *[_fmt(v, 4) for v in values],
                                          *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    extra_keys = list(dict.fromkeys(key for n in names for key in systems[n].get("extra", {})))
+    for key in extra_keys:  # latency breakdown, ingest and memory (run_eval adds these)
+        values = [systems[n].get("extra", {}).get(key) for n in names]
+        digits = 0 if key.endswith(("bytes", "tokens", "tokens_per_s")) else 4
+        lines.append("| " + " | ".join([key, *[_fmt(v, digits) if v is not None else "–" for v in values],
+                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
     counts = [f"{systems[n]['questions']} ({systems[n]['errors']} errors)" for n in names]
     lines.append("| " + " | ".join(["questions", *counts, *["" for _ in names[1:]]]) + " |")
     niah = {n: systems[n].get("niah_accuracy_by_memory_tokens") for n in names if systems[n].get("niah_accuracy_by_memory_tokens")}

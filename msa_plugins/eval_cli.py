@@ -1,0 +1,76 @@
+"""`msa eval`: the same questions through the RAG pipeline MSA replaces (A) and MSA (B) (issue 3).
+
+    msa eval --dataset popqa --limit 30 --seed 0 --distractors 150                 # end to end, RAGAS metrics
+    msa eval --dataset popqa --limit 100 --retrieval-only --systems rag-minilm,rag-bm25,msa,msa-training-free
+    msa eval --dataset niah --niah-sizes 32768,65536 --limit 3                      # NIAH, 3 samples per size
+    msa eval --dataset jsonl --docs docs.jsonl --questions qa.jsonl
+
+Writes one folder per run (records.jsonl, summary.json, report.md with the exact command, PNG charts).
+Datasets are read from ../shared/datasets or $MSA_DATASETS / --data-root. Python API:
+`msa_plugins.integrations.ragas.ab.run_eval`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+
+SYSTEM_CHOICES = ("rag-minilm", "rag-bm25", "msa", "msa-training-free")
+
+
+def _ints(text: str) -> list:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("eval", help="A/B evaluation: RAG (LlamaIndex + MiniLM / BM25) vs MSA, RAGAS metrics")
+    s.add_argument("--dataset", required=True,
+                   choices=["popqa", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah"])
+    s.add_argument("--limit", type=int, default=None, help="questions (NIAH: samples per memory size)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--distractors", type=int, default=None,
+                   help="memory = the questions' gold documents + this many seeded others (default: full corpus)")
+    s.add_argument("--retrieval-only", action="store_true", help="recall@k / MRR only, no generation (fast)")
+    s.add_argument("--systems", default="rag-minilm,msa",
+                   help=f"comma list of {','.join(SYSTEM_CHOICES)}; the first is the baseline A")
+    s.add_argument("--mode", default=None, choices=["interleave", "sparse"])
+    s.add_argument("-k", "--k", type=int, default=3, help="documents per question, both systems")
+    s.add_argument("--rounds", type=int, default=1,
+                   help="MSA interleave routing rounds (1 = exactly k documents, as RAG gets)")
+    s.add_argument("--max-new-tokens", type=int, default=24)
+    s.add_argument("--out", default=None, help="run folder (default runs/eval-DATASET-TIME)")
+    s.add_argument("--niah-sizes", default="32768", help="NIAH memory sizes in tokens, comma separated")
+    s.add_argument("--niah-task", default="single", help="NIAH task (single, multikey, multivalue, multiquery, ...)")
+    s.add_argument("--niah-samples", type=int, default=5, help="NIAH samples per size (when --limit is not given)")
+    s.add_argument("--docs", default=None, help="--dataset jsonl: documents JSONL")
+    s.add_argument("--questions", default=None, help="--dataset jsonl: questions JSONL")
+    s.add_argument("--data-root", default=None)
+    s.add_argument("--no-ragas", action="store_true", help="skip RAGAS non-LLM metrics")
+    s.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for LLM-judged metrics")
+    s.add_argument("--judge-model", default=None)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
+    from .integrations.ragas.ab import run_eval
+
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    bad = [x for x in systems if x not in SYSTEM_CHOICES]
+    if bad:
+        raise ValueError(f"unknown systems {bad}; use some of {SYSTEM_CHOICES}")
+    out = args.out or os.path.join("runs", f"eval-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    command = " ".join(shlex.quote(a) for a in ["msa", *getattr(args, "argv", sys.argv[1:])])
+    res = run_eval(dataset=args.dataset, limit=args.limit, seed=args.seed, distractors=args.distractors,
+                   retrieval_only=args.retrieval_only, systems=systems, mode=args.mode, k=args.k, rounds=args.rounds,
+                   max_new_tokens=args.max_new_tokens, out_dir=out, niah_sizes=_ints(args.niah_sizes),
+                   niah_samples=args.niah_samples, niah_task=args.niah_task, model=args.model, router=args.router,
+                   device=args.device or "cpu", data_root=args.data_root, docs_path=args.docs,
+                   questions_path=args.questions, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
+                   ragas_metrics=not args.no_ragas, command=command, progress=not args.quiet)
+    print(open(os.path.join(res.out_dir, "report.md"), encoding="utf-8").read())
+    print(f"wrote {res.out_dir}")
+    return 0
