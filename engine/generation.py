@@ -28,10 +28,11 @@ class Prompt:
 
 
 def build_prompt(model: DecoderModel, question: str, system: Optional[str] = None, context: str = "",
-                 history: Optional[list] = None) -> Prompt:
+                 history: Optional[list] = None, after: str = "") -> Prompt:
     """Chat-template prompt with the question tokens marked. `context` (injected documents) goes before
-    the question inside the user turn. Template, context and question are tokenized separately and
-    joined, so the question mask is exact."""
+    the question inside the user turn, `after` (e.g. "\nAnswer: ") after it, still inside the user turn.
+    Template, context, question and `after` are tokenized separately and joined, so the question mask
+    is exact."""
     tok = model.tokenizer
     messages = []
     if system:
@@ -46,16 +47,75 @@ def build_prompt(model: DecoderModel, question: str, system: Optional[str] = Non
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     pre_ids = enc(prefix + context)
     q_ids = enc(question)
-    suf_ids = enc(suffix)
+    suf_ids = enc(after + suffix)
     bos = getattr(tok, "bos_token_id", None)
     if bos is not None and getattr(tok, "add_bos_token", False) and (not pre_ids or pre_ids[0] != bos):
         pre_ids = [bos] + pre_ids
     return Prompt(pre_ids + q_ids + suf_ids, [False] * len(pre_ids) + [True] * len(q_ids) + [False] * len(suf_ids))
 
 
-def context_block(texts: list) -> str:
-    parts = [f"[{i + 1}] {t.strip()}" for i, t in enumerate(texts)]
-    return "Use the following documents to answer.\n\n" + "\n\n".join(parts) + "\n\nQuestion: "
+# How interleave mode shows the routed documents to the generator (`MSAConfig.prompt_style`):
+# - "msa" (the default until the prompt A/B in docs/results/ab_first_results.md): "Use the following
+#   documents to answer." + numbered "[i] doc" blocks + "Question: {q}", in the user turn, with the chat
+#   template's default system prompt;
+# - "llamaindex" (the default): LlamaIndex's default chat text-QA prompt (CHAT_TEXT_QA_PROMPT: its Q&A system message,
+#   then "Context information is below. ---... {documents} ---... Given the context information and not
+#   prior knowledge, answer the query. Query: {q} Answer: "), the documents joined by blank lines as
+#   LlamaIndex's synthesizer joins node texts — the prompt the RAG baseline of `msa eval` gets;
+# - "llamaindex-nosystem": the same user turn with the chat template's default system prompt.
+# An explicit system prompt (MSAConfig.system_prompt, `system=`) replaces the style's.
+PROMPT_STYLES = ("msa", "llamaindex", "llamaindex-nosystem")
+DEFAULT_PROMPT_STYLE = "llamaindex"  # SmolLM2-135M answered more PopQA questions with it (ab_first_results.md)
+LLAMAINDEX_QA_SYSTEM = (
+    "You are an expert Q&A system that is trusted around the world.\n"
+    "Always answer the query using the provided context information, and not prior knowledge.\n"
+    "Some rules to follow:\n"
+    "1. Never directly reference the given context in your answer.\n"
+    "2. Avoid statements like 'Based on the context, ...' or 'The context information ...' or anything along "
+    "those lines.")
+_LLAMAINDEX_RULE = "---------------------"
+
+
+def _style(style: Optional[str]) -> str:
+    style = style or DEFAULT_PROMPT_STYLE
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
+    return style
+
+
+def context_block(texts: list, style: Optional[str] = None) -> str:
+    """The prompt text that goes before the question (inside the user turn) for these documents."""
+    style = _style(style)
+    if style == "msa":
+        parts = [f"[{i + 1}] {t.strip()}" for i, t in enumerate(texts)]
+        return "Use the following documents to answer.\n\n" + "\n\n".join(parts) + "\n\nQuestion: "
+    return (f"Context information is below.\n{_LLAMAINDEX_RULE}\n" + "\n\n".join(texts) + f"\n{_LLAMAINDEX_RULE}\n"
+            "Given the context information and not prior knowledge, answer the query.\nQuery: ")
+
+
+def context_suffix(style: Optional[str] = None) -> str:
+    """The prompt text that follows the question inside the user turn."""
+    return "" if _style(style) == "msa" else "\nAnswer: "
+
+
+def style_system_prompt(style: Optional[str] = None) -> Optional[str]:
+    """The style's system prompt (None: the chat template's default)."""
+    return LLAMAINDEX_QA_SYSTEM if _style(style) == "llamaindex" else None
+
+
+def context_prompt(model: DecoderModel, question: str, texts: list, style: Optional[str] = None,
+                   system: Optional[str] = None, history: Optional[list] = None) -> Prompt:
+    """The interleave-mode prompt: `texts` (routed or retrieved documents) shown in `style`; `system`
+    (when not None) replaces the style's system prompt."""
+    style = _style(style)
+    context = context_block(texts, style)
+    if style != "msa" and context.endswith(" "):
+        # "Query: " + question tokenized apart gives a lone " " token the model never sees in running text;
+        # the space goes with the question (" What", as tokenizing the whole prompt does). The "msa" style
+        # keeps its original tokenization so that its answers stay reproducible.
+        context, question = context[:-1], " " + question
+    return build_prompt(model, question, system=system if system is not None else style_system_prompt(style),
+                        context=context, history=history, after=context_suffix(style))
 
 
 def stop_token_ids(model: DecoderModel) -> set:

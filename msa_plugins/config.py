@@ -20,7 +20,8 @@ class MSAConfig:
     max_rounds: int = 4  # cap on rounds (interleave) and on retrieval steps (protocol)
     max_new_tokens: int = 128
     temperature: float = 0.0
-    system_prompt: Optional[str] = None  # None: the model's chat-template default
+    system_prompt: Optional[str] = None  # None: the model's chat-template default (or the prompt style's)
+    prompt_style: Optional[str] = None  # interleave prompt (engine.generation.PROMPT_STYLES); None: the default
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
     split_long_documents: bool = True
     batch_tokens: int = 4096  # encoding batch size in (padded) tokens
@@ -40,6 +41,11 @@ class MSAConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.content_tier not in ("device", "host"):
             raise ValueError(f"content_tier must be 'device' or 'host', got {self.content_tier!r}")
+        if self.prompt_style is not None:
+            from .engine.generation import PROMPT_STYLES
+
+            if self.prompt_style not in PROMPT_STYLES:
+                raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
 

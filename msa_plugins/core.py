@@ -14,7 +14,7 @@ import torch
 
 from .config import MODES, MSAConfig
 from .engine.encoding import Encoder
-from .engine.generation import (GenerationStats, build_prompt, context_block, decode_stream, generate_tokens,
+from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
 from .engine.memory import MemoryBank, MemoryDocument
 from .engine.model import DecoderModel, load_hf_model
@@ -234,7 +234,10 @@ class MSAEngine:
     def stream(self, question: str, mode: Optional[str] = None, k: Optional[int] = None,
                max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                rounds: Optional[int] = None, allow_ids=None, history: Optional[list] = None,
-               system: Optional[str] = None, seed: Optional[int] = None, stop: Optional[list] = None) -> QueryStream:
+               system: Optional[str] = None, seed: Optional[int] = None, stop: Optional[list] = None,
+               prompt_style: Optional[str] = None) -> QueryStream:
+        """prompt_style: how interleave mode shows the routed documents (engine.generation.PROMPT_STYLES);
+        None: MSAConfig.prompt_style, else the default style. It does not change routing."""
         cfg = self.config
         mode = mode or cfg.mode
         if mode not in MODES:
@@ -262,8 +265,8 @@ class MSAEngine:
                     break
                 rounds_docs.append(self._routed_docs(state, [x[0] for x in new], [x[1] for x in new], r))
             docs = [d for rd in rounds_docs for d in rd]
-            prompt = build_prompt(self.model, question, system=system,
-                                  context=context_block([d.text for d in docs]), history=history)
+            prompt = context_prompt(self.model, question, [d.text for d in docs], style=prompt_style or cfg.prompt_style,
+                                    system=system, history=history)
         else:  # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
             docs = rounds_docs[0]
             memory = sparse_memory(state, routing.per_layer_rows, self.model.n_layers, self.routing_layers, self.model)

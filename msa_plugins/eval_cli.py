@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
                    help="memory = the questions' gold documents + this many seeded others (default: full corpus)")
     s.add_argument("--retrieval-only", action="store_true", help="recall@k / MRR only, no generation (fast)")
     s.add_argument("--systems", default="rag-minilm,msa",
-                   help=f"comma list of {','.join(SYSTEM_CHOICES)}; the first is the baseline A")
+                   help=f"comma list of {','.join(SYSTEM_CHOICES)}, each optionally with a prompt suffix "
+                        "(-msaprompt: MSA's interleave prompt, -llamaprompt: LlamaIndex's QA prompt, -llamauser: "
+                        "its user turn only) over that system's documents; the first is the baseline A")
     s.add_argument("--mode", default=None, choices=["interleave", "sparse"])
     s.add_argument("-k", "--k", type=int, default=3, help="documents per question, both systems")
     s.add_argument("--rounds", type=int, default=1,
@@ -59,9 +61,10 @@ def cmd_eval(args) -> int:
     from .integrations.ragas.ab import run_eval
 
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    bad = [x for x in systems if x not in SYSTEM_CHOICES]
-    if bad:
-        raise ValueError(f"unknown systems {bad}; use some of {SYSTEM_CHOICES}")
+    from .integrations.ragas.ab import split_system
+
+    for x in systems:
+        split_system(x)  # ValueError on an unknown name
     out = args.out or os.path.join("runs", f"eval-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     command = " ".join(shlex.quote(a) for a in ["msa", *getattr(args, "argv", sys.argv[1:])])
     res = run_eval(dataset=args.dataset, limit=args.limit, seed=args.seed, distractors=args.distractors,

@@ -114,6 +114,69 @@ def test_run_eval_rejects_unknown_system():
         run_eval("popqa", systems=["rag-colbert"])
 
 
+def test_llamaindex_prompt_style_is_llamaindex_chat_qa_prompt_token_for_token(tiny_model):
+    """The "llamaindex" interleave prompt = what the RAG baseline's LlamaIndex synthesizer sends to the
+    same chat model (CHAT_TEXT_QA_PROMPT, node texts joined by blank lines), tokenized as one string."""
+    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+    from transformers import AutoTokenizer
+    import types
+
+    from msa_plugins.engine.generation import context_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [f"{d['title']}\n{d['text']}" for d in DOCS[:3]]
+    q = "Which river flows through Berlin?"
+    msgs = [{"role": m.role.value, "content": m.content}
+            for m in CHAT_TEXT_QA_PROMPT.format_messages(context_str="\n\n".join(texts), query_str=q)]
+    want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    prompt = context_prompt(types.SimpleNamespace(tokenizer=tok), q, texts, style="llamaindex")
+    assert tok.decode(prompt.ids) == want
+    assert prompt.ids == tok(want, add_special_tokens=False)["input_ids"]
+    assert tok.decode([i for i, m in zip(prompt.ids, prompt.question_mask) if m]).strip() == q
+
+
+def test_prompt_style_option_and_prompt_variant_systems(tiny_model, tiny_corpus, tmp_path):
+    from msa_plugins import MSAEngine
+    from msa_plugins.config import MSAConfig
+    from msa_plugins.engine.generation import PROMPT_STYLES
+    from msa_plugins.integrations.ragas.ab import run_eval, split_system
+
+    with pytest.raises(ValueError, match="prompt_style"):
+        MSAConfig(prompt_style="fancy")
+    assert split_system("msa-llamaprompt") == ("msa", "llamaindex")
+    assert split_system("rag-minilm-msaprompt") == ("rag-minilm", "msa")
+    assert split_system("msa-training-free") == ("msa-training-free", None)
+    with pytest.raises(ValueError):
+        split_system("rag-colbert-msaprompt")
+
+    built = []
+
+    def factory(router):
+        built.append(router)
+        return MSAEngine.from_pretrained(tiny_model, router=router, device="cpu", chunk_size=4)
+
+    e = factory(None)
+    e.add([d["text"] for d in DOCS])
+    q = "Where is the Eiffel Tower?"
+    results = {s: e.query(q, k=2, max_new_tokens=2, prompt_style=s) for s in PROMPT_STYLES}
+    assert len({r.prompt_tokens for r in results.values()}) == len(PROMPT_STYLES)  # the prompts differ
+    assert len({tuple(d.id for d in r.documents) for r in results.values()}) == 1  # routing does not
+    built.clear()
+
+    docs, qa = tiny_corpus
+    names = ["rag-bm25", "rag-bm25-msaprompt", "msa", "msa-llamaprompt", "msa-llamauser"]
+    res = run_eval("jsonl", docs_path=docs, questions_path=qa, model=tiny_model, systems=names, k=2,
+                   max_new_tokens=3, engine_factory=factory, out_dir=str(tmp_path / "variants"), progress=False)
+    assert built == [None]  # the prompt variants share the msa engine (one encoding of the memory)
+    recs = _records(res.out_dir)
+    assert all("error" not in r for r in recs)
+    docs_of = {(r["system"], r["question_id"]): [c["doc_id"] for c in r["retrieved"]] for r in recs}
+    for qid in ("q1", "q2", "q3"):  # a prompt variant reads the documents its base system retrieved
+        assert docs_of[("rag-bm25-msaprompt", qid)] == docs_of[("rag-bm25", qid)]
+        assert docs_of[("msa-llamaprompt", qid)] == docs_of[("msa", qid)] == docs_of[("msa-llamauser", qid)]
+    assert set(res.summary["systems"]) == set(names)
+
+
 @pytest.mark.slow
 def test_msa_eval_popqa_default_model(tmp_path):
     from msa_plugins.cli import main

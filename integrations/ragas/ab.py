@@ -27,6 +27,23 @@ from .datasets import EvalSet
 
 SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free")
 DEFAULT_SYSTEMS = ("rag-minilm", "msa")
+# Prompt variants (separating retrieval from prompt): any system name + one of these suffixes answers with
+# the engine's interleave prompt in that style (engine.generation.PROMPT_STYLES) over the documents the
+# system retrieved / routed. `rag-minilm-msaprompt`: MiniLM's top-k in MSA's prompt, generated directly
+# (no LlamaIndex synthesizer); `msa-llamaprompt`: MSA's routed documents in LlamaIndex's QA prompt.
+PROMPT_SUFFIXES = {"-msaprompt": "msa", "-llamaprompt": "llamaindex", "-llamauser": "llamaindex-nosystem"}
+
+
+def split_system(name: str) -> tuple[str, str | None]:
+    """'msa-llamaprompt' -> ('msa', 'llamaindex'); 'rag-minilm' -> ('rag-minilm', None). ValueError if unknown."""
+    name = name.replace("_", "-")
+    for suffix, style in PROMPT_SUFFIXES.items():
+        if name.endswith(suffix) and name[: -len(suffix)] in SYSTEMS:
+            return name[: -len(suffix)], style
+    if name in SYSTEMS:
+        return name, None
+    raise ValueError(f"unknown system {name!r}; use one of {SYSTEMS}, optionally with a suffix of "
+                     f"{tuple(PROMPT_SUFFIXES)}")
 DATASETS = ("popqa", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah")
 _DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100"}
 
@@ -168,9 +185,17 @@ def run_eval(
     from .harness import run_ab_eval, run_retrieval_eval
 
     systems = list(dict.fromkeys(s.replace("_", "-") for s in systems))
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = []
+    for s_ in systems:
+        try:
+            split_system(s_)
+        except ValueError:
+            unknown.append(s_)
     if unknown or not systems:
-        raise ValueError(f"unknown systems {unknown}; use some of {SYSTEMS}")
+        raise ValueError(f"unknown systems {unknown}; use some of {SYSTEMS} (optionally with a suffix of "
+                         f"{tuple(PROMPT_SUFFIXES)})")
+    base_of = {s_: split_system(s_)[0] for s_ in systems}
+    style_of = {s_: split_system(s_)[1] for s_ in systems}
     # End to end a system returns exactly k contexts, so recall@k' for k' > k would only repeat recall@k.
     ks = sorted(set(ks or ((1, k, 5, 10) if retrieval_only else (1, k))))
 
@@ -181,16 +206,17 @@ def run_eval(
 
         return MSAEngine.from_pretrained(model=model, router=r, device=device, keep_inputs=False)
 
-    engines: dict[str, EngineMemory] = {}
+    engines: dict[str, EngineMemory] = {}  # by base system: prompt variants of one MSA system share its engine
 
     def engine_for(name: str) -> EngineMemory:
-        if name not in engines:
-            engines[name] = EngineMemory(build_engine(router if name == "msa" else "none"))
-        return engines[name]
+        base = base_of.get(name, name)
+        if base not in engines:
+            engines[base] = EngineMemory(build_engine(router if base == "msa" else "none"))
+        return engines[base]
 
     # The generator (RAG side): the same model as MSA — the `msa` engine when it runs, else the first MSA
     # variant's, else a bare engine of the same model (its memory stays empty).
-    msa_names = [s for s in systems if s.startswith("msa")]
+    msa_names = sorted((s_ for s_ in systems if base_of[s_].startswith("msa")), key=lambda s_: base_of[s_] != "msa")
     gen_engine = engine_for(msa_names[0]).engine if msa_names else build_engine("none")
     tokenizer = gen_engine.model.tokenizer
 
@@ -206,7 +232,7 @@ def run_eval(
                                            for s in systems if s.startswith("rag")}
     llm = None
     recorder = None
-    if not retrieval_only and rag_stats:
+    if not retrieval_only and any(s_.startswith("rag") and style_of[s_] is None for s_ in systems):
         from msa_plugins.integrations.llama_index import MSALLM
 
         recorder = _RecordingEngine(gen_engine)
@@ -218,9 +244,13 @@ def run_eval(
 
         fns: dict[str, Callable] = {}
         mem_tokens = None
+        rags: dict[str, tuple] = {}  # one index per base RAG system and memory
         for name in systems:
+            base, style = base_of[name], style_of[name]
             if name.startswith("rag"):
-                if name == "rag-minilm":
+                if base in rags:
+                    rag, vec_bytes = rags[base]
+                elif base == "rag-minilm":
                     if "embed" not in build_systems.__dict__:
                         build_systems.embed = MiniLMEmbedding()
                     rag = VectorRAG(es, embed_model=build_systems.embed)
@@ -229,6 +259,7 @@ def run_eval(
                 else:
                     rag = BM25RAG(es)
                     vec_bytes = None
+                rags[base] = (rag, vec_bytes)
                 if mem_tokens is None:
                     mem_tokens = sum(count_tokens(t) for t in es.memory_texts())
                 st = rag_stats[name]
@@ -237,17 +268,21 @@ def run_eval(
                 st["memory_bytes"].append((vec_bytes or 0) + sum(len(t.encode()) for t in es.memory_texts()))
                 if retrieval_only:
                     fns[name] = rag.retrieve
+                elif style is not None:
+                    fns[name] = _rag_prompt_answer(rag, es, gen_engine, style, k, max_new_tokens)
                 else:
                     fns[name] = _timed_rag_answer(make_rag_answer_fn(rag, llm, k=k, count_tokens=count_tokens),
                                                   recorder)
             else:
                 em = engine_for(name)
-                em.sync(es, progress=progress)
+                if em.texts != dict(zip(es.doc_ids, es.memory_texts())):
+                    em.sync(es, progress=progress)
                 if retrieval_only:
                     fns[name] = msa_retrieve_fn(em.engine)
                 else:
                     fns[name] = msa_answer_fn(em.engine, mode=mode, k=k, rounds=rounds,
-                                              max_new_tokens=max_new_tokens, temperature=0.0)
+                                              max_new_tokens=max_new_tokens, temperature=0.0,
+                                              **({"prompt_style": style} if style else {}))
         return fns
 
     judge = None
@@ -265,9 +300,12 @@ def run_eval(
     wall = time.perf_counter() - t0
 
     summary = result.summary
+    from msa_plugins.engine.generation import DEFAULT_PROMPT_STYLE
+
     summary.update(dataset=dataset, wall_s=wall,
                    settings={"limit": limit, "seed": seed, "distractors": distractors, "systems": systems,
-                             "mode": mode or gen_engine.config.mode, "k": k, "rounds": rounds, "max_new_tokens": max_new_tokens,
+                             "mode": mode or gen_engine.config.mode,
+                             "prompt_style": gen_engine.config.prompt_style or DEFAULT_PROMPT_STYLE, "k": k, "rounds": rounds, "max_new_tokens": max_new_tokens,
                              "retrieval_only": retrieval_only, "model": gen_engine.name, "device": device,
                              "niah_sizes": list(niah_sizes) if dataset == "niah" else None,
                              "niah_task": niah_task if dataset == "niah" else None,
@@ -275,8 +313,8 @@ def run_eval(
                    routers={name: em.engine.router.fingerprint() for name, em in engines.items()})
     for name, entry in summary["systems"].items():
         extra: dict[str, Any] = {}
-        if name in engines:
-            extra.update(engines[name].stats())
+        if base_of.get(name, name) in engines:
+            extra.update(engines[base_of.get(name, name)].stats())
         elif name in rag_stats:
             st = rag_stats[name]
             extra.update(ingest_s=st["ingest_s"], ingest_tokens=st["ingest_tokens"],
@@ -316,6 +354,36 @@ def _timed_rag_answer(answer_fn: Callable, recorder: _RecordingEngine | None) ->
             res.tokens["completion_tokens"] = last.completion_tokens
         res.timings = t
         return res
+
+    return answer
+
+
+def _rag_prompt_answer(rag: Any, es: EvalSet, engine: Any, style: str, k: int, max_new_tokens: int) -> Callable:
+    """A RAG retriever's top-k documents answered with the engine's interleave prompt in `style` (what
+    MSA's generator would read had it routed these documents), greedy, without LlamaIndex's synthesizer."""
+    from msa_plugins.engine.generation import GenerationStats, context_prompt, decode_stream, generate_tokens
+
+    from .harness import AnswerResult, Context
+
+    texts = dict(zip(es.doc_ids, es.memory_texts()))
+    model = engine.model
+
+    def answer(question: str):
+        t0 = time.perf_counter()
+        hits = rag.retrieve(question, k)
+        t1 = time.perf_counter()
+        contexts = [Context(str(i), texts[str(i)], float(sc)) for i, sc in hits]
+        prompt = context_prompt(model, question, [c.text for c in contexts], style=style,
+                                system=engine.config.system_prompt)
+        stats = GenerationStats()
+        text = "".join(decode_stream(model.tokenizer, generate_tokens(model, prompt.ids, max_new_tokens, 0.0,
+                                                                      stats=stats))).strip()
+        t2 = time.perf_counter()
+        timings = {"retrieve_s": t1 - t0, "routing_s": t1 - t0, "prefill_s": stats.prefill_s,
+                   "decode_s": stats.decode_s, "first_token_s": t1 - t0 + stats.first_token_s, "total_s": t2 - t0}
+        tokens = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                  "context_chars": sum(len(c.text) for c in contexts), "answer_chars": len(text)}
+        return AnswerResult(text, contexts, timings, tokens)
 
     return answer
 
