@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from msa_plugins.kernels import doc_scores, topk_docs
+from ..kernels import doc_scores, topk_docs
 
 NEG_INF = float("-inf")
 

@@ -66,9 +66,10 @@ class Encoder:
         self.batch_tokens = batch_tokens
         self.store_dtype = store_dtype or (torch.float32 if model.device.type == "cpu" else torch.bfloat16)
 
-    def routing_keys_from_inputs(self, layer: int, pooled_inputs: torch.Tensor) -> torch.Tensor:
-        """pooled H [C, hidden] -> K̄_R [C, G*D] for the current router (trained routers only: linear)."""
-        k = self.router.key(layer, pooled_inputs.to(self.model.device).float())  # [C, G, D]
+    def routing_keys_from_inputs(self, layer: int, pooled_inputs: torch.Tensor, router=None) -> torch.Tensor:
+        """pooled H [C, hidden] -> K̄_R [C, G*D] for `router` (default: the current one; trained routers
+        only, since they are linear)."""
+        k = (router or self.router).key(layer, pooled_inputs.to(self.model.device).float())  # [C, G, D]
         k = k.reshape(k.shape[0], -1).float()
         return normalise_heads(k, self.model.n_kv_heads) if self.score == "cosine" else k
 

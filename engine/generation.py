@@ -173,7 +173,10 @@ def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, 
     gen = None
     if temperature > 0:
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()  # a fresh seed for this generator only, not the global RNG
     cache = KVCache(model.n_layers, memory=list(memory) if memory else [])
     t0 = time.perf_counter()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
@@ -183,6 +186,13 @@ def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, 
     stats.prefill_s = time.perf_counter() - t0
     next_pos = position_offset + len(prompt_ids)
     t1 = time.perf_counter()
+    try:
+        yield from _decode_loop(model, logits, cache, next_pos, max_new_tokens, temperature, gen, stop_ids, stats, t0)
+    finally:  # also when the consumer stops early (a stop string, a closed stream)
+        stats.decode_s = time.perf_counter() - t1
+
+
+def _decode_loop(model, logits, cache, next_pos, max_new_tokens, temperature, gen, stop_ids, stats, t0):
     for step in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(logits[0].float() / temperature, dim=-1).cpu()
@@ -201,7 +211,6 @@ def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, 
             break
         logits = model.forward(torch.tensor([[tok]]), torch.tensor([[next_pos]]), cache=cache)
         next_pos += 1
-    stats.decode_s = time.perf_counter() - t1
 
 
 def decode_stream(tokenizer, token_iter: Iterator[int]) -> Iterator[str]:

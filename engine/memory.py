@@ -61,9 +61,15 @@ class BankState:
     values: Optional[torch.Tensor] = None
     inputs: Optional[torch.Tensor] = None  # [L, C, hidden]
     row_of: dict = field(default_factory=dict)  # id -> row
+    parts: dict = field(default_factory=dict)  # parent id of a split long document -> its rows
 
     def __len__(self):
         return len(self.ids)
+
+    def rows_for(self, doc_id) -> list:
+        """The rows of `doc_id`: its own row, or the parts of a long document stored as `<id>#<part>`."""
+        row = self.row_of.get(doc_id)
+        return [row] if row is not None else list(self.parts.get(doc_id, ()))
 
     @property
     def n_chunks(self) -> int:
@@ -79,6 +85,15 @@ class MemoryDocument:
     text: str
     metadata: dict
     n_tokens: int
+
+
+def _index(ids, metadata) -> dict:
+    """row_of and parts (parent id -> rows) for a state's documents."""
+    parts = {}
+    for r, m in enumerate(metadata):
+        if "parent_id" in m and ids[r] == f"{m['parent_id']}#{m.get('part')}":
+            parts.setdefault(m["parent_id"], []).append(r)
+    return {"row_of": {d: i for i, d in enumerate(ids)}, "parts": {k: tuple(v) for k, v in parts.items()}}
 
 
 def _check_ids(ids, n, existing) -> list:
@@ -159,7 +174,7 @@ class MemoryBank:
         return len(self._state)
 
     def __contains__(self, doc_id):
-        return doc_id in self._state.row_of
+        return bool(self._state.rows_for(doc_id))
 
     @property
     def ids(self) -> list:
@@ -179,23 +194,25 @@ class MemoryBank:
         s = self._state
         if isinstance(ids, str):
             ids = [ids]
-        missing = [d for d in ids if d not in s.row_of]
+        missing = [d for d in ids if not s.rows_for(d)]
         if missing:
             raise KeyError(f"unknown document id(s) {missing[:5]}; the memory holds {len(s)} documents")
-        rows = [s.row_of[d] for d in ids]
+        rows = [r for d in ids for r in s.rows_for(d)]  # a split long document gives its parts, in order
         return [MemoryDocument(s.ids[r], s.texts[r], dict(s.metadata[r]), s.n_tokens[r]) for r in rows]
 
     # ------------------------------------------------------------------ writing
     def add(self, texts, ids=None, metadata=None, progress: bool = True) -> list:
-        """Encode and add documents; returns their ids. On any error the bank is left unchanged.
+        """Encode and add documents; returns their ids (one per text). On any error the bank is left
+        unchanged.
 
         A text longer than the model's window becomes several memory documents `<id>#<part>` that keep
-        `parent_id` (and `part`) in their metadata, with a warning: never silently cut.
+        `parent_id` (and `part`) in their metadata, with a warning: never silently cut. The parent id
+        still names the whole document for get, delete, replace and `in`.
         """
         with self._lock:
             base = self._state
             new = self._encode_new(base, texts, ids, metadata, progress)
-            self._state = self._appended(base, *new)  # one assignment: readers see all of it or none
+            self._state = self._appended(base, *new[1:])  # one assignment: readers see all of it or none
         return new[0]
 
     def replace(self, texts, ids, metadata=None, progress: bool = True) -> list:
@@ -203,16 +220,16 @@ class MemoryBank:
         sees the old version or the new one, never neither. On any error the bank is unchanged."""
         ids = list(ids)
         with self._lock:
-            gone = set(ids)
-            base = _select_rows(self._state, [r for r, d in enumerate(self._state.ids) if d not in gone])
+            gone = {r for d in ids for r in self._state.rows_for(d)}
+            base = _select_rows(self._state, [r for r in range(len(self._state)) if r not in gone])
             new = self._encode_new(base, texts, ids, metadata, progress)
-            self._state = self._appended(base, *new)
+            self._state = self._appended(base, *new[1:])
         return new[0]
 
     def _encode_new(self, base: BankState, texts, ids, metadata, progress):
         texts = validate_texts(texts)
         metadata = validate_metadata(metadata, len(texts))
-        ids = _check_ids(ids, len(texts), base.row_of)
+        ids = _check_ids(ids, len(texts), base.row_of.keys() | base.parts.keys())
         doc_ids, doc_texts, doc_meta, doc_tokens = [], [], [], []
         for doc_id, text, meta in zip(ids, texts, metadata):
             toks = self.tokenize(text)
@@ -237,7 +254,7 @@ class MemoryBank:
                 doc_meta.append({**meta, "parent_id": doc_id, "part": p})
                 doc_tokens.append(part)
         encoded = self.encoder.encode(doc_tokens, progress=progress)
-        return doc_ids, doc_texts, doc_meta, encoded
+        return ids, doc_ids, doc_texts, doc_meta, encoded
 
     def tokenizer_decode(self, toks) -> str:
         return self.encoder.model.tokenizer.decode(toks, skip_special_tokens=True)
@@ -258,9 +275,9 @@ class MemoryBank:
             out = new if old is None else torch.cat([old.to(new.device), new], dim=1)
             return _pin(out) if out.device.type == "cpu" and device is not None else out
 
-        row_of = dict(s.row_of)
-        for i, d in enumerate(ids):
-            row_of[d] = first_row + i
+        if s.n_chunks and (s.inputs is None) != (encoded[0].inputs is None):
+            raise ModelMismatchError("this memory and the engine disagree on keep_inputs (pooled layer inputs for "
+                                     "re-keying); use the setting the memory was built with")
         return BankState(
             ids=s.ids + tuple(ids), texts=s.texts + tuple(texts), metadata=s.metadata + tuple(metas),
             n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded),
@@ -268,7 +285,8 @@ class MemoryBank:
             **self._routing_keys(s, [e.keys_r for e in encoded]),
             keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
             values=cat(s.values, [e.values for e in encoded], self.content_device),
-            inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"), row_of=row_of)
+            inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"),
+            **_index(s.ids + tuple(ids), s.metadata + tuple(metas)))
 
     def _routing_keys(self, s: BankState, new_parts: list) -> dict:
         """Append new routing keys [L, c, G*D] to the state's, quantised to int8 when configured."""
@@ -287,25 +305,28 @@ class MemoryBank:
             ids = [ids]
         with self._lock:
             s = self._state
-            missing = [d for d in ids if d not in s.row_of]
+            missing = [d for d in ids if not s.rows_for(d)]
             if missing:
                 raise KeyError(f"cannot delete unknown document id(s) {missing[:5]}; nothing was deleted")
-            drop = {s.row_of[d] for d in ids}
+            drop = {r for d in ids for r in s.rows_for(d)}
             keep_rows = [r for r in range(len(s)) if r not in drop]
             self._state = _select_rows(s, keep_rows)
 
     def rekey(self, router) -> None:
-        """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs."""
+        """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs.
+        Keys are computed first; the state, the encoder's router and the fingerprint then change together."""
         with self._lock:
             s = self._state
             if s.inputs is None and len(s):
                 raise ModelMismatchError("this memory was built without keep_inputs, so it cannot be re-keyed "
                                          "without re-encoding; rebuild it with keep_inputs=True")
-            self.encoder.router = router
+            new_state = s
             if len(s):
-                keys_r = torch.stack([self.encoder.routing_keys_from_inputs(l, s.inputs[i])
+                keys_r = torch.stack([self.encoder.routing_keys_from_inputs(l, s.inputs[i], router)
                                       for i, l in enumerate(self.encoder.routing_layers)]).to(s.keys.dtype)
-                self._state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
+                new_state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
+            self._state = new_state
+            self.encoder.router = router
             self.fingerprint["key_mode"] = router.fingerprint()
 
     # ------------------------------------------------------------------ persistence
@@ -366,7 +387,10 @@ class MemoryBank:
             raise ModelMismatchError(
                 f"memory {directory!r} was built with a different model or settings ({details}); load it with the "
                 "engine that built it, or re-ingest the documents with this one")
-        self._state = read_state(directory, manifest, self.routing_device, self.content_device)
+        state = read_state(directory, manifest, self.routing_device, self.content_device)
+        if len(state):  # adopt the memory's keep_inputs, so later adds stay consistent with it
+            self.encoder.keep_inputs = state.inputs is not None
+        self._state = state
 
 
 def read_manifest(directory: str) -> dict:
@@ -410,17 +434,23 @@ def read_state(directory: str, manifest: dict, routing_device=None, content_devi
     if len(ids) != n or tensors["chunk_doc"].shape[0] != c or tensors["doc_start"].shape[0] != n + 1:
         raise MemoryFormatError(f"{directory!r}: the manifest says {n} documents / {c} chunks but the files hold "
                                 f"{len(ids)} / {tensors['chunk_doc'].shape[0]}: the manifest was edited or damaged")
+    n_layers = len(manifest["fingerprint"].get("routing_layers", []))
+    for name in ("keys_r", "keys", "values", "inputs", "keys_r_scale"):
+        t = tensors.get(name)
+        if t is not None and (t.dim() < 2 or t.shape[0] != n_layers or t.shape[1] != c):
+            raise MemoryFormatError(f"{tpath}: {name} has shape {tuple(t.shape)}, but the manifest says {n_layers} "
+                                    f"routing layers and {c} chunks: the files do not belong together")
     keys_r, keys_r_scale = tensors.get("keys_r"), tensors.get("keys_r_scale")
     if keys_r is not None and routing_device is not None:
         keys_r = keys_r.to(routing_device)
         keys_r_scale = None if keys_r_scale is None else keys_r_scale.to(routing_device)
     keys, values = tensors.get("keys"), tensors.get("values")
-    if content_device is not None and torch.device(content_device).type != "cpu":
+    if keys is not None and content_device is not None and torch.device(content_device).type != "cpu":
         keys, values = keys.to(content_device), values.to(content_device)
     return BankState(ids=tuple(ids), texts=tuple(texts), metadata=tuple(metas), n_tokens=tuple(ntoks),
                      doc_start=tensors["doc_start"].clone(), chunk_doc=tensors["chunk_doc"].clone(),
                      keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
-                     inputs=tensors.get("inputs"), row_of={d: i for i, d in enumerate(ids)})
+                     inputs=tensors.get("inputs"), **_index(ids, metas))
 
 
 _ST_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "I64": (np.int64, torch.int64),
@@ -444,6 +474,9 @@ def mmap_safetensors(path: str) -> dict:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if info.get("dtype") not in _ST_DTYPES:
+            raise MemoryFormatError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which a memory never "
+                                    "holds: the file was replaced or damaged")
         np_dtype, t_dtype = _ST_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         if 8 + n + end > size:
@@ -476,7 +509,7 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts),
                      keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
                      values=take(s.values), inputs=take(s.inputs),
-                     row_of={d: i for i, d in enumerate(ids)})
+                     **_index(ids, [s.metadata[r] for r in rows]))
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ never selected. Scoring itself is `msa_plugins.kernels.doc_scores`: Triton on CU
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,6 +41,7 @@ def allow_mask(state: BankState, allow_ids) -> Optional[torch.Tensor]:
 
 
 _DEVICE_COPIES: dict = {}
+_DEVICE_COPIES_LOCK = threading.Lock()
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -52,9 +54,10 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if hit is not None and hit[0]() is t and hit[1] == t._version:
         return hit[2]
     copy = t.to(device)
-    if len(_DEVICE_COPIES) >= 4:
-        _DEVICE_COPIES.pop(next(iter(_DEVICE_COPIES)))
-    _DEVICE_COPIES[key] = (weakref.ref(t), t._version, copy)
+    with _DEVICE_COPIES_LOCK:  # route() runs from several threads
+        while len(_DEVICE_COPIES) >= 4:
+            _DEVICE_COPIES.pop(next(iter(_DEVICE_COPIES)), None)
+        _DEVICE_COPIES[key] = (weakref.ref(t), t._version, copy)
     return copy
 
 

@@ -227,7 +227,8 @@ class ChatMSA(BaseChatModel):
                 raise ValueError(f"no memory document matches the filter {flt!r}")
             stream = engine.stream(_check_query(question), mode=kwargs.get("mode", self.mode),
                                    k=kwargs.get("k", self.k), max_new_tokens=max_new, temperature=temp,
-                                   allow_ids=allow, history=history or None, system=system, seed=seed)
+                                   allow_ids=allow, history=history or None, system=system, seed=seed,
+                                   stop=stop or None)
             docs = stream.documents
             pieces = iter(stream)
 
@@ -242,7 +243,8 @@ class ChatMSA(BaseChatModel):
             stats = GenerationStats()
             t0 = time.perf_counter()
             docs = []
-            pieces = engine.stream_generate(msgs, max_new_tokens=max_new, temperature=temp, seed=seed, stats=stats)
+            pieces = engine.stream_generate(msgs, max_new_tokens=max_new, temperature=temp, seed=seed, stats=stats,
+                                            stop=stop or None)
 
             def finish():
                 timings = {"routing_s": 0.0, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
@@ -252,30 +254,11 @@ class ChatMSA(BaseChatModel):
         meta_docs = [{"id": d.id, "score": d.score, "round": d.round, "rank": d.rank, "metadata": d.metadata,
                       "text": d.text} for d in docs]
 
-        def gen():
-            text, emitted, stopped = "", 0, False
-            for piece in pieces:
-                if stopped:
-                    continue  # drain so the engine reports its timings and token counts
-                text += piece
-                cut = min((text.find(s) for s in (stop or []) if s in text), default=-1)
-                if cut >= 0:
-                    stopped = True
-                    if cut > emitted:
-                        yield text[emitted:cut]
-                    emitted = cut
-                    continue
-                # hold back a tail that could be the start of a stop sequence
-                hold = max((len(s) - 1 for s in (stop or [])), default=0)
-                safe = len(text) - hold if hold else len(text)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            if not stopped and emitted < len(text):
-                yield text[emitted:]
+        def gen():  # the engine cuts at stop sequences and ends generation there
+            yield from pieces
             timings, p_tok, c_tok, finish_reason, mode = finish()
             gen.meta = {"model_name": self._name(), "model_provider": "msa",
-                        "finish_reason": "stop" if stopped else finish_reason, "timings": timings,
+                        "finish_reason": finish_reason, "timings": timings,
                         "mode": mode, "documents": meta_docs}
             gen.usage = {"input_tokens": p_tok, "output_tokens": c_tok, "total_tokens": p_tok + c_tok}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 MODES = ("interleave", "sparse", "protocol")
@@ -30,7 +30,6 @@ class MSAConfig:
     routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
     protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
     protocol_delimiter: str = "\n"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.chunk_size < 1:

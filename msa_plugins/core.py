@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -16,7 +16,7 @@ from .config import MODES, MSAConfig
 from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
-from .engine.memory import MemoryBank, MemoryDocument
+from .engine.memory import MemoryBank
 from .engine.model import DecoderModel, load_hf_model
 from .engine.router import QKRouter, Router, RouterMismatchError, read_msa4b_router
 from .engine.routing import Routing, route
@@ -97,19 +97,7 @@ class MSAEngine:
         if bad or not layers:
             raise ValueError(f"routing layers {layers} are not layers of this {model.n_layers}-layer model")
         if router is not None:
-            missing = [l for l in layers if l not in router.layers]
-            if missing:
-                raise RouterMismatchError(f"the router has no projectors for routing layers {missing}; "
-                                          f"it covers layers {router.layers}")
-            if router.hidden_size != model.hidden_size or router.n_kv_heads != model.n_kv_heads \
-                    or router.head_dim != model.head_dim or router.n_heads != model.n_heads:
-                raise RouterMismatchError("the router's shapes do not match this model (it was trained for another model)")
-            made_for = router.meta.get("model_config_hash")
-            if made_for and made_for != model.config_hash():
-                raise RouterMismatchError(f"this router was trained for another model (config {made_for}, this model "
-                                          f"{model.config_hash()}); train one for this model with `msa train-router`")
-            router.meta.setdefault("model_config_hash", model.config_hash())
-            router = router.to(model.device, torch.float32)
+            router = check_router(router, layers, model)
         self.routing_layers = layers
         self.router = router if router is not None else QKRouter(model, layers)
         self.encoder = Encoder(model, layers, cfg.chunk_size, self.router, score=cfg.score,
@@ -200,7 +188,7 @@ class MSAEngine:
         """Use another trained router; re-keys the bank from its kept pooled inputs (no model forward)."""
         if isinstance(router, str):
             router = Router.load(router)
-        router = router.to(self.model.device, torch.float32)
+        router = check_router(router, self.routing_layers, self.model)
         with self._write_lock:
             self.memory.rekey(router)
             self.router = router
@@ -265,17 +253,34 @@ class MSAEngine:
                     break
                 rounds_docs.append(self._routed_docs(state, [x[0] for x in new], [x[1] for x in new], r))
             docs = [d for rd in rounds_docs for d in rd]
-            prompt = context_prompt(self.model, question, [d.text for d in docs], style=prompt_style or cfg.prompt_style,
-                                    system=system, history=history)
+            style = prompt_style or cfg.prompt_style
+            prompt = context_prompt(self.model, question, [d.text for d in docs], style=style, system=system,
+                                    history=history)
+            window = self.model.max_positions
+            if len(prompt.ids) + max_new > window:
+                # the injected documents do not fit the model's window: keep the best-ranked ones that do
+                kept = list(docs)
+                while kept and len(prompt.ids) + max_new > window:
+                    kept.pop()
+                    prompt = context_prompt(self.model, question, [d.text for d in kept], style=style,
+                                            system=system, history=history)
+                warnings.warn(f"the {len(docs)} routed documents do not fit the model's window of {window} tokens "
+                              f"with {max_new} new tokens; answering from the top {len(kept)} (lower k, or "
+                              "max_doc_tokens, to avoid this)")
+                rounds_docs = [[d for d in rd if d in kept] for rd in rounds_docs]
         else:  # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
             docs = rounds_docs[0]
             memory = sparse_memory(state, routing.per_layer_rows, self.model.n_layers, self.routing_layers, self.model)
             offset = int(routing.per_layer_rows.shape[1])  # the k documents count as k position slots
             prompt = build_prompt(self.model, question, system=system, history=history)
+        if offset + len(prompt.ids) + max_new > self.model.max_positions:
+            raise ValueError(f"the prompt ({len(prompt.ids)} tokens) plus {max_new} new tokens does not fit the model's "
+                             f"window of {self.model.max_positions} tokens; shorten the question or history")
         routing_s = time.perf_counter() - t0
         stats = GenerationStats()
         if mode == "protocol":
-            tokens = self._protocol_tokens(state, prompt.ids, memory, offset, max_new, temp, seed, stats, rounds_docs)
+            tokens = self._protocol_tokens(state, prompt.ids, memory, offset, max_new, temp, seed, stats, rounds_docs,
+                                           allow_ids)
         else:
             tokens = generate_tokens(self.model, prompt.ids, max_new, temp, memory=memory, position_offset=offset,
                                      seed=seed, stats=stats)
@@ -297,7 +302,7 @@ class MSAEngine:
         return [RoutedDocument(state.ids[r], state.texts[r], float(s), dict(state.metadata[r]), rnd, i)
                 for i, (r, s) in enumerate(zip(rows, scores))]
 
-    def _protocol_tokens(self, state, prompt_ids, memory, offset, max_new, temp, seed, stats, rounds_docs):
+    def _protocol_tokens(self, state, prompt_ids, memory, offset, max_new, temp, seed, stats, rounds_docs, allow_ids):
         """MSA-4B's retrieval protocol: the model writes `[<memory index>]` + delimiter; we append that
         document's original text to the context and let it continue; the end marker ends retrieval."""
         tok = self.model.tokenizer
@@ -329,8 +334,8 @@ class MSAEngine:
             if emitted >= max_new or self.config.protocol_end_marker in text or not m or step == self.config.max_rounds:
                 return
             row = int(m.group(1))
-            if not 0 <= row < len(state):
-                return
+            if not 0 <= row < len(state) or (allow_ids is not None and state.ids[row] not in set(allow_ids)):
+                return  # an unknown or filtered-out document is never injected
             rounds_docs.append(self._routed_docs(state, [row], [float("nan")], step + 1))
             context = context + seg_ids + self._tokenize(state.texts[row] + self.config.protocol_delimiter)
 
@@ -362,6 +367,9 @@ class MSAEngine:
             ids = self._tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
         max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         temp = self.config.temperature if temperature is None else temperature
+        if len(ids) + max_new > self.model.max_positions:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus {max_new} new tokens does not fit the model's "
+                             f"window of {self.model.max_positions} tokens; shorten the messages")
         stats = stats if stats is not None else GenerationStats()
         yield from cut_at_stop(decode_stream(tok, generate_tokens(self.model, list(ids), max_new, temp, seed=seed,
                                                                   stats=stats)), stop, stats)
@@ -372,6 +380,23 @@ class MSAEngine:
         return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
                 "documents": len(s), "chunks": s.n_chunks, "tokens": sum(s.n_tokens), "bytes": self.memory.nbytes,
                 "chunk_size": self.config.chunk_size, "score": self.config.score}
+
+
+def check_router(router, layers: list, model: DecoderModel):
+    """A trained router that fits this model and covers these routing layers, on the model's device."""
+    missing = [l for l in layers if l not in router.layers]
+    if missing:
+        raise RouterMismatchError(f"the router has no projectors for routing layers {missing}; "
+                                  f"it covers layers {router.layers}")
+    if router.hidden_size != model.hidden_size or router.n_kv_heads != model.n_kv_heads \
+            or router.head_dim != model.head_dim or router.n_heads != model.n_heads:
+        raise RouterMismatchError("the router's shapes do not match this model (it was trained for another model)")
+    made_for = router.meta.get("model_config_hash")
+    if made_for and made_for != model.config_hash():
+        raise RouterMismatchError(f"this router was trained for another model (config {made_for}, this model "
+                                  f"{model.config_hash()}); train one for this model with `msa train-router`")
+    router.meta.setdefault("model_config_hash", model.config_hash())
+    return router.to(model.device, torch.float32)
 
 
 def cut_at_stop(pieces: Iterator[str], stop: Optional[list], stats: GenerationStats) -> Iterator[str]:

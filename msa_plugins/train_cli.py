@@ -102,10 +102,12 @@ def cmd_train_router(args) -> int:
     feat_dir = os.path.join(args.out, "features")
     if FeatureCache.exists(feat_dir) and not args.no_resume:
         cache = FeatureCache.load(feat_dir)
-        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), device=getattr(args, "device", None), keep_inputs=True,
+        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), router="none",  # features need no router
+                                           device=getattr(args, "device", None), keep_inputs=True,
                                            routing_layers=cache.layers, chunk_size=args.chunk_size)
     else:
-        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), device=getattr(args, "device", None), keep_inputs=True,
+        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), router="none",  # features need no router
+                                           device=getattr(args, "device", None), keep_inputs=True,
                                            routing_layers=layers, chunk_size=args.chunk_size)
         cache = build_cache(engine, docs, pairs, ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
                             seed=args.seed)

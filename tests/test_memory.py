@@ -163,10 +163,21 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir):
     long_text = " ".join(["Paris is the capital of France."] * 10)
     n_tok = len(e._tokenize(long_text))
     with pytest.warns(UserWarning, match="parent_id"):
-        ids = e.add([long_text], ids=["long"])
-    assert len(ids) == -(-n_tok // 16) and ids[0] == "long#0"
-    assert all(d.metadata["parent_id"] == "long" for d in e.get(ids))
-    assert sum(d.n_tokens for d in e.get(ids)) == n_tok  # nothing cut
+        ids = e.add([long_text, "A short one."], ids=["long", "short"])
+    assert ids == ["long", "short"]  # one id per text; the parent id names the whole document
+    parts = e.get(["long"])
+    assert len(parts) == -(-n_tok // 16) and len(e) == len(parts) + 1
+    assert [d.id for d in parts] == [f"long#{i}" for i in range(len(parts))]
+    assert all(d.metadata["parent_id"] == "long" for d in parts)
+    assert sum(d.n_tokens for d in parts) == n_tok  # nothing cut
+    assert "long" in e.memory and "long#0" in e.memory
+    with pytest.raises(ValueError, match="already in the memory"):
+        e.add(["again"], ids=["long"])
+    e.replace([long_text + " One more sentence."], ids=["long"])  # replaces every part at once
+    assert len(e.get(["long"])) == len(parts) + (1 if len(e._tokenize(long_text + " One more sentence.")) > 16 * len(parts) else 0)
+    e.delete(["long"])  # deletes every part
+    assert len(e) == 1 and "long" not in e.memory
+    assert all(not i.startswith("long") for i in e.route("capital of France", k=10).ids)
     e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=16, split_long_documents=False)
     with pytest.raises(ValueError, match="window"):
         e2.add([long_text])
@@ -219,3 +230,20 @@ def test_int8_routing_keys_route_like_float_keys_and_persist(tiny_model_dir, tmp
     assert back.route(Q, k=5).ids == q8.route(Q, k=5).ids
     with pytest.raises(ModelMismatchError, match="routing_keys"):
         f.load(str(tmp_path))
+
+
+def test_tensor_files_from_another_memory_are_refused(engine, tiny_model_dir, tmp_path):
+    engine.save(tmp_path / "a")
+    other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    other.add(["Only one document here."], ids=["one"])
+    other.save(tmp_path / "b")
+    ma = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    mb = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    # swap in b's tensors under a's manifest (size field updated, as a careless copy would leave it)
+    os.replace(tmp_path / "b" / mb["tensors"]["file"], tmp_path / "a" / ma["tensors"]["file"])
+    ma["tensors"]["bytes"] = os.path.getsize(tmp_path / "a" / ma["tensors"]["file"])
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(ma))
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    with pytest.raises(MemoryFormatError):
+        e2.load(str(tmp_path / "a"))
+    assert len(e2) == 0
