@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import random
 import re
 from dataclasses import dataclass, field
@@ -93,16 +94,26 @@ class FeatureCache:
     def save(self, directory: str, dtype: torch.dtype = torch.float16) -> None:
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
+        # Written into a fresh folder that then replaces the old one: a crash leaves the old cache, or none
+        # (then it is rebuilt), never a features.json beside another run's tensors.
+        directory = os.path.normpath(directory)
+        tmp = f"{directory}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         t = {"inputs": self.inputs.to("cpu", dtype).contiguous(), "doc_start": self.doc_start.cpu().contiguous(),
              "chunk_doc": self.chunk_doc.cpu().contiguous(), "q_start": self.q_start.cpu().contiguous()}
         if self.q_inputs is not None:
             t["q_inputs"] = self.q_inputs.to("cpu", dtype).contiguous()
-        save_file(t, os.path.join(directory, "features.safetensors"))
-        with open(os.path.join(directory, "features.json"), "w") as f:
+        save_file(t, os.path.join(tmp, "features.safetensors"))
+        with open(os.path.join(tmp, "features.json"), "w") as f:
             json.dump({"format_version": CACHE_FORMAT_VERSION, "layers": self.layers, "doc_ids": self.doc_ids,
                        "q_text": self.q_text, "q_kind": self.q_kind, "q_pos": self.q_pos, "meta": self.meta},
                       f, ensure_ascii=False)
+        old = f"{directory}.old-{os.getpid()}"
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str, dtype: torch.dtype = torch.float32) -> "FeatureCache":

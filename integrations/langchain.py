@@ -347,9 +347,15 @@ class MSAVectorStore(VectorStore):
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> List[Document]:
-        state = self.engine.memory.state
-        return [Document(page_content=state.texts[state.row_of[i]], metadata=dict(state.metadata[state.row_of[i]]),
-                         id=i) for i in ids if i in state.row_of]
+        out = []
+        for i in ids:  # unknown ids are skipped, as VectorStore.get_by_ids specifies
+            if i not in self.engine.memory:
+                continue
+            parts = self.engine.get([i])  # a long text stored in parts comes back whole
+            meta = {k: v for k, v in parts[0].metadata.items() if k not in ("parent_id", "part")} \
+                if len(parts) > 1 else dict(parts[0].metadata)
+            out.append(Document(page_content="".join(p.text for p in parts), metadata=meta, id=i))
+        return out
 
     def similarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,
                                      **kwargs: Any) -> List[tuple]:

@@ -247,3 +247,18 @@ def test_store_in_create_agent_and_graph_node(model_dir):
         .add_edge("remember", END).compile(store=store)
     graph.invoke({"messages": [{"role": "user", "content": "I like green tea."}]})
     assert store.get(("memories", "u3"), "last").value == {"text": "I like green tea."}
+
+
+def test_vector_store_long_text_is_one_document_by_id(tiny_model_dir):
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=16)
+    store = MSAVectorStore(engine=engine)
+    long_text = " ".join(["Paris is the capital of France."] * 6)
+    with pytest.warns(UserWarning, match="parent_id"):
+        ids = store.add_texts([long_text, "Berlin is in Germany."], metadatas=[{"src": "a"}, {"src": "b"}],
+                              ids=["long", "short"])
+    assert ids == ["long", "short"]
+    (doc,) = store.get_by_ids(["long"])
+    assert doc.id == "long" and doc.metadata == {"src": "a"}
+    assert doc.page_content.split() == long_text.split()
+    store.delete(["long"])
+    assert store.get_by_ids(["long"]) == [] and len(engine) == 1
