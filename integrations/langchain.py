@@ -29,6 +29,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
 from pydantic import ConfigDict, Field
 
+from ..core import check_text
+
 __all__ = ["ChatMSA", "MSARetriever", "MSAVectorStore", "MSAStore", "filter_to_allow_ids"]
 
 _OPS = {
@@ -101,11 +103,7 @@ def filter_to_allow_ids(state, flt) -> Optional[list]:
 
 
 def _check_query(query) -> str:
-    if not isinstance(query, str):
-        raise TypeError(f"the query must be a str, got {type(query).__name__}")
-    if not query.strip():
-        raise ValueError("the query is empty; ask something")
-    return query
+    return check_text(query, "query")
 
 
 def _route_docs(engine, query: str, k: int, flt) -> list:

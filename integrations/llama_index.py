@@ -42,7 +42,7 @@ from llama_index.core.vector_stores.types import BasePydanticVectorStore, Metada
 from llama_index.core.vector_stores.utils import build_metadata_filter_fn
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ..core import MSAEngine
+from ..core import MSAEngine, check_text
 
 MEMORY_DIR = "msa_memory"  # the engine's bank, inside a LlamaIndex persist_dir
 MSA_STORE_NAME = "msa"  # the name of the shim in StorageContext.vector_stores
@@ -448,11 +448,7 @@ class MSALLM(CustomLLM):
 
     @staticmethod
     def _check_prompt(prompt) -> str:
-        if not isinstance(prompt, str):
-            raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        return prompt
+        return check_text(prompt, "prompt")
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

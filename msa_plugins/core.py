@@ -198,7 +198,7 @@ class MSAEngine:
     def route(self, question: str, k: Optional[int] = None, allow_ids=None, context: str = "",
               state=None) -> Routing:
         """Rank memory documents for a question (question tokens only, not template or context)."""
-        question = _check_question(question)
+        question = check_text(question)
         state = state if state is not None else self.memory.state
         if len(state) == 0:
             raise LookupError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
@@ -423,12 +423,13 @@ def cut_at_stop(pieces: Iterator[str], stop: Optional[list], stats: GenerationSt
         yield text[emitted:]
 
 
-def _check_question(question) -> str:
-    if not isinstance(question, str):
-        raise TypeError(f"the question must be a str, got {type(question).__name__}")
-    if not question.strip():
-        raise ValueError("the question is empty; ask something")
-    return question
+def check_text(value, what: str = "question") -> str:
+    """A non-empty str, else the error every surface (engine, LlamaIndex, LangChain) gives for it."""
+    if not isinstance(value, str):
+        raise TypeError(f"the {what} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"the {what} is empty; ask something")
+    return value
 
 
 def _check_messages(messages) -> list:

@@ -46,7 +46,9 @@ def _engine(fresh: bool = False):
     return _CACHE["engine"]
 
 
-class TestChatMSAUnit(ChatModelUnitTests):
+class _ChatMSASuite:
+    """What both standard suites need to know about ChatMSA."""
+
     @property
     def chat_model_class(self):
         return ChatMSA
@@ -72,15 +74,11 @@ class TestChatMSAUnit(ChatModelUnitTests):
         return False  # one engine = one loaded model; a per-call `model=` cannot switch it
 
 
-class TestChatMSAIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self):
-        return ChatMSA
+class TestChatMSAUnit(_ChatMSASuite, ChatModelUnitTests):
+    pass
 
-    @property
-    def chat_model_params(self):
-        return {"engine": _engine(), "model": "tiny-llama"}
 
+class TestChatMSAIntegration(_ChatMSASuite, ChatModelIntegrationTests):
     @property
     def standard_chat_model_params(self):
         params = super().standard_chat_model_params
@@ -88,24 +86,8 @@ class TestChatMSAIntegration(ChatModelIntegrationTests):
         return params
 
     @property
-    def has_tool_calling(self):
-        return False
-
-    @property
-    def has_structured_output(self):
-        return False
-
-    @property
     def supports_json_mode(self):
         return False
-
-    @property
-    def returns_usage_metadata(self):
-        return True
-
-    @property
-    def supports_model_override(self):
-        return False  # one engine = one loaded model; a per-call `model=` cannot switch it
 
     @property
     def supported_usage_metadata_details(self):
