@@ -210,16 +210,19 @@ def test_llm_complete_chat_stream_and_async(engine):
             nonlocal ticks
             while not done.is_set():
                 ticks += 1
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0)
         task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # let the ticker start
+        before = ticks
         r = await llm.achat(msgs)
+        during = ticks - before  # a call that blocked the loop would let the ticker run not once
         parts = [x.delta async for x in await llm.astream_complete("Where is Paris?")]
         done.set()
         await task
-        return r, parts, ticks
-    r, parts, ticks = asyncio.run(with_ticker())
+        return r, parts, during
+    r, parts, during = asyncio.run(with_ticker())
     assert r.message.content == direct.text and "".join(parts) == direct.text
-    assert ticks >= 5  # the event loop kept running while the model generated
+    assert during >= 1  # the event loop kept running while the model generated (not a timing threshold)
 
 
 def test_chat_engine_uses_msa_llm_and_routing(index):
