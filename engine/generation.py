@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .memory import BankState
+from ..config import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
+from ..errors import InvalidArgumentError
 from .model import DecoderModel, KVCache
 
 QUESTION_SENTINEL = "\u2063MSA_QUESTION\u2063"
@@ -54,18 +55,7 @@ def build_prompt(model: DecoderModel, question: str, system: Optional[str] = Non
     return Prompt(pre_ids + q_ids + suf_ids, [False] * len(pre_ids) + [True] * len(q_ids) + [False] * len(suf_ids))
 
 
-# How interleave mode shows the routed documents to the generator (`MSAConfig.prompt_style`):
-# - "msa" (the default until the prompt A/B in docs/results/ab_first_results.md): "Use the following
-#   documents to answer." + numbered "[i] doc" blocks + "Question: {q}", in the user turn, with the chat
-#   template's default system prompt;
-# - "llamaindex" (the default): LlamaIndex's default chat text-QA prompt (CHAT_TEXT_QA_PROMPT: its Q&A system message,
-#   then "Context information is below. ---... {documents} ---... Given the context information and not
-#   prior knowledge, answer the query. Query: {q} Answer: "), the documents joined by blank lines as
-#   LlamaIndex's synthesizer joins node texts — the prompt the RAG baseline of `msa eval` gets;
-# - "llamaindex-nosystem": the same user turn with the chat template's default system prompt.
-# An explicit system prompt (MSAConfig.system_prompt, `system=`) replaces the style's.
-PROMPT_STYLES = ("msa", "llamaindex", "llamaindex-nosystem")
-DEFAULT_PROMPT_STYLE = "llamaindex"  # SmolLM2-135M answered more PopQA questions with it (ab_first_results.md)
+# The prompt styles are described with PROMPT_STYLES in msa_plugins/config.py.
 LLAMAINDEX_QA_SYSTEM = (
     "You are an expert Q&A system that is trusted around the world.\n"
     "Always answer the query using the provided context information, and not prior knowledge.\n"
@@ -79,7 +69,7 @@ _LLAMAINDEX_RULE = "---------------------"
 def _style(style: Optional[str]) -> str:
     style = style or DEFAULT_PROMPT_STYLE
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
+        raise InvalidArgumentError(f"unknown prompt style {style!r}; use one of {PROMPT_STYLES}")
     return style
 
 
@@ -133,7 +123,7 @@ def stop_token_ids(model: DecoderModel) -> set:
     return ids
 
 
-def sparse_memory(state: BankState, per_layer_rows: torch.Tensor, n_layers: int, routing_layers: list,
+def sparse_memory(state, per_layer_rows: torch.Tensor, n_layers: int, routing_layers: list,
                   model: DecoderModel) -> list:
     """Per model layer: None, or (k [1, G, M, D], v [1, G, M, D]) of the chunks of the documents that
     routing layer selected (M = their chunk count)."""
@@ -162,6 +152,25 @@ class GenerationStats:
     first_token_s: float = 0.0
     finish_reason: str = "length"
     token_ids: list = field(default_factory=list)
+
+    def add(self, other: "GenerationStats") -> None:
+        """Fold a later segment of the same answer (protocol mode generates in segments) into this one."""
+        self.prompt_tokens = self.prompt_tokens or other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.first_token_s = self.first_token_s or other.first_token_s
+        self.finish_reason = other.finish_reason
+        self.token_ids.extend(other.token_ids)
+
+    def timings(self, total_s: float, routing_s: Optional[float] = None) -> dict:
+        """The timings dict of a result (the only place it is built). With routing, the first token's time
+        counts from the question, routing included."""
+        out = {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "first_token_s": self.first_token_s,
+               "total_s": total_s}
+        if routing_s is not None:
+            out = {"routing_s": routing_s, **out, "first_token_s": routing_s + self.first_token_s}
+        return out
 
 
 def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, temperature: float = 0.0,

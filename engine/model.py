@@ -21,11 +21,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedModelError
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -217,21 +217,46 @@ class DecoderModel:
         return self.lm_head(x).float()
 
 
+def read_model_family(path: str) -> str:
+    """The `model_type` in a model folder's config.json, read as plain JSON before any transformers call:
+    an unsupported family, or a folder that asks for its own code (`auto_map`), is refused before
+    transformers could import anything from the folder."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"{path} has no config.json: it is not a Hugging Face model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedModelError(f"{cfg_path} is not valid JSON ({e})") from None
+    family = raw.get("model_type") if isinstance(raw, dict) else None
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model family {family!r} in {path} is not supported; supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)} (Llama incl. SmolLM2, Qwen2, Qwen3, Mistral)")
+    if raw.get("auto_map"):
+        raise UnsupportedModelError(f"{cfg_path} asks for custom model code (auto_map); msa-plugins never runs code "
+                                    "from a model folder: use a model of a supported family without auto_map")
+    return family
+
+
 def load_hf_model(path: str, device: str = "cpu", dtype: Optional[torch.dtype] = None):
-    """Load a local Hugging Face causal LM folder (weights, config, tokenizer). Never touches a hub."""
+    """Load a local Hugging Face causal LM folder (weights, config, tokenizer). Never touches a hub and
+    never runs code from the folder (`trust_remote_code=False`, family checked first)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist; pass a local Hugging Face model folder, "
                                 "a .gguf file, or nothing for the embedded default")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    read_model_family(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if getattr(config, "model_type", None) not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
             f"model family {getattr(config, 'model_type', None)!r} in {path} is not supported; supported families: "
             f"{', '.join(SUPPORTED_FAMILIES)} (Llama incl. SmolLM2, Qwen2, Qwen3, Mistral)")
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return model, tokenizer

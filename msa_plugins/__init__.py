@@ -1,8 +1,30 @@
 """msa-plugins: Memory Sparse Attention (EverMind) memory for any Hugging Face causal LM, behind the
-interfaces of LlamaIndex and LangChain."""
+interfaces of LlamaIndex and LangChain.
 
-from .config import MSAConfig
-from .core import GenerationResult, MSAEngine, QueryResult, QueryStream, RoutedDocument
+The public surface is what this module exports (`__all__`); everything under `msa_plugins.engine` and
+`msa_plugins.kernels` is internal to the engine.
+"""
 
-__all__ = ["MSAEngine", "MSAConfig", "QueryResult", "QueryStream", "RoutedDocument", "GenerationResult"]
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import AnswerOptions, MSAConfig
+from .core import MSAEngine
+from .engine.routing import Routing
+from .errors import (DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
+                     InputTooLongError, InvalidArgumentError, InvalidTypeError, MemoryFormatError, MemoryLockedError,
+                     ModelMismatchError, MSAError, RouterMismatchError, UnsupportedModelError)
+from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream
+
+try:
+    __version__ = version("msa-plugins")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "MSAEngine", "MSAConfig", "AnswerOptions",
+    "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
+    "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
+    "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
+    "DuplicateIdError", "MemoryLockedError", "DatasetNotFoundError",
+    "__version__",
+]

@@ -1,52 +1,143 @@
-"""MSAConfig: every knob of the engine in one place, with the paper's defaults where they apply."""
+"""Settings: `MSAConfig` (how a memory is built; frozen, fingerprinted where it changes the keys) and
+`AnswerOptions` (how one question is answered; defaults in `MSAConfig.answer`, overridable per call).
+
+Environment variables read by the package (each documented where it is read):
+    MSA_PLUGINS_CACHE   where the converted default model is cached (default ~/.cache/msa-plugins)
+    MSA_DATASETS        the evaluation data root (default ../shared/datasets beside the working directory)
+    MSA_ROUTING_TUNE    autotune the Triton routing kernel on first use (1) or use a fixed config (0)
+
+This module imports only `errors` and `validation`: every layer may read its constants.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from .errors import InvalidArgumentError, InvalidTypeError
+from .validation import check_choice, check_int, check_optional_int, check_stop, check_temperature
 
 MODES = ("interleave", "sparse", "protocol")
 
+# How interleave mode shows the routed documents to the generator (`AnswerOptions.prompt_style`):
+# - "msa": "Use the following documents to answer." + numbered "[i] doc" blocks + "Question: {q}", in the
+#   user turn, with the chat template's default system prompt;
+# - "llamaindex" (the default): LlamaIndex's default chat text-QA prompt (its Q&A system message, then
+#   "Context information is below. ---... {documents} ---... Given the context information and not prior
+#   knowledge, answer the query. Query: {q} Answer: "), the documents joined by blank lines as LlamaIndex's
+#   synthesizer joins node texts: the prompt the RAG baseline of `msa eval` gets;
+# - "llamaindex-nosystem": the same user turn with the chat template's default system prompt.
+# An explicit system prompt (`AnswerOptions.system`) replaces the style's.
+PROMPT_STYLES = ("msa", "llamaindex", "llamaindex-nosystem")
+DEFAULT_PROMPT_STYLE = "llamaindex"  # SmolLM2-135M answered more PopQA questions with it (docs/results/ab_first_results.md)
 
-@dataclass
-class MSAConfig:
-    chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64)
-    routing_layers: Optional[list] = None  # None: the router's layers, else the upper half of the model
-    score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (scaled dot product)
-    keep_inputs: bool = False  # keep pooled layer inputs so the bank can be re-keyed for a new router
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How one question is answered. Every field is checked here, once, for every surface (engine, CLI,
+    LlamaIndex, LangChain): a bad value raises `InvalidArgumentError` / `InvalidTypeError` naming it."""
+    mode: str = "interleave"  # "interleave" (documents' text in the prompt), "sparse" (pooled K/V), "protocol"
     k: int = 5  # documents per question (paper: 16)
-    mode: str = "interleave"  # default answering mode (see MODES)
     rounds: int = 1  # interleave: routing rounds (re-route on question + injected text)
-    max_rounds: int = 4  # cap on rounds (interleave) and on retrieval steps (protocol)
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    system_prompt: Optional[str] = None  # None: the model's chat-template default (or the prompt style's)
-    prompt_style: Optional[str] = None  # interleave prompt (engine.generation.PROMPT_STYLES); None: the default
-    max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
-    split_long_documents: bool = True
-    batch_tokens: int = 4096  # encoding batch size in (padded) tokens
-    content_tier: str = "device"  # where content K̄/V̄ lives: "device" (with the model) or "host" (CPU, pinned)
-    int8_routing_keys: bool = False  # store routing keys as int8 + per-head scale: half the bytes to read
-    routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
-    protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
-    protocol_delimiter: str = "\n"
+    temperature: float = 0.0  # 0: greedy
+    system: Optional[str] = None  # None: the prompt style's / chat template's default system prompt
+    prompt_style: Optional[str] = None  # interleave prompt (PROMPT_STYLES); None: DEFAULT_PROMPT_STYLE
+    seed: Optional[int] = None  # sampling seed (temperature > 0)
+    stop: Optional[tuple] = None  # stop strings: generation ends before the first one
 
     def __post_init__(self):
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.score not in ("cosine", "dot"):
-            raise ValueError(f"score must be 'cosine' or 'dot', got {self.score!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.content_tier not in ("device", "host"):
-            raise ValueError(f"content_tier must be 'device' or 'host', got {self.content_tier!r}")
+        check_choice(self.mode, MODES, "mode")
+        check_int(self.k, "k", minimum=1)
+        check_int(self.rounds, "rounds", minimum=1)
+        check_int(self.max_new_tokens, "max_new_tokens", minimum=1)
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        if self.system is not None and not isinstance(self.system, str):
+            raise InvalidTypeError(f"system must be a str or None, got {type(self.system).__name__}")
         if self.prompt_style is not None:
-            from .engine.generation import PROMPT_STYLES
+            check_choice(self.prompt_style, PROMPT_STYLES, "prompt_style")
+        check_optional_int(self.seed, "seed")
+        object.__setattr__(self, "stop", check_stop(self.stop))
 
-            if self.prompt_style not in PROMPT_STYLES:
-                raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+    def merged(self, **overrides) -> "AnswerOptions":
+        """A copy with the given fields replaced; None means "keep this one's"."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise InvalidTypeError(f"unknown answer option(s) {unknown}; the options are "
+                                   f"{[f.name for f in dataclasses.fields(self)]}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+
+ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(AnswerOptions))
+# settings that used to live flat on MSAConfig, accepted by `from_pretrained(**overrides)` under their old names
+_ANSWER_ALIASES = {"system_prompt": "system"}
+
+
+@dataclass(frozen=True)
+class MSAConfig:
+    """How the memory is built and bounded. Frozen: `with_overrides` returns a changed copy.
+
+    The fields marked (fingerprinted) change the stored keys: a memory saved under one value does not
+    load under another."""
+    chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64) (fingerprinted)
+    routing_layers: Optional[tuple] = None  # None: the router's layers, else the model's upper half (fingerprinted)
+    score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (fingerprinted)
+    int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
+    keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router
+    max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
+    split_long_documents: bool = True  # False: a too-long document is an error instead
+    max_question_tokens: Optional[int] = None  # None: the model's window; longer questions are refused
+    batch_tokens: int = 4096  # encoding batch size in (padded) tokens
+    content_tier: str = "device"  # where content K̄/V̄ lives: "device" (with the model) or "host" (CPU, pinned)
+    routing_backend: str = "auto"  # "auto" (Triton on CUDA), "torch", "triton"
+    max_rounds: int = 4  # cap on interleave rounds and on protocol retrieval steps
+    protocol_end_marker: str = "[END]"  # trained-checkpoint protocol: end of retrieval
+    protocol_delimiter: str = "\n"
+    answer: AnswerOptions = field(default_factory=AnswerOptions)  # per-call defaults
+
+    def __post_init__(self):
+        check_int(self.chunk_size, "chunk_size", minimum=1)
+        if self.routing_layers is not None:
+            if isinstance(self.routing_layers, (str, bytes)) or not hasattr(self.routing_layers, "__iter__"):
+                raise InvalidTypeError(f"routing_layers must be a list of layer indices, got {self.routing_layers!r}")
+            layers = tuple(self.routing_layers)
+            for layer in layers:
+                check_int(layer, "a routing layer", minimum=0)
+            if not layers:
+                raise InvalidArgumentError("routing_layers is empty; give at least one layer, or None for the default")
+            object.__setattr__(self, "routing_layers", layers)
+        check_choice(self.score, ("cosine", "dot"), "score")
+        check_choice(self.content_tier, ("device", "host"), "content_tier")
+        check_choice(self.routing_backend, ("auto", "torch", "triton"), "routing_backend")
+        check_optional_int(self.max_doc_tokens, "max_doc_tokens", minimum=1)
+        check_optional_int(self.max_question_tokens, "max_question_tokens", minimum=1)
+        check_int(self.batch_tokens, "batch_tokens", minimum=1)
+        check_int(self.max_rounds, "max_rounds", minimum=1)
+        for name in ("keep_inputs", "split_long_documents", "int8_routing_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.answer, AnswerOptions):
+            raise InvalidTypeError(f"answer must be an AnswerOptions, got {type(self.answer).__name__}")
+
+    def with_overrides(self, **overrides) -> "MSAConfig":
+        """A copy with build settings and answer defaults replaced: `with_overrides(chunk_size=32, k=8)`.
+        Unknown names raise `InvalidTypeError` listing the settings."""
+        build_fields = {f.name for f in dataclasses.fields(self)} - {"answer"}
+        build, answer = {}, {}
+        for key, value in overrides.items():
+            key_answer = _ANSWER_ALIASES.get(key, key)
+            if key in build_fields:
+                build[key] = value
+            elif key_answer in ANSWER_FIELDS:
+                answer[key_answer] = value
+            else:
+                raise InvalidTypeError(f"unknown setting {key!r}; MSAConfig has {sorted(build_fields)} and "
+                                       f"AnswerOptions has {list(ANSWER_FIELDS)}")
+        if answer:
+            build["answer"] = dataclasses.replace(self.answer, **answer)
+        return dataclasses.replace(self, **build) if build else self
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,149 +1,177 @@
-"""MSAEngine: the public facade. Integrations and the CLI talk to this; it talks to `msa_plugins.engine`."""
+"""MSAEngine: the public facade. Integrations, the CLI, evaluation and benchmarks talk only to this (and to
+the leaf modules `types`, `errors`, `config`, `validation`); it composes `msa_plugins.engine` (model,
+encoding, memory bank, routing, generation), which in turn uses `msa_plugins.kernels`.
+
+A question flows route -> select -> answer:
+    route    the question's own tokens -> routing queries -> per-layer document scores -> top-k (`route`)
+    select   routed rows -> `RoutedDocument`s (text, metadata, scores), or pooled K̄/V̄ per layer (sparse)
+    answer   a prompt (interleave: the documents' text) or a KV prefix (sparse/protocol) -> tokens -> `Stream`
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
 import threading
 import time
-import warnings
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
-from .config import MODES, MSAConfig
+from .config import AnswerOptions, MSAConfig
 from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
-from .engine.memory import MemoryBank
 from .engine.model import DecoderModel, load_hf_model
-from .engine.router import QKRouter, Router, RouterMismatchError, read_msa4b_router
+from .engine.router import QKRouter, Router, read_msa4b_router
 from .engine.routing import Routing, route
+from .errors import EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, RouterMismatchError
 from .models import DEFAULT_ROUTER_DIR, resolve_model
+from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream, Where
+from .validation import check_messages, check_text, check_where_ids
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RoutedDocument:
-    id: str
-    text: str
-    score: float
-    metadata: dict
-    round: int = 0
-    rank: int = 0
+def _make_bank(engine: "MSAEngine", max_doc: int):
+    """The memory bank: its ingestion (tokenize, split, encode) is injected, so the bank never reaches
+    into the model or the encoder."""
+    try:
+        from .engine.bank import MemoryBank
+        from .engine.ingest import Ingestor
+    except ImportError:  # TEMPORARY during the bank split (issue 9): the old bank behind the new interface
+        return _OldBank(engine, max_doc)
+
+    cfg, model = engine.config, engine.model
+    ingestor = Ingestor(tokenize=engine._tokenize,
+                        detokenize=lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True),
+                        encode=lambda token_lists, progress: engine.encoder.encode(token_lists, progress=progress),
+                        max_doc_tokens=max_doc, split_long=cfg.split_long_documents)
+    return MemoryBank(ingestor, engine.fingerprint(), routing_device=model.device,
+                      content_device=model.device if cfg.content_tier == "device" else "cpu",
+                      int8_routing_keys=cfg.int8_routing_keys, n_kv_heads=model.n_kv_heads)
 
 
-@dataclass
-class QueryResult:
-    answer: str
-    mode: str
-    documents: list  # RoutedDocument, in routing order (all rounds)
-    rounds: list  # per round: list of RoutedDocument
-    per_layer: dict  # routing layer -> (ids, scores) of that layer's own selection (first round)
-    timings: dict  # routing_s, prefill_s, decode_s, first_token_s, total_s
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str = "stop"
+class _OldBank:  # TEMPORARY: removed when engine/bank.py lands
+    def __init__(self, engine, max_doc):
+        from .engine.memory import MemoryBank
+        cfg, model = engine.config, engine.model
+        self.b = MemoryBank(engine.encoder, engine.fingerprint(), engine._tokenize, max_doc,
+                            split_long=cfg.split_long_documents, routing_device=model.device,
+                            content_device=model.device if cfg.content_tier == "device" else "cpu",
+                            int8_routing_keys=cfg.int8_routing_keys)
+        self.engine = engine
 
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    state = property(lambda self: self.b.state)
+    fingerprint = property(lambda self: self.b.fingerprint)
+    keeps_inputs = property(lambda self: self.b.state.inputs is not None if len(self.b.state) else self.engine.config.keep_inputs)
 
+    def nbytes_of(self, s):
+        return sum(t.numel() * t.element_size() for t in (s.keys_r, s.keys_r_scale, s.keys, s.values, s.inputs)
+                   if t is not None)
 
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: dict
-    finish_reason: str = "stop"
+    def add(self, *a, **k):
+        return self.b.add(*a, **k)
 
+    def upsert(self, *a, **k):
+        return self.b.replace(*a, **k)
 
-class QueryStream:
-    """Iterate for text pieces; `documents` is known before the first piece, `result` after the last."""
+    def delete(self, ids, missing_ok=False):
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        if missing_ok:
+            ids = [d for d in ids if d in self.b]
+        self.b.delete(ids)
+        return ids
 
-    def __init__(self, documents: list, pieces: Iterator[str], finish):
-        self.documents = documents
-        self._pieces = pieces
-        self._finish = finish
-        self.result: Optional[QueryResult] = None
+    def save(self, d, lock=None):
+        self.b.save(d)
 
-    def __iter__(self):
-        parts = []
-        try:
-            for p in self._pieces:
-                parts.append(p)
-                yield p
-        finally:  # also when the caller stops reading early: usage and timings of what was generated
-            self._pieces.close() if hasattr(self._pieces, "close") else None
-            self.result = self._finish("".join(parts))
+    def load(self, d, verify=True):
+        self.b.load(d)
+
+    def rekey(self, keys_fn, fp):
+        from dataclasses import replace
+        from .errors import ModelMismatchError
+        b = self.b
+        with b._lock:
+            s = b._state
+            if s.inputs is None and len(s):
+                raise ModelMismatchError("this memory was built without keep_inputs, so it cannot be re-keyed "
+                                         "without re-encoding; rebuild it with keep_inputs=True")
+            if len(s):
+                keys_r = keys_fn(s.inputs).to(s.keys.dtype)
+                b._state = replace(s, **b._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
+            b.fingerprint["key_mode"] = fp["key_mode"]
 
 
 class MSAEngine:
-    """A language model holding a document collection as Memory Sparse Attention memory."""
+    """A language model holding a document collection as Memory Sparse Attention memory.
+
+    Build with `MSAEngine.from_pretrained(...)`. Memory: `add`, `upsert`, `delete`, `get`, `snapshot`,
+    `save`, `load`. Questions: `retrieve` (routed documents), `query` / `stream` (answers), `answer_from`
+    (answer from given texts), `generate` / `stream_generate` (the model alone).
+    """
 
     def __init__(self, model: DecoderModel, router=None, config: Optional[MSAConfig] = None, name: str = "model"):
-        self.config = config or MSAConfig()
+        cfg = config or MSAConfig()
         self.model = model
         self.name = name
-        cfg = self.config
         if router is not None and cfg.routing_layers is None:
             layers = list(router.layers)
         else:
             layers = list(cfg.routing_layers) if cfg.routing_layers is not None else \
                 list(range(model.n_layers // 2, model.n_layers))
-        bad = [l for l in layers if not 0 <= l < model.n_layers]
+        bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
         if bad or not layers:
-            raise ValueError(f"routing layers {layers} are not layers of this {model.n_layers}-layer model")
+            raise InvalidArgumentError(f"routing layers {layers} are not layers of this {model.n_layers}-layer model; "
+                                       f"use indices 0..{model.n_layers - 1}")
         if router is not None:
             router = check_router(router, layers, model)
+        self.config = cfg
         self.routing_layers = layers
         self.router = router if router is not None else QKRouter(model, layers)
         self.encoder = Encoder(model, layers, cfg.chunk_size, self.router, score=cfg.score,
                                keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens)
-        max_doc = cfg.max_doc_tokens or model.max_positions
-        self.memory = MemoryBank(self.encoder, self.fingerprint(), self._tokenize, max_doc,
-                                 split_long=cfg.split_long_documents, routing_device=model.device,
-                                 content_device=model.device if cfg.content_tier == "device" else "cpu",
-                                 int8_routing_keys=cfg.int8_routing_keys)
-        self._write_lock = threading.RLock()
+        self._bank = _make_bank(self, cfg.max_doc_tokens or model.max_positions)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: Optional[str] = None, router: Optional[str] = None, memory: Optional[str] = None,
                         config: Optional[MSAConfig] = None, device: Optional[str] = None, dtype=None,
                         **overrides) -> "MSAEngine":
-        """model: None (embedded SmolLM2-135M-Instruct), a local HF folder, or a .gguf file.
-        router: a router adapter folder (msa train-router), or "none" for training-free routing with
-        the layer's own q/k projections. An MSA-4B-format checkpoint's own router projectors are loaded
-        automatically; the embedded default model uses the router shipped with the package. memory: a saved memory folder to load.
-        `overrides` set MSAConfig fields (e.g. k=8, chunk_size=32)."""
-        config = config or MSAConfig()
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise TypeError(f"unknown setting {key!r}; see MSAConfig for the settings")
-            setattr(config, key, value)
-        config.__post_init__()
+        """Load a model (and optionally a router and a saved memory).
+
+        Args:
+            model: None (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, or a .gguf file.
+            router: a router adapter folder (`msa train-router`), or "none" for training-free routing with
+                the layer's own q/k projections. None: an MSA-4B checkpoint's own router projectors, or the
+                router shipped for the embedded default model.
+            memory: a saved memory folder to load.
+            config: an `MSAConfig`; `overrides` replace its build settings (chunk_size=32) and answer
+                defaults (k=8, max_new_tokens=64). The caller's config object is never changed.
+        """
+        config = (config or MSAConfig()).with_overrides(**overrides)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         folder, name = resolve_model(model)
         hf_model, tokenizer = load_hf_model(folder, device=device, dtype=dtype)
-        dm = DecoderModel(hf_model, tokenizer, name=name)
-        router_obj = None
+        decoder = DecoderModel(hf_model, tokenizer, name=name)
         if router in ("none", "qk"):  # explicitly the training-free baseline (the layer's own q/k)
             router_obj = None
         elif router is not None:
             router_obj = Router.load(router)
         else:
-            router_obj = read_msa4b_router(folder, dm.n_heads, dm.n_kv_heads, dm.head_dim)
+            router_obj = read_msa4b_router(folder, decoder.n_heads, decoder.n_kv_heads, decoder.head_dim)
             if router_obj is None and (model is None or model == "default"):
                 router_obj = Router.load(DEFAULT_ROUTER_DIR)  # the router shipped for the embedded default
-        engine = cls(dm, router=router_obj, config=config, name=name)
+        engine = cls(decoder, router=router_obj, config=config, name=name)
         if memory is not None:
             engine.load(memory)
         return engine
 
     def fingerprint(self) -> dict:
+        """What a saved memory must match to be loaded by this engine (model, tokenizer, router, P, ...)."""
         m = self.model
         h = hashlib.sha256()
         for t in (m.embed_tokens.weight[:8], m.layers[-1].input_layernorm.weight, m.layers[0].self_attn.q_proj.weight[:8]):
@@ -153,211 +181,293 @@ class MSAEngine:
                 "routing_layers": list(self.routing_layers), "key_mode": self.router.fingerprint(),
                 "score": self.config.score, "routing_keys": "int8" if self.config.int8_routing_keys else "float"}
 
+    @property
+    def answer_defaults(self) -> AnswerOptions:
+        return self.config.answer
+
+    @property
+    def model_name(self) -> str:
+        return self.name
+
+    @property
+    def context_window(self) -> int:
+        """The model's window in tokens (prompt + generated)."""
+        return int(self.model.max_positions)
+
+    @property
+    def has_trained_router(self) -> bool:
+        """True when routing uses trained router projectors (needed by mode="protocol")."""
+        return isinstance(self.router, Router)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the model's own tokenizer (no special tokens)."""
+        return len(self._tokenize(check_text(text, "text")))
+
     def _tokenize(self, text: str) -> list:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ memory
     def add(self, texts, ids=None, metadata=None, progress: bool = True) -> list:
-        with self._write_lock:
-            return self.memory.add(texts, ids=ids, metadata=metadata, progress=progress)
+        """Encode and add documents; returns one id per text. An id already in the memory raises
+        `DuplicateIdError` (use `upsert` to replace). On any error the memory is unchanged."""
+        return self._bank.add(texts, ids=ids, metadata=metadata, progress=progress)
 
-    def replace(self, texts, ids, metadata=None, progress: bool = True) -> list:
-        """Swap existing documents for new versions in one step: readers see the old or the new, never neither."""
-        with self._write_lock:
-            return self.memory.replace(texts, ids, metadata=metadata, progress=progress)
+    def upsert(self, texts, ids, metadata=None, progress: bool = True) -> list:
+        """Replace the documents whose ids exist and add the others, in one step: a concurrent reader
+        sees the old version or the new one, never neither."""
+        return self._bank.upsert(texts, ids, metadata=metadata, progress=progress)
 
-    def delete(self, ids) -> None:
-        with self._write_lock:
-            self.memory.delete(ids)
+    replace = upsert  # the name before 0.2
+
+    def delete(self, ids, missing_ok: bool = False) -> list:
+        """Remove documents (a split long document by its parent id); returns the ids removed. Unknown ids
+        raise `DocumentNotFoundError` and nothing is removed, unless `missing_ok`."""
+        return self._bank.delete(ids, missing_ok=missing_ok)
 
     def get(self, ids) -> list:
-        return self.memory.get(ids)
+        """`MemoryDocument`s by id (a split long document's id gives its parts, in order)."""
+        return self.snapshot().get(ids)
 
-    def __len__(self):
-        return len(self.memory)
+    def snapshot(self) -> Snapshot:
+        """A read-only view of the memory now; later writes do not change it."""
+        state = self._bank.state
+        return Snapshot(state, nbytes=self._bank.nbytes_of(state))
+
+    def __len__(self) -> int:
+        return len(self._bank.state)
+
+    def __contains__(self, doc_id) -> bool:
+        return doc_id in self.snapshot()
 
     def save(self, directory: str) -> None:
-        with self._write_lock:
-            self.memory.save(directory)
+        """Write the memory to `directory` atomically, under the folder's writer lock."""
+        self._bank.save(directory)
 
-    def load(self, directory: str) -> None:
-        with self._write_lock:
-            self.memory.load(directory)
+    def load(self, directory: str, verify: bool = True) -> None:
+        """Replace the memory with a saved one (checked against this engine's fingerprint; `verify`
+        checks file checksums and structure)."""
+        self._bank.load(directory, verify=verify)
+        self.encoder.keep_inputs = self._bank.keeps_inputs  # adopt the memory's setting for later adds
+
+    @contextlib.contextmanager
+    def edit_saved(self, directory: str, timeout: float = 60.0):
+        """Read-modify-write of a saved memory folder under its writer lock (threads and processes):
+        loads the folder if it holds a memory (else starts from this engine's memory), yields, and saves
+        on success. A concurrent writer waits up to `timeout` s, then `MemoryLockedError`."""
+        with self._bank.locked(directory, timeout=timeout) as held:
+            if held.holds_memory:
+                self.load(directory)
+            yield self
+            self._bank.save(directory, lock=held)
 
     def set_router(self, router) -> None:
-        """Use another trained router; re-keys the bank from its kept pooled inputs (no model forward)."""
+        """Use another trained router: re-keys the memory from its kept pooled inputs (no model forward)."""
         if isinstance(router, str):
             router = Router.load(router)
         router = check_router(router, self.routing_layers, self.model)
-        with self._write_lock:
-            self.memory.rekey(router)
-            self.router = router
-            self.encoder.router = router
+        def keys_for(inputs: torch.Tensor) -> torch.Tensor:  # pooled inputs [L, C, hidden] -> keys [L, C, G*D]
+            return torch.stack([self.encoder.routing_keys_from_inputs(layer, inputs[i], router)
+                                for i, layer in enumerate(self.routing_layers)])
+
+        self._bank.rekey(keys_for, {**self.fingerprint(), "key_mode": router.fingerprint()})
+        self.router = router
+        self.encoder.router = router
+
+    def info(self) -> dict:
+        snap = self.snapshot()
+        return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
+                "documents": len(snap), "chunks": snap.n_chunks, "tokens": snap.n_tokens, "bytes": snap.nbytes,
+                "chunk_size": self.config.chunk_size, "score": self.config.score}
 
     # ------------------------------------------------------------------ routing
-    def route(self, question: str, k: Optional[int] = None, allow_ids=None, context: str = "",
-              state=None) -> Routing:
-        """Rank memory documents for a question (question tokens only, not template or context)."""
+    def _allow_ids(self, snap: Snapshot, where: Where) -> Optional[list]:
+        if where is None:
+            return None
+        if not callable(where):
+            where = check_where_ids(where)
+            if not where:
+                raise InvalidArgumentError("the allow-list of ids is empty, so no document may be used; pass None "
+                                           "to use the whole memory")
+        return snap.select(where)
+
+    def _check_question(self, question: str) -> list:
+        """The question's tokens, refused before any model work when longer than the limit."""
         question = check_text(question)
-        state = state if state is not None else self.memory.state
-        if len(state) == 0:
-            raise LookupError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
-        prompt = build_prompt(self.model, question, system=self.config.system_prompt)
+        limit = self.config.max_question_tokens or self.model.max_positions
+        n = len(self._tokenize(question))
+        if n > limit:
+            raise InputTooLongError(f"the question has {n} tokens, more than the limit of {limit} "
+                                    "(max_question_tokens, or the model's window); shorten it")
+        return question
+
+    def route(self, question: str, k: Optional[int] = None, where: Where = None, context: str = "",
+              snapshot: Optional[Snapshot] = None, _allow: Optional[list] = None) -> Routing:
+        """Rank memory documents for a question (its own tokens only, not the template or `context`).
+        Returns the per-layer selections too. Raises `EmptyMemoryError` for an empty memory."""
+        question = self._check_question(question)
+        k = self.config.answer.merged(k=k).k
+        snap = snapshot if snapshot is not None else self.snapshot()
+        if len(snap) == 0:
+            raise EmptyMemoryError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
+        allow = _allow if _allow is not None else self._allow_ids(snap, where)
+        prompt = build_prompt(self.model, question, system=self.config.answer.system)
         if context:  # re-routing: question + injected text are both "the question" for routing
             ids = self._tokenize(context) + prompt.ids
             mask = [True] * (len(ids) - len(prompt.ids)) + prompt.question_mask
+            if len(ids) > self.model.max_positions:  # keep the question and the injected text nearest to it
+                ids, mask = ids[-self.model.max_positions:], mask[-self.model.max_positions:]
         else:
             ids, mask = prompt.ids, prompt.question_mask
         q = self.encoder.routing_queries(ids, mask)
-        return route(q, state, self.routing_layers, k or self.config.k, allow_ids=allow_ids,
-                     backend=self.config.routing_backend)
+        return route(q, snap._state, self.routing_layers, k, allow_ids=allow, backend=self.config.routing_backend)
+
+    def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
+                 snapshot: Optional[Snapshot] = None) -> list:
+        """The documents the router selects for `question`, best first (layer-mean ranking).
+
+        `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k. Returns
+        [] when the memory is empty or nothing passes `where`."""
+        question = self._check_question(question)
+        snap = snapshot if snapshot is not None else self.snapshot()
+        allow = self._allow_ids(snap, where)
+        if len(snap) == 0 or allow == []:
+            return []
+        routing = self.route(question, k=k, snapshot=snap, _allow=allow)
+        return _routed_documents(snap, routing.rows, routing.scores, 0)
 
     # ------------------------------------------------------------------ answering
-    def query(self, question: str, **kw) -> QueryResult:
-        stream = self.stream(question, **kw)
-        for _ in stream:
-            pass
-        return stream.result
+    def query(self, question: str, options: Optional[AnswerOptions] = None, **kw) -> QueryResult:
+        """Answer from memory; see `stream` for the arguments."""
+        return self.stream(question, options, **kw).collect()
 
-    def stream(self, question: str, mode: Optional[str] = None, k: Optional[int] = None,
-               max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-               rounds: Optional[int] = None, allow_ids=None, history: Optional[list] = None,
-               system: Optional[str] = None, seed: Optional[int] = None, stop: Optional[list] = None,
-               prompt_style: Optional[str] = None) -> QueryStream:
-        """prompt_style: how interleave mode shows the routed documents (engine.generation.PROMPT_STYLES);
-        None: MSAConfig.prompt_style, else the default style. It does not change routing."""
-        cfg = self.config
-        mode = mode or cfg.mode
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-        if mode == "protocol" and self.router.kind != "router":
-            raise ValueError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
-                             "use 'interleave' or 'sparse' with this model")
-        k = k or cfg.k
-        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temp = cfg.temperature if temperature is None else temperature
-        system = system if system is not None else cfg.system_prompt
+    def stream(self, question: str, options: Optional[AnswerOptions] = None, *, where: Where = None,
+               history: Optional[list] = None, snapshot: Optional[Snapshot] = None, **overrides) -> Stream:
+        """Answer `question` from memory, piece by piece.
+
+        Args:
+            options: an `AnswerOptions` (default: `config.answer`); `overrides` replace single fields
+                (k=3, mode="sparse", max_new_tokens=32, temperature, seed, stop, system, prompt_style, rounds).
+            where: restrict routing to these documents (predicate on `MemoryDocument`, or ids).
+            history: earlier chat turns [{"role", "content"}], placed before the question.
+            snapshot: answer from this view of the memory (default: the memory now).
+        Returns:
+            a `Stream`: `.documents` before the first piece, `.result` (`QueryResult`) after the last.
+            With no document to route to (empty memory, or `where` admits none) interleave answers from
+            the model alone and logs a warning; `.documents` is then [].
+        """
         t0 = time.perf_counter()
-        state = self.memory.state  # one snapshot for the whole answer
-        routing = self.route(question, k=k, allow_ids=allow_ids, state=state)
-        rounds_docs = [self._routed_docs(state, routing.rows, routing.scores, 0)]
-        memory, offset = None, 0
-        if mode == "interleave":
-            n_rounds = max(1, min(rounds or cfg.rounds, cfg.max_rounds))
-            for r in range(1, n_rounds):
-                seen = {d.id for rd in rounds_docs for d in rd}
-                injected = "\n\n".join(d.text for rd in rounds_docs for d in rd)
-                again = self.route(question, k=k, allow_ids=allow_ids, context=injected, state=state)
-                new = [(row, s) for row, s in zip(again.rows, again.scores) if state.ids[row] not in seen]
+        opts = (options or self.config.answer).merged(**overrides)
+        question = self._check_question(question)
+        history = check_messages(history) if history else None
+        if opts.mode == "protocol" and not self.has_trained_router:
+            raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
+                                       "use 'interleave' or 'sparse' with this model")
+        snap = snapshot if snapshot is not None else self.snapshot()
+        allow = self._allow_ids(snap, where)
+        # the question and history must fit before any routing work is spent on them
+        self._check_fits(build_prompt(self.model, question, system=opts.system, history=history).ids, opts, 0)
+        if len(snap) == 0 or allow == []:
+            logger.warning("no memory document to route to (%s): answering from the model alone",
+                           "the memory is empty" if len(snap) == 0 else "the filter admits none")
+            return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
+        routing = self.route(question, k=opts.k, snapshot=snap, _allow=allow)
+        rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
+        if opts.mode == "interleave":
+            for r in range(1, min(opts.rounds, self.config.max_rounds)):
+                seen = {d.id for docs in rounds for d in docs}
+                injected = "\n\n".join(d.text for docs in rounds for d in docs)
+                again = self.route(question, k=opts.k, context=injected, snapshot=snap, _allow=allow)
+                new = [(row, s) for row, s in zip(again.rows, again.scores) if snap._state.ids[row] not in seen]
                 if not new:
                     break
-                rounds_docs.append(self._routed_docs(state, [x[0] for x in new], [x[1] for x in new], r))
-            docs = [d for rd in rounds_docs for d in rd]
-            style = prompt_style or cfg.prompt_style
-            prompt = context_prompt(self.model, question, [d.text for d in docs], style=style, system=system,
-                                    history=history)
-            window = self.model.max_positions
-            if len(prompt.ids) + max_new > window:
-                # the injected documents do not fit the model's window: keep the best-ranked ones that do
-                kept = list(docs)
-                while kept and len(prompt.ids) + max_new > window:
-                    kept.pop()
-                    prompt = context_prompt(self.model, question, [d.text for d in kept], style=style,
-                                            system=system, history=history)
-                warnings.warn(f"the {len(docs)} routed documents do not fit the model's window of {window} tokens "
-                              f"with {max_new} new tokens; answering from the top {len(kept)} (lower k, or "
-                              "max_doc_tokens, to avoid this)")
-                rounds_docs = [[d for d in rd if d in kept] for rd in rounds_docs]
-        else:  # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
-            docs = rounds_docs[0]
-            memory = sparse_memory(state, routing.per_layer_rows, self.model.n_layers, self.routing_layers, self.model)
-            offset = int(routing.per_layer_rows.shape[1])  # the k documents count as k position slots
-            prompt = build_prompt(self.model, question, system=system, history=history)
-        if offset + len(prompt.ids) + max_new > self.model.max_positions:
-            raise ValueError(f"the prompt ({len(prompt.ids)} tokens) plus {max_new} new tokens does not fit the model's "
-                             f"window of {self.model.max_positions} tokens; shorten the question or history")
-        routing_s = time.perf_counter() - t0
+                rounds.append(_routed_documents(snap, [x[0] for x in new], [x[1] for x in new], r))
+            return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
+                                      per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
+        # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
+        memory = sparse_memory(snap._state, routing.per_layer_rows, self.model.n_layers, self.routing_layers, self.model)
+        offset = int(routing.per_layer_rows.shape[1])  # the k documents count as k position slots
+        prompt = build_prompt(self.model, question, system=opts.system, history=history)
+        self._check_fits(prompt.ids, opts, offset)
         stats = GenerationStats()
-        if mode == "protocol":
-            tokens = self._protocol_tokens(state, prompt.ids, memory, offset, max_new, temp, seed, stats, rounds_docs,
-                                           allow_ids)
+        if opts.mode == "protocol":
+            loop = ProtocolLoop(self, snap, allow)
+            tokens = loop.tokens(prompt.ids, memory, offset, opts, stats)
         else:
-            tokens = generate_tokens(self.model, prompt.ids, max_new, temp, memory=memory, position_offset=offset,
-                                     seed=seed, stats=stats)
-        pieces = cut_at_stop(decode_stream(self.model.tokenizer, tokens), stop, stats)
+            loop = None
+            tokens = generate_tokens(self.model, prompt.ids, opts.max_new_tokens, opts.temperature, memory=memory,
+                                     position_offset=offset, seed=opts.seed, stats=stats)
+        return self._stream(rounds, tokens, stats, opts, t0, time.perf_counter() - t0, routing.per_layer,
+                            extra_rounds=loop.rounds if loop else None)
+
+    def answer_from(self, question: str, texts, options: Optional[AnswerOptions] = None, *,
+                    history: Optional[list] = None, **overrides) -> Stream:
+        """Interleave answering over the given `texts` (no routing): the same prompt a routed answer gets.
+        For comparing prompts and retrievers on one generator (the evaluation uses it)."""
+        t0 = time.perf_counter()
+        opts = (options or self.config.answer).merged(**overrides)
+        question = self._check_question(question)
+        if isinstance(texts, str):
+            raise InvalidTypeError("texts must be a list of str, not one string; wrap it: [text]")
+        texts = [check_text(t, "text") for t in texts]
+        history = check_messages(history) if history else None
+        docs = [RoutedDocument(f"text-{i}", t, float("nan"), {}, 0, i) for i, t in enumerate(texts)]
+        return self._answer_texts(question, docs, [docs], opts, history, t0, per_layer={})
+
+    def _answer_texts(self, question, docs, rounds, opts, history, t0, per_layer, routing_s: float = 0.0) -> Stream:
+        """Interleave mode's answer: the documents' text in the prompt (dropping the lowest-ranked ones
+        that do not fit the window, with a warning)."""
+        style = opts.prompt_style
+        prompt = context_prompt(self.model, question, [d.text for d in docs], style=style, system=opts.system,
+                                history=history)
+        window = self.model.max_positions
+        if len(prompt.ids) + opts.max_new_tokens > window and docs:
+            kept = list(docs)
+            while kept and len(prompt.ids) + opts.max_new_tokens > window:
+                kept.pop()
+                prompt = context_prompt(self.model, question, [d.text for d in kept], style=style,
+                                        system=opts.system, history=history)
+            logger.warning("the %d routed documents do not fit the model's window of %d tokens with %d new tokens; "
+                           "answering from the top %d (lower k, or max_doc_tokens, to avoid this)",
+                           len(docs), window, opts.max_new_tokens, len(kept))
+            rounds = [[d for d in docs_r if d in kept] for docs_r in rounds]
+        self._check_fits(prompt.ids, opts, 0)
+        stats = GenerationStats()
+        tokens = generate_tokens(self.model, prompt.ids, opts.max_new_tokens, opts.temperature, seed=opts.seed,
+                                 stats=stats)
+        return self._stream(rounds, tokens, stats, opts, t0, routing_s, per_layer)
+
+    def _check_fits(self, prompt_ids: list, opts: AnswerOptions, offset: int) -> None:
+        window = self.model.max_positions
+        if offset + len(prompt_ids) + opts.max_new_tokens > window:
+            raise InputTooLongError(f"the prompt ({len(prompt_ids)} tokens) plus {opts.max_new_tokens} new tokens "
+                                    f"does not fit the model's window of {window} tokens; shorten the question or "
+                                    "history, or lower max_new_tokens")
+
+    def _stream(self, rounds, tokens: Iterator[int], stats: GenerationStats, opts: AnswerOptions, t0: float,
+                routing_s: float, per_layer: dict, extra_rounds: Optional[list] = None) -> Stream:
+        pieces = cut_at_stop(decode_stream(self.model.tokenizer, tokens), opts.stop, stats)
 
         def finish(text: str) -> QueryResult:
-            total = time.perf_counter() - t0
-            all_docs = [d for rd in rounds_docs for d in rd]
-            return QueryResult(
-                answer=text.strip(), mode=mode, documents=all_docs, rounds=rounds_docs, per_layer=routing.per_layer,
-                timings={"routing_s": routing_s, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
-                         "first_token_s": routing_s + stats.first_token_s, "total_s": total},
-                prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                finish_reason=stats.finish_reason)
+            all_rounds = rounds + (extra_rounds or [])
+            return QueryResult(answer=text.strip(), mode=opts.mode, documents=[d for r in all_rounds for d in r],
+                               rounds=all_rounds, per_layer=per_layer,
+                               timings=stats.timings(total_s=time.perf_counter() - t0, routing_s=routing_s),
+                               prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                               finish_reason=stats.finish_reason)
 
-        return QueryStream([d for rd in rounds_docs for d in rd], pieces, finish)
-
-    def _routed_docs(self, state, rows, scores, rnd) -> list:
-        return [RoutedDocument(state.ids[r], state.texts[r], float(s), dict(state.metadata[r]), rnd, i)
-                for i, (r, s) in enumerate(zip(rows, scores))]
-
-    def _protocol_tokens(self, state, prompt_ids, memory, offset, max_new, temp, seed, stats, rounds_docs, allow_ids):
-        """MSA-4B's retrieval protocol: the model writes `[<memory index>]` + delimiter; we append that
-        document's original text to the context and let it continue; the end marker ends retrieval."""
-        tok = self.model.tokenizer
-        pattern = re.compile(r"\[(\d+)\]" + re.escape(self.config.protocol_delimiter))
-        context = list(prompt_ids)
-        emitted = 0
-        for step in range(self.config.max_rounds + 1):
-            seg = GenerationStats()
-            seg_ids = []
-            for t in generate_tokens(self.model, context, max_new - emitted, temp, memory=memory,
-                                     position_offset=offset, seed=seed, stats=seg):
-                seg_ids.append(t)
-                emitted += 1
-                yield t
-                text = tok.decode(seg_ids, skip_special_tokens=True)
-                if self.config.protocol_end_marker in text:
-                    break
-                m = pattern.search(text)
-                if m and step < self.config.max_rounds:
-                    break
-            stats.prompt_tokens = stats.prompt_tokens or seg.prompt_tokens
-            stats.completion_tokens += seg.completion_tokens
-            stats.prefill_s += seg.prefill_s
-            stats.decode_s += seg.decode_s
-            stats.first_token_s = stats.first_token_s or seg.first_token_s
-            stats.finish_reason = seg.finish_reason
-            text = tok.decode(seg_ids, skip_special_tokens=True)
-            m = pattern.search(text)
-            if emitted >= max_new or self.config.protocol_end_marker in text or not m or step == self.config.max_rounds:
-                return
-            row = int(m.group(1))
-            if not 0 <= row < len(state) or (allow_ids is not None and state.ids[row] not in set(allow_ids)):
-                return  # an unknown or filtered-out document is never injected
-            rounds_docs.append(self._routed_docs(state, [row], [float("nan")], step + 1))
-            context = context + seg_ids + self._tokenize(state.texts[row] + self.config.protocol_delimiter)
+        return Stream([d for r in rounds for d in r], pieces, finish)
 
     # ------------------------------------------------------------------ plain generation (no memory)
-    def generate(self, messages, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                 stop: Optional[list] = None, seed: Optional[int] = None) -> GenerationResult:
+    def generate(self, messages, options: Optional[AnswerOptions] = None, **overrides) -> GenerationResult:
         """The model as a plain chat LLM (no memory): the same generator a RAG baseline uses."""
-        pieces = []
-        stats = GenerationStats()
-        t0 = time.perf_counter()
-        for p in self.stream_generate(messages, max_new_tokens, temperature, stop, seed, stats=stats):
-            pieces.append(p)
-        return GenerationResult("".join(pieces), stats.prompt_tokens, stats.completion_tokens,
-                                {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
-                                 "first_token_s": stats.first_token_s, "total_s": time.perf_counter() - t0},
-                                stats.finish_reason)
+        return self.stream_generate(messages, options, **overrides).collect()
 
-    def stream_generate(self, messages, max_new_tokens=None, temperature=None, stop=None, seed=None,
-                        stats: Optional[GenerationStats] = None) -> Iterator[str]:
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        messages = _check_messages(messages)
+    def stream_generate(self, messages, options: Optional[AnswerOptions] = None, **overrides) -> Stream:
+        """Plain generation, piece by piece: a `Stream` with no documents and a `GenerationResult`.
+        Uses max_new_tokens, temperature, seed and stop of the options."""
+        t0 = time.perf_counter()
+        opts = (options or self.config.answer).merged(**overrides)
+        messages = check_messages(messages)
         tok = self.model.tokenizer
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -365,26 +475,76 @@ class MSAEngine:
                 ids = ids["input_ids"]
         else:
             ids = self._tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
-        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temp = self.config.temperature if temperature is None else temperature
-        if len(ids) + max_new > self.model.max_positions:
-            raise ValueError(f"the prompt ({len(ids)} tokens) plus {max_new} new tokens does not fit the model's "
-                             f"window of {self.model.max_positions} tokens; shorten the messages")
-        stats = stats if stats is not None else GenerationStats()
-        yield from cut_at_stop(decode_stream(tok, generate_tokens(self.model, list(ids), max_new, temp, seed=seed,
-                                                                  stats=stats)), stop, stats)
+        ids = list(ids)
+        self._check_fits(ids, opts, 0)
+        stats = GenerationStats()
+        pieces = cut_at_stop(decode_stream(tok, generate_tokens(self.model, ids, opts.max_new_tokens, opts.temperature,
+                                                                seed=opts.seed, stats=stats)), opts.stop, stats)
 
-    # ------------------------------------------------------------------ info
-    def info(self) -> dict:
-        s = self.memory.state
-        return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
-                "documents": len(s), "chunks": s.n_chunks, "tokens": sum(s.n_tokens), "bytes": self.memory.nbytes,
-                "chunk_size": self.config.chunk_size, "score": self.config.score}
+        def finish(text: str) -> GenerationResult:
+            return GenerationResult(text, stats.prompt_tokens, stats.completion_tokens,
+                                    stats.timings(total_s=time.perf_counter() - t0), stats.finish_reason)
+
+        return Stream([], pieces, finish)
+
+    # ------------------------------------------------------------------ router training
+    def train_router(self, *args, **kwargs):
+        """Train a router for this model on a corpus (see `msa_plugins.trainer.train_router_for`)."""
+        from .trainer import train_router_for
+
+        return train_router_for(self, *args, **kwargs)
+
+
+class ProtocolLoop:
+    """MSA-4B's retrieval protocol: the model writes `[<memory index>]` + delimiter; the engine appends that
+    document's original text to the context and lets it continue, until the end marker. The documents it
+    injected are in `rounds` (one list per injection) once generation ends."""
+
+    def __init__(self, engine: MSAEngine, snap: Snapshot, allow: Optional[list]):
+        self.engine = engine
+        self.snap = snap
+        self.allow = None if allow is None else set(allow)
+        self.rounds: list = []
+
+    def tokens(self, prompt_ids: list, memory, offset: int, opts: AnswerOptions, stats: GenerationStats):
+        cfg, model = self.engine.config, self.engine.model
+        tok = model.tokenizer
+        pattern = re.compile(r"\[(\d+)\]" + re.escape(cfg.protocol_delimiter))
+        context = list(prompt_ids)
+        emitted = 0
+        state = self.snap._state
+        for step in range(cfg.max_rounds + 1):
+            segment = GenerationStats()
+            seg_ids = []
+            for t in generate_tokens(model, context, opts.max_new_tokens - emitted, opts.temperature, memory=memory,
+                                     position_offset=offset, seed=opts.seed, stats=segment):
+                seg_ids.append(t)
+                emitted += 1
+                yield t
+                text = tok.decode(seg_ids, skip_special_tokens=True)
+                if cfg.protocol_end_marker in text or (pattern.search(text) and step < cfg.max_rounds):
+                    break
+            stats.add(segment)
+            text = tok.decode(seg_ids, skip_special_tokens=True)
+            m = pattern.search(text)
+            if emitted >= opts.max_new_tokens or cfg.protocol_end_marker in text or not m or step == cfg.max_rounds:
+                return
+            row = int(m.group(1))
+            if not 0 <= row < len(state.ids) or (self.allow is not None and state.ids[row] not in self.allow):
+                return  # an unknown or filtered-out document is never injected
+            self.rounds.append(_routed_documents(self.snap, [row], [float("nan")], step + 1))
+            context = context + seg_ids + self.engine._tokenize(state.texts[row] + cfg.protocol_delimiter)
+
+
+def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:
+    s = snap._state
+    return [RoutedDocument(s.ids[r], s.texts[r], float(score), dict(s.metadata[r]), round_, i)
+            for i, (r, score) in enumerate(zip(rows, scores))]
 
 
 def check_router(router, layers: list, model: DecoderModel):
     """A trained router that fits this model and covers these routing layers, on the model's device."""
-    missing = [l for l in layers if l not in router.layers]
+    missing = [layer for layer in layers if layer not in router.layers]
     if missing:
         raise RouterMismatchError(f"the router has no projectors for routing layers {missing}; "
                                   f"it covers layers {router.layers}")
@@ -399,7 +559,7 @@ def check_router(router, layers: list, model: DecoderModel):
     return router.to(model.device, torch.float32)
 
 
-def cut_at_stop(pieces: Iterator[str], stop: Optional[list], stats: GenerationStats) -> Iterator[str]:
+def cut_at_stop(pieces: Iterator[str], stop: Optional[tuple], stats: GenerationStats) -> Iterator[str]:
     """Pass text pieces through until one of the `stop` strings appears; then end generation there."""
     if not stop:
         yield from pieces
@@ -423,23 +583,4 @@ def cut_at_stop(pieces: Iterator[str], stop: Optional[list], stats: GenerationSt
         yield text[emitted:]
 
 
-def check_text(value, what: str = "question") -> str:
-    """A non-empty str, else the error every surface (engine, LlamaIndex, LangChain) gives for it."""
-    if not isinstance(value, str):
-        raise TypeError(f"the {what} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"the {what} is empty; ask something")
-    return value
-
-
-def _check_messages(messages) -> list:
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise TypeError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-        if not isinstance(m["content"], str):
-            raise TypeError(f"message {i} content must be a str, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not out:
-        raise ValueError("no messages to answer")
-    return out
+__all__ = ["MSAEngine", "MemoryDocument"]

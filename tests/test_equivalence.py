@@ -44,7 +44,7 @@ def test_sparse_mode_equals_dense_forward_under_msa_mask(tiny_model_dir, family)
     engine = MSAEngine.from_pretrained(tiny_model_dir(family), device="cpu", chunk_size=1)
     engine.add(DOCS)
     q = "Where was Alice born?"
-    state = engine.memory.state
+    state = engine._bank.state
     routing = engine.route(q, k=10)  # k >= number of documents: every layer selects all of them
     assert routing.per_layer_rows.shape[1] == len(DOCS)
     memory = sparse_memory(state, routing.per_layer_rows, engine.model.n_layers, engine.routing_layers, engine.model)

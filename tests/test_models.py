@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msa_plugins import MSAEngine
-from msa_plugins.engine.model import UnsupportedModelError
+from msa_plugins import UnsupportedModelError
 from msa_plugins.engine.router import Router
 from msa_plugins.kernels.routing import fold_queries
 from msa_plugins.engine.encoding import normalise_heads, pool_chunks
@@ -149,35 +149,36 @@ def test_host_content_tier_gives_the_same_sparse_answer(tiny_model_dir, tmp_path
 
 
 def test_failed_set_router_changes_nothing_and_keep_inputs_is_adopted(tiny_model_dir, tmp_path):
-    from msa_plugins.engine.router import RouterMismatchError
+    from msa_plugins import RouterMismatchError
 
     path = _write_msa4b(tiny_model_dir("qwen3"), str(tmp_path / "msa4b"), layers=[2, 3])
     e = MSAEngine.from_pretrained(path, device="cpu", chunk_size=4, keep_inputs=True)
     e.add(DOCS, ids=["a", "b", "c"])
-    keys = e.memory.state.keys_r.clone()
-    before = (e.router.fingerprint(), e.memory.fingerprint["key_mode"], e.route("Where was Alice born?", k=3).ids)
+    keys = e._bank.state.keys_r.clone()
+    before = (e.router.fingerprint(), e._bank.fingerprint["key_mode"], e.route("Where was Alice born?", k=3).ids)
     partial = Router({2: e.router.wq[2]}, {2: e.router.wk[2]}, e.model.n_heads, e.model.n_kv_heads, e.model.head_dim)
     with pytest.raises(RouterMismatchError, match="no projectors for routing layers"):
         e.set_router(partial)
-    assert torch.equal(e.memory.state.keys_r, keys)
-    assert (e.router.fingerprint(), e.memory.fingerprint["key_mode"], e.route("Where was Alice born?", k=3).ids) == before
+    assert torch.equal(e._bank.state.keys_r, keys)
+    assert (e.router.fingerprint(), e._bank.fingerprint["key_mode"], e.route("Where was Alice born?", k=3).ids) == before
     # a memory built with keep_inputs stays re-keyable when an engine without the flag extends it
     e.save(str(tmp_path / "mem"))
     e2 = MSAEngine.from_pretrained(path, device="cpu", chunk_size=4, memory=str(tmp_path / "mem"))
     e2.add(["Lisbon is the capital of Portugal."], ids=["d"])
-    s = e2.memory.state
+    s = e2._bank.state
     assert s.inputs is not None and s.inputs.shape[1] == s.n_chunks
 
 
-def test_routed_documents_that_overflow_the_window_are_dropped_lowest_first(tmp_path):
+def test_routed_documents_that_overflow_the_window_are_dropped_lowest_first(tmp_path, caplog):
     from tiny_models import make_tiny_model
 
     path = make_tiny_model("llama", str(tmp_path / "small-window"), max_position_embeddings=256)
     e = MSAEngine.from_pretrained(path, device="cpu", max_doc_tokens=100, prompt_style="msa")
     long_docs = [" ".join(["Paris is the capital of France."] * 8) + f" Fact {i}." for i in range(4)]  # ~85 tokens each
     e.add(long_docs)
-    with pytest.warns(UserWarning, match="do not fit the model's window"):
+    with caplog.at_level("WARNING", logger="msa_plugins"):
         res = e.query("What is the capital of France?", k=4, max_new_tokens=4)
+    assert "do not fit the model's window" in caplog.text
     assert 1 <= len(res.documents) < 4
     assert res.prompt_tokens + 4 <= e.model.max_positions
     with pytest.raises(ValueError, match="does not fit the model's window"):
