@@ -2,6 +2,10 @@
 `AnswerOptions` (how one question is answered; defaults in `MSAConfig.answer`, overridable per call).
 
 Environment variables read by the package (each documented where it is read):
+    MSA_MODEL           `MSAEngine.from_pretrained`'s model when none is passed (a folder, .gguf file or hub id)
+    MSA_ROUTER          its router when none is passed (a router folder, or "none")
+    MSA_MEMORY          a saved memory folder to load when none is passed
+    MSA_DEVICE          its device when none is passed ("cpu", "cuda", "cuda:1")
     MSA_PLUGINS_CACHE   where the converted default model is cached (default ~/.cache/msa-plugins)
     MSA_DATASETS        the evaluation data root (default ../shared/datasets beside the working directory)
     MSA_ROUTING_TUNE    autotune the Triton routing kernel on first use (1) or use a fixed config (0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -151,9 +152,15 @@ class MSAEngine:
             memory: a saved memory folder to load.
             config: an `MSAConfig`; `overrides` replace its build settings (chunk_size=32) and answer
                 defaults (k=8, max_new_tokens=64). The caller's config object is never changed.
+            device: "cpu", "cuda", ... (default: CUDA when available).
+
+        Unset arguments fall back to the environment: MSA_MODEL, MSA_ROUTER, MSA_MEMORY, MSA_DEVICE.
         """
         config = (config or MSAConfig()).with_overrides(**overrides)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model if model is not None else os.environ.get("MSA_MODEL") or None
+        router = router if router is not None else os.environ.get("MSA_ROUTER") or None
+        memory = memory if memory is not None else os.environ.get("MSA_MEMORY") or None
+        device = device or os.environ.get("MSA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         folder, name = resolve_model(model)
         hf_model, tokenizer = load_hf_model(folder, device=device, dtype=dtype)
         decoder = DecoderModel(hf_model, tokenizer, name=name)

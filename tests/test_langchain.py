@@ -11,7 +11,7 @@ from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
 
-from msa_plugins import MSAEngine  # noqa: E402
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine  # noqa: E402
 from msa_plugins.integrations.langchain import ChatMSA, MSARetriever, MSAStore, MSAVectorStore  # noqa: E402
 
 FACTS = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon.",
@@ -106,9 +106,9 @@ def test_chat_filters_and_bad_input(engine):
     assert sorted(d["id"] for d in docs) == ["f0", "f2", "f3"]
     with pytest.raises(ValueError, match="no memory document matches"):
         ChatMSA(engine=engine, filter={"topic": "nothing"}).invoke("x?")
-    with pytest.raises(ValueError, match="filter keys"):
+    with pytest.raises(InvalidTypeError, match="filter keys"):  # a wrong type is a TypeError, as in LlamaIndex
         ChatMSA(engine=engine, filter={3: "geo"}).invoke("x?")
-    with pytest.raises(ValueError, match="cannot be compared"):
+    with pytest.raises(InvalidTypeError, match="cannot be compared"):
         ChatMSA(engine=engine, filter={"topic": {"$gt": 3}}).invoke("x?")
     with pytest.raises(ValueError, match="empty"):
         chat.invoke("   ")
@@ -118,6 +118,10 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke([SystemMessage("only a system prompt")])
     with pytest.raises(ValueError, match="cannot switch"):
         chat.invoke("hi?", model="gpt-4o")
+    with pytest.raises(InvalidArgumentError, match="k must be"):  # per-call options are checked as AnswerOptions
+        chat.invoke("hi?", k=0)
+    with pytest.raises(InvalidTypeError, match="max_new_tokens"):
+        chat.invoke("hi?", max_tokens="5")
     with pytest.raises(NotImplementedError):
         chat.bind_tools([])
 
@@ -161,11 +165,11 @@ def test_vector_store_mechanics(model_dir):
     assert [d.id for d in store.similarity_search("q?", k=3, filter=lambda d: d.id == "b")] == ["b"]
     assert store.similarity_search("q?", filter={"topic": "none"}) == []
     store.delete(["a", "missing"])  # VectorStore contract: missing ids are not an error
-    assert sorted(eng.memory.ids) == ["b", "c"]
+    assert sorted(eng.snapshot().ids) == ["b", "c"]
     rel = store.similarity_search_with_relevance_scores("q?", k=2)
     assert all(0.0 <= s <= 1.0 for _, s in rel)
     assert [d.id for d in store.as_retriever(search_kwargs={"k": 1}).invoke("q?")] == eng.route("q?", k=1).ids
-    with pytest.raises(ValueError, match="filter"):
+    with pytest.raises(InvalidTypeError, match="filter"):
         store.similarity_search("q?", filter=["topic"])
     with pytest.raises(TypeError):
         store.add_texts([b"bytes are not text"])
@@ -262,3 +266,55 @@ def test_vector_store_long_text_is_one_document_by_id(tiny_model_dir):
     assert doc.page_content.split() == long_text.split()
     store.delete(["long"])
     assert store.get_by_ids(["long"]) == [] and len(engine) == 1
+
+
+def test_public_names_and_langgraph_is_optional():
+    import subprocess
+    import sys
+
+    import msa_plugins.integrations.langchain as lc
+    assert sorted(lc.__all__) == sorted(["ChatMSA", "MSARetriever", "MSAVectorStore", "MSAStore",
+                                         "filter_to_allow_ids", "filter_to_predicate", "__version__"])
+    assert all(getattr(lc, name) is not None for name in lc.__all__)
+    # ChatMSA and the retrievers must import where langgraph cannot; MSAStore then says what to install
+    code = ("import sys; sys.modules['langgraph'] = None\n"
+            "from msa_plugins.integrations.langchain import ChatMSA, MSARetriever, MSAVectorStore\n"
+            "try:\n    from msa_plugins.integrations.langchain import MSAStore\n"
+            "except ModuleNotFoundError as e:\n    print('store:', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "MSAStore needs langgraph" in p.stdout and "msa-plugins[langchain]" in p.stdout
+
+
+def test_filter_language_and_error_types(model_dir):
+    from msa_plugins import MemoryDocument
+    from msa_plugins.integrations.langchain import filter_to_predicate
+
+    dated = MemoryDocument("d", "some text", {"topic": "geo", "year": 2001}, 3)
+    undated = MemoryDocument("u", "some text", {"topic": "geo"}, 3)
+    either = filter_to_predicate({"$or": [{"year": {"$lt": 2000}}, {"topic": {"$in": ["geo"]}}]})
+    assert either(dated) and either(undated)
+    before = filter_to_predicate({"$and": [{"topic": "geo"}, {"year": {"$lt": 2002}}]})
+    assert before(dated) and not before(undated)  # a missing field satisfies only $ne / $nin
+    assert filter_to_predicate({"year": {"$ne": 1990}})(undated)
+    assert filter_to_predicate(lambda d: d.id == "d" and d.page_content == "some text")(dated)
+    assert filter_to_predicate(None) is None
+
+    # mistakes are refused before routing, even on an empty memory: wrong type -> TypeError, wrong value -> ValueError
+    eng = MSAEngine.from_pretrained(model_dir, device="cpu")
+    store, retriever = MSAVectorStore(eng), MSARetriever(engine=eng)
+    for bad in (["topic"], {3: "x"}, {"$or": {"a": 1}}, {"t": {"$in": "ab"}}):
+        with pytest.raises(InvalidTypeError):
+            store.similarity_search("q?", filter=bad)
+    for bad in ({"t": {"$near": 1}}, {"$xor": [{"t": 1}]}):
+        with pytest.raises(InvalidArgumentError):
+            retriever.invoke("q?", filter=bad)
+    with pytest.raises(InvalidArgumentError):
+        store.similarity_search("q?", k=0)
+    assert store.similarity_search("q?", filter={"t": 1}) == [] and retriever.invoke("q?") == []
+
+
+def test_chat_on_empty_memory_answers_from_the_model_alone(model_dir):
+    eng = MSAEngine.from_pretrained(model_dir, device="cpu")
+    msg = ChatMSA(engine=eng, max_tokens=3).invoke("Hello?")
+    assert msg.response_metadata["documents"] == [] and msg.usage_metadata["output_tokens"] >= 1

@@ -113,7 +113,7 @@ class TestMSAVectorStoreStandard(VectorStoreIntegrationTests):
     def vectorstore(self) -> VectorStore:
         store = MSAVectorStore(_engine(fresh=True))
         yield store
-        store.delete(list(store.engine.memory.ids))
+        store.delete(store.engine.snapshot().ids)
 
     # The six tests below assert that the top hit for a query is the document with the identical text ("bar"
     # for "bar"). With embeddings that is what similarity means; MSA ranks with the model's router (question-

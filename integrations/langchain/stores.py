@@ -1,0 +1,161 @@
+"""`MSAStore`: a LangGraph `BaseStore` (agent long-term memory) whose items live in an engine's memory.
+
+The only module of this package that imports langgraph, so `ChatMSA` and the retrievers work without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+from typing import Iterable, Optional
+
+from langgraph.store.base import BaseStore, GetOp, Item, ListNamespacesOp, PutOp, SearchItem, SearchOp
+
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, Snapshot
+from msa_plugins.validation import check_text
+
+from .filters import check_filter, matches
+
+_MARK = "msa_store"  # metadata flag of store items: other documents in the same memory are never items
+
+
+def _doc_id(namespace: tuple, key: str) -> str:
+    return json.dumps([list(namespace), key], ensure_ascii=False)
+
+
+def _is_item(doc: MemoryDocument) -> bool:
+    return bool(doc.metadata.get(_MARK))
+
+
+def _item(meta: dict, cls=Item, **extra):
+    return cls(value=meta["value"], key=meta["key"], namespace=tuple(meta["namespace"]),
+               created_at=datetime.fromisoformat(meta["created_at"]),
+               updated_at=datetime.fromisoformat(meta["updated_at"]), **extra)
+
+
+def _first_per_item(docs: Iterable[MemoryDocument]) -> list:
+    """One document per item: an item whose text was split into parts appears once (its best part)."""
+    seen, out = set(), []
+    for doc in docs:
+        key = _doc_id(doc.metadata["namespace"], doc.metadata["key"])
+        if key not in seen:
+            seen.add(key)
+            out.append(doc)
+    return out
+
+
+class MSAStore(BaseStore):
+    """LangGraph long-term memory store in an MSAEngine's memory.
+
+    Each item is one memory document (id = [namespace, key]); its value, timestamps and namespace live in the
+    document's metadata, so `engine.save` / `engine.load` persist the store. Namespaces are separate scopes:
+    a search routes only over documents under its namespace prefix (the engine filters before routing). The
+    routed text of an item is `value[text_field]` when that is a non-empty str (default "text"), else the
+    value as JSON. No TTL.
+
+    Setup / instantiate:
+        store = MSAStore(MSAEngine.from_pretrained())
+    Use:
+        store.put(("memories", "ana"), "pet", {"text": "Ana's cat is called Biscuit."})
+        store.search(("memories", "ana"), query="What is my cat called?", limit=3)
+        create_agent(model, tools, store=store)      # or StateGraph(...).compile(store=store)
+    """
+
+    supports_ttl = False
+
+    def __init__(self, engine, text_field: str = "text"):
+        self.engine = engine
+        self.text_field = text_field
+
+    def _text(self, value: dict) -> str:
+        text = value.get(self.text_field)
+        return text if isinstance(text, str) and text.strip() else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+    # ------------------------------------------------------------------ ops
+    def _get(self, op: GetOp, snap: Snapshot) -> Optional[Item]:
+        doc_id = _doc_id(op.namespace, op.key)
+        if doc_id not in snap:
+            return None
+        doc = snap.get([doc_id])[0]
+        return _item(doc.metadata) if _is_item(doc) else None
+
+    def _put(self, op: PutOp) -> None:
+        if not isinstance(op.key, str) or not op.key:
+            raise InvalidArgumentError(f"store keys must be non-empty str, got {op.key!r}")
+        doc_id = _doc_id(op.namespace, op.key)
+        if op.value is None:  # LangGraph's delete
+            self.engine.delete([doc_id], missing_ok=True)
+            return
+        if not isinstance(op.value, dict):
+            raise InvalidTypeError(f"store values must be dicts, got {type(op.value).__name__}")
+        now = datetime.now(timezone.utc).isoformat()
+        snap = self.engine.snapshot()
+        # created_at survives an overwrite; the write itself is one engine upsert (old or new, never neither)
+        created = snap.get([doc_id])[0].metadata.get("created_at", now) if doc_id in snap else now
+        meta = {_MARK: True, "namespace": list(op.namespace), "key": op.key, "value": op.value,
+                "created_at": created, "updated_at": now}
+        self.engine.upsert([self._text(op.value)], ids=[doc_id], metadata=[meta], progress=False)
+
+    def _search(self, op: SearchOp, snap: Snapshot) -> list:
+        prefix = tuple(op.namespace_prefix)
+        flt = op.filter or None
+        check_filter(flt)
+        if callable(flt):
+            raise InvalidTypeError("MSAStore.search takes a dict filter on item values, not a callable")
+
+        def admitted(doc: MemoryDocument) -> bool:
+            m = doc.metadata
+            return (_is_item(doc) and tuple(m["namespace"])[:len(prefix)] == prefix
+                    and (flt is None or matches(m["value"], flt)))
+
+        # no query (None or "") lists the newest items first, as LangGraph's InMemoryStore does
+        query = check_text(op.query, "query") if op.query not in (None, "") else None
+        if op.limit <= 0:
+            return []
+        if query:
+            routed = self.engine.retrieve(query, k=op.offset + op.limit, where=admitted, snapshot=snap)
+            hits = _first_per_item(routed)[op.offset:op.offset + op.limit]
+            return [_item(d.metadata, SearchItem, score=float(d.score)) for d in hits]
+        docs = _first_per_item(d for d in snap.documents() if admitted(d))
+        docs.sort(key=lambda d: d.metadata["updated_at"], reverse=True)
+        return [_item(d.metadata, SearchItem) for d in docs[op.offset:op.offset + op.limit]]
+
+    def _list(self, op: ListNamespacesOp, snap: Snapshot) -> list:
+        spaces = sorted({tuple(d.metadata["namespace"]) for d in snap.documents() if _is_item(d)})
+        for cond in op.match_conditions or ():
+            path = tuple(cond.path)
+
+            def fits(ns):
+                if len(ns) < len(path):
+                    return False
+                part = ns[:len(path)] if cond.match_type == "prefix" else ns[len(ns) - len(path):]
+                return all(p == "*" or p == n for p, n in zip(path, part))
+            spaces = [ns for ns in spaces if fits(ns)]
+        if op.max_depth is not None:
+            spaces = sorted({ns[:op.max_depth] for ns in spaces})
+        return spaces[op.offset:op.offset + op.limit]
+
+    def batch(self, ops: Iterable) -> list:
+        results = []
+        for op in ops:
+            if isinstance(op, PutOp):
+                self._put(op)
+                results.append(None)
+                continue
+            snap = self.engine.snapshot()  # each read sees the puts before it in the batch
+            if isinstance(op, GetOp):
+                results.append(self._get(op, snap))
+            elif isinstance(op, SearchOp):
+                results.append(self._search(op, snap))
+            elif isinstance(op, ListNamespacesOp):
+                results.append(self._list(op, snap))
+            else:
+                raise InvalidTypeError(f"unknown store operation {type(op).__name__}")
+        return results
+
+    async def abatch(self, ops: Iterable) -> list:
+        return await asyncio.to_thread(self.batch, list(ops))  # routing and encoding never block the event loop
+
+
+__all__ = ["MSAStore"]
