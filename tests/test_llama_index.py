@@ -2,7 +2,6 @@
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -51,7 +50,7 @@ def test_from_documents_keeps_ids_metadata_and_node_parser(engine):
     index = MSAIndex.from_documents(DOCS, engine=engine, transformations=[splitter])
     nodes = list(index.docstore.docs.values())
     assert len(nodes) > len(DOCS)  # the splitter ran
-    assert sorted(engine.memory.ids) == sorted(n.node_id for n in nodes)
+    assert sorted(engine.snapshot().ids) == sorted(n.node_id for n in nodes)
     for n in nodes:
         doc = engine.get([n.node_id])[0]
         assert doc.metadata["ref_doc_id"] == n.ref_doc_id
@@ -64,10 +63,10 @@ def test_insert_delete_refresh(index, engine):
     index.insert(Document(text="Berlin is the capital of Germany.", id_="germany", metadata={"country": "de"}))
     assert len(engine) == 4 and "germany" in index.ref_doc_info
     index.insert_nodes([TextNode(text="A loose node.", id_="loose")])
-    assert "loose" in engine.memory
+    assert "loose" in engine.snapshot()
     index.delete_ref_doc("alice", delete_from_docstore=True)
     assert len(engine) == 4 and "alice" not in index.ref_doc_info
-    assert all(m.get("ref_doc_id") != "alice" for m in engine.memory.state.metadata)
+    assert all(d.metadata.get("ref_doc_id") != "alice" for d in engine.snapshot().documents())
     changed = Document(text="Paris is the capital of France and its largest city.", id_="france",
                        metadata={"country": "fr", "year": 2001})
     assert index.refresh_ref_docs([DOCS[2], changed]) == [False, True]
@@ -81,7 +80,7 @@ def test_persist_and_load(index, engine, model_dir, tmp_path):
     index.storage_context.persist(persist_dir=str(tmp_path))
     fresh = MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
     loaded = load_msa_index(str(tmp_path), fresh)
-    assert fresh.memory.ids == engine.memory.ids
+    assert fresh.snapshot().ids == engine.snapshot().ids
     assert set(loaded.ref_doc_info) == set(index.ref_doc_info)
     a = index.as_retriever().retrieve("Where was Alice born?")
     b = loaded.as_retriever().retrieve("Where was Alice born?")
@@ -96,9 +95,9 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
     qe = index.as_query_engine(**GEN)
     assert isinstance(qe, MSAQueryEngine)
     resp = qe.query("Where was Alice born?")
-    routing = engine.route("Where was Alice born?", k=2)
-    assert [n.node_id for n in resp.source_nodes] == routing.ids
-    assert [n.score for n in resp.source_nodes] == pytest.approx(routing.scores)
+    routed = engine.retrieve("Where was Alice born?", k=2)
+    assert [n.node_id for n in resp.source_nodes] == [d.id for d in routed]
+    assert [n.score for n in resp.source_nodes] == pytest.approx([d.score for d in routed])
     assert resp.source_nodes[0].node.ref_doc_id in {"france", "alice", "fox"}
     t, u = resp.metadata["timings"], resp.metadata["usage"]
     assert {"routing_s", "first_token_s", "total_s"} <= set(t) and t["total_s"] > 0
@@ -173,8 +172,10 @@ def test_adds_during_queries_never_half_visible(index, engine):
         while not stop.is_set():
             r = qe.query("Where was Alice born?")
             seen.append(len(r.source_nodes))
-            state = engine.memory.state
-            assert len(state.ids) == len(state.texts) == len(state.metadata) == len(state.doc_start) - 1
+            snap = engine.snapshot()  # one consistent view: every id has its document, text and metadata
+            docs = list(snap.documents())
+            assert [d.id for d in docs] == snap.ids and len(docs) == len(snap)
+            assert all(d.text and d.n_tokens > 0 for d in docs)
 
     t = threading.Thread(target=reader)
     t.start()
@@ -257,11 +258,11 @@ def test_memory_block_inside_memory(engine):
         return await memory.aget(), await other.aget([ChatMessage(role="user", content="cat?")])
 
     messages, other_text = asyncio.run(run())
-    stored = [m for m in engine.memory.state.metadata if m.get("msa_memory_scope") == "user-1"]
+    stored = [d for d in engine.snapshot().documents() if d.metadata.get("msa_memory_scope") == "user-1"]
     assert stored, "flushed chat turns went into the memory bank"
     system = messages[0]
     assert system.role == MessageRole.SYSTEM and "msa" in system.content
-    routed = [t for t in engine.memory.state.texts if t in system.content]
+    routed = [d.text for d in engine.snapshot().documents() if d.text in system.content]
     assert 1 <= len(routed) <= 2
     assert other_text == ""  # another scope sees nothing
 
@@ -291,8 +292,122 @@ def test_memory_block_inside_function_agent_run(engine):
                     "My favourite colour is green like grass.", "What is my cat called?"]:
             await agent.run(user_msg=msg, memory=memory)
     asyncio.run(run())
-    stored = [t for t, m in zip(engine.memory.state.texts, engine.memory.state.metadata)
-              if m.get("msa_memory_scope") == "agent-user"]
+    stored = [d.text for d in engine.snapshot().documents() if d.metadata.get("msa_memory_scope") == "agent-user"]
     assert stored, "turns flushed from short-term memory went into the bank"
     last_system = " ".join(m.content for m in seen[-1] if m.role == MessageRole.SYSTEM and m.content)
     assert "long_term" in last_system and any(t in last_system for t in stored)
+
+
+# ---------------------------------------------------------------------------------------------- the package surface
+def test_public_names_are_pinned():
+    import msa_plugins.integrations.llama_index as pkg
+
+    assert sorted(pkg.__all__) == sorted([
+        "MSAIndex", "MSAQueryEngine", "MSARetriever", "MSALLM", "MSAMemoryBlock", "MSAMemoryVectorStore",
+        "load_msa_index", "filters_to_allow_ids", "filters_to_predicate"])
+    assert all(getattr(pkg, name) is not None for name in pkg.__all__)
+
+
+def test_filter_mistakes_get_the_shared_error_types(index, engine):
+    from msa_plugins import InvalidArgumentError, InvalidTypeError
+    from msa_plugins.integrations.llama_index import filters_to_allow_ids, filters_to_predicate
+
+    with pytest.raises(InvalidTypeError, match="MetadataFilters"):
+        index.as_retriever(filters=["country", "pt"])
+    with pytest.raises(InvalidTypeError, match="keys must be str"):
+        index.as_query_engine(filters={3: "x"})
+    with pytest.raises(InvalidTypeError, match="needs a list"):
+        filters_to_predicate(MetadataFilters(filters=[MetadataFilter(key="country", value="pt",
+                                                                     operator=FilterOperator.IN)]))
+    bad = MetadataFilters(filters=[MetadataFilter(key="country", value=3, operator=FilterOperator.GT)])
+    with pytest.raises(InvalidTypeError, match="'france'|'alice'|'fox'"):  # names the document
+        index.as_query_engine(filters=bad, **GEN).query("a city")
+    with pytest.raises(InvalidArgumentError):
+        index.as_retriever(similarity_top_k=0)
+    with pytest.raises(InvalidTypeError):
+        index.as_query_engine(similarity_top_k="3")
+    with pytest.raises(InvalidArgumentError):
+        index.as_query_engine(max_new_tokens=-1)
+    # nested filters (LlamaIndex's own in-memory filter refuses them), dicts, and the allow-list helper
+    nested = MetadataFilters(condition="or", filters=[
+        MetadataFilter(key="country", value="pt"),
+        MetadataFilters(filters=[MetadataFilter(key="year", value=2005, operator=FilterOperator.GT),
+                                 MetadataFilter(key="country", value=["uk", "de"], operator=FilterOperator.IN)])])
+    nodes = index.as_retriever(filters=nested, similarity_top_k=3).retrieve("a city")
+    assert sorted(n.node.ref_doc_id for n in nodes) == ["alice", "fox"]
+    assert [n.node.ref_doc_id for n in index.as_retriever(filters={"country": "fr"}).retrieve("a city")] == ["france"]
+    allowed = filters_to_allow_ids(engine, {"country": "pt"})
+    assert [engine.get([i])[0].metadata["ref_doc_id"] for i in allowed] == ["alice"]
+    assert filters_to_allow_ids(engine, None) is None
+
+
+def test_nothing_to_answer_from_gives_empty_response_without_generating(engine):
+    empty = MSAIndex(nodes=[], engine=engine)
+    resp = empty.as_query_engine(**GEN).query("Where was Alice born?")
+    assert str(resp) == "Empty Response" and resp.source_nodes == []
+    assert resp.metadata["usage"]["completion_tokens"] == 0
+    streamed = empty.as_query_engine(streaming=True, **GEN).query("Where was Alice born?")
+    assert "".join(streamed.response_gen) == "Empty Response"
+    assert empty.as_retriever().retrieve("Where was Alice born?") == []
+
+
+def test_llm_options_stop_early_close_and_serialization(engine):
+    llm = MSALLM(engine=engine, max_new_tokens=6)
+    direct = engine.generate("Where is Paris?", max_new_tokens=6)
+    assert llm.metadata.num_output == 6 and llm.metadata.context_window == engine.context_window
+    assert llm.complete("Where is Paris?", max_new_tokens=2).raw["usage"]["completion_tokens"] <= 2
+    if len(direct.text) > 2:  # a stop string taken from the model's own output cuts the text before it
+        stop = direct.text[2:4]
+        assert stop not in llm.complete("Where is Paris?", stop=[stop]).text
+    # a consumer that stops after the first piece still gets the generator closed (no dangling generation)
+    gen = llm.stream_chat([ChatMessage(role=MessageRole.USER, content="Where is Paris?")])
+    first = next(gen)
+    gen.close()
+    assert first.delta
+
+    async def first_async_piece():
+        agen = await llm.astream_complete("Where is Paris?")
+        async for chunk in agen:
+            await agen.aclose()
+            return chunk
+    assert asyncio.run(first_async_piece()).delta
+    assert '"max_new_tokens": 6' in llm.to_json()  # the engine is private state, not a field to serialize
+    with pytest.raises(TypeError):
+        MSALLM(engine=None)
+
+
+def test_llm_events_once_per_call_sync_and_async(engine):
+    """LlamaIndex instrumentation (token counters, tracers) sees one chat start/end per chat call, sync or
+    async, and the end event carries the response with its usage."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
+
+    events = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event, **kwargs):
+            if isinstance(event, (LLMChatStartEvent, LLMChatEndEvent)):
+                events.append(event)
+
+    dispatcher = get_dispatcher()  # the root: every LlamaIndex event propagates to it
+    handler = Recorder()
+    dispatcher.add_event_handler(handler)
+    try:
+        llm = MSALLM(engine=engine, max_new_tokens=3)
+        msgs = [ChatMessage(role=MessageRole.USER, content="Where is Paris?")]
+        llm.chat(msgs)
+        sync_events = list(events)
+        events.clear()
+        asyncio.run(llm.achat(msgs))
+        async_events = list(events)
+        events.clear()
+
+        async def drain():
+            return [c async for c in await llm.astream_chat(msgs)]
+        chunks = asyncio.run(drain())
+    finally:
+        dispatcher.event_handlers.remove(handler)
+    assert [type(e) for e in sync_events] == [type(e) for e in async_events] == [LLMChatStartEvent, LLMChatEndEvent]
+    assert sync_events[-1].response.raw["usage"]["completion_tokens"] >= 1
+    assert [type(e) for e in events].count(LLMChatStartEvent) == 1 and chunks[-1].raw["usage"]["total_tokens"] > 0

@@ -1,0 +1,99 @@
+"""`MSAQueryEngine`: retriever-free answering. The engine routes and answers in one call (`engine.stream`);
+the routed documents become `Response.source_nodes`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.vector_stores.types import MetadataFilters
+
+from msa_plugins import MSAEngine, QueryResult
+
+from .._aio import aiter_in_thread
+from .filters import filters_to_predicate
+from .retrievers import MSARetriever, query_text, to_nodes
+
+if TYPE_CHECKING:
+    from .indices import MSAIndex
+
+EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's synthesizers answer when nothing was retrieved
+NOTHING_TO_ANSWER_FROM = "no memory document to answer from (the memory is empty or no document matches the filters)"
+
+__all__ = ["MSAQueryEngine"]
+
+
+class MSAQueryEngine(BaseQueryEngine):
+    """Retriever-free answering: the engine routes and answers in one call.
+
+    `Response.source_nodes` are the routed documents in routing order with their routing scores;
+    `Response.metadata` holds `timings`, `usage` (prompt/completion/total tokens), `mode`,
+    `finish_reason` and `routed` (id, score, round, rank per document). When no document matches the
+    filters (or the memory is empty) the answer is LlamaIndex's "Empty Response", as its own query engines
+    give, and nothing is generated.
+    """
+
+    def __init__(self, engine: MSAEngine, index: Optional["MSAIndex"] = None, streaming: bool = False,
+                 filters: Optional[MetadataFilters] = None, similarity_top_k: Optional[int] = None,
+                 mode: Optional[str] = None, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                 rounds: Optional[int] = None, system_prompt: Optional[str] = None, seed: Optional[int] = None,
+                 callback_manager: Optional[CallbackManager] = None, **kwargs: Any):
+        self._engine, self._index, self._streaming = engine, index, streaming
+        self._where = filters_to_predicate(filters)  # checked now, not at the first query
+        # LlamaIndex's names -> the engine's per-call options, checked now (not at the first query)
+        self._options = engine.answer_defaults.merged(
+            mode=mode, k=similarity_top_k, max_new_tokens=max_new_tokens, temperature=temperature, rounds=rounds,
+            system=system_prompt, seed=seed)
+        # retrieve(): the same documents query() answers from
+        self._retriever = MSARetriever(engine, index=index, similarity_top_k=self._options.k, filters=filters,
+                                       callback_manager=callback_manager)
+        super().__init__(callback_manager=callback_manager)
+
+    def _get_prompt_modules(self) -> Dict[str, Any]:
+        return {}
+
+    def retrieve(self, query_bundle) -> List[NodeWithScore]:
+        """The routed documents alone (what `query` would answer from), without generating."""
+        if not isinstance(query_bundle, QueryBundle):
+            query_bundle = QueryBundle(query_text(query_bundle))
+        return self._retriever.retrieve(query_bundle)
+
+    def _query(self, query_bundle: QueryBundle):
+        stream = self._engine.stream(query_text(query_bundle), self._options, where=self._where)
+        sources = to_nodes(self._index, stream.documents)
+        if not stream.documents:
+            stream.close()  # nothing to answer from: generate nothing, as LlamaIndex's synthesizers do
+            metadata = {**_result_metadata(stream.result), "note": NOTHING_TO_ANSWER_FROM}
+            if self._streaming:
+                return StreamingResponse(response_gen=iter([EMPTY_RESPONSE]), source_nodes=[], metadata=metadata)
+            return Response(EMPTY_RESPONSE, source_nodes=[], metadata=metadata)
+        if self._streaming:
+            filled_at_end: dict = {}  # the result's metadata, once the last piece has been read (or on close)
+
+            def pieces():
+                try:
+                    yield from stream
+                finally:
+                    stream.close()
+                    filled_at_end.update(_result_metadata(stream.result))
+
+            return StreamingResponse(response_gen=pieces(), source_nodes=sources, metadata=filled_at_end)
+        result = stream.collect()
+        return Response(result.answer, source_nodes=sources, metadata=_result_metadata(result))
+
+    async def _aquery(self, query_bundle: QueryBundle):
+        response = await asyncio.to_thread(self._query, query_bundle)
+        if not self._streaming:
+            return response
+        return AsyncStreamingResponse(response_gen=aiter_in_thread(lambda: response.response_gen),
+                                      source_nodes=response.source_nodes, metadata=response.metadata)
+
+
+def _result_metadata(result: QueryResult) -> dict:
+    return {"timings": dict(result.timings), "usage": result.usage, "mode": result.mode,
+            "finish_reason": result.finish_reason,
+            "routed": [{"id": d.id, "score": d.score, "round": d.round, "rank": d.rank} for d in result.documents]}
