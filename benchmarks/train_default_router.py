@@ -1,4 +1,4 @@
-"""Train the router adapter shipped for the embedded default model (SmolLM2-135M-Instruct).
+"""Train a router adapter for the embedded default model (SmolLM2-135M-Instruct) on PopQA.
 
 Training material (training splits only):
   - PopQA (HippoRAG 2 split, ../shared/datasets/hipporag_popqa, MIT packaging): the bank is every passage
@@ -9,10 +9,12 @@ Training material (training splits only):
     the passage as positive). No question text of the test split is ever seen.
   - never MuSiQue / HotpotQA train100 (our evaluation sets).
 
-Full run (what produced msa_plugins/routers/smollm2-135m; ran on a GPU: encoding 326K tokens on a loaded
-2-core CPU takes 30-80 minutes, the same command works there):
-    python benchmarks/train_default_router.py --device cuda
-A small CPU run is the same command with smaller numbers, e.g.
+The router is written to --out (default runs/router-smollm2-135m), never into the package by default.
+The router shipped in msa_plugins/routers/smollm2-135m was made on a GPU (encoding 326K tokens on a
+loaded 2-core CPU takes 30-80 minutes; the same command works there), then copied into the package:
+    python benchmarks/train_default_router.py --device cuda --epochs 30 \\
+        --out msa_plugins/routers/smollm2-135m --results docs/results/router_training.json
+(docs/results/router_training.md is its record.) A small CPU run is the same command with smaller numbers:
     python benchmarks/train_default_router.py --max-questions 150 --epochs 4 --out runs/router-small
 """
 
@@ -20,14 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
+from importlib import resources
 
 import torch
 
+from msa_plugins import MSAEngine
+from msa_plugins.trainer import INITS, TrainConfig, evaluate, load_or_build_features, split_indices, train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(ROOT, "msa_plugins", "routers", "smollm2-135m")
+SHIPPED_ROUTER = str(resources.files("msa_plugins") / "routers" / "smollm2-135m")  # package data (read only)
+DEFAULT_OUT = os.path.join(ROOT, "runs", "router-smollm2-135m")
 DEFAULT_LAYERS = [15, 18, 21, 24, 27]
 
 
@@ -42,38 +50,30 @@ def load_dataset(name: str, data_root=None, max_questions=None, seed=0):
 
 
 def make_engine(device: str, layers, chunk_size: int = 64, model=None):
-    from msa_plugins import MSAEngine
-
-    # fp32 everywhere (also on a GPU): the router is used on CPU engines that encode in fp32
-    engine = MSAEngine.from_pretrained(model=model, router=None, device=device, dtype=torch.float32,
-                                       keep_inputs=True, routing_layers=list(layers), chunk_size=chunk_size,
+    """The engine whose model the router is trained for; fp32 weights everywhere (also on a GPU): the router
+    is used on CPU engines that encode in fp32 (the features are fp32 whatever the device)."""
+    engine = MSAEngine.from_pretrained(model=model, router="none", device=device, dtype=torch.float32,
+                                       routing_layers=list(layers), chunk_size=chunk_size,
                                        batch_tokens=32768 if str(device).startswith("cuda") else 4096)
-    engine.encoder.store_dtype = torch.float32
     print("engine fingerprint:", json.dumps(engine.fingerprint()), flush=True)
     return engine
 
 
-def get_cache(name: str, cache_dir: str, engine_factory, data_root=None, max_questions=None, seed=0,
-              ict_per_doc=2, log=print):
-    """Load the feature cache of a dataset from cache_dir, or build it (needs the model)."""
-    from msa_plugins.engine.training import FeatureCache, build_cache
-
+def get_cache(name: str, cache_dir: str, engine, data_root=None, max_questions=None, seed=0, ict_per_doc=2,
+              log=print):
+    """The feature cache of a dataset: loaded from cache_dir when it was built from the same model, settings
+    and data, else built (encodes the bank) and saved there. -> (FeatureCache, EvalSet).
+    engine: an MSAEngine, or a function making one (router_eval.py passes a lazy factory)."""
+    engine = engine if isinstance(engine, MSAEngine) else engine()
     tag = f"{name}-q{max_questions or 'all'}-ict{ict_per_doc}-s{seed}"
     path = os.path.join(cache_dir, tag)
     evalset = load_dataset(name, data_root, max_questions, seed)
-    if FeatureCache.exists(path):
-        cache = FeatureCache.load(path)
-        log(f"{name}: loaded feature cache {path}")
-    else:
-        engine = engine_factory()
-        t0 = time.perf_counter()
-        docs = [(d.id, d.title, d.text) for d in evalset.documents]
-        qs = [(q.question, q.gold_doc_ids) for q in evalset.questions]
-        cache = build_cache(engine, docs, qs, ict_per_doc=ict_per_doc, ict_titles=True, seed=seed)
-        cache.meta.update({"dataset": name, "max_questions": max_questions, "build_s": time.perf_counter() - t0})
-        cache.save(path)
-        log(f"{name}: built feature cache {path} in {time.perf_counter() - t0:.0f} s "
-            f"({cache.n_docs} docs, {cache.meta['n_tokens']} tokens, {cache.n_queries} queries)")
+    docs = [(d.id, d.title, d.text) for d in evalset.documents]
+    qs = [(q.question, q.gold_doc_ids) for q in evalset.questions]
+    t0 = time.perf_counter()
+    cache = load_or_build_features(engine, path, docs, qs, ict_per_doc=ict_per_doc, ict_titles=True, seed=seed)
+    log(f"{name}: feature cache {path} ready in {time.perf_counter() - t0:.0f} s "
+        f"({cache.n_docs} docs, {cache.meta.get('n_tokens')} tokens, {cache.n_queries} queries)")
     return cache, evalset
 
 
@@ -84,10 +84,9 @@ def _score(h):  # dev MRR, or minus the training loss when there is no dev split
 
 
 def main(argv=None):
-    from msa_plugins.engine.training import TrainConfig, evaluate, split_indices, train_router, INITS
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None, help="datasets folder (default ../shared/datasets or $MSA_DATASETS)")
+    ap.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded SmolLM2-135M)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
     ap.add_argument("--chunk-size", type=int, default=64)
@@ -100,31 +99,25 @@ def main(argv=None):
     ap.add_argument("--init-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
-    ap.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "router_train"))
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "router_training.json"))
+    ap.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "router_train"), help="checkpoints")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="router adapter folder to write")
+    ap.add_argument("--results", default=os.path.join(ROOT, "runs", "router_training.json"))
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the training's per-epoch lines
     torch.manual_seed(args.seed)
     layers = [int(x) for x in args.layers.split(",")]
-    engine_box = {}
-
-    def engine_factory():
-        if "e" not in engine_box:
-            engine_box["e"] = make_engine(args.device, layers, args.chunk_size)
-        return engine_box["e"]
-
-    cache, evalset = get_cache("popqa", args.cache_dir, engine_factory, args.data_root, args.max_questions,
-                               args.seed, args.ict_per_doc)
+    engine = make_engine(args.device, layers, args.chunk_size, args.model)
+    cache, _ = get_cache("popqa", args.cache_dir, engine, args.data_root, args.max_questions, args.seed,
+                         args.ict_per_doc)
     cache.to(args.device)
     qidx = cache.query_indices(["question"])
     tr_i, dev_i, te_i = split_indices(len(qidx), seed=args.seed)
     train_q = [qidx[i] for i in tr_i]
     dev_q = [qidx[i] for i in dev_i]
     ict = cache.query_indices(["ict"])
-    train = train_q + ict
-    # the model is needed for shapes and the qk init; load it (cheap) when the cache came from disk
-    model = engine_factory().model
-    report = {"command": "python benchmarks/train_default_router.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    train_all = train_q + ict
+    command = "python benchmarks/train_default_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command,
               "bank": {"dataset": "popqa", "documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
                        "layers": layers, "chunk_size": args.chunk_size},
               "data": {"train_questions": len(train_q), "dev_questions": len(dev_q), "test_questions": len(te_i),
@@ -134,20 +127,19 @@ def main(argv=None):
         for name in INITS:
             cfg = TrainConfig(epochs=args.init_epochs, batch_size=args.batch_size, lr=args.lr, init=name,
                               seed=args.seed, device=args.device, patience=99)
-            _, hist = train_router(cache, train, dev_q, model=model, config=cfg, out_dir=None)
+            _, hist = train(engine, cache, train_all, dev_q, config=cfg)
             report["inits"][name] = hist
             print(f"init {name}: dev MRR {_score(hist[0]):.3f} -> {max(_score(h) for h in hist):.3f}")
         init = max(INITS, key=lambda n: max(_score(h) for h in report["inits"][n]))
         print(f"chosen init: {init}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init=init, seed=args.seed,
                       device=args.device)
-    meta = {"model": "SmolLM2-135M-Instruct", "trained_on": "PopQA (HippoRAG 2 split) train questions "
+    meta = {"trained_on": "PopQA (HippoRAG 2 split) train questions "
             f"(seeded split, seed {args.seed}) + inverse-cloze pairs from the PopQA passages",
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
-            "chunk_size": args.chunk_size, "score": "cosine", "command": report["command"]}
+            "command": command}
     t0 = time.perf_counter()
-    router, hist = train_router(cache, train, dev_q, model=model, config=cfg, out_dir=args.work_dir,
-                                meta=meta)
+    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta)
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist
@@ -155,7 +147,7 @@ def main(argv=None):
     router.save(args.out)
     report["router_dir"] = os.path.relpath(args.out, ROOT)
     report["router_bytes"] = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: report[k] for k in ("init", "dev", "router_dir", "router_bytes", "train_s")}, indent=1))

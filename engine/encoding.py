@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..kernels.routing import fold_queries
+from ..errors import InvalidArgumentError
 from .model import DecoderModel, LayerCapture
 
 
@@ -157,7 +158,7 @@ class Encoder:
         positions = torch.arange(len(prompt_ids))[None]
         sel = torch.tensor(question_mask, dtype=torch.bool, device=m.device)
         if not bool(sel.any()):
-            raise ValueError("the question has no tokens to route with")
+            raise InvalidArgumentError("the question has no tokens to route with; ask with words the tokenizer keeps")
         hs, qs = {}, {}
         layer_set = set(self.routing_layers)
 

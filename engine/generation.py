@@ -9,7 +9,9 @@ and generates with no memory in the cache.
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -173,21 +175,78 @@ class GenerationStats:
         return out
 
 
+# Continuous batching: while a `BatchScheduler` (engine/batching.py) is attached to a model, every
+# `generate_tokens` call on it joins that scheduler's running batch instead of decoding alone.
+_SCHEDULERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def attach_scheduler(model: DecoderModel, scheduler) -> None:
+    """Route this model's generation through `scheduler` (one per model)."""
+    if _SCHEDULERS.get(model) not in (None, scheduler):
+        raise InvalidArgumentError("this model already has a batch scheduler attached; stop it first")
+    _SCHEDULERS[model] = scheduler
+
+
+def detach_scheduler(model: DecoderModel, scheduler) -> None:
+    if _SCHEDULERS.get(model) is scheduler:
+        del _SCHEDULERS[model]
+
+
+def kv_cache_kind() -> str:
+    """MSA_KV_CACHE: "preallocated" (default) or "cat", the per-token concatenating cache from before,
+    kept as the reference that benchmarks/batch_decode.py measures against."""
+    kind = os.environ.get("MSA_KV_CACHE", "preallocated")
+    if kind not in ("preallocated", "cat"):
+        raise InvalidArgumentError(f"MSA_KV_CACHE={kind!r}; use 'preallocated' or 'cat'")
+    return kind
+
+
+class Sampler:
+    """Picks the next token from logits: argmax at temperature 0, else a draw from this request's own
+    generator (seeded, or freshly seeded: never the global RNG). The same code for a request decoded
+    alone and in a batch, so both pick the same tokens from the same logits."""
+
+    def __init__(self, temperature: float = 0.0, seed: Optional[int] = None):
+        self.temperature = temperature
+        self.gen = None
+        if temperature > 0:
+            self.gen = torch.Generator(device="cpu")
+            if seed is not None:
+                self.gen.manual_seed(seed)
+            else:
+                self.gen.seed()
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """logits [vocab] -> token id."""
+        if self.temperature > 0:
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+            return int(torch.multinomial(probs, 1, generator=self.gen))
+        return int(torch.argmax(logits))
+
+
 def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, temperature: float = 0.0,
                     memory: Optional[list] = None, position_offset: int = 0, seed: Optional[int] = None,
                     stats: Optional[GenerationStats] = None, stop_ids: Optional[set] = None) -> Iterator[int]:
-    """Yield generated token ids one by one (greedy at temperature 0), filling `stats` as it goes."""
+    """Yield generated token ids one by one (greedy at temperature 0), filling `stats` as it goes.
+    `memory`: per layer None or the (k, v) prefix of sparse mode; positions start at `position_offset`.
+    Joins the model's batch scheduler when one is attached (same tokens, decoded with other requests)."""
     stats = stats if stats is not None else GenerationStats()
     stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(seed)
-        else:
-            gen.seed()  # a fresh seed for this generator only, not the global RNG
-    cache = KVCache(model.n_layers, memory=list(memory) if memory else [])
+    scheduler = _SCHEDULERS.get(model)
+    if scheduler is not None:
+        return scheduler.tokens(prompt_ids, max_new_tokens, Sampler(temperature, seed), memory=memory,
+                                position_offset=position_offset, stats=stats, stop_ids=stop_ids)
+    return _generate_alone(model, prompt_ids, max_new_tokens, Sampler(temperature, seed), memory, position_offset,
+                           stats, stop_ids)
+
+
+def _generate_alone(model, prompt_ids, max_new_tokens, sampler, memory, position_offset, stats, stop_ids):
     t0 = time.perf_counter()
+    n_memory = max((m[0].shape[2] for m in memory or [] if m is not None), default=0)
+    # room for the memory prefix, the prompt and every new token: decoding never reallocates
+    cache = KVCache(model.n_layers, memory=list(memory) if memory else [],
+                    capacity=n_memory + len(prompt_ids) + max_new_tokens,
+                    preallocated=kv_cache_kind() == "preallocated")
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     pos = position_offset + torch.arange(len(prompt_ids))[None]
     logits = model.forward(ids, pos, cache=cache)
@@ -196,18 +255,14 @@ def generate_tokens(model: DecoderModel, prompt_ids: list, max_new_tokens: int, 
     next_pos = position_offset + len(prompt_ids)
     t1 = time.perf_counter()
     try:
-        yield from _decode_loop(model, logits, cache, next_pos, max_new_tokens, temperature, gen, stop_ids, stats, t0)
+        yield from _decode_loop(model, logits, cache, next_pos, max_new_tokens, sampler, stop_ids, stats, t0)
     finally:  # also when the consumer stops early (a stop string, a closed stream)
         stats.decode_s = time.perf_counter() - t1
 
 
-def _decode_loop(model, logits, cache, next_pos, max_new_tokens, temperature, gen, stop_ids, stats, t0):
+def _decode_loop(model, logits, cache, next_pos, max_new_tokens, sampler, stop_ids, stats, t0):
     for step in range(max_new_tokens):
-        if temperature > 0:
-            probs = torch.softmax(logits[0].float() / temperature, dim=-1).cpu()
-            tok = int(torch.multinomial(probs, 1, generator=gen))
-        else:
-            tok = int(torch.argmax(logits[0]))
+        tok = sampler.pick(logits[0])
         if step == 0:
             stats.first_token_s = time.perf_counter() - t0
         if tok in stop_ids:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -52,16 +52,25 @@ class LayerCapture:
 
 @dataclass
 class KVCache:
-    """Key/value cache of one sequence (batch 1) for generation.
+    """Key/value cache of up to `batch` sequences, in buffers allocated once (the gpt-fast way): a decode
+    step writes one position in place and attends to a view, instead of concatenating the whole cache.
 
-    `memory[l]` is the fixed prefix of layer l: the pooled K̄/V̄ of the documents this layer selected
-    (sparse mode), already rotated at their document-local positions. It never grows; lower layers
-    have none. `k[l]`/`v[l]` hold the sequence's own tokens and grow by one per decoded token.
+    Per layer l the buffers are [batch, G, capacity, D]; slot b holds first the fixed memory prefix of that
+    layer (`memory[l]`: the pooled K̄/V̄ of the documents this layer selected in sparse mode, already rotated
+    at their document-local positions; lower layers have none), then the sequence's own tokens. So the
+    valid keys of slot b at layer l are [0, mem_len[l][b] + n_tokens[b]); a batched step masks the rest.
+
+    `capacity`: positions per slot (memory + prompt + new tokens); 0 allocates what the first forward needs
+    and doubles when full. `preallocated=False` is the reference path from before (one `torch.cat` of the
+    whole cache per token and layer), kept for equivalence tests and benchmarks (MSA_KV_CACHE=cat).
     """
 
     n_layers: int
-    memory: list = field(default_factory=list)  # per layer: None or (k [1,G,M,D], v [1,G,M,D])
-    k: list = field(default_factory=list)
+    memory: list = field(default_factory=list)  # per layer: None or (k [1,G,M,D], v [1,G,M,D]) of slot 0
+    capacity: int = 0
+    batch: int = 1
+    preallocated: bool = True
+    k: list = field(default_factory=list)  # per layer: [batch, G, capacity, D] (cat path: [1, G, T, D])
     v: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -69,9 +78,103 @@ class KVCache:
             self.memory = [None] * self.n_layers
         self.k = [None] * self.n_layers
         self.v = [None] * self.n_layers
+        self.n_tokens = [0] * self.batch  # own tokens cached per slot
+        # memory prefix length per layer and slot; slot 0 takes the constructor's `memory`
+        self.mem_len = [[0] * self.batch for _ in range(self.n_layers)]
+        if self.preallocated:
+            for layer, m in enumerate(self.memory):
+                self.mem_len[layer][0] = 0 if m is None else int(m[0].shape[2])
 
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        """Own tokens cached in slot 0 (the single-sequence case)."""
+        if not self.preallocated:
+            return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.n_tokens[0]
+
+    def _allocate(self, layer: int, like: torch.Tensor, needed: int) -> None:
+        _, G, _, D = like.shape
+        cap = max(self.capacity, needed)
+        self.k[layer] = like.new_zeros(self.batch, G, cap, D)
+        self.v[layer] = like.new_zeros(self.batch, G, cap, D)
+        m = self.memory[layer]
+        if m is not None:  # the memory prefix goes first in slot 0, written once
+            M = m[0].shape[2]
+            self.k[layer][0, :, :M] = m[0][0]
+            self.v[layer][0, :, :M] = m[1][0]
+
+    def _grow(self, layer: int, needed: int) -> None:
+        """Double the capacity of one layer's buffers (amortised O(1) per token when none was given)."""
+        cap = max(needed, 2 * self.k[layer].shape[2])
+        for bufs in (self.k, self.v):
+            old = bufs[layer]
+            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            bufs[layer] = new
+        self.capacity = max(self.capacity, cap)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values k, v [B, G, S, D] of slots 0..B-1 at layer `layer` and return
+        (keys, values, key_valid): keys/values [B, G, T, D] views of the buffers, and key_valid [B, T]
+        (True: a real key of that row) or None when every row's keys fill all T positions.
+        Rows of different lengths (continuous batching) need S == 1."""
+        B, _, S, _ = k.shape
+        ends = [self.mem_len[layer][b] + self.n_tokens[b] for b in range(B)]
+        T = max(ends) + S
+        if self.k[layer] is None:
+            self._allocate(layer, k, T)
+        elif T > self.k[layer].shape[2]:
+            self._grow(layer, T)
+        kb, vb = self.k[layer], self.v[layer]
+        if min(ends) == max(ends):
+            kb[:B, :, ends[0]:ends[0] + S] = k
+            vb[:B, :, ends[0]:ends[0] + S] = v
+            return kb[:B, :, :T], vb[:B, :, :T], None
+        if S != 1:
+            raise InvalidArgumentError("rows of different lengths can only decode one token at a time; prefill "
+                                       "each sequence alone and join it with KVCache.put")
+        rows = torch.arange(B, device=k.device)
+        at = torch.tensor(ends, device=k.device)
+        kb[rows, :, at] = k[:, :, 0]  # [B, G, D] into each row's own next position
+        vb[rows, :, at] = v[:, :, 0]
+        key_valid = torch.arange(T, device=k.device)[None] <= at[:, None]  # [B, T]
+        return kb[:B, :, :T], vb[:B, :, :T], key_valid
+
+    def advance(self, rows: int, n: int) -> None:
+        """After a forward: slots 0..rows-1 hold n more tokens each."""
+        for b in range(rows):
+            self.n_tokens[b] += n
+
+    # -- slots (continuous batching): a request is prefilled alone, joins a free slot, leaves by compaction
+    def put(self, slot: int, single: "KVCache", reserve: int = 0) -> None:
+        """Copy a single-sequence cache (memory prefix and tokens of its slot 0) into `slot`, with room
+        for at least `reserve` positions in that slot."""
+        for layer in range(self.n_layers):
+            n = single.mem_len[layer][0] + single.n_tokens[0]
+            src_k, src_v = single.k[layer], single.v[layer]
+            if self.k[layer] is None:
+                self._allocate(layer, src_k, max(n, reserve))
+            elif max(n, reserve) > self.k[layer].shape[2]:
+                self._grow(layer, max(n, reserve))
+            self.k[layer][slot, :, :n] = src_k[0, :, :n]
+            self.v[layer][slot, :, :n] = src_v[0, :, :n]
+            self.mem_len[layer][slot] = single.mem_len[layer][0]
+        self.n_tokens[slot] = single.n_tokens[0]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` (keeps the live slots packed at 0..n-1 after one leaves, so a
+        step's keys stay a view of the buffers)."""
+        for layer in range(self.n_layers):
+            n = self.mem_len[layer][src] + self.n_tokens[src]
+            if self.k[layer] is not None:
+                self.k[layer][dst, :, :n] = self.k[layer][src, :, :n]
+                self.v[layer][dst, :, :n] = self.v[layer][src, :, :n]
+            self.mem_len[layer][dst] = self.mem_len[layer][src]
+        self.n_tokens[dst] = self.n_tokens[src]
+
+    def clear(self, slot: int) -> None:
+        self.n_tokens[slot] = 0
+        for layer in range(self.n_layers):
+            self.mem_len[layer][slot] = 0
 
 
 class DecoderModel:
@@ -183,30 +286,45 @@ class DecoderModel:
             k = apply_rope(k_pre, cos, sin)
             if capture is not None:
                 capture(LayerCapture(i, h, k, v, k_pre, q))
-            keys, values, mask = k, v, causal
-            if cache is not None:
+            keys, values, mask, key_valid = k, v, causal, None
+            if cache is not None and not cache.preallocated:  # the reference path: concatenate per token
                 past = [t for t in (cache.memory[i], (cache.k[i], cache.v[i]) if cache.k[i] is not None else None) if t]
                 if past:
                     keys = torch.cat([p[0] for p in past] + [k], dim=2)
                     values = torch.cat([p[1] for p in past] + [v], dim=2)
                     n_past = keys.shape[2] - S
-                    # new tokens see every memory chunk and every earlier token, and are causal among themselves
                     mask = torch.cat([torch.ones(S, n_past, dtype=torch.bool, device=self.device), causal], dim=1)
                 cache.k[i] = k if cache.k[i] is None else torch.cat([cache.k[i], k], dim=2)
                 cache.v[i] = v if cache.v[i] is None else torch.cat([cache.v[i], v], dim=2)
+            elif cache is not None:
+                keys, values, key_valid = cache.update(i, k, v)  # [B, G, T, D] views; T = past + S
+                n_past = keys.shape[2] - S
+                if n_past:
+                    # new tokens see every memory chunk and every earlier token, and are causal among
+                    # themselves; one new token sees all of them (no mask)
+                    mask = None if S == 1 else torch.cat(
+                        [torch.ones(S, n_past, dtype=torch.bool, device=self.device), causal], dim=1)
+                if key_valid is not None:  # rows of a batch of different lengths: [B, 1, S, T]
+                    mask = key_valid[:, None, None, :] if mask is None else mask[None, None] & key_valid[:, None, None, :]
             attn_mask = mask
             if key_padding is not None:
-                attn_mask = mask[None, None] & key_padding.to(self.device)[:, None, None, -keys.shape[2]:]
+                base = torch.ones(S, keys.shape[2], dtype=torch.bool, device=self.device) if mask is None else mask
+                base = base[None, None] if base.dim() == 2 else base
+                attn_mask = base & key_padding.to(self.device)[:, None, None, -keys.shape[2]:]
                 # a fully masked row (a padding query) would give NaN; let it see itself
                 attn_mask = attn_mask | torch.eye(S, keys.shape[2], dtype=torch.bool, device=self.device)[None, None]
             gqa = self.n_heads != self.n_kv_heads
-            if attn_mask is causal:  # no memory, no past, no padding: the fused causal kernel, no mask tensor
+            if attn_mask is None:  # one new token attending to all cached keys
+                out = F.scaled_dot_product_attention(q_rot, keys, values, enable_gqa=gqa)
+            elif attn_mask is causal:  # no memory, no past, no padding: the fused causal kernel, no mask tensor
                 out = F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True, enable_gqa=gqa)
             else:
                 out = F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=attn_mask, enable_gqa=gqa)
             out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
             x = x + layer.self_attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if cache is not None and cache.preallocated:
+            cache.advance(B, S)
         if last_layer is not None and last_layer < self.n_layers - 1:
             return None
         x = self.final_norm(x)
@@ -246,7 +364,7 @@ def load_hf_model(path: str, device: str = "cpu", dtype: Optional[torch.dtype] =
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist; pass a local Hugging Face model folder, "
+        raise PathNotFoundError(f"model folder {path!r} does not exist; pass a local Hugging Face model folder, "
                                 "a .gguf file, or nothing for the embedded default")
     read_model_family(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)

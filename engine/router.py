@@ -23,14 +23,12 @@ from typing import Optional
 
 import torch
 
+from ..errors import InvalidArgumentError, MemoryFormatError, RouterMismatchError
+
 ROUTER_FORMAT_VERSION = 1
 MSA4B_Q = "model.layers.{layer}.self_attn.router_q_proj.0.weight"
 MSA4B_K = "model.layers.{layer}.self_attn.router_k_proj.0.weight"
 _MSA4B_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.router_([qk])_proj\.0\.weight$")
-
-
-class RouterMismatchError(ValueError):
-    pass
 
 
 class QKRouter:
@@ -66,7 +64,8 @@ class Router:
     def __init__(self, wq: dict, wk: dict, n_heads: int, n_kv_heads: int, head_dim: int,
                  meta: Optional[dict] = None):
         if sorted(wq) != sorted(wk):
-            raise ValueError(f"router has W_QR for layers {sorted(wq)} but W_KR for layers {sorted(wk)}")
+            raise RouterMismatchError(f"router has W_QR for layers {sorted(wq)} but W_KR for layers {sorted(wk)}; "
+                                      "every routing layer needs both projectors")
         self.layers = sorted(int(l) for l in wq)
         self.wq = {int(l): w for l, w in wq.items()}  # [H*D, hidden]
         self.wk = {int(l): w for l, w in wk.items()}  # [G*D, hidden]
@@ -74,9 +73,18 @@ class Router:
         self.meta = dict(meta or {})
         for l in self.layers:
             if self.wq[l].shape[0] != n_heads * head_dim or self.wk[l].shape[0] != n_kv_heads * head_dim:
-                raise ValueError(f"router layer {l}: W_QR {tuple(self.wq[l].shape)} / W_KR {tuple(self.wk[l].shape)} "
+                raise RouterMismatchError(f"router layer {l}: W_QR {tuple(self.wq[l].shape)} / W_KR {tuple(self.wk[l].shape)} "
                                  f"do not match {n_heads} heads, {n_kv_heads} KV heads x {head_dim} dims")
         self._fingerprint = None
+
+    def check_finite(self, where: str = "router") -> None:
+        """Raise `InvalidArgumentError` naming the first layer whose projectors hold NaN or inf: such a
+        router scores every document NaN and silently routes nothing."""
+        for l in self.layers:
+            for name, w in (("W_QR", self.wq[l]), ("W_KR", self.wk[l])):
+                if not bool(torch.isfinite(w).all()):
+                    raise InvalidArgumentError(f"{where}: {name} of routing layer {l} holds NaN or inf values; "
+                                               "this router cannot route (retrain it, e.g. with a lower learning rate)")
 
     @property
     def hidden_size(self) -> int:
@@ -110,6 +118,7 @@ class Router:
         """A router adapter: `router.safetensors` (MSA-4B weight names) + `router.json`."""
         from safetensors.torch import save_file
 
+        self.check_finite(f"router not saved to {directory!r}")
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, ".router.safetensors.tmp")
         save_file({k: v.contiguous().cpu() for k, v in self.to_msa4b_state_dict().items()}, tmp)
@@ -124,20 +133,41 @@ class Router:
 
     @classmethod
     def load(cls, directory: str) -> "Router":
+        """Read a router adapter folder. A folder that is not one, is damaged, is from another format
+        version or holds NaN/inf weights raises `MemoryFormatError` naming it; nothing is unpickled."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path_json = os.path.join(directory, "router.json")
         path_w = os.path.join(directory, "router.safetensors")
         if not (os.path.isfile(path_json) and os.path.isfile(path_w)):
-            raise FileNotFoundError(f"{directory!r} is not a router adapter: it needs router.json and "
+            raise MemoryFormatError(f"{directory!r} is not a router adapter: it needs router.json and "
                                     "router.safetensors (written by `msa train-router` or Router.save)")
-        with open(path_json) as f:
-            m = json.load(f)
-        if m.get("format_version") != ROUTER_FORMAT_VERSION:
-            raise ValueError(f"router adapter {directory!r} has format version {m.get('format_version')}, "
-                             f"this msa-plugins reads version {ROUTER_FORMAT_VERSION}")
-        router = cls.from_msa4b_state_dict(load_file(path_w), m["n_heads"], m["n_kv_heads"], m["head_dim"],
-                                           meta=m.get("meta"))
+        try:
+            with open(path_json, encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MemoryFormatError(f"router adapter {path_json!r} cannot be read ({e}); write the adapter again") from e
+        if not isinstance(m, dict) or m.get("format_version") != ROUTER_FORMAT_VERSION:
+            version = m.get("format_version") if isinstance(m, dict) else None
+            raise MemoryFormatError(f"router adapter {directory!r} has format version {version!r}, this "
+                                    f"msa-plugins reads version {ROUTER_FORMAT_VERSION}; retrain or re-export it")
+        shape = {}
+        for key in ("n_heads", "n_kv_heads", "head_dim"):
+            value = m.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MemoryFormatError(f"router adapter {path_json!r}: {key} is {value!r}, expected a positive int")
+            shape[key] = value
+        try:
+            weights = load_file(path_w)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MemoryFormatError(f"router adapter {path_w!r} is damaged ({e}); write the adapter again") from e
+        meta = m.get("meta")
+        try:
+            router = cls.from_msa4b_state_dict(weights, meta=meta if isinstance(meta, dict) else None, **shape)
+            router.check_finite(f"router adapter {directory!r}")
+        except (RouterMismatchError, InvalidArgumentError) as e:
+            raise MemoryFormatError(str(e)) from e
         return router
 
     def to_msa4b_state_dict(self) -> dict:
@@ -156,8 +186,8 @@ class Router:
             if m:
                 (wq if m.group(2) == "q" else wk)[int(m.group(1))] = w.detach().float()
         if not wq:
-            raise ValueError("no router projectors found (expected names like "
-                             f"{MSA4B_Q.format(layer=18)!r})")
+            raise RouterMismatchError("no router projectors found (expected names like "
+                                      f"{MSA4B_Q.format(layer=18)!r})")
         return cls(wq, wk, n_heads, n_kv_heads, head_dim, meta=meta)
 
 
@@ -174,4 +204,9 @@ def read_msa4b_router(model_dir: str, n_heads: int, n_kv_heads: int, head_dim: i
                     found[name] = st.get_tensor(name)
     if not found:
         return None
-    return Router.from_msa4b_state_dict(found, n_heads, n_kv_heads, head_dim, meta={"source": model_dir})
+    router = Router.from_msa4b_state_dict(found, n_heads, n_kv_heads, head_dim, meta={"source": model_dir})
+    try:
+        router.check_finite(f"the router projectors of {model_dir!r}")
+    except InvalidArgumentError as e:
+        raise MemoryFormatError(str(e)) from e
+    return router

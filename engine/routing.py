@@ -9,15 +9,13 @@ never selected. Scoring itself is `msa_plugins.kernels.doc_scores`: Triton on CU
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from ..kernels.routing import doc_scores, route_topk
-from .memory import BankState
+from .bank import BankState
 
 
 @dataclass
@@ -40,27 +38,6 @@ def allow_mask(state: BankState, allow_ids) -> Optional[torch.Tensor]:
     return mask
 
 
-_DEVICE_COPIES: dict = {}
-_DEVICE_COPIES_LOCK = threading.Lock()
-
-
-def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device`, copied once per (tensor, device) rather than per question: a bank snapshot's
-    chunk_doc lives on the CPU next to keys on the GPU, and at 100M tokens it is 12.5 MB to move."""
-    if t.device == device:
-        return t
-    key = (id(t), str(device))
-    hit = _DEVICE_COPIES.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    copy = t.to(device)
-    with _DEVICE_COPIES_LOCK:  # route() runs from several threads
-        while len(_DEVICE_COPIES) >= 4:
-            _DEVICE_COPIES.pop(next(iter(_DEVICE_COPIES)), None)
-        _DEVICE_COPIES[key] = (weakref.ref(t), t._version, copy)
-    return copy
-
-
 def route(q_fold: torch.Tensor, state: BankState, routing_layers: list, k: int, allow_ids=None,
           backend: str = "auto") -> Routing:
     """q_fold [L, T, G*D] (question tokens only) against the bank snapshot `state`.
@@ -73,7 +50,7 @@ def route(q_fold: torch.Tensor, state: BankState, routing_layers: list, k: int, 
         return Routing([], [], [], {l: ([], []) for l in routing_layers}, torch.zeros(len(routing_layers), 0, dtype=torch.long))
     keys = state.keys_r
     allow = allow_mask(state, allow_ids)
-    chunk_doc = _on_device(state.chunk_doc, keys.device)
+    chunk_doc = state.chunk_doc.to(keys.device)  # no copy: the bank keeps chunk_doc beside the routing keys
     scores = doc_scores(q_fold.to(keys.device), keys, chunk_doc, n, backend=backend,
                         keys_scale=state.keys_r_scale)  # [L, N]
     layer_vals, layer_rows, agg_vals, agg_rows = route_topk(scores.float(), k, allow)  # [L, k'], [k']

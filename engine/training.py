@@ -1,10 +1,12 @@
-"""Router training on cached features (MSA.md section 6; issue 4).
+"""Router training on cached features (MSA.md section 6; issue 4). Below the facade: it works on a
+`DecoderModel`, routing layers, an `Encoder`, `FeatureCache`s and tensors, never on an `MSAEngine`
+(`msa_plugins.trainer` composes it with an engine).
 
 The backbone is frozen and a router is linear, so everything a router ever reads can be cached once:
 - documents: the chunk-pooled normalised layer inputs H̄ [L, C, hidden] of every routing layer (pooling
-  commutes with a linear map: K̄_R = mean_pool(H) W_KR^T = mean_pool(H W_KR^T));
-- queries: the normalised layer inputs of the question's own tokens [L, T, hidden], computed exactly as
-  `Encoder.question_states` does (chat-template prompt, question tokens only).
+  commutes with a linear map: K̄_R = mean_pool(H) W_KR^T = mean_pool(H W_KR^T)), from `Encoder.encode`;
+- queries: the normalised layer inputs of the question's own tokens [L, T, hidden], from
+  `Encoder.question_states` (the very function routing uses, on the same chat-template prompt).
 A `FeatureCache` holds both (saved as safetensors + JSON); training and evaluation then touch only the
 router and cached tensors, never the model. Scores are the routing score of MSA.md section 3 (cosine,
 head-mean, max over question tokens, max over a document's chunks).
@@ -14,25 +16,42 @@ every other document of the bank (which includes the hardest ones), or, for bank
 documents, mined hard negatives (top-scored wrong documents under the current router) plus random ones.
 Training data: supervised (query, gold documents) pairs and unsupervised inverse-cloze pairs (a title or
 a sentence of a document as the query, that document as the positive), combinable.
+
+Nothing here unpickles: feature caches, checkpoints and routers are safetensors + JSON. A planted pickle
+checkpoint (`checkpoint.pt` of older versions) is never opened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 import os
-import shutil
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .router import Router
+from ..errors import DuplicateIdError, InvalidArgumentError, MemoryFormatError
+from ..metrics import retrieval_metrics
+from ..validation import check_choice, check_int
+from .encoding import Encoder
+from .generation import Prompt
+from .model import DecoderModel
+from .router import QKRouter, Router
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT = "checkpoint.safetensors"  # tensors + the JSON training state in its header metadata
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never loaded
 INITS = ("qk", "tied-random", "identity", "random")
 
 
@@ -67,11 +86,12 @@ class FeatureCache:
     def add_queries(self, texts: list, inputs: list, positives: list, kind: str = "question") -> None:
         """inputs: per query [L, T, hidden]."""
         if not (len(texts) == len(inputs) == len(positives)):
-            raise ValueError("texts, inputs and positives must have the same length")
+            raise InvalidArgumentError(f"texts ({len(texts)}), inputs ({len(inputs)}) and positives "
+                                       f"({len(positives)}) must have the same length")
         if not texts:
             return
         lengths = torch.tensor([x.shape[1] for x in inputs], dtype=torch.long)
-        new = torch.cat(inputs, dim=1).to(self.inputs.dtype)
+        new = torch.cat(inputs, dim=1).to(self.inputs.dtype)  # [L, sum T, hidden]
         self.q_inputs = new if self.q_inputs is None else torch.cat([self.q_inputs, new], dim=1)
         self.q_start = torch.cat([self.q_start, self.q_start[-1] + lengths.cumsum(0)])
         self.q_text.extend(texts)
@@ -79,6 +99,7 @@ class FeatureCache:
         self.q_pos.extend([list(map(int, p)) for p in positives])
 
     def query_indices(self, kinds: Optional[Iterable[str]] = None) -> list:
+        """Indices of the queries of these kinds ("ict" matches "ict-title" and "ict-sentence"); all when None."""
         if kinds is None:
             return list(range(self.n_queries))
         kinds = set(kinds)
@@ -91,12 +112,49 @@ class FeatureCache:
         self.chunk_doc = self.chunk_doc.to(device)
         return self
 
+    def check(self, where: str = "feature cache") -> None:
+        """Structural checks (a cache read from disk may be damaged or planted): raise `MemoryFormatError`."""
+        def bad(msg):
+            raise MemoryFormatError(f"{where}: {msg}; delete it to rebuild the features")
+
+        N, L = len(self.doc_ids), len(self.layers)
+        if self.inputs.dim() != 3 or self.inputs.shape[0] != L:
+            bad(f"inputs have shape {tuple(self.inputs.shape)}, expected [{L} layers, chunks, hidden]")
+        C = self.inputs.shape[1]
+        ds = self.doc_start
+        if ds.dim() != 1 or ds.numel() != N + 1 or int(ds[0]) != 0 or int(ds[-1]) != C or bool((ds.diff() < 1).any()):
+            bad("doc_start is not a chunk offset table of the documents")
+        if self.chunk_doc.shape != (C,) or not torch.equal(
+                self.chunk_doc.cpu(), torch.repeat_interleave(torch.arange(N), ds.diff().cpu())):
+            bad("chunk_doc does not match doc_start")
+        if len(set(self.doc_ids)) != N:
+            bad("document ids are not unique")
+        Q = len(self.q_text)
+        if not (len(self.q_kind) == len(self.q_pos) == Q) or self.q_start.dim() != 1 or self.q_start.numel() != Q + 1:
+            bad("the query lists and q_start disagree in length")
+        T = 0 if self.q_inputs is None else self.q_inputs.shape[1]
+        if Q and (self.q_inputs is None or self.q_inputs.dim() != 3 or self.q_inputs.shape[0] != L
+                  or self.q_inputs.shape[2] != self.inputs.shape[2]):
+            bad("query inputs are missing or of the wrong shape")
+        qs = self.q_start
+        if int(qs[0]) != 0 or int(qs[-1]) != T or bool((qs.diff() < 1).any()):
+            bad("q_start is not a token offset table of the queries")
+        if any(not isinstance(p, int) or not 0 <= p < N for pos in self.q_pos for p in pos):
+            bad("a query's positive is not a document row")
+        if not bool(torch.isfinite(self.inputs).all()) or (self.q_inputs is not None
+                                                           and not bool(torch.isfinite(self.q_inputs).all())):
+            bad("features hold NaN or inf values")
+
     def save(self, directory: str, dtype: torch.dtype = torch.float16) -> None:
         from safetensors.torch import save_file
 
         # Written into a fresh folder that then replaces the old one: a crash leaves the old cache, or none
         # (then it is rebuilt), never a features.json beside another run's tensors.
         directory = os.path.normpath(directory)
+        if os.path.exists(directory) and not FeatureCache.exists(directory) and \
+                (not os.path.isdir(directory) or os.listdir(directory)):
+            raise InvalidArgumentError(f"{directory!r} exists and is not a feature cache; it would be replaced: "
+                                       "move it away or choose another folder")
         tmp = f"{directory}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -105,7 +163,7 @@ class FeatureCache:
         if self.q_inputs is not None:
             t["q_inputs"] = self.q_inputs.to("cpu", dtype).contiguous()
         save_file(t, os.path.join(tmp, "features.safetensors"))
-        with open(os.path.join(tmp, "features.json"), "w") as f:
+        with open(os.path.join(tmp, "features.json"), "w", encoding="utf-8") as f:
             json.dump({"format_version": CACHE_FORMAT_VERSION, "layers": self.layers, "doc_ids": self.doc_ids,
                        "q_text": self.q_text, "q_kind": self.q_kind, "q_pos": self.q_pos, "meta": self.meta},
                       f, ensure_ascii=False)
@@ -117,17 +175,29 @@ class FeatureCache:
 
     @classmethod
     def load(cls, directory: str, dtype: torch.dtype = torch.float32) -> "FeatureCache":
+        """Read a cache written by `save`; a damaged, foreign or other-version one raises `MemoryFormatError`."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        with open(os.path.join(directory, "features.json")) as f:
-            m = json.load(f)
-        if m.get("format_version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"feature cache {directory!r}: format {m.get('format_version')} "
-                             f"(this version reads {CACHE_FORMAT_VERSION})")
-        t = load_file(os.path.join(directory, "features.safetensors"))
-        return cls(m["layers"], m["doc_ids"], t["doc_start"], t["chunk_doc"], t["inputs"].to(dtype),
-                   m["q_text"], m["q_kind"], m["q_pos"], t["q_start"],
-                   t["q_inputs"].to(dtype) if "q_inputs" in t else None, m.get("meta", {}))
+        where = f"feature cache {directory!r}"
+        try:
+            with open(os.path.join(directory, "features.json"), encoding="utf-8") as f:
+                m = json.load(f)
+            t = load_file(os.path.join(directory, "features.safetensors"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+            raise MemoryFormatError(f"{where} cannot be read ({e}); delete it to rebuild the features") from e
+        if not isinstance(m, dict) or m.get("format_version") != CACHE_FORMAT_VERSION:
+            version = m.get("format_version") if isinstance(m, dict) else None
+            raise MemoryFormatError(f"{where} has format version {version!r} (this version reads "
+                                    f"{CACHE_FORMAT_VERSION}); delete it to rebuild the features")
+        try:
+            cache = cls(list(m["layers"]), list(m["doc_ids"]), t["doc_start"], t["chunk_doc"], t["inputs"].to(dtype),
+                        list(m["q_text"]), list(m["q_kind"]), [list(p) for p in m["q_pos"]], t["q_start"],
+                        t["q_inputs"].to(dtype) if "q_inputs" in t else None, dict(m.get("meta") or {}))
+        except (KeyError, TypeError) as e:
+            raise MemoryFormatError(f"{where} lacks {e}; delete it to rebuild the features") from e
+        cache.check(where)
+        return cache
 
     @staticmethod
     def exists(directory: str) -> bool:
@@ -135,104 +205,94 @@ class FeatureCache:
             os.path.isfile(os.path.join(directory, "features.safetensors"))
 
 
-def model_fingerprint(engine) -> dict:
-    fp = engine.fingerprint()
-    return {k: fp[k] for k in ("model", "config_hash", "weights_hash", "chunk_size", "routing_layers")}
+# ====================================================================== features from the model
+def feature_encoder(model: DecoderModel, layers: Sequence[int], chunk_size: int, batch_tokens: int = 4096) -> Encoder:
+    """The encoder that makes router features: pooled layer inputs kept, in fp32 whatever the device (the
+    router trained on them is used by CPU engines that encode in fp32). Its router is the training-free
+    one: the routing keys it also computes are not used."""
+    return Encoder(model, list(layers), chunk_size, QKRouter(model, layers), keep_inputs=True,
+                   batch_tokens=batch_tokens, store_dtype=torch.float32)
 
 
-def build_bank_features(engine, texts: list, ids: list, progress: bool = True) -> FeatureCache:
-    """Encode `texts` into the engine's memory (keep_inputs) and return their cached pooled inputs.
-
-    The engine's memory is left holding these documents (a bank the evaluation can query directly)."""
-    if not engine.config.keep_inputs:
-        raise ValueError("build the engine with keep_inputs=True to cache router features")
-    if len(engine.memory):
-        engine.delete(list(engine.memory.ids))
-    engine.add(texts, ids=ids, progress=progress)
-    s = engine.memory.state
-    if len(s) != len(ids):
-        raise ValueError("the memory split some documents (longer than max_doc_tokens); pass shorter documents")
-    return FeatureCache(list(engine.routing_layers), list(s.ids), s.doc_start.cpu().clone(),
-                        s.chunk_doc.cpu().clone(), s.inputs.float().cpu().clone(),
-                        meta={"fingerprint": model_fingerprint(engine), "n_tokens": int(sum(s.n_tokens))})
+def bank_features(encoder: Encoder, token_lists: Sequence[list], ids: Sequence[str],
+                  progress: bool = True) -> FeatureCache:
+    """Encode documents (token ids, one sequence each, as the memory encodes them) -> a FeatureCache
+    holding their pooled layer inputs and no queries yet."""
+    encoded = encoder.encode(list(token_lists), progress=progress, desc="encoding documents")
+    counts = torch.tensor([e.inputs.shape[1] for e in encoded], dtype=torch.long)  # chunks per document
+    doc_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [N+1]
+    chunk_doc = torch.repeat_interleave(torch.arange(len(encoded)), counts)  # [C]
+    inputs = torch.cat([e.inputs for e in encoded], dim=1).float().cpu()  # N x [L, C_i, hidden] -> [L, C, hidden]
+    return FeatureCache(list(encoder.routing_layers), list(ids), doc_start, chunk_doc, inputs,
+                        meta={"n_tokens": int(sum(len(t) for t in token_lists))})
 
 
-@torch.inference_mode()
-def question_inputs(engine, questions: list, batch_size: int = 64, progress: bool = True,
-                    desc: str = "queries") -> list:
-    """Per question: the normalised layer inputs of its own tokens on the routing layers [L, T, hidden].
-
-    Equals `engine.encoder.question_states(build_prompt(...))[0]`, computed in batches: the chat-template
-    prefix (identical for every question) is run once and its K/V reused; question tokens never see the
-    template's suffix (causal), so the suffix is not run at all."""
-    from .generation import build_prompt
-    from .model import KVCache, LayerCapture
-
-    m = engine.model
-    layers = list(engine.routing_layers)
-    last = max(layers)
-    prompts = [build_prompt(m, q, system=engine.config.system_prompt) for q in questions]
-    out = [None] * len(questions)
-    groups = {}  # prefix ids -> list of (index, question token ids)
-    for i, p in enumerate(prompts):
-        start = p.question_mask.index(True) if True in p.question_mask else len(p.ids)
-        n = sum(p.question_mask)
-        if n == 0:
-            raise ValueError(f"question {questions[i]!r} has no tokens")
-        groups.setdefault(tuple(p.ids[:start]), []).append((i, p.ids[start:start + n]))
-    bar = tqdm(total=len(questions), desc=desc, disable=not progress, leave=False)
-    for prefix, items in groups.items():
-        Tp = len(prefix)
-        pk, pv = {}, {}
-
-        def cap_prefix(c: LayerCapture):
-            pk[c.layer], pv[c.layer] = c.k, c.v
-
-        if Tp:
-            m.forward(torch.tensor([list(prefix)]), torch.arange(Tp)[None], capture=cap_prefix, last_layer=last)
-        items = sorted(items, key=lambda x: -len(x[1]))
-        for b0 in range(0, len(items), batch_size):
-            batch = items[b0:b0 + batch_size]
-            B, S = len(batch), max(len(t) for _, t in batch)
-            ids = torch.zeros(B, S, dtype=torch.long)
-            for b, (_, t) in enumerate(batch):
-                ids[b, :len(t)] = torch.tensor(t)
-            cache = None
-            if Tp:
-                mem = [None] * m.n_layers
-                for l in range(last + 1):
-                    mem[l] = (pk[l].expand(B, -1, -1, -1), pv[l].expand(B, -1, -1, -1))
-                cache = KVCache(m.n_layers, memory=mem)
-            hs = {}
-
-            def cap(c: LayerCapture):
-                if c.layer in layers:
-                    hs[c.layer] = c.h_norm.float()
-
-            m.forward(ids, (Tp + torch.arange(S))[None].expand(B, S), cache=cache, capture=cap, last_layer=last)
-            for b, (i, t) in enumerate(batch):
-                out[i] = torch.stack([hs[l][b, :len(t)] for l in layers]).cpu()
-            bar.update(B)
-    bar.close()
+def question_features(encoder: Encoder, prompts: Sequence[Prompt], progress: bool = True,
+                      desc: str = "queries") -> list:
+    """Per prompt: the normalised layer inputs of its question tokens on the routing layers [L, T, hidden]
+    (fp32, CPU), computed by `Encoder.question_states`: exactly what routing reads."""
+    out = []
+    for p in tqdm(prompts, desc=desc, disable=not progress, leave=False):
+        h, _ = encoder.question_states(p.ids, p.question_mask)  # [L, Tq, hidden]
+        out.append(h.float().cpu().clone())  # clone: a normal tensor, not an inference-mode one
     return out
 
 
-def build_cache(engine, docs: Sequence, questions: Sequence = (), ict_per_doc: int = 2, ict_titles: bool = True,
-                seed: int = 0, progress: bool = True, batch_size: int = 64) -> FeatureCache:
-    """One call for a corpus: docs = (id, title, text) triples (the bank text is "title\ntext" when a title
+def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, docs: Sequence,
+                questions: Sequence = (), prompt: Optional[Callable[[str], Prompt]] = None,
+                ict_per_doc: int = 2, ict_titles: bool = True, seed: int = 0, max_doc_tokens: Optional[int] = None,
+                batch_tokens: int = 4096, progress: bool = True) -> FeatureCache:
+    """One call for a corpus: docs = (id, title, text) triples (the bank text is "title\\ntext" when a title
     is given), questions = (question, [gold doc ids]) pairs (kind "question"), plus inverse-cloze pairs
-    from the docs (kinds "ict-title", "ict-sentence")."""
-    texts = [f"{t}\n{x}" if t else x for _, t, x in docs]
-    cache = build_bank_features(engine, texts, [d for d, _, _ in docs], progress=progress)
+    from the docs (kinds "ict-title", "ict-sentence").
+
+    prompt: question -> the `Prompt` routing builds for it (default: the chat template, no system prompt);
+    the features are those of its question tokens. A document longer than `max_doc_tokens` (default: the
+    model's window) is refused: the memory would split it, and a split document is not one positive.
+    Gold ids that are not documents are dropped (with a warning), and so are questions left without any."""
+    from .generation import build_prompt
+
+    prompt = prompt or (lambda q: build_prompt(model, q))
+    max_doc_tokens = max_doc_tokens or model.max_positions
+    ids = [str(d) for d, _, _ in docs]
+    dup = sorted({d for d in ids if ids.count(d) > 1}) if len(set(ids)) != len(ids) else []
+    if dup:
+        raise DuplicateIdError(f"document ids {dup[:5]} appear more than once in the corpus; give each document its own id")
+    token_lists = []
+    for doc_id, title, text in docs:
+        tokens = model.tokenizer(f"{title}\n{text}" if title else text, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise InvalidArgumentError(f"document {doc_id!r} is empty; remove it from the corpus")
+        if len(tokens) > max_doc_tokens:
+            raise InvalidArgumentError(f"document {doc_id!r} has {len(tokens)} tokens, more than {max_doc_tokens} "
+                                       "(the model's window); split it into shorter documents")
+        token_lists.append(tokens)
+    encoder = feature_encoder(model, layers, chunk_size, batch_tokens)
+    cache = bank_features(encoder, token_lists, ids, progress=progress)
     row = cache.row_of()
-    qs = [(q, [row[g] for g in gold if g in row]) for q, gold in questions]
+    qs, dropped = [], 0
+    for q, gold in questions:
+        pos = [row[str(g)] for g in gold if str(g) in row]
+        dropped += len(pos) < len(list(gold))
+        if pos:
+            qs.append((q, pos))
+    if dropped:
+        logger.warning("%d question(s) name gold documents that are not in the corpus: those ids are ignored "
+                       "(questions left without any are skipped)", dropped)
+
+    def features(texts, desc):
+        prompts = [prompt(t) for t in texts]
+        empty = [t for t, p in zip(texts, prompts) if not any(p.question_mask)]
+        if empty:
+            raise InvalidArgumentError(f"question(s) {empty[:3]!r} have no tokens; remove empty questions")
+        return question_features(encoder, prompts, progress=progress, desc=desc)
+
     if qs:
-        feats = question_inputs(engine, [q for q, _ in qs], batch_size=batch_size, progress=progress, desc="questions")
-        cache.add_queries([q for q, _ in qs], feats, [p for _, p in qs], kind="question")
+        cache.add_queries([q for q, _ in qs], features([q for q, _ in qs], "questions"), [p for _, p in qs],
+                          kind="question")
     if ict_per_doc or ict_titles:
-        pairs = inverse_cloze_pairs([(row[d], t, x) for d, t, x in docs], ict_per_doc, ict_titles, seed)
-        feats = question_inputs(engine, [q for q, _, _ in pairs], batch_size=batch_size, progress=progress,
-                                desc="inverse-cloze queries")
+        pairs = inverse_cloze_pairs([(row[d], t, x) for d, (_, t, x) in zip(ids, docs)], ict_per_doc, ict_titles, seed)
+        feats = features([q for q, _, _ in pairs], "inverse-cloze queries")
         for kind in ("ict-title", "ict-sentence"):
             sel = [i for i, p in enumerate(pairs) if p[2] == kind]
             cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
@@ -300,7 +360,7 @@ def init_router_weights(model, layers: list, init: str, seed: int = 0):
         elif init == "random":
             wq[l], wk[l] = orth(H * D, hid), orth(G * D, hid)
         else:
-            raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+            raise InvalidArgumentError(f"unknown init {init!r}; use one of {INITS}")
     return wq, wk
 
 
@@ -390,28 +450,7 @@ def routing_loss(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1,
     return layer_weight * per_layer + mean_weight * infonce(scores.mean(0), pos_mask, tau)
 
 
-# ====================================================================== metrics
-def retrieval_metrics(rankings: Sequence[Sequence], golds: Sequence[Sequence], ks=(1, 5, 10)) -> dict:
-    """recall@k = |gold ∩ top k| / |gold| (as integrations/ragas/metrics.py), MRR = 1 / rank of the first
-    gold document; averaged over questions with gold documents."""
-    res = {f"recall@{k}": 0.0 for k in ks}
-    res["mrr"] = 0.0
-    n = 0
-    for ranked, gold in zip(rankings, golds):
-        gold = set(gold)
-        if not gold:
-            continue
-        n += 1
-        ranked = list(ranked)
-        for k in ks:
-            res[f"recall@{k}"] += len(gold & set(ranked[:k])) / len(gold)
-        for r, d in enumerate(ranked, 1):
-            if d in gold:
-                res["mrr"] += 1.0 / r
-                break
-    return {k: (v / n if n else float("nan")) for k, v in res.items()} | {"n_questions": n}
-
-
+# ====================================================================== ranking and metrics
 @torch.no_grad()
 def rank_documents(router: "TrainableRouter", cache: FeatureCache, q_idx: Sequence[int], topk: int = 100,
                    batch_size: int = 64, layer_mean: bool = True) -> list:
@@ -426,8 +465,9 @@ def rank_documents(router: "TrainableRouter", cache: FeatureCache, q_idx: Sequen
 
 
 def evaluate(router, cache: FeatureCache, q_idx: Sequence[int], ks=(1, 5, 10)) -> dict:
+    """recall@k and MRR of `router` (a Router or TrainableRouter) on the queries `q_idx` of `cache`."""
     if isinstance(router, Router):
-        router = TrainableRouter.from_router(router)
+        router = TrainableRouter.from_router(router).to(cache.inputs.device)
     ranks = rank_documents(router, cache, list(q_idx), topk=max(ks))
     return retrieval_metrics(ranks, [cache.q_pos[i] for i in q_idx], ks)
 
@@ -447,8 +487,29 @@ class TrainConfig:
     hard_negatives: int = 64  # mined per query when sampling negatives
     layer_weight: float = 1.0
     mean_weight: float = 1.0
-    device: str = "cpu"
+    device: Optional[str] = None  # None: the model's device (CPU without a model)
     progress: bool = True
+
+    def __post_init__(self):
+        check_int(self.epochs, "epochs", minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_int(self.seed, "seed")
+        check_int(self.patience, "patience", minimum=1)
+        check_int(self.max_negatives, "max_negatives", minimum=1)
+        check_int(self.hard_negatives, "hard_negatives", minimum=0)
+        check_choice(self.init, INITS, "init")
+        if self.device is not None and not isinstance(self.device, str):
+            raise InvalidArgumentError(f"device must be a str such as 'cpu' or 'cuda', or None, got {self.device!r}")
+        for name, positive in (("lr", True), ("tau", True), ("weight_decay", False), ("layer_weight", False),
+                               ("mean_weight", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise InvalidArgumentError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+    def identity(self) -> dict:
+        """The settings a checkpoint must share to be resumed (not epochs, patience, device, progress)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "progress", "patience", "device")}
 
 
 def _pos_mask(cache, q_idx, doc_rows, device):
@@ -463,49 +524,131 @@ def _pos_mask(cache, q_idx, doc_rows, device):
     return mask.to(device)
 
 
-def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model=None,
+def _check_finite(tr: "TrainableRouter", loss: torch.Tensor, epoch: int, cfg: TrainConfig) -> None:
+    """Stop before a diverged step's NaN/inf weights reach a checkpoint or a router file."""
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p).all()) for p in tr.parameters())
+    if not finite:
+        raise InvalidArgumentError(
+            f"router training diverged in epoch {epoch + 1} (loss {float(loss):.4g}, or NaN/inf weights); nothing "
+            f"of this epoch was saved. Lower the learning rate (lr={cfg.lr}) or raise tau (tau={cfg.tau}), "
+            "and train again without resuming")
+
+
+# ---------------------------------------------------------------------- checkpoints (safetensors + JSON)
+def save_checkpoint(path: str, tr: "TrainableRouter", opt: torch.optim.Optimizer, state: dict,
+                    best_state: Optional[dict]) -> None:
+    """One safetensors file: the router's, the best router's and the optimizer's tensors, and the JSON
+    training state (epoch, history, settings) in its header metadata. Written beside, then renamed over
+    the old one: a crash leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+
+    tensors = {f"router.{k}": v.detach().cpu().contiguous() for k, v in tr.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    opt_sd = opt.state_dict()
+    scalars = {}  # per parameter: its non-tensor optimizer state
+    for idx, st in opt_sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    doc = dict(state, format="msa-router-checkpoint", format_version=CHECKPOINT_FORMAT_VERSION,
+               has_best=best_state is not None, opt_param_groups=opt_sd["param_groups"], opt_scalars=scalars)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"checkpoint": json.dumps(doc)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, tr: "TrainableRouter", opt: torch.optim.Optimizer) -> tuple:
+    """Restore `tr` and `opt` from `save_checkpoint`'s file -> (state dict, best_state or None).
+    A damaged or foreign file raises `MemoryFormatError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = "delete it, or train without resuming (resume=False, `--no-resume`)"
+    try:
+        with safe_open(path, framework="pt") as f:
+            doc = json.loads((f.metadata() or {}).get("checkpoint", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise MemoryFormatError(f"training checkpoint {path!r} cannot be read ({e}); {fix}") from e
+    if not isinstance(doc, dict) or doc.get("format") != "msa-router-checkpoint" \
+            or doc.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise MemoryFormatError(f"{path!r} is not a router training checkpoint of format version "
+                                f"{CHECKPOINT_FORMAT_VERSION}; {fix}")
+    try:
+        tr.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+        best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} if doc["has_best"] else None
+        opt_state = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, idx, key = name.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = value
+        for idx, scalars in doc["opt_scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(scalars)
+        opt.load_state_dict({"state": opt_state, "param_groups": doc["opt_param_groups"]})
+        state = {k: doc[k] for k in ("epoch", "best", "bad", "history", "identity")}
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise MemoryFormatError(f"training checkpoint {path!r} does not fit this router or is damaged ({e}); {fix}") from e
+    return state, best
+
+
+def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model: Optional[DecoderModel] = None,
                  config: Optional[TrainConfig] = None, out_dir: Optional[str] = None, resume: bool = True,
-                 init_router: Optional[Router] = None, meta: Optional[dict] = None, log=print) -> tuple:
+                 init_router: Optional[Router] = None, meta: Optional[dict] = None,
+                 log: Optional[Callable[[str], None]] = None) -> tuple:
     """Train a router on cached features.
 
     caches: a FeatureCache or a list of them (each query scores against its own cache's bank).
     train / dev: lists of (cache index, query index) pairs (a plain list of ints means cache 0).
     model: the DecoderModel (for shapes and the `qk` init); or pass init_router.
-    out_dir: checkpoint folder (`checkpoint.pt` each epoch, `best/` the best router so far); with
-    resume=True an existing checkpoint continues where it stopped.
-    Returns (best Router, history list of per-epoch dicts)."""
+    out_dir: checkpoint folder (`checkpoint.safetensors` each epoch, `best/` the best router so far); with
+    resume=True a checkpoint written with the same settings and data continues where it stopped.
+    log: progress lines (default: this module's logger, INFO).
+    Returns (best Router, history list of per-epoch dicts). Training that diverges (NaN/inf loss or
+    weights) raises `InvalidArgumentError` and saves nothing of the diverged epoch."""
+    log = log or logger.info
     cfg = config or TrainConfig()
-    caches = caches if isinstance(caches, (list, tuple)) else [caches]
+    caches = list(caches) if isinstance(caches, (list, tuple)) else [caches]
     norm = lambda xs: [x if isinstance(x, tuple) else (0, int(x)) for x in (xs or [])]  # noqa: E731
     train, dev = norm(train), norm(dev)
     if not train:
-        raise ValueError("no training pairs")
+        raise InvalidArgumentError("no training queries: give questions with gold documents and/or allow "
+                                   "inverse-cloze pairs (ict_per_doc > 0)")
+    bad_q = [(c, q) for c, q in train + dev if not 0 <= c < len(caches) or not 0 <= q < caches[c].n_queries]
+    if bad_q:
+        raise InvalidArgumentError(f"training/dev queries {bad_q[:3]} are not (cache, query) indices of the caches")
     layers = caches[0].layers
     torch.manual_seed(cfg.seed)
     if init_router is not None:
         tr = TrainableRouter.from_router(init_router)
     else:
         if model is None:
-            raise ValueError("pass the model (for its shapes and q/k projections) or init_router")
+            raise InvalidArgumentError("pass the model (for its shapes and q/k projections) or init_router")
         wq, wk = init_router_weights(model, layers, cfg.init, cfg.seed)
         tr = TrainableRouter(wq, wk, model.n_heads, model.n_kv_heads, model.head_dim)
-    tr = tr.to(cfg.device)
+    device = cfg.device or (str(model.device) if model is not None else "cpu")
+    tr = tr.to(device)
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = dict(meta or {}, train_config={k: v for k, v in cfg.__dict__.items() if k != "progress"},
+    meta = dict(meta or {}, train_config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
                 layers=layers, n_train=len(train), n_dev=len(dev))
-    history, start_epoch, best, best_state, bad = [], 0, -1.0, None, 0
-    ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    # what a checkpoint must share to be resumed: the settings and the data (queries and their caches)
+    identity = dict(cfg.identity(), layers=layers, train=[list(x) for x in train], dev=[list(x) for x in dev],
+                    data=[c.meta.get("data_hash") for c in caches])
+    history, start_epoch, best, best_state, bad = [], 0, float("-inf"), None, 0
+    ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if out_dir and os.path.exists(os.path.join(out_dir, LEGACY_CHECKPOINT)):
+        logger.warning("ignoring %s: pickle checkpoints of older versions are never loaded (they can run code); "
+                       "training starts afresh", os.path.join(out_dir, LEGACY_CHECKPOINT))
     if ckpt and resume and os.path.isfile(ckpt):
-        st = torch.load(ckpt, map_location="cpu", weights_only=False)
-        same = {k: v for k, v in cfg.__dict__.items() if k not in ("epochs", "progress", "patience", "device")}
-        saved = {k: st.get("config", {}).get(k) for k in same}
-        if saved != same:
-            raise ValueError(f"checkpoint {ckpt} was written with other settings ({saved} vs {same}); "
-                             "resume with the same settings, pass resume=False, or use another out_dir")
-        tr.load_state_dict(st["router"])
-        opt.load_state_dict(st["opt"])
-        history, start_epoch, best, bad = st["history"], st["epoch"] + 1, st["best"], st["bad"]
-        best_state = st["best_state"]
+        st, best_state = load_checkpoint(ckpt, tr, opt)
+        if st["identity"] != identity:
+            diff = sorted(k for k in set(identity) | set(st["identity"]) if st["identity"].get(k) != identity.get(k))
+            raise InvalidArgumentError(f"checkpoint {ckpt} was written with other settings or data (differs in "
+                                       f"{diff}); resume with the same ones, train without resuming "
+                                       "(resume=False, `--no-resume`), or use another output folder")
+        history, start_epoch, bad = st["history"], st["epoch"] + 1, st["bad"]
+        best = float("-inf") if st["best"] is None else st["best"]
         log(f"resumed from {ckpt} at epoch {start_epoch}")
 
     def dev_metrics():
@@ -544,12 +687,13 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model=
             doc_rows = None
             if c.n_docs > cfg.max_negatives:
                 doc_rows = _sample_docs(tr, c, qb, cfg, rng)
-            scores = tr.scores(c, qb, doc_rows=doc_rows)
+            scores = tr.scores(c, qb, doc_rows=doc_rows)  # [L, B, N']
             loss = routing_loss(scores, _pos_mask(c, qb, doc_rows, scores.device), cfg.tau,
                                 cfg.layer_weight, cfg.mean_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _check_finite(tr, loss.detach(), epoch, cfg)
             tot += float(loss.detach()) * len(qb)
             n += len(qb)
             bar.set_postfix(loss=f"{tot / n:.4f}")
@@ -558,7 +702,7 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model=
         history.append(rec)
         log(f"epoch {epoch + 1}: loss {rec['loss']:.4f}" + ("" if not m else " dev " + " ".join(
             f"{k} {v:.3f}" for k, v in m.items())))
-        score = m.get("mrr", -rec["loss"])
+        score = m.get("mrr", -rec["loss"])  # without a dev split: the lowest training loss
         if score > best:
             best, bad = score, 0
             best_state = {k: v.detach().cpu().clone() for k, v in tr.state_dict().items()}
@@ -566,16 +710,15 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model=
             bad += 1
         if ckpt:
             os.makedirs(out_dir, exist_ok=True)
-            torch.save({"router": tr.state_dict(), "opt": opt.state_dict(), "history": history, "epoch": epoch,
-                        "best": best, "bad": bad, "best_state": best_state, "config": dict(cfg.__dict__)},
-                       ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
+            save_checkpoint(ckpt, tr, opt, {"epoch": epoch, "best": best if math.isfinite(best) else None,
+                                            "bad": bad, "history": history, "identity": identity}, best_state)
         if dev and bad >= cfg.patience:
             log(f"early stop after epoch {epoch + 1} (no dev MRR gain for {cfg.patience} epochs)")
             break
     if best_state is not None:
         tr.load_state_dict(best_state)
     router = tr.to_router(meta=dict(meta, history=history))
+    router.check_finite("the trained router")
     if out_dir:
         router.save(os.path.join(out_dir, "best"))
     return router, history
@@ -596,6 +739,7 @@ def export_msa4b(router: Router, path: str) -> None:
     """Write the router's projectors under MSA-4B weight names into one safetensors file."""
     from safetensors.torch import save_file
 
+    router.check_finite(f"router not exported to {path!r}")
     save_file({k: v.contiguous().cpu() for k, v in router.to_msa4b_state_dict().items()}, path,
               metadata={"format": "msa4b-router", "n_heads": str(router.n_heads),
                         "n_kv_heads": str(router.n_kv_heads), "head_dim": str(router.head_dim)})

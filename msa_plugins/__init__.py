@@ -12,7 +12,8 @@ from .core import MSAEngine
 from .engine.routing import Routing
 from .errors import (DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
                      InputTooLongError, InvalidArgumentError, InvalidTypeError, MemoryFormatError, MemoryLockedError,
-                     ModelMismatchError, MSAError, RouterMismatchError, UnsupportedModelError)
+                     ModelMismatchError, MSAError, PathNotFoundError, RouterMismatchError,
+                     UnsupportedModelError)
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream
 
 try:
@@ -25,6 +26,6 @@ __all__ = [
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
-    "DuplicateIdError", "MemoryLockedError", "DatasetNotFoundError",
+    "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "DatasetNotFoundError",
     "__version__",
 ]

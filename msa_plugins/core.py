@@ -31,7 +31,7 @@ from .engine.routing import Routing, route
 from .errors import EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, RouterMismatchError
 from .models import DEFAULT_ROUTER_DIR, resolve_model
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream, Where
-from .validation import check_messages, check_text, check_where_ids
+from .validation import check_history, check_messages, check_text, check_where_ids
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,8 @@ logger = logging.getLogger(__name__)
 def _make_bank(engine: "MSAEngine", max_doc: int):
     """The memory bank: its ingestion (tokenize, split, encode) is injected, so the bank never reaches
     into the model or the encoder."""
-    try:
-        from .engine.bank import MemoryBank
-        from .engine.ingest import Ingestor
-    except ImportError:  # TEMPORARY during the bank split (issue 9): the old bank behind the new interface
-        return _OldBank(engine, max_doc)
+    from .engine.bank import MemoryBank
+    from .engine.ingest import Ingestor
 
     cfg, model = engine.config, engine.model
     ingestor = Ingestor(tokenize=engine._tokenize,
@@ -53,58 +50,6 @@ def _make_bank(engine: "MSAEngine", max_doc: int):
     return MemoryBank(ingestor, engine.fingerprint(), routing_device=model.device,
                       content_device=model.device if cfg.content_tier == "device" else "cpu",
                       int8_routing_keys=cfg.int8_routing_keys, n_kv_heads=model.n_kv_heads)
-
-
-class _OldBank:  # TEMPORARY: removed when engine/bank.py lands
-    def __init__(self, engine, max_doc):
-        from .engine.memory import MemoryBank
-        cfg, model = engine.config, engine.model
-        self.b = MemoryBank(engine.encoder, engine.fingerprint(), engine._tokenize, max_doc,
-                            split_long=cfg.split_long_documents, routing_device=model.device,
-                            content_device=model.device if cfg.content_tier == "device" else "cpu",
-                            int8_routing_keys=cfg.int8_routing_keys)
-        self.engine = engine
-
-    state = property(lambda self: self.b.state)
-    fingerprint = property(lambda self: self.b.fingerprint)
-    keeps_inputs = property(lambda self: self.b.state.inputs is not None if len(self.b.state) else self.engine.config.keep_inputs)
-
-    def nbytes_of(self, s):
-        return sum(t.numel() * t.element_size() for t in (s.keys_r, s.keys_r_scale, s.keys, s.values, s.inputs)
-                   if t is not None)
-
-    def add(self, *a, **k):
-        return self.b.add(*a, **k)
-
-    def upsert(self, *a, **k):
-        return self.b.replace(*a, **k)
-
-    def delete(self, ids, missing_ok=False):
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        if missing_ok:
-            ids = [d for d in ids if d in self.b]
-        self.b.delete(ids)
-        return ids
-
-    def save(self, d, lock=None):
-        self.b.save(d)
-
-    def load(self, d, verify=True):
-        self.b.load(d)
-
-    def rekey(self, keys_fn, fp):
-        from dataclasses import replace
-        from .errors import ModelMismatchError
-        b = self.b
-        with b._lock:
-            s = b._state
-            if s.inputs is None and len(s):
-                raise ModelMismatchError("this memory was built without keep_inputs, so it cannot be re-keyed "
-                                         "without re-encoding; rebuild it with keep_inputs=True")
-            if len(s):
-                keys_r = keys_fn(s.inputs).to(s.keys.dtype)
-                b._state = replace(s, **b._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
-            b.fingerprint["key_mode"] = fp["key_mode"]
 
 
 class MSAEngine:
@@ -254,10 +199,11 @@ class MSAEngine:
         """Replace the memory with a saved one (checked against this engine's fingerprint; `verify`
         checks file checksums and structure)."""
         self._bank.load(directory, verify=verify)
-        self.encoder.keep_inputs = self._bank.keeps_inputs  # adopt the memory's setting for later adds
+        if self._bank.keeps_inputs is not None:  # adopt the memory's setting for later adds (None: empty memory)
+            self.encoder.keep_inputs = self._bank.keeps_inputs
 
     @contextlib.contextmanager
-    def edit_saved(self, directory: str, timeout: float = 60.0):
+    def edit_saved(self, directory: str, timeout: float = 300.0):
         """Read-modify-write of a saved memory folder under its writer lock (threads and processes):
         loads the folder if it holds a memory (else starts from this engine's memory), yields, and saves
         on success. A concurrent writer waits up to `timeout` s, then `MemoryLockedError`."""
@@ -307,6 +253,10 @@ class MSAEngine:
                                     "(max_question_tokens, or the model's window); shorten it")
         return question
 
+    def _routing_prompt(self, question: str):
+        """The prompt routing reads the question's own tokens from (also what a router is trained on)."""
+        return build_prompt(self.model, question, system=self.config.answer.system)
+
     def route(self, question: str, k: Optional[int] = None, where: Where = None, context: str = "",
               snapshot: Optional[Snapshot] = None, _allow: Optional[list] = None) -> Routing:
         """Rank memory documents for a question (its own tokens only, not the template or `context`).
@@ -317,7 +267,7 @@ class MSAEngine:
         if len(snap) == 0:
             raise EmptyMemoryError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
         allow = _allow if _allow is not None else self._allow_ids(snap, where)
-        prompt = build_prompt(self.model, question, system=self.config.answer.system)
+        prompt = self._routing_prompt(question)
         if context:  # re-routing: question + injected text are both "the question" for routing
             ids = self._tokenize(context) + prompt.ids
             mask = [True] * (len(ids) - len(prompt.ids)) + prompt.question_mask
@@ -363,9 +313,9 @@ class MSAEngine:
             the model alone and logs a warning; `.documents` is then [].
         """
         t0 = time.perf_counter()
-        opts = (options or self.config.answer).merged(**overrides)
+        opts = _merge_options(options, self.config.answer, overrides)
         question = self._check_question(question)
-        history = check_messages(history) if history else None
+        history = check_history(history)
         if opts.mode == "protocol" and not self.has_trained_router:
             raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
                                        "use 'interleave' or 'sparse' with this model")
@@ -411,12 +361,12 @@ class MSAEngine:
         """Interleave answering over the given `texts` (no routing): the same prompt a routed answer gets.
         For comparing prompts and retrievers on one generator (the evaluation uses it)."""
         t0 = time.perf_counter()
-        opts = (options or self.config.answer).merged(**overrides)
+        opts = _merge_options(options, self.config.answer, overrides)
         question = self._check_question(question)
         if isinstance(texts, str):
             raise InvalidTypeError("texts must be a list of str, not one string; wrap it: [text]")
         texts = [check_text(t, "text") for t in texts]
-        history = check_messages(history) if history else None
+        history = check_history(history)
         docs = [RoutedDocument(f"text-{i}", t, float("nan"), {}, 0, i) for i, t in enumerate(texts)]
         return self._answer_texts(question, docs, [docs], opts, history, t0, per_layer={})
 
@@ -473,7 +423,7 @@ class MSAEngine:
         """Plain generation, piece by piece: a `Stream` with no documents and a `GenerationResult`.
         Uses max_new_tokens, temperature, seed and stop of the options."""
         t0 = time.perf_counter()
-        opts = (options or self.config.answer).merged(**overrides)
+        opts = _merge_options(options, self.config.answer, overrides)
         messages = check_messages(messages)
         tok = self.model.tokenizer
         if getattr(tok, "chat_template", None):
@@ -495,11 +445,17 @@ class MSAEngine:
         return Stream([], pieces, finish)
 
     # ------------------------------------------------------------------ router training
-    def train_router(self, *args, **kwargs):
-        """Train a router for this model on a corpus (see `msa_plugins.trainer.train_router_for`)."""
+    def train_router(self, docs=None, questions=(), *, out=None, config=None, dev_fraction: float = 0.1,
+                     ict_per_doc: int = 2, ict_titles: bool = True, resume: bool = True, export_msa4b_path=None,
+                     progress: bool = True):
+        """Train a router for this model (see `msa_plugins.trainer.train_router_for`): on `docs`
+        ((id, title, text) triples; None: the memory's own documents) with inverse-cloze pairs and optional
+        labelled `questions`. The memory is left unchanged; use `set_router` to adopt the result."""
         from .trainer import train_router_for
 
-        return train_router_for(self, *args, **kwargs)
+        return train_router_for(self, docs, questions, out=out, config=config, dev_fraction=dev_fraction,
+                                ict_per_doc=ict_per_doc, ict_titles=ict_titles, resume=resume,
+                                export_msa4b_path=export_msa4b_path, progress=progress)
 
 
 class ProtocolLoop:
@@ -541,6 +497,13 @@ class ProtocolLoop:
                 return  # an unknown or filtered-out document is never injected
             self.rounds.append(_routed_documents(self.snap, [row], [float("nan")], step + 1))
             context = context + seg_ids + self.engine._tokenize(state.texts[row] + cfg.protocol_delimiter)
+
+
+def _merge_options(options: Optional[AnswerOptions], defaults: AnswerOptions, overrides: dict) -> AnswerOptions:
+    if options is not None and not isinstance(options, AnswerOptions):
+        raise InvalidTypeError(f"options must be an AnswerOptions, got {type(options).__name__}; pass single "
+                               "settings as keywords (k=3)")
+    return (options or defaults).merged(**overrides)
 
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:

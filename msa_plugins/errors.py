@@ -61,12 +61,16 @@ class MemoryLockedError(MSAError, TimeoutError):
     """Another writer (thread or process) holds a memory folder's lock for longer than we may wait."""
 
 
-class DatasetNotFoundError(MSAError, FileNotFoundError):
+class PathNotFoundError(MSAError, FileNotFoundError):
+    """A file or folder the caller named (model, router, memory, corpus) does not exist."""
+
+
+class DatasetNotFoundError(PathNotFoundError):
     """An evaluation data set that is not where the data root says."""
 
 
 __all__ = [
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError",
-    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "DatasetNotFoundError",
+    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "DatasetNotFoundError",
 ]

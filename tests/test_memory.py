@@ -1,14 +1,15 @@
-"""MemoryBank: persistence, delete, add-after-load, crash safety, and bad input that changes nothing."""
+"""MemoryBank through the engine: persistence, delete, add-after-load, crash safety, long documents, and bad
+input that changes nothing. Storage details (locks, checksums, damaged files) are in test_storage.py."""
 
 import json
 import os
-import warnings
 
 import pytest
 import torch
 
 from msa_plugins import MSAEngine
-from msa_plugins.engine.memory import MemoryFormatError, ModelMismatchError
+from msa_plugins.errors import (DocumentNotFoundError, DuplicateIdError, InvalidArgumentError, MemoryFormatError,
+                               ModelMismatchError)
 
 DOCS = ["Paris is the capital of France.", "Alice was born in Lisbon and works as a painter.",
         "The quick brown fox jumps over the lazy dog.", "Berlin is the capital of Germany."]
@@ -22,8 +23,12 @@ def engine(tiny_model_dir):
     return e
 
 
+def bank(e):
+    return e._bank  # below the facade: these tests look at the stored tensors
+
+
 def snapshot(e):
-    s = e.memory.state
+    s = bank(e).state
     return (s.ids, s.texts, s.metadata, s.keys_r.clone(), s.keys.clone(), s.values.clone(), s.chunk_doc.clone())
 
 
@@ -37,10 +42,10 @@ def test_add_get_len_nbytes_metadata(engine):
     assert len(engine) == 4
     d = engine.get(["alice"])[0]
     assert d.text == DOCS[1] and d.metadata == {"topic": "people"} and d.n_tokens > 0
-    s = engine.memory.state
+    s = bank(engine).state
     L, G, D = len(engine.routing_layers), engine.model.n_kv_heads, engine.model.head_dim
     assert s.keys_r.shape == (L, s.n_chunks, G * D)
-    assert engine.memory.nbytes == 3 * s.keys_r.numel() * 4
+    assert engine.snapshot().nbytes == 3 * s.keys_r.numel() * 4
 
 
 def test_save_load_round_trip_same_answers_and_memory_mapped(engine, tiny_model_dir, tmp_path):
@@ -54,12 +59,12 @@ def test_save_load_round_trip_same_answers_and_memory_mapped(engine, tiny_model_
     assert e2.get(["paris"])[0].metadata == {"topic": "geo"}
     # the loaded tensors are views of a memory map, not copies
     import numpy as np
-    assert isinstance(e2.memory.state.keys.numpy().base, np.memmap) or e2.memory.state.keys.numpy().base is not None
+    assert isinstance(bank(e2).state.keys.numpy().base, np.memmap) or bank(e2).state.keys.numpy().base is not None
 
 
 def test_delete_is_never_routed_again_and_add_after_load(engine, tiny_model_dir, tmp_path):
     engine.delete(["alice"])
-    assert "alice" not in engine.memory
+    assert "alice" not in engine.snapshot()
     for k in (1, 3, 10):
         r = engine.route(Q, k=k)
         assert "alice" not in r.ids and all("alice" not in v[0] for v in r.per_layer.values())
@@ -71,11 +76,11 @@ def test_delete_is_never_routed_again_and_add_after_load(engine, tiny_model_dir,
     assert len(e2) == 4 and "new" in e2.route(Q, k=10).ids
     # a re-added document gets the same keys as the original encoding
     e2.add([DOCS[1]], ids=["alice"])
-    s1, s2 = engine.memory.state, e2.memory.state
-    a = e2.memory.state.chunk_range(s2.row_of["alice"])
+    s2 = bank(e2).state
+    a = s2.chunk_range(s2.row_of["alice"])
     fresh = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
     fresh.add([DOCS[1]], ids=["alice"])
-    torch.testing.assert_close(s2.keys_r[:, a[0]:a[1]], fresh.memory.state.keys_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2.keys_r[:, a[0]:a[1]], bank(fresh).state.keys_r, atol=1e-5, rtol=1e-5)
 
 
 def test_crash_mid_save_leaves_previous_copy_loadable(engine, tiny_model_dir, tmp_path, monkeypatch):
@@ -95,6 +100,7 @@ def test_crash_mid_save_leaves_previous_copy_loadable(engine, tiny_model_dir, tm
     assert_same(old, snapshot(e2))
     engine.save(tmp_path)  # the next save succeeds and clears the crashed generation's files
     assert len([f for f in os.listdir(tmp_path) if f.startswith("tensors-")]) == 1
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".msa-tmp-")]
 
 
 def test_bad_input_leaves_bank_unchanged(engine):
@@ -104,8 +110,14 @@ def test_bad_input_leaves_bank_unchanged(engine):
         (lambda: engine.add(["ok", 3]), TypeError, "not a str"),
         (lambda: engine.add("a single string"), TypeError, "list of strings"),
         (lambda: engine.add(["x", "y"], ids=["a", "a"]), ValueError, "duplicate"),
-        (lambda: engine.add(["x"], ids=["alice"]), ValueError, "already in the memory"),
-        (lambda: engine.add(["x"], metadata=[{"f": object()}]), TypeError, "JSON"),
+        (lambda: engine.add(["x"], ids=["alice"]), DuplicateIdError, "already in the memory"),
+        (lambda: engine.add(["x"], ids=["a#0"]), InvalidArgumentError, "'#'"),
+        (lambda: engine.add(["x"], metadata=[{1: "int key"}]), TypeError, "not a str"),
+        (lambda: engine.add(["x"], metadata=[{"t": (1, 2)}]), TypeError, "tuple"),
+        (lambda: engine.add(["x"], metadata=[{"f": float("nan")}]), TypeError, "does not survive saving"),
+        (lambda: engine.upsert(["x"], ids=None), ValueError, "needs the ids"),
+        (lambda: engine.delete(["nope"]), DocumentNotFoundError, "unknown"),
+        (lambda: engine.add(["x"], metadata=[{"f": object()}]), TypeError, "does not survive saving"),
         (lambda: engine.add(["x", "y"], ids=["only-one"]), ValueError, "ids"),
         (lambda: engine.delete(["alice", "nope"]), KeyError, "unknown"),
         (lambda: engine.get(["nope"]), KeyError, "unknown"),
@@ -121,7 +133,30 @@ def test_bad_input_leaves_bank_unchanged(engine):
 def test_asking_an_empty_memory(tiny_model_dir):
     e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
     with pytest.raises(LookupError, match="empty"):
-        e.query(Q)
+        e.route(Q)
+    assert e.retrieve(Q) == []
+    assert e.query(Q, max_new_tokens=2).documents == []  # answered from the model alone
+
+
+def test_empty_add_and_delete_return_what_changed(engine):
+    before = snapshot(engine)
+    assert engine.add([]) == [] and engine.add([], ids=[], metadata=[]) == []
+    assert engine.delete(["nope"], missing_ok=True) == []
+    assert_same(before, snapshot(engine))
+    assert engine.delete(["fox", "nope", "fox"], missing_ok=True) == ["fox"]
+    assert "fox" not in engine.snapshot() and len(engine) == 3
+
+
+def test_parent_id_in_metadata_does_not_group_documents(engine, tiny_model_dir, tmp_path):
+    """Only a real split records a parent: a caller's metadata parent_id is just metadata (issue 10: 11)."""
+    engine.add(["A forged part.", "Another forged part."], ids=["f0", "f1"],
+               metadata=[{"parent_id": "paris", "part": 0}, {"parent_id": "ghost", "part": 1}])
+    assert [d.id for d in engine.get(["paris"])] == ["paris"]
+    assert "ghost" not in engine.snapshot()
+    engine.save(tmp_path)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=str(tmp_path))
+    assert "ghost" not in e2.snapshot() and [d.id for d in e2.get(["paris"])] == ["paris"]
+    assert e2.delete(["paris"]) == ["paris"] and "f0" in e2.snapshot()
 
 
 def test_other_model_or_settings_refused(engine, tiny_model_dir, tmp_path):
@@ -155,13 +190,16 @@ def test_truncated_or_tampered_files_fail_clearly(engine, tiny_model_dir, tmp_pa
         e2.load(str(tmp_path))
     with pytest.raises(MemoryFormatError, match="no saved memory"):
         e2.load(str(tmp_path / "nowhere"))
+    manifest.write_text(json.dumps({**json.loads(good), "format_version": 1}))  # a memory from before issue 10
+    with pytest.raises(MemoryFormatError, match="older msa-plugins.*re-ingest"):
+        e2.load(str(tmp_path))
     assert len(e2) == 0
 
 
-def test_long_documents_are_split_with_parent_id(tiny_model_dir):
+def test_long_documents_are_split_with_parent_id(tiny_model_dir, tmp_path):
     e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, max_doc_tokens=16)
     long_text = " ".join(["Paris is the capital of France."] * 10)
-    n_tok = len(e._tokenize(long_text))
+    n_tok = e.count_tokens(long_text)
     with pytest.warns(UserWarning, match="parent_id"):
         ids = e.add([long_text, "A short one."], ids=["long", "short"])
     assert ids == ["long", "short"]  # one id per text; the parent id names the whole document
@@ -170,13 +208,16 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir):
     assert [d.id for d in parts] == [f"long#{i}" for i in range(len(parts))]
     assert all(d.metadata["parent_id"] == "long" for d in parts)
     assert sum(d.n_tokens for d in parts) == n_tok  # nothing cut
-    assert "long" in e.memory and "long#0" in e.memory
-    with pytest.raises(ValueError, match="already in the memory"):
+    assert "long" in e.snapshot() and "long#0" in e.snapshot()
+    with pytest.raises(DuplicateIdError, match="already in the memory"):
         e.add(["again"], ids=["long"])
-    e.replace([long_text + " One more sentence."], ids=["long"])  # replaces every part at once
-    assert len(e.get(["long"])) == len(parts) + (1 if len(e._tokenize(long_text + " One more sentence.")) > 16 * len(parts) else 0)
-    e.delete(["long"])  # deletes every part
-    assert len(e) == 1 and "long" not in e.memory
+    e.upsert([long_text + " One more sentence."], ids=["long"])  # replaces every part at once
+    assert len(e.get(["long"])) == -(-e.count_tokens(long_text + " One more sentence.") // 16)
+    e.save(tmp_path)  # the parts stay grouped across save and load
+    e.load(str(tmp_path))
+    assert [d.id for d in e.get(["long"])] == [f"long#{i}" for i in range(len(e.get(["long"])))]
+    assert e.delete(["long"]) == ["long"]  # deletes every part
+    assert len(e) == 1 and "long" not in e.snapshot()
     assert all(not i.startswith("long") for i in e.route("capital of France", k=10).ids)
     e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=16, split_long_documents=False)
     with pytest.raises(ValueError, match="window"):
@@ -187,9 +228,9 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir):
 def test_replace_swaps_in_one_step_and_failed_replace_changes_nothing(engine):
     before = snapshot(engine)
     with pytest.raises(ValueError, match="empty"):
-        engine.replace(["new text", " "], ids=["alice", "extra"])
+        engine.upsert(["new text", " "], ids=["alice", "extra"])
     assert_same(before, snapshot(engine))
-    engine.replace(["Alice now lives in Porto."], ids=["alice"], metadata=[{"topic": "moved"}])
+    engine.upsert(["Alice now lives in Porto."], ids=["alice"], metadata=[{"topic": "moved"}])
     assert len(engine) == 4 and engine.get(["alice"])[0].text == "Alice now lives in Porto."
     assert engine.get(["alice"])[0].metadata == {"topic": "moved"}
 
@@ -216,8 +257,9 @@ def test_int8_routing_keys_route_like_float_keys_and_persist(tiny_model_dir, tmp
     q8 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, int8_routing_keys=True)
     for e in (f, q8):
         e.add(texts, ids=[f"d{i}" for i in range(len(texts))])
-    assert q8.memory.state.keys_r.dtype == torch.int8
-    assert q8.memory.state.keys_r_scale.shape == q8.memory.state.keys_r.shape[:2] + (q8.model.n_kv_heads,)
+    s8 = bank(q8).state
+    assert s8.keys_r.dtype == torch.int8
+    assert s8.keys_r_scale.shape == s8.keys_r.shape[:2] + (q8.model.n_kv_heads,)
     overlap = [len(set(f.route(q, k=5).ids) & set(q8.route(q, k=5).ids)) / 5 for q in questions]
     assert sum(overlap) / len(overlap) >= 0.8
     for q in questions:  # scores stay close to the float scores
@@ -247,3 +289,35 @@ def test_tensor_files_from_another_memory_are_refused(engine, tiny_model_dir, tm
     with pytest.raises(MemoryFormatError):
         e2.load(str(tmp_path / "a"))
     assert len(e2) == 0
+
+
+def test_two_engines_read_modify_write_one_folder_lose_nothing(tiny_model_dir, tmp_path):
+    """Two writers (threads, each its own engine) add to one saved folder through the bank's lock:
+    lock, re-read, add, save. Every acknowledged document is there at the end (issue 10: 1)."""
+    import threading
+
+    d = str(tmp_path / "m")
+    engines = [MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4) for _ in range(2)]
+    engines[0].save(d)  # an empty memory: every round starts by loading the folder
+    acked, errors = [], []
+
+    def writer(w, e):
+        try:
+            for i in range(3):
+                with bank(e).locked(d) as held:
+                    assert held.holds_memory
+                    e.load(d)
+                    e.add([f"Writer {w} wrote document {i}."], ids=[f"w{w}-{i}"], progress=False)
+                    bank(e).save(d, lock=held)
+                acked.append(f"w{w}-{i}")
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w, e)) for w, e in enumerate(engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    final = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=d)
+    assert sorted(final.snapshot().ids) == sorted(acked) and len(acked) == 6

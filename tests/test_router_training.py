@@ -1,17 +1,21 @@
-"""Router training on cached features (issue 4), on tiny random models: mechanics, not quality."""
+"""Router training on cached features (issue 4), on tiny random models: mechanics, not quality.
+Also issue 10: training checkpoints never unpickle (items 3), NaN/inf routers are refused (item 9)."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from msa_plugins import MSAEngine
-from msa_plugins.engine.memory import ModelMismatchError
 from msa_plugins.engine.router import Router
-from msa_plugins.engine.training import (FeatureCache, TrainConfig, TrainableRouter, build_cache, evaluate,
-                                         infonce, init_router_weights, inverse_cloze_pairs, question_inputs,
-                                         retrieval_metrics, routing_loss, train_router)
+from msa_plugins.engine.training import (FeatureCache, TrainableRouter, infonce, init_router_weights,
+                                         inverse_cloze_pairs, routing_loss)
+from msa_plugins.errors import InvalidArgumentError, MemoryFormatError, ModelMismatchError, RouterMismatchError
+from msa_plugins.metrics import retrieval_metrics
+from msa_plugins.trainer import (TrainConfig, build_features, evaluate, train, train_router_for,
+                                 training_free_router)
 
 LAYERS = [2, 3]
 DOCS = [
@@ -20,18 +24,27 @@ DOCS = [
     ("fox", "Fox", "The quick brown fox jumps over the lazy dog. The dog sleeps all day long."),
     ("msa", "Memory", "Memory sparse attention routes each question to a few documents of the bank."),
 ]
+TEXTS = [f"{t}\n{x}" for _, t, x in DOCS]  # the bank text of a titled document
+IDS = [d for d, _, _ in DOCS]
+QUIET = dict(log=lambda *_: None)
+
+
+def _engine(tiny_model_dir, **kw):
+    return MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", routing_layers=LAYERS, chunk_size=4, **kw)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True,
-                                     routing_layers=LAYERS, chunk_size=4)
+    """Training-free routing, its memory holding DOCS (what the cached features must route like)."""
+    e = _engine(tiny_model_dir)
+    e.add(TEXTS, ids=IDS, progress=False)
+    return e
 
 
 @pytest.fixture(scope="module")
 def cache(engine):
     qs = [("What is the capital of France?", ["paris"]), ("Where was Alice born?", ["alice"])]
-    return build_cache(engine, DOCS, qs, ict_per_doc=1, ict_titles=True, seed=0, progress=False)
+    return build_features(engine, DOCS, qs, ict_per_doc=1, ict_titles=True, seed=0, progress=False)
 
 
 def _router(engine, init="tied-random", seed=0):
@@ -40,22 +53,27 @@ def _router(engine, init="tied-random", seed=0):
     return Router(wq, wk, m.n_heads, m.n_kv_heads, m.head_dim, meta={"t": 1})
 
 
-def test_question_inputs_equal_question_states(engine):
-    from msa_plugins.engine.generation import build_prompt
-
-    qs = ["What is the capital of France?", "Where was Alice born?", "fox"]
-    batched = question_inputs(engine, qs, batch_size=2, progress=False)
-    for q, got in zip(qs, batched):
-        p = build_prompt(engine.model, q, system=engine.config.system_prompt)
-        h, _ = engine.encoder.question_states(p.ids, p.question_mask)
-        assert got.shape == h.shape
-        torch.testing.assert_close(got, h.float(), atol=1e-5, rtol=1e-5)
+def _assert_routes_like_engine(tr, cache, engine, q_idx):
+    """Cached-feature scores of queries q_idx == the engine's own routing of their text (ids and scores)."""
+    for q in q_idx:
+        s = tr.scores(cache, [q]).mean(0)[0].detach()
+        got = engine.route(cache.q_text[q], k=len(DOCS))
+        torch.testing.assert_close(torch.tensor(got.scores), s.sort(descending=True).values, atol=1e-4, rtol=1e-4)
+        assert [cache.doc_ids[i] for i in s.argsort(descending=True).tolist()] == got.ids
 
 
-def test_cache_matches_bank_and_roundtrips(engine, cache, tmp_path):
-    s = engine.memory.state
-    assert cache.doc_ids == [d for d, _, _ in DOCS]
-    assert torch.equal(cache.inputs, s.inputs.float())
+def test_cached_question_features_route_like_the_engine(engine, cache):
+    """Every cached query (questions and inverse-cloze pairs) scores as `engine.route` scores its text:
+    the features are the engine's own question states, on the prompt routing builds."""
+    tr = TrainableRouter.from_router(training_free_router(engine))  # Llama: == the engine's QKRouter
+    _assert_routes_like_engine(tr, cache, engine, range(cache.n_queries))
+
+
+def test_cache_describes_the_bank_and_roundtrips(engine, cache, tmp_path):
+    assert cache.doc_ids == IDS
+    n_tokens = [d.n_tokens for d in engine.snapshot().get(IDS)]
+    assert cache.doc_start.diff().tolist() == [math.ceil(n / 4) for n in n_tokens]  # chunks of 4 tokens
+    assert cache.meta["n_tokens"] == sum(n_tokens)
     assert cache.query_indices(["question"]) == [0, 1]
     assert cache.q_pos[0] == [0] and cache.q_pos[1] == [1]
     assert len(cache.query_indices(["ict"])) >= len(DOCS)
@@ -65,40 +83,25 @@ def test_cache_matches_bank_and_roundtrips(engine, cache, tmp_path):
     assert back.q_pos == cache.q_pos and back.q_kind == cache.q_kind and torch.equal(back.q_start, cache.q_start)
 
 
-def test_rekey_from_cache_equals_reencoding(tiny_model_dir, engine, cache):
+def test_building_features_leaves_the_memory_alone(engine):
+    before = engine.snapshot().ids
+    build_features(engine, [("other", "", "Another document about nothing.")], ict_per_doc=1, progress=False)
+    assert engine.snapshot().ids == before
+
+
+def test_rekey_from_cache_equals_reencoding(tiny_model_dir, cache):
     """Keys from cached pooled inputs (training path, set_router re-key) == encoding with the router."""
-    router = _router(engine, "random", seed=3)
+    fresh = _engine(tiny_model_dir, router="none")
+    router = _router(fresh, "random", seed=3)
     tr = TrainableRouter.from_router(router)
-    fresh = MSAEngine.from_pretrained(tiny_model_dir("llama"), router=None, device="cpu", keep_inputs=True,
-                                      routing_layers=LAYERS, chunk_size=4)
     fresh.set_router(router)  # empty bank: the router is used while encoding
-    fresh.add([f"{t}\n{x}" for _, t, x in DOCS], ids=[d for d, _, _ in DOCS], progress=False)
-    encoded = fresh.memory.state.keys_r.float()
-    from_cache = torch.stack([tr.keys(i, cache.inputs[i]) for i in range(len(LAYERS))]).detach()
-    torch.testing.assert_close(from_cache, encoded, atol=1e-5, rtol=1e-5)
-    # and re-keying a bank encoded with the training-free router gives the same keys
-    other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True,
-                                      routing_layers=LAYERS, chunk_size=4)
-    other.add([f"{t}\n{x}" for _, t, x in DOCS], ids=[d for d, _, _ in DOCS], progress=False)
+    fresh.add(TEXTS, ids=IDS, progress=False)
+    _assert_routes_like_engine(tr, cache, fresh, cache.query_indices(["question"]))
+    # and re-keying a bank encoded with the training-free router routes the same
+    other = _engine(tiny_model_dir, keep_inputs=True)
+    other.add(TEXTS, ids=IDS, progress=False)
     other.set_router(router)
-    torch.testing.assert_close(other.memory.state.keys_r.float(), encoded, atol=1e-5, rtol=1e-5)
-    # cached-feature routing == the engine's own routing with that router
-    q = 0
-    s = tr.scores(cache, [q]).mean(0)[0]
-    got = fresh.route(cache.q_text[q], k=len(DOCS))
-    torch.testing.assert_close(torch.tensor(sorted(got.scores, reverse=True)),
-                               s.sort(descending=True).values.detach(), atol=1e-4, rtol=1e-4)
-    assert [cache.doc_ids[i] for i in s.argsort(descending=True).tolist()] == got.ids
-
-
-def test_qk_init_equals_training_free_routing(engine, cache):
-    """For Llama (no q/k norm) the `qk` init is exactly the engine's training-free QKRouter."""
-    tr = TrainableRouter.from_router(_router(engine, "qk"))
-    s = tr.scores(cache, [0]).mean(0)[0]
-    qk_engine = engine  # built without a router: QKRouter
-    got = qk_engine.route(cache.q_text[0], k=len(DOCS))
-    torch.testing.assert_close(torch.tensor(got.scores), s.sort(descending=True).values.detach(),
-                               atol=1e-4, rtol=1e-4)
+    _assert_routes_like_engine(tr, cache, other, cache.query_indices(["question"]))
 
 
 def test_loss_falls_on_separable_toy_set():
@@ -109,13 +112,15 @@ def test_loss_falls_on_separable_toy_set():
     cache = FeatureCache([0, 1], [f"d{i}" for i in range(N)], torch.arange(N + 1), torch.arange(N), inputs.clone())
     qin = [(centers[i] + 0.3 * torch.randn(hid))[None, None].expand(L, 2, hid).clone() for i in range(N) for _ in range(3)]
     cache.add_queries([f"q{i}" for i in range(len(qin))], qin, [[i // 3] for i in range(len(qin))])
+    cache.check()
     gen = torch.Generator().manual_seed(1)
     wq = {l: torch.randn(H * D, hid, generator=gen) for l in (0, 1)}
     wk = {l: torch.randn(G * D, hid, generator=gen) for l in (0, 1)}
     router = Router(wq, wk, H, G, D)
     cfg = TrainConfig(epochs=15, batch_size=6, lr=3e-2, seed=0, progress=False, patience=100)
-    trained, hist = train_router(cache, list(range(cache.n_queries)), None, init_router=router, config=cfg,
-                                 log=lambda *_: None)
+    from msa_plugins.engine.training import train_router
+
+    trained, hist = train_router(cache, list(range(cache.n_queries)), None, init_router=router, config=cfg, **QUIET)
     losses = [h["loss"] for h in hist]
     assert losses[-1] < 0.5 * losses[0]
     assert evaluate(trained, cache, list(range(cache.n_queries)))["recall@1"] == 1.0
@@ -156,46 +161,150 @@ def test_adapter_roundtrip_bit_exact(engine, tmp_path):
 
 
 def test_bank_keyed_by_one_router_refuses_another(tiny_model_dir, tmp_path):
-    eng = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True,
-                                    routing_layers=LAYERS, chunk_size=4)
-    m = eng.model
-    a = Router(*init_router_weights(m, LAYERS, "random", 1), m.n_heads, m.n_kv_heads, m.head_dim)
-    b = Router(*init_router_weights(m, LAYERS, "random", 2), m.n_heads, m.n_kv_heads, m.head_dim)
+    eng = _engine(tiny_model_dir, keep_inputs=True)
+    a, b = _router(eng, "random", 1), _router(eng, "random", 2)
     eng.set_router(a)
-    eng.add([x for _, _, x in DOCS], ids=[d for d, _, _ in DOCS], progress=False)
+    eng.add([x for _, _, x in DOCS], ids=IDS, progress=False)
     eng.save(str(tmp_path / "bank"))
-    other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True,
-                                      routing_layers=LAYERS, chunk_size=4)
+    other = _engine(tiny_model_dir, keep_inputs=True)
     other.set_router(b)
     with pytest.raises(ModelMismatchError, match="key_mode"):
         other.load(str(tmp_path / "bank"))
-    # the same router loads it; re-keying then switches it to another router
+    # the same router loads it; re-keying then switches it to another router (a b-keyed memory)
     other.set_router(a)
     other.load(str(tmp_path / "bank"))
     other.set_router(b)
-    assert other.memory.fingerprint["key_mode"] == b.fingerprint()
+    other.save(str(tmp_path / "bank-b"))
+    third = _engine(tiny_model_dir)
+    third.set_router(b)
+    third.load(str(tmp_path / "bank-b"))
+    assert third.route("Where was Alice born?", k=4).ids == other.route("Where was Alice born?", k=4).ids
 
 
 def test_train_router_resumes_and_is_seeded(engine, cache, tmp_path):
-    train = cache.query_indices(["ict"])
-    dev = cache.query_indices(["question"])
+    tr_q, dev = cache.query_indices(["ict"]), cache.query_indices(["question"])
     cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=0, progress=False, init="tied-random")
-    r1, h1 = train_router(cache, train, dev, model=engine.model, config=cfg, out_dir=str(tmp_path / "a"),
-                          log=lambda *_: None)
-    r2, h2 = train_router(cache, train, dev, model=engine.model, config=cfg, out_dir=str(tmp_path / "b"),
-                          log=lambda *_: None)
+    r1, h1 = train(engine, cache, tr_q, dev, config=cfg, out=str(tmp_path / "a"))
+    r2, h2 = train(engine, cache, tr_q, dev, config=cfg, out=str(tmp_path / "b"))
     assert r1.fingerprint() == r2.fingerprint()
-    assert os.path.isfile(tmp_path / "a" / "checkpoint.pt") and Router.load(str(tmp_path / "a" / "best"))
+    assert os.path.isfile(tmp_path / "a" / "checkpoint.safetensors") and Router.load(str(tmp_path / "a" / "best"))
     # resume: 2 more epochs continue from the checkpoint, same result as 4 epochs in one go
     cfg4 = TrainConfig(epochs=4, batch_size=4, lr=1e-2, seed=0, progress=False, init="tied-random", patience=99)
     cfg2 = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=0, progress=False, init="tied-random", patience=99)
-    train_router(cache, train, dev, model=engine.model, config=cfg2, out_dir=str(tmp_path / "c"), log=lambda *_: None)
-    r_res, h_res = train_router(cache, train, dev, model=engine.model, config=cfg4, out_dir=str(tmp_path / "c"),
-                                log=lambda *_: None)
-    r_one, h_one = train_router(cache, train, dev, model=engine.model, config=cfg4, out_dir=str(tmp_path / "d"),
-                                log=lambda *_: None)
+    train(engine, cache, tr_q, dev, config=cfg2, out=str(tmp_path / "c"))
+    r_res, h_res = train(engine, cache, tr_q, dev, config=cfg4, out=str(tmp_path / "c"))
+    r_one, h_one = train(engine, cache, tr_q, dev, config=cfg4, out=str(tmp_path / "d"))
     assert [h["epoch"] for h in h_res] == [0, 1, 2, 3, 4]
     assert abs(h_res[-1]["loss"] - h_one[-1]["loss"]) < 1e-4
+    assert r_res.fingerprint() == r_one.fingerprint()
+    # a checkpoint of other settings is not resumed silently
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        train(engine, cache, tr_q, dev, config=TrainConfig(epochs=4, lr=5e-2, progress=False), out=str(tmp_path / "c"))
+
+
+class _Planted:
+    """Unpickling this creates a marker file: what a planted checkpoint would do to a pickle loader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_checkpoint_is_never_executed(engine, cache, tmp_path):
+    """Issue 10 item 3: a `checkpoint.pt` planted in the output folder is never unpickled: training starts
+    afresh; a pickle planted under the real checkpoint name is a clear error, not code."""
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"router": _Planted(str(marker))}, str(out / "checkpoint.pt"))
+    tr_q, dev = cache.query_indices(["ict"]), cache.query_indices(["question"])
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False)
+    _, hist = train(engine, cache, tr_q, dev, config=cfg, out=str(out))
+    assert not marker.exists()
+    assert [h["epoch"] for h in hist] == [0, 1]  # a fresh start
+    os.replace(out / "checkpoint.pt", out / "checkpoint.safetensors")  # the pickle under the safetensors name
+    with pytest.raises(MemoryFormatError, match="checkpoint"):
+        train(engine, cache, tr_q, dev, config=TrainConfig(epochs=2, batch_size=4, progress=False), out=str(out))
+    assert not marker.exists()
+
+
+def _poison(directory, value=float("nan")):
+    """Rewrite an adapter's weights with one non-finite value (the manifest stays valid)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "router.safetensors")
+    sd = load_file(path)
+    name = sorted(sd)[0]
+    sd[name][0, 0] = value
+    save_file(sd, path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_router_is_refused(tiny_model_dir, engine, tmp_path, value):
+    """Issue 10 item 9: a NaN/inf adapter would route nothing; loading it fails naming the problem."""
+    d = str(tmp_path / "r")
+    _router(engine, "random", seed=5).save(d)
+    _poison(d, value)
+    with pytest.raises(MemoryFormatError, match="NaN or inf"):
+        Router.load(d)
+    with pytest.raises(MemoryFormatError, match="NaN or inf"):
+        MSAEngine.from_pretrained(tiny_model_dir("llama"), router=d, device="cpu", chunk_size=4)
+    bad = _router(engine, "random", seed=5)
+    bad.wk[LAYERS[0]][0, 0] = value
+    with pytest.raises(InvalidArgumentError, match="NaN or inf"):
+        bad.save(str(tmp_path / "never"))
+    assert not os.path.exists(tmp_path / "never" / "router.safetensors")
+
+
+def test_diverging_training_stops_without_saving(engine, cache, tmp_path):
+    """Training that produces non-finite weights raises instead of writing a router or checkpoint."""
+    poisoned = FeatureCache(cache.layers, cache.doc_ids, cache.doc_start, cache.chunk_doc, cache.inputs.clone())
+    q = cache.query_indices(["question"])
+    feats = [cache.q_inputs[:, int(cache.q_start[i]):int(cache.q_start[i + 1])].clone() for i in q]
+    feats[0][0, 0, 0] = float("inf")  # one bad feature value: inf * 0-weight = NaN scores
+    poisoned.add_queries([cache.q_text[i] for i in q], feats, [cache.q_pos[i] for i in q])
+    out = tmp_path / "diverged"
+    with pytest.raises(InvalidArgumentError, match="diverged"):
+        train(engine, poisoned, [0, 1], None, config=TrainConfig(epochs=2, batch_size=2, progress=False),
+              out=str(out))
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "best").exists()
+
+
+def test_format_versions_are_clear_errors(engine, cache, tmp_path):
+    d = str(tmp_path / "r")
+    _router(engine).save(d)
+    with open(os.path.join(d, "router.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(d, "router.json"), "w") as f:
+        json.dump(dict(manifest, format_version=99), f)
+    with pytest.raises(MemoryFormatError, match="format version 99"):
+        Router.load(d)
+    with open(os.path.join(d, "router.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(MemoryFormatError, match="router.json"):
+        Router.load(d)
+    with pytest.raises(MemoryFormatError, match="not a router adapter"):
+        Router.load(str(tmp_path / "missing"))
+    c = str(tmp_path / "c")
+    cache.save(c)
+    with open(os.path.join(c, "features.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(c, "features.json"), "w") as f:
+        json.dump(dict(meta, format_version=99), f)
+    with pytest.raises(MemoryFormatError, match="format version 99"):
+        FeatureCache.load(c)
+    with open(os.path.join(c, "features.json"), "w") as f:
+        json.dump(dict(meta, q_pos=[[99]] * len(meta["q_pos"])), f)  # positives that are no documents
+    with pytest.raises(MemoryFormatError, match="positive"):
+        FeatureCache.load(c)
+
+
+def test_router_shape_errors_are_router_mismatch(engine):
+    wq, wk = init_router_weights(engine.model, LAYERS, "random", 0)
+    with pytest.raises(RouterMismatchError, match="W_KR for layers"):
+        Router(wq, {LAYERS[0]: wk[LAYERS[0]]}, engine.model.n_heads, engine.model.n_kv_heads, engine.model.head_dim)
 
 
 def test_inverse_cloze_and_metrics():
@@ -204,24 +313,58 @@ def test_inverse_cloze_and_metrics():
     assert pairs[1][1] == [0] and pairs[1][2] == "ict-sentence" and pairs[1][0] in DOCS[0][2]
     m = retrieval_metrics([["a", "b", "c"], ["x", "y"]], [["b"], ["z", "x"]], ks=(1, 2))
     assert m["recall@1"] == pytest.approx((0 + 0.5) / 2) and m["recall@2"] == pytest.approx((1 + 0.5) / 2)
-    assert m["mrr"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["mrr"] == pytest.approx((0.5 + 1.0) / 2) and m["n_questions"] == 2
 
 
-def test_cli_train_router_writes_loadable_adapter(tiny_model_dir, tmp_path):
-    from msa_plugins.cli import main
+def test_train_router_for_the_engines_own_documents(engine):
+    result = train_router_for(engine, questions=[("Where was Alice born?", ["alice"])], ict_per_doc=1,
+                              config=TrainConfig(epochs=1, batch_size=4), progress=False)
+    assert result.router.layers == LAYERS and result.n_train >= len(DOCS) and result.directory is None
+    assert engine.snapshot().ids == IDS
 
+
+def _cli_inputs(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"id": d, "title": t, "text": x}) for d, t, x in DOCS))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"question": "Where was Alice born?", "doc_ids": ["alice"]}) + "\n"
                      + json.dumps({"question": "Which animal jumps?", "positives": [DOCS[2][2]]}) + "\n")
+    return corpus, pairs
+
+
+def test_cli_train_router_writes_loadable_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from msa_plugins.cli import main
+
+    corpus, pairs = _cli_inputs(tmp_path)
     out = tmp_path / "router"
     rc = main(["--model", tiny_model_dir("llama"), "--device", "cpu", "train-router", "--corpus", str(corpus),
                "--pairs", str(pairs), "--out", str(out), "--layers", "2,3", "--chunk-size", "4", "--epochs", "2",
                "--export-msa4b", str(tmp_path / "msa4b.safetensors")])
     assert rc == 0
     eng = MSAEngine.from_pretrained(tiny_model_dir("llama"), router=str(out), device="cpu", chunk_size=4)
-    assert eng.routing_layers == LAYERS and eng.router.kind == "router"
-    from safetensors.torch import load_file
-    sd = load_file(str(tmp_path / "msa4b.safetensors"))
-    assert torch.equal(sd["model.layers.2.self_attn.router_q_proj.0.weight"], eng.router.wq[2].cpu())
+    assert eng.info()["routing_layers"] == LAYERS and eng.has_trained_router
+    sd, adapter = load_file(str(tmp_path / "msa4b.safetensors")), load_file(str(out / "router.safetensors"))
+    assert set(sd) == set(adapter) and all(torch.equal(sd[k], adapter[k]) for k in sd)
+
+
+def test_cli_never_runs_a_planted_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """Issue 10 item 3 through `msa train-router --out DIR`: DIR/train/checkpoint.pt is never unpickled;
+    a pickle under the checkpoint's own name is a one-line error (exit code 2)."""
+    from msa_plugins.cli import main
+
+    corpus, _ = _cli_inputs(tmp_path)
+    marker = tmp_path / "pwned"
+    out = tmp_path / "router"
+    (out / "train").mkdir(parents=True)
+    torch.save(_Planted(str(marker)), str(out / "train" / "checkpoint.pt"))
+    args = ["--model", tiny_model_dir("llama"), "--device", "cpu", "train-router", "--corpus", str(corpus),
+            "--out", str(out), "--layers", "2,3", "--chunk-size", "4", "--epochs", "1"]
+    assert main(args) == 0 and not marker.exists()
+    os.replace(out / "train" / "checkpoint.pt", out / "train" / "checkpoint.safetensors")
+    capsys.readouterr()
+    assert main(args[:-1] + ["2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("msa: error")]
+    assert len(errors) == 1 and "checkpoint" in errors[0] and "--no-resume" in errors[0]
+    assert not marker.exists()

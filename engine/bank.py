@@ -1,0 +1,339 @@
+"""MemoryBank: the compressed latent memory of a document collection, as immutable snapshots.
+
+Layout (MSA.md): per routing layer, contiguous over all layers,
+    keys_r  [L, C, G*D]   routing keys K̄_R (unit-normalised per head for cosine routing); optionally int8
+    keys_r_scale [L, C, G] per (chunk, KV head) scale of int8 routing keys (half the bytes routing reads)
+    keys    [L, C, G*D]   content keys K̄ (post-RoPE, document-local positions)
+    values  [L, C, G*D]   content values V̄
+    inputs  [L, C, hidden] pooled normalised layer inputs (optional: lets a new router re-key the bank)
+    chunk_doc [C] int64   document row of each chunk, on the routing keys' device (routing reads it there)
+    doc_start [N+1] int64 first chunk of each row (CSR offsets, host): rows are contiguous runs of chunks
+A document is the unit of routing, add, delete and metadata; a chunk is the unit of scoring.
+
+Concurrency: the contents are an immutable `BankState`; add/upsert/delete/rekey build a new state under
+the bank's one lock and swap it in with one assignment, so a reader that took a snapshot never sees a
+half-added document. Ingestion (tokenize, split, encode) is the injected `Ingestor`; files are `storage`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import DocumentNotFoundError, InvalidArgumentError, ModelMismatchError
+from ..kernels.routing import quantize_keys_int8
+from ..types import MemoryDocument
+from ..validation import check_ids, check_texts
+from . import storage
+from .ingest import Ingestor
+
+_TENSOR_FIELDS = ("keys_r", "keys_r_scale", "keys", "values", "inputs")
+
+
+@dataclass(frozen=True)
+class BankState:
+    ids: tuple = ()
+    texts: tuple = ()
+    metadata: tuple = ()
+    n_tokens: tuple = ()
+    parents: tuple = ()  # per row: the caller's id when the row is a part of a split long text, else None
+    doc_start: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))  # [N+1]
+    chunk_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [C]
+    keys_r: Optional[torch.Tensor] = None  # [L, C, G*D]
+    keys_r_scale: Optional[torch.Tensor] = None  # [L, C, G] when keys_r is int8
+    keys: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    inputs: Optional[torch.Tensor] = None  # [L, C, hidden]
+    row_of: dict = field(default_factory=dict)  # id -> row
+    parts: dict = field(default_factory=dict)  # parent id of a split long text -> its rows, in order
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, doc_id) -> bool:
+        return isinstance(doc_id, str) and (doc_id in self.row_of or doc_id in self.parts)
+
+    def rows_for(self, doc_id) -> list:
+        """The rows of `doc_id`: its own row, or the parts of a long text stored as `<id>#<part>`."""
+        row = self.row_of.get(doc_id)
+        return [row] if row is not None else list(self.parts.get(doc_id, ()))
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.chunk_doc.shape[0])
+
+    def chunk_range(self, row: int):
+        return int(self.doc_start[row]), int(self.doc_start[row + 1])
+
+
+def _index(ids, parents) -> dict:
+    """row_of and parts, from the stored parent column (never from metadata, which the caller controls)."""
+    parts = {}
+    for r, p in enumerate(parents):
+        if p is not None:
+            parts.setdefault(p, []).append(r)
+    return {"row_of": {d: i for i, d in enumerate(ids)}, "parts": {k: tuple(v) for k, v in parts.items()}}
+
+
+def nbytes_of(s: BankState) -> int:
+    """Bytes of a state's chunk tensors (keys, values, routing keys, kept inputs)."""
+    return sum(t.numel() * t.element_size() for t in (getattr(s, n) for n in _TENSOR_FIELDS) if t is not None)
+
+
+class MemoryBank:
+    """A document collection held as chunk-pooled latent memory of one model (and one router).
+
+    ingestor: tokenize/split/encode (see ingest.py). fingerprint: what a saved memory must match to be
+    loaded (model, tokenizer, router, chunk size, ...). routing_device: where routing keys and chunk_doc
+    live (where routing runs). content_device: where content K̄/V̄ live; "cpu" keeps them in (pinned)
+    host memory and memory-mapped after a load (MSA section 7 tiers). int8_routing_keys: quantise
+    routing keys per (chunk, KV head); needs n_kv_heads.
+    """
+
+    def __init__(self, ingestor: Ingestor, fingerprint: dict, routing_device=None, content_device=None,
+                 int8_routing_keys: bool = False, n_kv_heads: Optional[int] = None):
+        if int8_routing_keys and not n_kv_heads:
+            raise InvalidArgumentError("int8 routing keys need n_kv_heads (one scale per chunk and KV head)")
+        self.ingestor = ingestor
+        self.fingerprint = dict(fingerprint)
+        self.routing_device = routing_device
+        self.content_device = content_device
+        self.int8_routing_keys = int8_routing_keys
+        self.n_kv_heads = n_kv_heads
+        self._state = BankState()
+        self._lock = threading.RLock()  # the one lock: writers to this bank (readers take snapshots)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def state(self) -> BankState:
+        return self._state  # an immutable snapshot: safe to use while others add/delete
+
+    def __len__(self):
+        return len(self._state)
+
+    def __contains__(self, doc_id):
+        return doc_id in self._state
+
+    @property
+    def ids(self) -> list:
+        return list(self._state.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self._state)
+
+    nbytes_of = staticmethod(nbytes_of)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self._state.n_tokens)
+
+    @property
+    def keeps_inputs(self) -> Optional[bool]:
+        """Whether the memory holds pooled layer inputs (re-keyable); None when it is empty (it does not say)."""
+        s = self._state
+        return None if not len(s) else s.inputs is not None
+
+    def get(self, ids) -> list:
+        """MemoryDocuments by id, in the order asked; a split long text's id gives its parts, in order."""
+        s = self._state
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        missing = [d for d in ids if d not in s]
+        if missing:
+            raise DocumentNotFoundError(f"unknown document id(s) {missing[:5]}; the memory holds {len(s)} documents")
+        return [MemoryDocument(s.ids[r], s.texts[r], dict(s.metadata[r]), s.n_tokens[r])
+                for d in ids for r in s.rows_for(d)]
+
+    # ------------------------------------------------------------------ writing
+    def add(self, texts, ids=None, metadata=None, progress: bool = True) -> list:
+        """Encode and add documents; returns their ids (one per text). An id the memory holds raises
+        DuplicateIdError. On any error the bank is left unchanged; `add([])` returns [] and changes nothing.
+
+        A text longer than the window becomes several memory documents `<id>#<part>` (with a warning: never
+        silently cut); the parent id still names the whole text for get, delete, upsert and `in`."""
+        with self._lock:
+            base = self._state
+            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base)
+            if prepared.documents:
+                encoded = self.ingestor.encode(prepared, progress)
+                self._state = self._appended(base, prepared.documents, encoded)  # one swap: all of it or none
+        return prepared.ids
+
+    def upsert(self, texts, ids, metadata=None, progress: bool = True) -> list:
+        """Replace the documents whose ids exist and add the others, in one state swap: a concurrent reader
+        sees the old version or the new one, never neither. On any error the bank is unchanged."""
+        if ids is None:
+            raise InvalidArgumentError("upsert needs the ids of the documents to replace or add; use add to "
+                                       "add documents with generated ids")
+        ids = check_ids(ids, len(check_texts(texts)))
+        with self._lock:
+            s = self._state
+            gone = {r for d in ids for r in s.rows_for(d)}
+            base = _select_rows(s, [r for r in range(len(s)) if r not in gone]) if gone else s
+            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base)
+            encoded = self.ingestor.encode(prepared, progress)
+            new = self._appended(base, prepared.documents, encoded) if prepared.documents else base
+            self._state = new
+        return prepared.ids
+
+    replace = upsert  # the name before the facade (issue 9)
+
+    def delete(self, ids, missing_ok: bool = False) -> list:
+        """Remove documents (a split long text by its parent id); returns the ids removed, in the order
+        given. Unknown ids raise DocumentNotFoundError and nothing is removed, unless `missing_ok`."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        with self._lock:
+            s = self._state
+            missing = [d for d in ids if d not in s]
+            if missing and not missing_ok:
+                raise DocumentNotFoundError(f"cannot delete unknown document id(s) {missing[:5]}; nothing was "
+                                            "deleted (pass missing_ok=True to skip unknown ids)")
+            deleted = list(dict.fromkeys(d for d in ids if d in s))
+            drop = {r for d in deleted for r in s.rows_for(d)}
+            if drop:
+                self._state = _select_rows(s, [r for r in range(len(s)) if r not in drop])
+        return deleted
+
+    def rekey(self, keys_from_inputs: Callable, fingerprint: dict) -> None:
+        """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs:
+        keys_from_inputs(inputs [L, C, hidden]) -> keys_r [L, C, G*D]. Keys are computed first; the state and
+        the fingerprint (the engine's, with the new router's key_mode) then change together."""
+        with self._lock:
+            s = self._state
+            if s.inputs is None and len(s):
+                raise ModelMismatchError("this memory was built without keep_inputs, so it cannot be re-keyed "
+                                         "without re-encoding; rebuild it with keep_inputs=True")
+            new_state = s
+            if len(s):
+                keys_r = keys_from_inputs(s.inputs).to(s.keys.dtype)  # [L, C, G*D]
+                new_state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
+            self._state = new_state
+            self.fingerprint = dict(fingerprint)
+
+    def _appended(self, s: BankState, docs: list, encoded: list) -> BankState:
+        if s.n_chunks and (s.inputs is None) != (encoded[0].inputs is None):
+            raise ModelMismatchError("this memory and the engine disagree on keep_inputs (pooled layer inputs for "
+                                     "re-keying); use the setting the memory was built with")
+        counts = torch.tensor([e.keys.shape[1] for e in encoded], dtype=torch.long)  # chunks per new document
+        first_row = len(s)
+        keys = self._routing_keys(s, [e.keys_r for e in encoded])
+        new_chunk_doc = torch.repeat_interleave(torch.arange(first_row, first_row + len(docs)), counts)
+        ids = s.ids + tuple(d.id for d in docs)
+        parents = s.parents + tuple(d.parent for d in docs)
+
+        def cat(old, new_parts, device=None):
+            if new_parts[0] is None:
+                return None
+            new = torch.cat(new_parts, dim=1)
+            if device is not None:
+                new = new.to(device)
+            out = new if old is None else torch.cat([old.to(new.device), new], dim=1)
+            return _pin(out) if out.device.type == "cpu" and device is not None else out
+
+        return BankState(
+            ids=ids, texts=s.texts + tuple(d.text for d in docs), metadata=s.metadata + tuple(d.metadata for d in docs),
+            n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded), parents=parents,
+            doc_start=torch.cat([s.doc_start, s.doc_start[-1] + torch.cumsum(counts, 0)]),
+            chunk_doc=torch.cat([s.chunk_doc.to(keys["keys_r"].device), new_chunk_doc.to(keys["keys_r"].device)]),
+            **keys,
+            keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
+            values=cat(s.values, [e.values for e in encoded], self.content_device),
+            inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"),
+            **_index(ids, parents))
+
+    def _routing_keys(self, s: BankState, new_parts: list) -> dict:
+        """Append new routing keys [L, c, G*D] to the state's, quantised to int8 when configured."""
+        new = torch.cat(new_parts, dim=1).to(self.routing_device or new_parts[0].device)
+        scale = None
+        if self.int8_routing_keys:
+            new, scale = quantize_keys_int8(new.float(), n_kv_heads=self.n_kv_heads)
+        if s.keys_r is not None:
+            new = torch.cat([s.keys_r.to(new.device), new], dim=1)
+            scale = None if scale is None else torch.cat([s.keys_r_scale.to(scale.device), scale], dim=1)
+        return {"keys_r": new, "keys_r_scale": scale}
+
+    # ------------------------------------------------------------------ persistence
+    def locked(self, directory: str, timeout: float = storage.DEFAULT_LOCK_TIMEOUT):
+        """Context manager: hold `directory`'s writer lock (threads and processes) for a read-modify-write:
+            with bank.locked(d) as held:
+                if held.holds_memory: bank.load(d)
+                bank.add(...)
+                bank.save(d)
+        Waits up to `timeout` s for another writer, then MemoryLockedError. Refuses a non-empty folder that
+        is not a memory (InvalidArgumentError) before anything is written."""
+        return storage.folder_lock(directory, timeout=timeout)
+
+    def save(self, directory: str, lock: Optional[storage.FolderLock] = None,
+             timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> None:
+        """Atomically write the bank to `directory` under its writer lock (see storage.py). The previous
+        copy stays loadable until the new manifest is in place; only the memory's own files are removed."""
+        # The folder lock first, then the state: one lock order everywhere (a read-modify-write holds the
+        # folder while it adds), and the state written is the newest one when the write starts.
+        with storage.folder_lock(directory, timeout=timeout) as held:
+            with self._lock:  # the saved state and fingerprint belong together
+                s, fingerprint = self._state, dict(self.fingerprint)
+            tensors = {"doc_start": s.doc_start, "chunk_doc": s.chunk_doc}
+            tensors.update({n: getattr(s, n) for n in _TENSOR_FIELDS if getattr(s, n) is not None})
+            docs = [{"id": s.ids[r], "text": s.texts[r], "metadata": s.metadata[r], "n_tokens": s.n_tokens[r],
+                     "parent": s.parents[r]} for r in range(len(s))]
+            storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout)
+
+    def load(self, directory: str, verify: bool = True) -> None:
+        """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
+        is read; `verify` also checks the files' sha256 (structure is always checked)."""
+        stored = storage.load(directory, self.fingerprint, verify=verify)
+        state = self._state_from(stored)
+        with self._lock:
+            self._state = state
+
+    def _state_from(self, stored: storage.Stored) -> BankState:
+        """Routing keys (and chunk_doc) go to the routing device; content K̄/V̄ stays memory-mapped on disk
+        unless the content device is an accelerator (the page cache then serves the selected chunks)."""
+        t, docs = stored.tensors, stored.docs
+        keys_r, keys_r_scale = t.get("keys_r"), t.get("keys_r_scale")
+        if keys_r is not None and self.routing_device is not None:
+            keys_r = keys_r.to(self.routing_device)
+            keys_r_scale = None if keys_r_scale is None else keys_r_scale.to(self.routing_device)
+        keys, values = t.get("keys"), t.get("values")
+        if keys is not None and self.content_device is not None and torch.device(self.content_device).type != "cpu":
+            keys, values = keys.to(self.content_device), values.to(self.content_device)
+        chunk_doc = t["chunk_doc"].clone()
+        if keys_r is not None:
+            chunk_doc = chunk_doc.to(keys_r.device)
+        ids = tuple(d["id"] for d in docs)
+        parents = tuple(d.get("parent") for d in docs)
+        return BankState(ids=ids, texts=tuple(d["text"] for d in docs), metadata=tuple(d["metadata"] for d in docs),
+                         n_tokens=tuple(d["n_tokens"] for d in docs), parents=parents,
+                         doc_start=t["doc_start"].clone(), chunk_doc=chunk_doc,
+                         keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
+                         inputs=t.get("inputs"), **_index(ids, parents))
+
+
+def _select_rows(s: BankState, rows: list) -> BankState:
+    """The state restricted to `rows` (kept in order), chunks renumbered."""
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    counts = (s.doc_start[1:] - s.doc_start[:-1])[rows_t] if rows else torch.zeros(0, dtype=torch.long)
+    chunk_idx = torch.cat([torch.arange(int(s.doc_start[r]), int(s.doc_start[r + 1])) for r in rows]) \
+        if rows else torch.zeros(0, dtype=torch.long)
+
+    def take(t):
+        return None if t is None else t.index_select(1, chunk_idx.to(t.device))
+
+    ids = tuple(s.ids[r] for r in rows)
+    parents = tuple(s.parents[r] for r in rows)
+    return BankState(ids=ids, texts=tuple(s.texts[r] for r in rows), metadata=tuple(s.metadata[r] for r in rows),
+                     n_tokens=tuple(s.n_tokens[r] for r in rows), parents=parents,
+                     doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
+                     chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
+                     keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
+                     values=take(s.values), inputs=take(s.inputs), **_index(ids, parents))
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked host memory makes host->device copies of selected chunks asynchronous (CUDA only)."""
+    if torch.cuda.is_available() and not t.is_pinned():
+        return t.pin_memory()
+    return t

@@ -1,0 +1,106 @@
+"""Ingestion: texts -> memory documents (validate, name, tokenize, split) -> encoded chunk memory.
+
+The bank never touches the tokenizer or the encoder: the engine injects them here as plain callables,
+so the bank can be tested, and the model swapped, without either knowing the other.
+
+A text longer than `max_doc_tokens` (the model's window unless configured) becomes several memory
+documents `<id>#<part>` (part = 0, 1, ...), each cut on a token boundary and decoded back to text; the
+parts keep their parent id in `PreparedDocument.parent` (which the bank stores in a column of its own,
+never read back from metadata) and, for the reader's convenience, in their metadata as `parent_id` /
+`part`. Ids may not contain '#', so a user id can never be taken for a part.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Container, Optional
+
+from ..errors import DuplicateIdError, InputTooLongError, InvalidArgumentError
+from ..validation import check_ids, check_metadata, check_texts
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    """One memory document, ready to encode."""
+    id: str
+    text: str
+    metadata: dict
+    tokens: list  # token ids (no special tokens), 1 <= len <= max_doc_tokens
+    parent: Optional[str] = None  # the caller's id when this is a part of a split long text
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ids: list  # one id per input text, in order: what add/upsert return
+    documents: list  # PreparedDocument: the memory documents (a split text gives several)
+
+
+class Ingestor:
+    """Turns texts into memory documents and encoded chunk memory with injected model functions.
+
+    tokenize(text) -> token ids (no special tokens); detokenize(token ids) -> text;
+    encode(token_lists, progress) -> one EncodedDocument per token list (keys_r, keys, values
+    [L, C, G*D], inputs [L, C, hidden] or None, n_tokens).
+    """
+
+    def __init__(self, tokenize: Callable, detokenize: Callable, encode: Callable, max_doc_tokens: int,
+                 split_long: bool = True):
+        if int(max_doc_tokens) < 1:
+            raise InvalidArgumentError(f"max_doc_tokens must be >= 1, got {max_doc_tokens}")
+        self.tokenize = tokenize
+        self.detokenize = detokenize
+        self._encode = encode
+        self.max_doc_tokens = int(max_doc_tokens)
+        self.split_long = bool(split_long)
+
+    def prepare(self, texts, ids=None, metadata=None, taken_ids: Container = ()) -> Prepared:
+        """Validate the inputs and build the memory documents; nothing is encoded yet.
+
+        `taken_ids`: ids the memory already holds (a DuplicateIdError names the first one given again).
+        Raises InvalidTypeError / InvalidArgumentError / DuplicateIdError / InputTooLongError naming the input.
+        """
+        texts = check_texts(texts)
+        metadata = check_metadata(metadata, len(texts))
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else check_ids(ids, len(texts))
+        for d in ids:
+            if d in taken_ids:
+                raise DuplicateIdError(f"id {d!r} is already in the memory; delete it first, use another id, "
+                                       "or upsert to replace it")
+        documents = []
+        for doc_id, text, meta in zip(ids, texts, metadata):
+            toks = list(self.tokenize(text))
+            if not toks:
+                raise InvalidArgumentError(f"document {doc_id!r} tokenizes to nothing; give it some text")
+            if len(toks) <= self.max_doc_tokens:
+                documents.append(PreparedDocument(doc_id, text, meta, toks))
+                continue
+            documents.extend(self._split(doc_id, toks, meta))
+        return Prepared(ids, documents)
+
+    def _split(self, doc_id: str, toks: list, meta: dict) -> list:
+        """A text over the window -> parts `<id>#<p>` of at most max_doc_tokens tokens: never silently cut."""
+        n, w = len(toks), self.max_doc_tokens
+        if not self.split_long:
+            raise InputTooLongError(f"document {doc_id!r} has {n} tokens, more than the window of {w}; split it "
+                                    "or enable split_long_documents")
+        n_parts = -(-n // w)
+        # A UserWarning (not only a log line): the caller asked for one document and gets several ids.
+        warnings.warn(f"document {doc_id!r} has {n} tokens > window {w}: stored as {n_parts} memory documents "
+                      f"{doc_id}#0..{n_parts - 1} with parent_id {doc_id!r}", stacklevel=5)
+        parts = []
+        for p in range(n_parts):
+            part = toks[p * w:(p + 1) * w]
+            parts.append(PreparedDocument(f"{doc_id}#{p}", self.detokenize(part),
+                                          {**meta, "parent_id": doc_id, "part": p}, part, parent=doc_id))
+        return parts
+
+    def encode(self, prepared: Prepared, progress: bool = True) -> list:
+        """The memory documents' encodings (EncodedDocument), in order."""
+        if not prepared.documents:
+            return []
+        encoded = self._encode([d.tokens for d in prepared.documents], progress)
+        if len(encoded) != len(prepared.documents):
+            raise RuntimeError(f"the encoder returned {len(encoded)} encodings for {len(prepared.documents)} documents")
+        return list(encoded)
