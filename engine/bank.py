@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import DocumentNotFoundError, InvalidArgumentError, ModelMismatchError
+from ..errors import DocumentNotFoundError, DuplicateIdError, InvalidArgumentError, ModelMismatchError
 from ..kernels.routing import quantize_keys_int8
 from ..types import MemoryDocument
 from ..validation import check_ids, check_texts
@@ -40,6 +40,7 @@ class BankState:
     metadata: tuple = ()
     n_tokens: tuple = ()
     parents: tuple = ()  # per row: the caller's id when the row is a part of a split long text, else None
+    collections: tuple = ()  # per row: the collection the document belongs to
     doc_start: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))  # [N+1]
     chunk_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [C]
     keys_r: Optional[torch.Tensor] = None  # [L, C, G*D]
@@ -49,6 +50,7 @@ class BankState:
     inputs: Optional[torch.Tensor] = None  # [L, C, hidden]
     row_of: dict = field(default_factory=dict)  # id -> row
     parts: dict = field(default_factory=dict)  # parent id of a split long text -> its rows, in order
+    collection_counts: dict = field(default_factory=dict)  # collection -> number of rows
 
     def __len__(self):
         return len(self.ids)
@@ -69,13 +71,22 @@ class BankState:
         return int(self.doc_start[row]), int(self.doc_start[row + 1])
 
 
-def _index(ids, parents) -> dict:
-    """row_of and parts, from the stored parent column (never from metadata, which the caller controls)."""
-    parts = {}
+def _index(ids, parents, collections) -> dict:
+    """row_of, parts and collection counts, from the stored columns (never from metadata, which the
+    caller controls)."""
+    parts, counts = {}, {}
     for r, p in enumerate(parents):
         if p is not None:
             parts.setdefault(p, []).append(r)
-    return {"row_of": {d: i for i, d in enumerate(ids)}, "parts": {k: tuple(v) for k, v in parts.items()}}
+    for c in collections:
+        counts[c] = counts.get(c, 0) + 1
+    return {"row_of": {d: i for i, d in enumerate(ids)}, "parts": {k: tuple(v) for k, v in parts.items()},
+            "collection_counts": counts}
+
+
+def _collection_of(s: BankState, doc_id: str) -> Optional[str]:
+    rows = s.rows_for(doc_id)
+    return s.collections[rows[0]] if rows else None
 
 
 def nbytes_of(s: BankState) -> int:
@@ -137,6 +148,15 @@ class MemoryBank:
         s = self._state
         return None if not len(s) else s.inputs is not None
 
+    @staticmethod
+    def pooled_inputs(state: BankState) -> torch.Tensor:
+        """The kept pooled layer inputs [L, C, hidden] of a state: what a new router trains on and re-keys
+        from (router adaptation reads them instead of re-encoding the documents)."""
+        if state.inputs is None and len(state):
+            raise ModelMismatchError("this memory was built without keep_inputs, so it holds no pooled layer inputs "
+                                     "to train or re-key a router from; rebuild it with keep_inputs=True")
+        return state.inputs
+
     def get(self, ids) -> list:
         """MemoryDocuments by id, in the order asked; a split long text's id gives its parts, in order."""
         s = self._state
@@ -144,11 +164,11 @@ class MemoryBank:
         missing = [d for d in ids if d not in s]
         if missing:
             raise DocumentNotFoundError(f"unknown document id(s) {missing[:5]}; the memory holds {len(s)} documents")
-        return [MemoryDocument(s.ids[r], s.texts[r], dict(s.metadata[r]), s.n_tokens[r])
+        return [MemoryDocument(s.ids[r], s.texts[r], dict(s.metadata[r]), s.n_tokens[r], s.collections[r])
                 for d in ids for r in s.rows_for(d)]
 
     # ------------------------------------------------------------------ writing
-    def add(self, texts, ids=None, metadata=None, progress: bool = True) -> list:
+    def add(self, texts, ids=None, metadata=None, progress: bool = True, collection: str = "default") -> list:
         """Encode and add documents; returns their ids (one per text). An id the memory holds raises
         DuplicateIdError. On any error the bank is left unchanged; `add([])` returns [] and changes nothing.
 
@@ -156,13 +176,13 @@ class MemoryBank:
         silently cut); the parent id still names the whole text for get, delete, upsert and `in`."""
         with self._lock:
             base = self._state
-            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base)
+            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base, collection=collection)
             if prepared.documents:
                 encoded = self.ingestor.encode(prepared, progress)
                 self._state = self._appended(base, prepared.documents, encoded)  # one swap: all of it or none
         return prepared.ids
 
-    def upsert(self, texts, ids, metadata=None, progress: bool = True) -> list:
+    def upsert(self, texts, ids, metadata=None, progress: bool = True, collection: str = "default") -> list:
         """Replace the documents whose ids exist and add the others, in one state swap: a concurrent reader
         sees the old version or the new one, never neither. On any error the bank is unchanged."""
         if ids is None:
@@ -171,9 +191,14 @@ class MemoryBank:
         ids = check_ids(ids, len(check_texts(texts)))
         with self._lock:
             s = self._state
+            elsewhere = [(d, _collection_of(s, d)) for d in ids if d in s and _collection_of(s, d) != collection]
+            if elsewhere:
+                d, other = elsewhere[0]
+                raise DuplicateIdError(f"id {d!r} belongs to collection {other!r}, not {collection!r}; ids are unique "
+                                       "across the memory: use another id, or upsert in that collection")
             gone = {r for d in ids for r in s.rows_for(d)}
             base = _select_rows(s, [r for r in range(len(s)) if r not in gone]) if gone else s
-            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base)
+            prepared = self.ingestor.prepare(texts, ids, metadata, taken_ids=base, collection=collection)
             encoded = self.ingestor.encode(prepared, progress)
             new = self._appended(base, prepared.documents, encoded) if prepared.documents else base
             self._state = new
@@ -181,20 +206,24 @@ class MemoryBank:
 
     replace = upsert  # the name before the facade (issue 9)
 
-    def delete(self, ids, missing_ok: bool = False) -> list:
+    def delete(self, ids, missing_ok: bool = False, collection: Optional[str] = None) -> list:
         """Remove documents (a split long text by its parent id); returns the ids removed, in the order
-        given. Unknown ids raise DocumentNotFoundError and nothing is removed, unless `missing_ok`."""
+        given. Unknown ids (or, with `collection`, ids of other collections) raise DocumentNotFoundError and
+        nothing is removed, unless `missing_ok`."""
         ids = [ids] if isinstance(ids, str) else list(ids)
         with self._lock:
             s = self._state
+            if collection is not None:  # a document of another collection is not this collection's to delete
+                s = _select_rows(s, [r for r in range(len(s)) if s.collections[r] == collection])
             missing = [d for d in ids if d not in s]
             if missing and not missing_ok:
                 raise DocumentNotFoundError(f"cannot delete unknown document id(s) {missing[:5]}; nothing was "
                                             "deleted (pass missing_ok=True to skip unknown ids)")
             deleted = list(dict.fromkeys(d for d in ids if d in s))
-            drop = {r for d in deleted for r in s.rows_for(d)}
+            full = self._state
+            drop = {r for d in deleted for r in full.rows_for(d)}
             if drop:
-                self._state = _select_rows(s, [r for r in range(len(s)) if r not in drop])
+                self._state = _select_rows(full, [r for r in range(len(full)) if r not in drop])
         return deleted
 
     def rekey(self, keys_from_inputs: Callable, fingerprint: dict) -> None:
@@ -223,6 +252,7 @@ class MemoryBank:
         new_chunk_doc = torch.repeat_interleave(torch.arange(first_row, first_row + len(docs)), counts)
         ids = s.ids + tuple(d.id for d in docs)
         parents = s.parents + tuple(d.parent for d in docs)
+        collections = s.collections + tuple(d.collection for d in docs)
 
         def cat(old, new_parts, device=None):
             if new_parts[0] is None:
@@ -235,14 +265,14 @@ class MemoryBank:
 
         return BankState(
             ids=ids, texts=s.texts + tuple(d.text for d in docs), metadata=s.metadata + tuple(d.metadata for d in docs),
-            n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded), parents=parents,
+            n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded), parents=parents, collections=collections,
             doc_start=torch.cat([s.doc_start, s.doc_start[-1] + torch.cumsum(counts, 0)]),
             chunk_doc=torch.cat([s.chunk_doc.to(keys["keys_r"].device), new_chunk_doc.to(keys["keys_r"].device)]),
             **keys,
             keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
             values=cat(s.values, [e.values for e in encoded], self.content_device),
             inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"),
-            **_index(ids, parents))
+            **_index(ids, parents, collections))
 
     def _routing_keys(self, s: BankState, new_parts: list) -> dict:
         """Append new routing keys [L, c, G*D] to the state's, quantised to int8 when configured."""
@@ -278,7 +308,7 @@ class MemoryBank:
             tensors = {"doc_start": s.doc_start, "chunk_doc": s.chunk_doc}
             tensors.update({n: getattr(s, n) for n in _TENSOR_FIELDS if getattr(s, n) is not None})
             docs = [{"id": s.ids[r], "text": s.texts[r], "metadata": s.metadata[r], "n_tokens": s.n_tokens[r],
-                     "parent": s.parents[r]} for r in range(len(s))]
+                     "parent": s.parents[r], "collection": s.collections[r]} for r in range(len(s))]
             storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout)
 
     def load(self, directory: str, verify: bool = True) -> None:
@@ -305,11 +335,12 @@ class MemoryBank:
             chunk_doc = chunk_doc.to(keys_r.device)
         ids = tuple(d["id"] for d in docs)
         parents = tuple(d.get("parent") for d in docs)
+        collections = tuple(d.get("collection", "default") for d in docs)
         return BankState(ids=ids, texts=tuple(d["text"] for d in docs), metadata=tuple(d["metadata"] for d in docs),
-                         n_tokens=tuple(d["n_tokens"] for d in docs), parents=parents,
+                         n_tokens=tuple(d["n_tokens"] for d in docs), parents=parents, collections=collections,
                          doc_start=t["doc_start"].clone(), chunk_doc=chunk_doc,
                          keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
-                         inputs=t.get("inputs"), **_index(ids, parents))
+                         inputs=t.get("inputs"), **_index(ids, parents, collections))
 
 
 def _select_rows(s: BankState, rows: list) -> BankState:
@@ -324,12 +355,13 @@ def _select_rows(s: BankState, rows: list) -> BankState:
 
     ids = tuple(s.ids[r] for r in rows)
     parents = tuple(s.parents[r] for r in rows)
+    collections = tuple(s.collections[r] for r in rows)
     return BankState(ids=ids, texts=tuple(s.texts[r] for r in rows), metadata=tuple(s.metadata[r] for r in rows),
-                     n_tokens=tuple(s.n_tokens[r] for r in rows), parents=parents,
+                     n_tokens=tuple(s.n_tokens[r] for r in rows), parents=parents, collections=collections,
                      doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
                      keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
-                     values=take(s.values), inputs=take(s.inputs), **_index(ids, parents))
+                     values=take(s.values), inputs=take(s.inputs), **_index(ids, parents, collections))
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

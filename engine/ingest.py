@@ -29,6 +29,7 @@ class PreparedDocument:
     metadata: dict
     tokens: list  # token ids (no special tokens), 1 <= len <= max_doc_tokens
     parent: Optional[str] = None  # the caller's id when this is a part of a split long text
+    collection: str = "default"  # the collection it belongs to
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Ingestor:
         self.max_doc_tokens = int(max_doc_tokens)
         self.split_long = bool(split_long)
 
-    def prepare(self, texts, ids=None, metadata=None, taken_ids: Container = ()) -> Prepared:
+    def prepare(self, texts, ids=None, metadata=None, taken_ids: Container = (), collection: str = "default") -> Prepared:
         """Validate the inputs and build the memory documents; nothing is encoded yet.
 
         `taken_ids`: ids the memory already holds (a DuplicateIdError names the first one given again).
@@ -74,12 +75,12 @@ class Ingestor:
             if not toks:
                 raise InvalidArgumentError(f"document {doc_id!r} tokenizes to nothing; give it some text")
             if len(toks) <= self.max_doc_tokens:
-                documents.append(PreparedDocument(doc_id, text, meta, toks))
+                documents.append(PreparedDocument(doc_id, text, meta, toks, collection=collection))
                 continue
-            documents.extend(self._split(doc_id, toks, meta))
+            documents.extend(self._split(doc_id, toks, meta, collection))
         return Prepared(ids, documents)
 
-    def _split(self, doc_id: str, toks: list, meta: dict) -> list:
+    def _split(self, doc_id: str, toks: list, meta: dict, collection: str = "default") -> list:
         """A text over the window -> parts `<id>#<p>` of at most max_doc_tokens tokens: never silently cut."""
         n, w = len(toks), self.max_doc_tokens
         if not self.split_long:
@@ -93,7 +94,8 @@ class Ingestor:
         for p in range(n_parts):
             part = toks[p * w:(p + 1) * w]
             parts.append(PreparedDocument(f"{doc_id}#{p}", self.detokenize(part),
-                                          {**meta, "parent_id": doc_id, "part": p}, part, parent=doc_id))
+                                          {**meta, "parent_id": doc_id, "part": p}, part, parent=doc_id,
+                                          collection=collection))
         return parts
 
     def encode(self, prepared: Prepared, progress: bool = True) -> list:

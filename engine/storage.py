@@ -4,7 +4,7 @@ A memory folder holds
     manifest.json                    format version, model fingerprint, counts, the data files with their
                                      size and sha256, and the previous generation's file names
     tensors-<gen>.safetensors        doc_start [N+1], chunk_doc [C], keys_r, keys, values, ... (see bank.py)
-    docs-<gen>.jsonl                 one {"id", "text", "metadata", "n_tokens", "parent"} per document
+    docs-<gen>.jsonl                 one {"id", "text", "metadata", "n_tokens", "parent", "collection"} per document
     .msa-lock                        the writer lock file (never deleted: deleting lock files races)
     .msa-tmp-<gen>-*                 files of a save in progress (or of a crashed one)
 
@@ -474,8 +474,9 @@ def _read_docs(path: str) -> list:
                 _fail(path, f"line {i} is not JSON ({e})")
             if not (isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec["id"]
                     and isinstance(rec.get("text"), str) and isinstance(rec.get("metadata"), dict)
-                    and _is_int(rec.get("n_tokens"), 1) and (rec.get("parent") is None or isinstance(rec["parent"], str))):
-                _fail(path, f"line {i} is not a document record (id, text, metadata, n_tokens, parent)")
+                    and _is_int(rec.get("n_tokens"), 1) and (rec.get("parent") is None or isinstance(rec["parent"], str))
+                    and isinstance(rec.get("collection", "default"), str) and rec.get("collection", "default")):
+                _fail(path, f"line {i} is not a document record (id, text, metadata, n_tokens, parent, collection)")
             if rec.get("parent") is not None and not rec["id"].startswith(rec["parent"] + "#"):
                 _fail(path, f"line {i}: document {rec['id']!r} names parent {rec['parent']!r}, but a part's id is "
                             "<parent>#<part>")

@@ -7,7 +7,7 @@ The public surface is what this module exports (`__all__`); everything under `ms
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import AnswerOptions, MSAConfig
+from .config import ALL_COLLECTIONS, DEFAULT_COLLECTION, AnswerOptions, MSAConfig
 from .core import MSAEngine
 from .engine.routing import Routing
 from .errors import (DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
@@ -22,7 +22,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0"
 
 __all__ = [
-    "MSAEngine", "MSAConfig", "AnswerOptions",
+    "MSAEngine", "MSAConfig", "AnswerOptions", "DEFAULT_COLLECTION", "ALL_COLLECTIONS",
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",

@@ -24,6 +24,10 @@ from .validation import check_choice, check_int, check_optional_int, check_stop,
 
 MODES = ("interleave", "sparse", "protocol")
 
+# Every memory document belongs to one collection (Chroma's shape: a tenant, a store, an app's namespace).
+DEFAULT_COLLECTION = "default"
+ALL_COLLECTIONS = "*"  # routing over every collection, when asked for explicitly
+
 # How interleave mode shows the routed documents to the generator (`AnswerOptions.prompt_style`):
 # - "msa": "Use the following documents to answer." + numbered "[i] doc" blocks + "Question: {q}", in the
 #   user turn, with the chat template's default system prompt;

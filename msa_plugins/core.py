@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .config import AnswerOptions, MSAConfig
+from .config import ALL_COLLECTIONS, DEFAULT_COLLECTION, AnswerOptions, MSAConfig
 from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
@@ -31,9 +31,10 @@ from .engine.routing import Routing, route
 from .errors import EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, RouterMismatchError
 from .models import DEFAULT_ROUTER_DIR, resolve_model
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream, Where
-from .validation import check_history, check_messages, check_text, check_where_ids
+from .validation import check_collection, check_history, check_messages, check_text, check_where_ids
 
 logger = logging.getLogger(__name__)
+_UNSET = object()  # "not computed yet" for the allow-list (None already means "every document")
 
 
 def _make_bank(engine: "MSAEngine", max_doc: int):
@@ -159,22 +160,31 @@ class MSAEngine:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ memory
-    def add(self, texts, ids=None, metadata=None, progress: bool = True) -> list:
-        """Encode and add documents; returns one id per text. An id already in the memory raises
-        `DuplicateIdError` (use `upsert` to replace). On any error the memory is unchanged."""
-        return self._bank.add(texts, ids=ids, metadata=metadata, progress=progress)
+    def add(self, texts, ids=None, metadata=None, progress: bool = True, collection: str = DEFAULT_COLLECTION) -> list:
+        """Encode and add documents to `collection`; returns one id per text. An id already in the memory
+        (in any collection) raises `DuplicateIdError` (use `upsert` to replace). On any error the memory is
+        unchanged."""
+        return self._bank.add(texts, ids=ids, metadata=metadata, progress=progress,
+                              collection=check_collection(collection))
 
-    def upsert(self, texts, ids, metadata=None, progress: bool = True) -> list:
+    def upsert(self, texts, ids, metadata=None, progress: bool = True, collection: str = DEFAULT_COLLECTION) -> list:
         """Replace the documents whose ids exist and add the others, in one step: a concurrent reader
-        sees the old version or the new one, never neither."""
-        return self._bank.upsert(texts, ids, metadata=metadata, progress=progress)
+        sees the old version or the new one, never neither. An id of another collection is refused."""
+        return self._bank.upsert(texts, ids, metadata=metadata, progress=progress,
+                                 collection=check_collection(collection))
 
     replace = upsert  # the name before 0.2
 
-    def delete(self, ids, missing_ok: bool = False) -> list:
-        """Remove documents (a split long document by its parent id); returns the ids removed. Unknown ids
-        raise `DocumentNotFoundError` and nothing is removed, unless `missing_ok`."""
-        return self._bank.delete(ids, missing_ok=missing_ok)
+    def delete(self, ids, missing_ok: bool = False, collection: Optional[str] = DEFAULT_COLLECTION) -> list:
+        """Remove documents of `collection` (a split long document by its parent id; None or "*": of any
+        collection); returns the ids removed. Unknown ids raise `DocumentNotFoundError` and nothing is removed,
+        unless `missing_ok`."""
+        if isinstance(ids, str):
+            raise InvalidTypeError(f"ids must be a list of str, not one string; wrap it: [{ids!r}]")
+        if collection is not None:
+            collection = check_collection(collection, allow_all=True)
+        return self._bank.delete(check_where_ids(ids), missing_ok=missing_ok,
+                                 collection=None if collection == ALL_COLLECTIONS else collection)
 
     def get(self, ids) -> list:
         """`MemoryDocument`s by id (a split long document's id gives its parts, in order)."""
@@ -233,15 +243,19 @@ class MSAEngine:
                 "chunk_size": self.config.chunk_size, "score": self.config.score}
 
     # ------------------------------------------------------------------ routing
-    def _allow_ids(self, snap: Snapshot, where: Where) -> Optional[list]:
-        if where is None:
-            return None
-        if not callable(where):
+    def _allow_ids(self, snap: Snapshot, where: Where, collection: str = DEFAULT_COLLECTION) -> Optional[list]:
+        """The ids routing may select (None: all of them): `where` within `collection`."""
+        collection = check_collection(collection, allow_all=True)
+        if where is not None and not callable(where):
             where = check_where_ids(where)
             if not where:
                 raise InvalidArgumentError("the allow-list of ids is empty, so no document may be used; pass None "
                                            "to use the whole memory")
-        return snap.select(where)
+        counts = snap._state.collection_counts
+        whole = collection == ALL_COLLECTIONS or (counts.get(collection, 0) == len(snap))  # no collection mask
+        if where is None and whole:
+            return None
+        return snap.select(where, collection=None if whole else collection)
 
     def _check_question(self, question: str) -> list:
         """The question's tokens, refused before any model work when longer than the limit."""
@@ -258,7 +272,8 @@ class MSAEngine:
         return build_prompt(self.model, question, system=self.config.answer.system)
 
     def route(self, question: str, k: Optional[int] = None, where: Where = None, context: str = "",
-              snapshot: Optional[Snapshot] = None, _allow: Optional[list] = None) -> Routing:
+              snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
+              _allow=_UNSET) -> Routing:
         """Rank memory documents for a question (its own tokens only, not the template or `context`).
         Returns the per-layer selections too. Raises `EmptyMemoryError` for an empty memory."""
         question = self._check_question(question)
@@ -266,7 +281,7 @@ class MSAEngine:
         snap = snapshot if snapshot is not None else self.snapshot()
         if len(snap) == 0:
             raise EmptyMemoryError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
-        allow = _allow if _allow is not None else self._allow_ids(snap, where)
+        allow = self._allow_ids(snap, where, collection) if _allow is _UNSET else _allow
         prompt = self._routing_prompt(question)
         if context:  # re-routing: question + injected text are both "the question" for routing
             ids = self._tokenize(context) + prompt.ids
@@ -279,14 +294,14 @@ class MSAEngine:
         return route(q, snap._state, self.routing_layers, k, allow_ids=allow, backend=self.config.routing_backend)
 
     def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
-                 snapshot: Optional[Snapshot] = None) -> list:
+                 snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION) -> list:
         """The documents the router selects for `question`, best first (layer-mean ranking).
 
-        `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k. Returns
-        [] when the memory is empty or nothing passes `where`."""
+        `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
+        `collection` ("*": every collection). Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
         snap = snapshot if snapshot is not None else self.snapshot()
-        allow = self._allow_ids(snap, where)
+        allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
         routing = self.route(question, k=k, snapshot=snap, _allow=allow)
@@ -298,13 +313,15 @@ class MSAEngine:
         return self.stream(question, options, **kw).collect()
 
     def stream(self, question: str, options: Optional[AnswerOptions] = None, *, where: Where = None,
-               history: Optional[list] = None, snapshot: Optional[Snapshot] = None, **overrides) -> Stream:
+               history: Optional[list] = None, snapshot: Optional[Snapshot] = None,
+               collection: str = DEFAULT_COLLECTION, **overrides) -> Stream:
         """Answer `question` from memory, piece by piece.
 
         Args:
             options: an `AnswerOptions` (default: `config.answer`); `overrides` replace single fields
                 (k=3, mode="sparse", max_new_tokens=32, temperature, seed, stop, system, prompt_style, rounds).
             where: restrict routing to these documents (predicate on `MemoryDocument`, or ids).
+            collection: route within this collection ("*": all; default "default").
             history: earlier chat turns [{"role", "content"}], placed before the question.
             snapshot: answer from this view of the memory (default: the memory now).
         Returns:
@@ -320,7 +337,7 @@ class MSAEngine:
             raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
                                        "use 'interleave' or 'sparse' with this model")
         snap = snapshot if snapshot is not None else self.snapshot()
-        allow = self._allow_ids(snap, where)
+        allow = self._allow_ids(snap, where, collection)
         # the question and history must fit before any routing work is spent on them
         self._check_fits(build_prompt(self.model, question, system=opts.system, history=history).ids, opts, 0)
         if len(snap) == 0 or allow == []:
@@ -508,7 +525,7 @@ def _merge_options(options: Optional[AnswerOptions], defaults: AnswerOptions, ov
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:
     s = snap._state
-    return [RoutedDocument(s.ids[r], s.texts[r], float(score), dict(s.metadata[r]), round_, i)
+    return [RoutedDocument(s.ids[r], s.texts[r], float(score), dict(s.metadata[r]), round_, i, s.collections[r])
             for i, (r, score) in enumerate(zip(rows, scores))]
 
 

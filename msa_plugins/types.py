@@ -23,6 +23,7 @@ class MemoryDocument:
     text: str
     metadata: dict
     n_tokens: int
+    collection: str = "default"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RoutedDocument:
     metadata: dict
     round: int = 0  # routing round (interleave re-routing) or protocol step that found it
     rank: int = 0  # position within its round, best first
+    collection: str = "default"
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -156,11 +158,19 @@ class Snapshot:
 
     def _doc(self, row: int) -> MemoryDocument:
         s = self._state
-        return MemoryDocument(s.ids[row], s.texts[row], dict(s.metadata[row]), int(s.n_tokens[row]))
+        return MemoryDocument(s.ids[row], s.texts[row], dict(s.metadata[row]), int(s.n_tokens[row]),
+                              s.collections[row])
 
-    def documents(self) -> Iterator[MemoryDocument]:
+    def collections(self) -> list:
+        """The collections that hold documents, sorted."""
+        return sorted(self._state.collection_counts)
+
+    def documents(self, collection: Optional[str] = None) -> Iterator[MemoryDocument]:
+        """Every document (of `collection`, when given; "*" or None: all), in storage order."""
+        cols = self._state.collections
         for row in range(len(self)):
-            yield self._doc(row)
+            if collection in (None, "*") or cols[row] == collection:
+                yield self._doc(row)
 
     def get(self, ids) -> list:
         """Documents by id, in the order asked; a split long document's id gives its parts, in order.
@@ -172,9 +182,14 @@ class Snapshot:
                                         "documents (snapshot().ids lists them)")
         return [self._doc(r) for d in ids for r in self._state.rows_for(d)]
 
-    def select(self, where: Where) -> list:
+    def select(self, where: Where, collection: Optional[str] = None) -> list:
         """Ids of the memory documents that `where` admits (a predicate on `MemoryDocument`, or ids;
-        an id of a split long document admits all its parts). None admits all."""
+        an id of a split long document admits all its parts), within `collection` when given ("*" or None:
+        all). None admits all."""
+        if collection not in (None, "*"):
+            cols = self._state.collections
+            inside = self.select(where)
+            return [d for d in inside if cols[self._state.row_of[d]] == collection]
         if where is None:
             return self.ids
         if callable(where):

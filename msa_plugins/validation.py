@@ -190,6 +190,19 @@ def _first_bad(m: dict) -> str:
     return "a value is not JSON"
 
 
+def check_collection(name, allow_all: bool = False) -> str:
+    """A collection name: a non-empty str; "*" (all collections) only where reading allows it."""
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"collection must be a str, got {type(name).__name__}")
+    if not name.strip():
+        raise InvalidArgumentError("collection name is empty; name it, or leave the default")
+    if name == "*" and not allow_all:
+        raise InvalidArgumentError("collection '*' means all collections: it can be read from, not written to")
+    if "*" in name and name != "*":
+        raise InvalidArgumentError(f"collection name {name!r} contains '*', which is reserved")
+    return name
+
+
 def check_where_ids(ids) -> list:
     """An allow-list of ids: a collection of str (one str alone is refused: 'ab' is not ['a', 'b'])."""
     if isinstance(ids, (str, bytes)):

@@ -4,7 +4,7 @@ import msa_plugins
 from msa_plugins import errors
 
 EXPECTED_ALL = [
-    "MSAEngine", "MSAConfig", "AnswerOptions",
+    "MSAEngine", "MSAConfig", "AnswerOptions", "DEFAULT_COLLECTION", "ALL_COLLECTIONS",
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
