@@ -35,7 +35,7 @@ def recall(state, runtime: Runtime):
 
 def main():
     engine = MSAEngine.from_pretrained(device="cpu", max_new_tokens=12)
-    store = MSAStore(engine)  # MSA
+    store = MSAStore(engine)  # MSA: items live in the "langgraph_store" collection, apart from documents
 
     # conversation 1: the app saves what the user tells it
     for key, fact in [("pet", "Ana's cat is called Biscuit."), ("city", "Ana lives in Porto.")]:
@@ -43,7 +43,8 @@ def main():
     store.put(("memories", "ben"), "pet", {"text": "Ben has a parrot called Kiwi."})
     print("[store] namespaces:", store.list_namespaces())
 
-    # conversation 2 (new thread): the agent recalls from Ana's scope only
+    # conversation 2 (new thread): the agent recalls from Ana's scope only (the middleware injects the memory;
+    # ChatMSA itself only routes over its own collection, so store items never reach it unasked)
     agent = create_agent(ChatMSA(engine=engine, max_tokens=12, use_memory=False), tools=[], store=store,
                          middleware=[recall])
     out = agent.invoke({"messages": [{"role": "user", "content": "What is my cat called?"}]})

@@ -35,7 +35,9 @@ def main():
 
     store = MSAVectorStore.from_texts(texts, metadatas=metas, ids=NAMES, engine=engine)  # MSA: was InMemoryVectorStore
     retriever = store.as_retriever(search_kwargs={"k": 2})
-    llm = ChatMSA(engine=engine, max_tokens=12, use_memory=False)  # any chat model works here; this is the same SmolLM2
+    # any chat model works here. ChatMSA's default use_memory="auto" sees that the prompt already quotes the
+    # retrieved documents and does not route a second time (use_memory=False: never route)
+    llm = ChatMSA(engine=engine, max_tokens=12)
 
     prompt = ChatPromptTemplate.from_messages([
         ("system", "Answer from the context.\n\n{context}"), ("human", "{question}")])
@@ -44,6 +46,7 @@ def main():
     print("[chain] routed:", [d.id for d in retriever.invoke(QUESTION)])
     print("[chain] answer:", chain.invoke(QUESTION).strip())
     print("[store] filtered:", [d.id for d in store.similarity_search(QUESTION, k=3, filter={"topic": "robot"})])
+    print("[store] mmr:", [d.id for d in store.max_marginal_relevance_search(QUESTION, k=2, fetch_k=3)])
 
     # or let the model route and answer in one call (no retriever, no prompt stitching)
     chat = ChatMSA(engine=engine, max_tokens=12, k=2)  # MSA

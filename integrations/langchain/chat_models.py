@@ -3,19 +3,33 @@ call), or, with `use_memory=False`, is the engine's model alone."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator, List, Optional, Sequence
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator, Iterator, List, Literal, Optional, Sequence, Union
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
-from msa_plugins import AnswerOptions, InvalidArgumentError, InvalidTypeError, QueryResult, Stream
-from msa_plugins.validation import check_text
+from msa_plugins import AnswerOptions, InvalidArgumentError, InvalidTypeError, QueryResult
+from msa_plugins.validation import check_int, check_text
 
 from .._aio import aiter_in_thread
+from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, documents_of
 from .filters import filter_to_predicate
+from .retrievers import refuse_unknown
+from .tools import check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt
+
+logger = logging.getLogger(__name__)
+
+_MIN_QUOTE = 20  # characters: a memory document this long, quoted verbatim in the prompt, means "already stuffed"
+# per-call keyword arguments ChatMSA reads (LangChain's names); anything else is refused, never ignored
+_CALL_KWARGS = {"mode", "k", "max_tokens", "temperature", "seed", "stop", "filter", "model", "tools", "tool_choice",
+                "ls_structured_output_format", "structured_output"}
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -40,11 +54,12 @@ def _text(content, i: int) -> str:
 
 
 def _split_messages(messages: Sequence[BaseMessage]):
-    """-> (question, history [{role, content}], system or None). The question is the last user turn (a human
-    message, or a tool result); the other turns are the history, system messages (joined) the system prompt."""
+    """-> (question, history [{role, content}], system or None, last human text). The question is the last user
+    turn (a human message, or a tool result); the other turns are the history, system messages (joined) the
+    system prompt. An AI turn that called tools reads as the JSON call it made (the tool protocol's form)."""
     if not messages:
         raise InvalidArgumentError("no messages to answer")
-    system, turns = [], []
+    system, turns, human = [], [], None
     for i, m in enumerate(messages):
         if not isinstance(m, BaseMessage):
             raise InvalidTypeError(f"message {i} is a {type(m).__name__}, not a langchain BaseMessage")
@@ -52,22 +67,37 @@ def _split_messages(messages: Sequence[BaseMessage]):
         if m.type == "system":
             system.append(text)
         elif m.type == "ai":
-            turns.append({"role": "assistant", "content": text})
+            calls = [json.dumps({"name": c["name"], "arguments": c["args"]}, ensure_ascii=False)
+                     for c in getattr(m, "tool_calls", None) or []]
+            turns.append({"role": "assistant", "content": "\n".join([text] * bool(text.strip()) + calls)})
         elif m.type == "tool":  # the engine's chat roles are system/user/assistant
-            turns.append({"role": "user", "content": f"Tool result: {text}"})
+            name = getattr(m, "name", None)
+            turns.append({"role": "user", "content": f"Tool result{f' ({name})' if name else ''}: {text}"})
         else:
             turns.append({"role": "user", "content": text})
+            human = text
     last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
     if last_user is None:
         raise InvalidArgumentError("ChatMSA needs a human message to answer")
     question = check_text(turns[last_user]["content"], "question")
     history = turns[:last_user] + turns[last_user + 1:]
-    return question, history, ("\n\n".join(system) if system else None)
+    return question, history, ("\n\n".join(system) if system else None), (human or question)
 
 
-def _document_metadata(stream: Stream) -> list:
+def _quoted_documents(docs, text: str) -> int:
+    """How many memory documents `text` quotes verbatim: a retriever chain's stuffed prompt quotes the documents
+    it retrieved. Texts under _MIN_QUOTE characters are ignored (a short fact may be part of a real question)."""
+    n = 0
+    for d in docs:
+        t = d.text.strip()
+        if len(t) >= _MIN_QUOTE and len(t) < len(text) and t in text:
+            n += 1
+    return n
+
+
+def _document_metadata(docs) -> list:
     return [{"id": d.id, "score": d.score, "round": d.round, "rank": d.rank, "metadata": d.metadata, "text": d.text}
-            for d in stream.documents]
+            for d in docs]
 
 
 # ---------------------------------------------------------------------------------------------- chat model
@@ -75,17 +105,29 @@ class ChatMSA(BaseChatModel):
     """Chat model that answers from the `MSAEngine`'s memory (routing + generation in one call).
 
     The last human message is the question, earlier turns the history, system messages the system prompt.
-    `response_metadata["documents"]` lists the routed documents (id, score, round, rank, metadata, text);
-    `usage_metadata` and `response_metadata["timings"]` are always set. No tool calling.
+    `response_metadata["documents"]` lists the routed documents (id, score, round, rank, metadata, text),
+    `response_metadata["memory"]` says whether the memory was used ("routed", "off", or why it was skipped);
+    `usage_metadata` and `response_metadata["timings"]` are always set.
+
+    Memory (`use_memory`):
+        "auto" (default): route on the last human message over `collection`, unless the system or human
+            messages already quote documents of the collection verbatim (the stuffed prompt of a retriever
+            chain over this memory): then answer from the prompt alone, never routing a second time.
+        True: always route.  False: the model alone (e.g. as the LLM of a chain retrieving from elsewhere).
+        An empty collection, or no collection document to route to, answers from the model alone.
 
     Setup:
         engine = MSAEngine.from_pretrained(); engine.add(texts, ids=ids, metadata=metas)
     Instantiate:
-        llm = ChatMSA(engine=engine, k=3, max_tokens=128, filter={"topic": "geo"})
-        llm = ChatMSA(engine=engine, use_memory=False)     # the model alone, e.g. inside a retriever chain
+        llm = ChatMSA(engine=engine, k=3, max_tokens=128, filter={"topic": "geo"}, collection="default")
+        llm = ChatMSA(engine=engine, use_memory=False)     # the model alone
     Invoke / stream / async:
         llm.invoke("question"); llm.stream(...); await llm.ainvoke(...); llm.astream(...)
-        per call: k, mode, max_tokens, temperature, seed, stop, filter
+        per call: k, mode, max_tokens, temperature, seed, stop, filter (anything else raises)
+    Tool calling / structured output (a JSON protocol in the prompt, validated, `format_retries` retries):
+        llm.bind_tools([add], tool_choice="auto" | "any" | "add"); llm.with_structured_output(Person)
+    Token counting:
+        llm.get_num_tokens(text) uses the model's own tokenizer.
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine")
@@ -97,8 +139,26 @@ class ChatMSA(BaseChatModel):
     seed: Optional[int] = None
     stop: Optional[List[str]] = Field(default=None, alias="stop_sequences")
     filter: Any = Field(default=None, description="metadata filter (dict, or a callable taking a Document)")
-    use_memory: bool = Field(default=True, description="False: the model alone (no routing)")
+    collection: str = Field(default=DEFAULT_COLLECTION, description="the collection routed over ('*': all)")
+    use_memory: Union[bool, Literal["auto"]] = Field(
+        default="auto", description="'auto': route unless the prompt already quotes memory documents; "
+                                    "True: always route; False: the model alone")
+    format_retries: int = Field(default=2, description="retries when a tool call / JSON reply does not validate")
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    @field_validator("collection")
+    @classmethod
+    def _check_collection(cls, v):
+        return check_collection(v, allow_all=True)
+
+    @field_validator("format_retries")
+    @classmethod
+    def _check_retries(cls, v):
+        return check_int(v, "format_retries", minimum=0)
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True  # the settings serialize; the engine is excluded (pass it again when loading)
 
     @property
     def _llm_type(self) -> str:
@@ -107,7 +167,7 @@ class ChatMSA(BaseChatModel):
     @property
     def _identifying_params(self) -> dict:
         return {"model_name": self._name(), "mode": self.mode, "k": self.k, "max_tokens": self.max_tokens,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "collection": self.collection, "use_memory": self.use_memory}
 
     def _name(self) -> str:
         return self.model_name or self.engine.model_name
@@ -124,71 +184,167 @@ class ChatMSA(BaseChatModel):
             params["ls_stop"] = stop or self.stop
         return params
 
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of `text` under the model's own tokenizer (LangChain's default would use GPT-2's)."""
+        return self.engine.count_tokens(text) if text.strip() else 0
+
+    # ------------------------------------------------------------------ tools
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any):
+        """Tools as a JSON protocol in the prompt: the reply is parsed, validated against each tool's schema and
+        retried up to `format_retries` times with the error shown to the model. tool_choice: "auto"/None (the
+        model may answer in text), "none", "any"/"required", or a tool name (that tool must be called)."""
+        formatted = check_tools(list(tools))
+        check_tool_choice(tool_choice, formatted)  # a bad choice fails here, not at the first call
+        if kwargs.get("ls_structured_output_format") is not None and len(formatted) == 1:
+            kwargs["structured_output"] = True  # with_structured_output: ask for the bare JSON object
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # ------------------------------------------------------------------ one call
     def _options(self, stop: Optional[List[str]], kwargs: dict) -> AnswerOptions:
         """This call's options: per-call kwargs over this model's fields over the engine's defaults (None keeps
         the next one), in LangChain's names. The one place they are mapped, and validated."""
+        refuse_unknown({k: v for k, v in kwargs.items() if k not in _CALL_KWARGS}, "ChatMSA call")
+        if kwargs.get("model") not in (None, self._name()):
+            raise InvalidArgumentError(f"ChatMSA runs the engine's loaded model {self._name()!r}; it cannot switch "
+                                       f"to {kwargs['model']!r} per call (make another engine)")
         return self.engine.answer_defaults.merged(
             mode=kwargs.get("mode", self.mode), k=kwargs.get("k", self.k),
             max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature), seed=kwargs.get("seed", self.seed),
             stop=stop or kwargs.get("stop") or self.stop)
 
-    def _run(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict) -> Stream:
-        """Start answering: the engine's `Stream` (documents known now; pieces; result at the end). The engine
-        cuts the text at stop sequences and ends generation there."""
-        question, history, system = _split_messages(messages)
-        if kwargs.get("model") not in (None, self._name()):
-            raise InvalidArgumentError(f"ChatMSA runs the engine's loaded model {self._name()!r}; it cannot switch "
-                                       f"to {kwargs['model']!r} per call (make another engine)")
-        options = self._options(stop, kwargs)
-        engine = self.engine
-        if not self.use_memory:
-            turns = ([{"role": "system", "content": system}] if system else []) + history + \
-                [{"role": "user", "content": question}]
-            return engine.stream_generate(turns, options)
+    def _memory(self, messages: List[BaseMessage], kwargs: dict):
+        """-> (snapshot, where, note): route over `snapshot` restricted to `where`, or (None, None, note) to
+        answer from the prompt alone. The filter is checked first, so a mistake fails whatever the memory holds."""
+        if self.use_memory is False:
+            return None, None, "off"
         flt = kwargs.get("filter", self.filter)
         where = filter_to_predicate(flt)
-        snap = engine.snapshot()
+        snap = self.engine.snapshot()
+        docs = documents_of(snap, self.collection)
         if where is not None:
-            where = snap.select(where)
+            where = [d.id for d in docs if where(d)]
             if not where:  # a filter that admits nothing is a mistake here: there is nothing to answer from
                 raise InvalidArgumentError(f"no memory document matches the filter {flt!r}; check the metadata "
                                            "names and values, or drop the filter")
-        return engine.stream(question, options, where=where, history=history or None, snapshot=snap, system=system)
+        if self.use_memory == "auto":  # a chain may stuff the context into a system or a human message
+            prompt = "\n".join(_text(m.content, i) for i, m in enumerate(messages) if m.type in ("system", "human"))
+            quoted = _quoted_documents(docs, prompt)
+            if quoted:
+                logger.info("ChatMSA: the prompt already quotes %d memory documents; answering without routing",
+                            quoted)
+                return None, None, f"skipped: the prompt already quotes {quoted} memory document(s)"
+        if not docs:
+            return None, None, "skipped: no document in the collection"
+        return snap, where, "routed"
 
-    def _result_metadata(self, stream: Stream):
-        """-> (response_metadata, usage_metadata) of a finished stream."""
-        r = stream.result
-        timings = dict(r.timings)
+    def _run(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict):
+        """Start answering: (the engine's `Stream`, memory note). The engine cuts the text at stop sequences."""
+        question, history, system, _ = _split_messages(messages)
+        options = self._options(stop, kwargs)
+        snap, where, note = self._memory(messages, kwargs)
+        if snap is None:
+            turns = ([{"role": "system", "content": system}] if system else []) + history + \
+                [{"role": "user", "content": question}]
+            return self.engine.stream_generate(turns, options), note
+        return self.engine.stream(question, options, where=where, history=history or None, snapshot=snap,
+                                  system=system, **collection_kwargs(self.engine, self.collection)), note
+
+    def _metadata(self, result, documents, note: str):
+        """-> (response_metadata, usage_metadata) of a finished call."""
+        timings = dict(result.timings)
         timings.setdefault("routing_s", 0.0)  # plain generation routes nothing: same keys either way
-        meta = {"model_name": self._name(), "model_provider": "msa", "finish_reason": r.finish_reason,
-                "timings": timings, "mode": r.mode if isinstance(r, QueryResult) else "generate",
-                "documents": _document_metadata(stream)}
-        usage = {"input_tokens": r.prompt_tokens, "output_tokens": r.completion_tokens,
-                 "total_tokens": r.prompt_tokens + r.completion_tokens}
+        meta = {"model_name": self._name(), "model_provider": "msa", "finish_reason": result.finish_reason,
+                "timings": timings, "mode": result.mode if isinstance(result, QueryResult) else "generate",
+                "documents": _document_metadata(documents), "memory": note}
+        usage = {"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens,
+                 "total_tokens": result.prompt_tokens + result.completion_tokens}
         return meta, usage
 
-    def _chunks(self, stream: Stream) -> Iterator[ChatGenerationChunk]:
+    def _chunks(self, started) -> Iterator[ChatGenerationChunk]:
         """One chunk per piece, then an empty last chunk with the metadata and usage."""
+        stream, note = started
         try:
             for piece in stream:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
         finally:  # also when the consumer stops early: the engine stops generating
             stream.close()
-        meta, usage = self._result_metadata(stream)
+        meta, usage = self._metadata(stream.result, stream.documents, note)
         yield ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=meta, usage_metadata=usage,
                                                          chunk_position="last"))
 
+    def _call_tools(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict) -> AIMessage:
+        """A turn with tools bound: memory documents and the tool protocol in the system prompt, the reply
+        parsed and validated, retried with the error shown to the model."""
+        tools = kwargs["tools"]
+        choice = check_tool_choice(kwargs.get("tool_choice"), tools)
+        structured = bool(kwargs.get("structured_output")) and len(tools) == 1
+        question, history, system, human = _split_messages(messages)
+        options = self._options(stop, kwargs)
+        snap, where, note = self._memory(messages, kwargs)
+        docs = [] if snap is None else self.engine.retrieve(
+            human, k=options.k, where=where, snapshot=snap, **collection_kwargs(self.engine, self.collection))
+        parts = [system] if system else []
+        if docs:
+            parts.append("Relevant memory:\n" + "\n".join(f"- {d.text}" for d in docs))
+        if choice != "none":
+            parts.append(schema_prompt(tools[0]) if structured else protocol_prompt(tools, choice))
+        turns = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
+        turns += history + [{"role": "user", "content": question}]
+        prompt_tokens = completion_tokens = 0
+        for attempt in range(1 + self.format_retries):
+            result = self.engine.generate(turns, options)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            text = result.text
+            call = None if choice == "none" else parse_tool_call(text, tools, choice)
+            if call is None or (choice is None and isinstance(call, str) and not looks_like_call(text)):
+                calls, invalid = [], []  # a plain answer
+                break
+            if isinstance(call, dict):
+                calls, invalid, text = [call], [], ""
+                break
+            logger.info("ChatMSA: reply %d is not a valid tool call (%s)", attempt + 1, call)
+            turns += [{"role": "assistant", "content": text},
+                      {"role": "user", "content": f"That reply is not valid: {call}. Reply with only the JSON object."}]
+        else:
+            if choice is not None:
+                raise OutputParserException(
+                    f"ChatMSA: no valid {'JSON reply' if structured else 'tool call'} after {1 + self.format_retries} "
+                    f"attempts (last error: {call}); the model may be too small to follow the JSON protocol: raise "
+                    f"format_retries, simplify the schema, or use a larger model", llm_output=text)
+            calls, invalid = [], [{"name": None, "args": text, "id": None, "error": call, "type": "invalid_tool_call"}]
+        meta, usage = self._metadata(result, docs, note)
+        meta["attempts"] = attempt + 1
+        usage = {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid, response_metadata=meta,
+                         usage_metadata=usage)
+
+    @staticmethod
+    def _as_chunk(msg: AIMessage) -> ChatGenerationChunk:
+        calls = [{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i,
+                  "type": "tool_call_chunk"} for i, c in enumerate(msg.tool_calls)]
+        return ChatGenerationChunk(message=AIMessageChunk(
+            content=msg.content, tool_call_chunks=calls, response_metadata=msg.response_metadata,
+            usage_metadata=msg.usage_metadata, chunk_position="last"))
+
     def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
-        stream = self._run(messages, stop, kwargs)
-        text = "".join(stream)
-        meta, usage = self._result_metadata(stream)
-        msg = AIMessage(content=text, response_metadata=meta, usage_metadata=usage)
+        if kwargs.get("tools"):
+            msg = self._call_tools(messages, stop, kwargs)
+        else:
+            stream, note = self._run(messages, stop, kwargs)
+            text = "".join(stream)
+            meta, usage = self._metadata(stream.result, stream.documents, note)
+            msg = AIMessage(content=text, response_metadata=meta, usage_metadata=usage)
         return ChatResult(generations=[ChatGeneration(message=msg)], llm_output={"model_name": self._name()})
 
     def _stream(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):  # a tool call is known only once the whole reply is validated: one chunk
+            yield self._as_chunk(self._call_tools(messages, stop, kwargs))
+            return
         for chunk in self._chunks(self._run(messages, stop, kwargs)):
             if run_manager and chunk.message.chunk_position != "last":
                 run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
@@ -197,6 +353,9 @@ class ChatMSA(BaseChatModel):
     async def _astream(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        if kwargs.get("tools"):
+            yield self._as_chunk(await asyncio.to_thread(self._call_tools, messages, stop, kwargs))
+            return
         # routing, prefill and every decode step run in a worker thread; callbacks run on the event loop
         async for chunk in aiter_in_thread(lambda: self._chunks(self._run(messages, stop, kwargs))):
             if run_manager and chunk.message.chunk_position != "last":

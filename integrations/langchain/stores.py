@@ -11,10 +11,12 @@ from datetime import datetime, timezone
 from typing import Iterable, Optional
 
 from langgraph.store.base import BaseStore, GetOp, Item, ListNamespacesOp, PutOp, SearchItem, SearchOp
+from langgraph.store.base.embed import get_text_at_path
 
 from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, Snapshot
 from msa_plugins.validation import check_text
 
+from ._collections import STORE_COLLECTION, check_collection, collection_kwargs, documents_of, in_collection
 from .filters import check_filter, matches
 
 _MARK = "msa_store"  # metadata flag of store items: other documents in the same memory are never items
@@ -26,6 +28,10 @@ def _doc_id(namespace: tuple, key: str) -> str:
 
 def _is_item(doc: MemoryDocument) -> bool:
     return bool(doc.metadata.get(_MARK))
+
+
+def _is_indexed(doc: MemoryDocument) -> bool:
+    return doc.metadata.get("indexed", True)  # items written before `index=` was honoured were all routable
 
 
 def _item(meta: dict, cls=Item, **extra):
@@ -48,14 +54,18 @@ def _first_per_item(docs: Iterable[MemoryDocument]) -> list:
 class MSAStore(BaseStore):
     """LangGraph long-term memory store in an MSAEngine's memory.
 
-    Each item is one memory document (id = [namespace, key]); its value, timestamps and namespace live in the
-    document's metadata, so `engine.save` / `engine.load` persist the store. Namespaces are separate scopes:
-    a search routes only over documents under its namespace prefix (the engine filters before routing). The
-    routed text of an item is `value[text_field]` when that is a non-empty str (default "text"), else the
-    value as JSON. No TTL.
+    Each item is one memory document (id = [namespace, key]) in the store's own collection (default
+    "langgraph_store"), so items never surface in an `MSAVectorStore` search or in `ChatMSA` routing of another
+    collection. Its value, timestamps and namespace live in the document's metadata, so `engine.save` /
+    `engine.load` persist the store. Namespaces are separate scopes: a search routes only over documents under
+    its namespace prefix (the engine filters before routing). The routed text of an item is `value[text_field]`
+    when that is a non-empty str (default "text"), else the value as JSON; `put(..., index=["a", "b.c"])`
+    routes on those fields instead (LangGraph's path syntax), and `put(..., index=False)` stores the item
+    without making it routable: a query search ranks the indexed items and fills the rest of `limit` with
+    unindexed ones (score None), as LangGraph's InMemoryStore does. No TTL.
 
     Setup / instantiate:
-        store = MSAStore(MSAEngine.from_pretrained())
+        store = MSAStore(MSAEngine.from_pretrained())                 # or collection_name="tenant-a-memories"
     Use:
         store.put(("memories", "ana"), "pet", {"text": "Ana's cat is called Biscuit."})
         store.search(("memories", "ana"), query="What is my cat called?", limit=3)
@@ -64,13 +74,26 @@ class MSAStore(BaseStore):
 
     supports_ttl = False
 
-    def __init__(self, engine, text_field: str = "text"):
+    def __init__(self, engine, text_field: str = "text", *, collection_name: str = STORE_COLLECTION):
         self.engine = engine
         self.text_field = text_field
+        self.collection_name = check_collection(collection_name)
 
-    def _text(self, value: dict) -> str:
-        text = value.get(self.text_field)
-        return text if isinstance(text, str) and text.strip() else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    def _in(self) -> dict:
+        return collection_kwargs(self.engine, self.collection_name)
+
+    def _text(self, value: dict, index) -> tuple:
+        """-> (routed text, indexed?) of a value under `put`'s `index` argument."""
+        as_json = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        if index is False:
+            return as_json, False  # stored (the engine needs some text) but never routed
+        if index is None:
+            text = value.get(self.text_field)
+            return (text if isinstance(text, str) and text.strip() else as_json), True
+        if isinstance(index, str) or not all(isinstance(p, str) for p in index):
+            raise InvalidTypeError(f"index must be False, None or a list of field paths (str), got {index!r}")
+        texts = [t for path in index for t in get_text_at_path(value, path) if t.strip()]
+        return ("\n".join(texts), True) if texts else (as_json, False)  # no text at those paths: not indexed
 
     # ------------------------------------------------------------------ ops
     def _get(self, op: GetOp, snap: Snapshot) -> Optional[Item]:
@@ -78,24 +101,25 @@ class MSAStore(BaseStore):
         if doc_id not in snap:
             return None
         doc = snap.get([doc_id])[0]
-        return _item(doc.metadata) if _is_item(doc) else None
+        return _item(doc.metadata) if _is_item(doc) and in_collection(doc, self.collection_name) else None
 
     def _put(self, op: PutOp) -> None:
         if not isinstance(op.key, str) or not op.key:
             raise InvalidArgumentError(f"store keys must be non-empty str, got {op.key!r}")
         doc_id = _doc_id(op.namespace, op.key)
         if op.value is None:  # LangGraph's delete
-            self.engine.delete([doc_id], missing_ok=True)
+            self.engine.delete([doc_id], missing_ok=True, **self._in())
             return
         if not isinstance(op.value, dict):
             raise InvalidTypeError(f"store values must be dicts, got {type(op.value).__name__}")
+        text, indexed = self._text(op.value, op.index)
         now = datetime.now(timezone.utc).isoformat()
         snap = self.engine.snapshot()
         # created_at survives an overwrite; the write itself is one engine upsert (old or new, never neither)
         created = snap.get([doc_id])[0].metadata.get("created_at", now) if doc_id in snap else now
         meta = {_MARK: True, "namespace": list(op.namespace), "key": op.key, "value": op.value,
-                "created_at": created, "updated_at": now}
-        self.engine.upsert([self._text(op.value)], ids=[doc_id], metadata=[meta], progress=False)
+                "created_at": created, "updated_at": now, "indexed": indexed}
+        self.engine.upsert([text], ids=[doc_id], metadata=[meta], progress=False, **self._in())
 
     def _search(self, op: SearchOp, snap: Snapshot) -> list:
         prefix = tuple(op.namespace_prefix)
@@ -106,23 +130,30 @@ class MSAStore(BaseStore):
 
         def admitted(doc: MemoryDocument) -> bool:
             m = doc.metadata
-            return (_is_item(doc) and tuple(m["namespace"])[:len(prefix)] == prefix
-                    and (flt is None or matches(m["value"], flt)))
+            return (_is_item(doc) and in_collection(doc, self.collection_name)
+                    and tuple(m["namespace"])[:len(prefix)] == prefix and (flt is None or matches(m["value"], flt)))
 
         # no query (None or "") lists the newest items first, as LangGraph's InMemoryStore does
         query = check_text(op.query, "query") if op.query not in (None, "") else None
         if op.limit <= 0:
             return []
         if query:
-            routed = self.engine.retrieve(query, k=op.offset + op.limit, where=admitted, snapshot=snap)
-            hits = _first_per_item(routed)[op.offset:op.offset + op.limit]
-            return [_item(d.metadata, SearchItem, score=float(d.score)) for d in hits]
-        docs = _first_per_item(d for d in snap.documents() if admitted(d))
+            routed = self.engine.retrieve(query, k=op.offset + op.limit, snapshot=snap,
+                                          where=lambda d: admitted(d) and _is_indexed(d), **self._in())
+            hits = [_item(d.metadata, SearchItem, score=float(d.score))
+                    for d in _first_per_item(routed)[op.offset:op.offset + op.limit]]
+            if len(hits) < op.limit:  # as InMemoryStore: unindexed items fill the rest, unscored
+                rest = _first_per_item(d for d in documents_of(snap, self.collection_name)
+                                       if admitted(d) and not _is_indexed(d))
+                hits += [_item(d.metadata, SearchItem, score=None) for d in rest[:op.limit - len(hits)]]
+            return hits
+        docs = _first_per_item(d for d in documents_of(snap, self.collection_name) if admitted(d))
         docs.sort(key=lambda d: d.metadata["updated_at"], reverse=True)
         return [_item(d.metadata, SearchItem) for d in docs[op.offset:op.offset + op.limit]]
 
     def _list(self, op: ListNamespacesOp, snap: Snapshot) -> list:
-        spaces = sorted({tuple(d.metadata["namespace"]) for d in snap.documents() if _is_item(d)})
+        spaces = sorted({tuple(d.metadata["namespace"]) for d in documents_of(snap, self.collection_name)
+                         if _is_item(d)})
         for cond in op.match_conditions or ():
             path = tuple(cond.path)
 

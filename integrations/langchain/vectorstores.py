@@ -1,73 +1,159 @@
-"""`MSAVectorStore`: a LangChain `VectorStore` stand-in over an engine's memory; the model's router ranks,
-no embeddings are computed or stored."""
+"""`MSAVectorStore`: a LangChain `VectorStore` over one collection of an engine's memory; the model's router
+ranks, no embeddings are computed or stored.
+
+Scores. `similarity_search_with_score` returns the routing score: the layer-mean of the best cosine between a
+question token's routing query and a document chunk's routing key (max over both), in [-1, 1]; relevant
+documents typically score 0.15-0.4 with the shipped router, not the 0.5-0.9 of sentence embeddings.
+`similarity_search_with_relevance_scores` (and `search_type="similarity_score_threshold"`) maps it to
+LangChain's 0-1 relevance as Chroma does for a cosine collection: relevance = cosine, clipped at 0. The
+meaning (higher = more relevant, 0 = unrelated) is LangChain's; the scale is the router's, so a threshold
+tuned for embeddings must be re-tuned (see docs/integrations.md).
+
+MMR. `max_marginal_relevance_search` / `search_type="mmr"` picks, from the `fetch_k` routed candidates, k
+documents that are relevant (routing score, rescaled over the candidates to [0, 1]) and not redundant with
+those already picked (cosine between document vectors). Document vectors are the engine's pooled routing
+keys when the engine offers them (`engine.document_vectors`), else bag-of-words vectors of the texts.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 import uuid
 import warnings
+from collections import Counter
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
+import numpy as np
 from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
-from msa_plugins import InvalidArgumentError
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine
+from msa_plugins.validation import check_int
 
-from .retrievers import route_documents
+from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, in_collection
+from .retrievers import refuse_unknown, route_documents
+
+logger = logging.getLogger(__name__)
 
 # a split long document's parts carry these on top of the caller's metadata
 _PART_KEYS = ("parent_id", "part")
+_SEARCH_HINTS = {
+    "score_threshold": "a score threshold needs search_type='similarity_score_threshold' "
+                       "(or similarity_search_with_relevance_scores)",
+    "fetch_k": "fetch_k and lambda_mult belong to search_type='mmr' (max_marginal_relevance_search)",
+    "lambda_mult": "fetch_k and lambda_mult belong to search_type='mmr' (max_marginal_relevance_search)",
+    "where": "use filter= (a dict or a callable on Document)",
+    "where_document": "use filter= with a callable on Document, e.g. lambda d: 'x' in d.page_content",
+}
+_NO_VECTORS = ("MSAVectorStore has no embedding vectors: the model's router ranks documents from the query text. "
+               "Use {use} instead")
+
+
+def _word_vectors(texts: List[str]) -> np.ndarray:
+    """Bag-of-words count vectors of `texts`, L2-normalised: [n, vocabulary]."""
+    bags = [Counter(re.findall(r"\w+", t.lower())) for t in texts]
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*bags)))}
+    out = np.zeros((len(texts), max(1, len(vocab))), dtype=np.float32)
+    for row, bag in enumerate(bags):
+        for w, c in bag.items():
+            out[row, vocab[w]] = c
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms == 0, 1.0, norms)
+
+
+def mmr_select(relevance: Sequence[float], vectors: np.ndarray, k: int, lambda_mult: float) -> List[int]:
+    """Maximal marginal relevance: indices of k candidates, each maximising
+    lambda * relevance - (1 - lambda) * (max cosine to the ones already chosen). `relevance` is rescaled over
+    the candidates to [0, 1] so that lambda weighs two quantities on the same scale. vectors: [n, d], unit rows."""
+    rel = np.asarray(relevance, dtype=np.float64)
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    sim = vectors @ vectors.T  # [n, n] cosines
+    chosen = [int(np.argmax(rel))]
+    while len(chosen) < min(k, len(rel)):
+        redundancy = sim[:, chosen].max(axis=1)
+        score = lambda_mult * rel - (1.0 - lambda_mult) * redundancy
+        score[chosen] = -np.inf
+        chosen.append(int(np.argmax(score)))
+    return chosen
 
 
 class MSAVectorStore(VectorStore):
-    """A VectorStore over the engine's memory: the model's router ranks documents, no embeddings are used.
+    """A VectorStore over one collection of the engine's memory: the router ranks, no embeddings are used.
 
     Setup:
         engine = MSAEngine.from_pretrained()
     Instantiate:
-        store = MSAVectorStore(engine)            # or MSAVectorStore.from_texts(texts, engine=engine)
+        store = MSAVectorStore(engine)                            # the engine's default collection
+        store = MSAVectorStore(engine, collection_name="tenant-a")  # its own collection, like Chroma's
+        store = MSAVectorStore.from_texts(texts, engine=engine, collection_name="docs")
     Add / delete:
-        store.add_texts(texts, metadatas, ids=ids)   # an existing id is replaced (upsert)
+        store.add_texts(texts, metadatas, ids=ids)   # an existing id of this collection is replaced (upsert)
         store.delete(["id1"])                        # ids that are not there are ignored
     Search:
         store.similarity_search("question", k=3, filter={"topic": "geo"})
-        store.as_retriever(search_kwargs={"k": 3})
+        store.similarity_search_with_relevance_scores("question", k=3, score_threshold=0.2)
+        store.max_marginal_relevance_search("question", k=3, fetch_k=10, lambda_mult=0.5)
+        store.as_retriever(search_type="mmr" | "similarity_score_threshold", search_kwargs={...})
     Async:
         the VectorStore defaults run each call in an executor thread.
     """
 
-    def __init__(self, engine, embedding=None, k: int = 4):
-        self.engine = engine
-        self.k = k
+    def __init__(self, engine: Optional[MSAEngine] = None, *, collection_name: str = DEFAULT_COLLECTION,
+                 embedding: Optional[Embeddings] = None):
+        if isinstance(engine, Embeddings) or engine is None:
+            got = "no engine" if engine is None else f"an embedding model ({type(engine).__name__})"
+            raise InvalidTypeError(f"MSAVectorStore needs the MSAEngine, got {got}: MSA ranks with the model's "
+                                   "router, not with embeddings. Swap InMemoryVectorStore(embeddings) / "
+                                   "Chroma(..., embedding_function=...) for MSAVectorStore(engine) or "
+                                   "MSAVectorStore(engine, collection_name=...)")
+        if not isinstance(engine, MSAEngine):
+            raise InvalidTypeError(f"MSAVectorStore's first argument is the MSAEngine, got {type(engine).__name__}; "
+                                   "a collection name goes in collection_name=")
         if embedding is not None:
             warnings.warn("MSAVectorStore ignores `embedding`: the model's router ranks documents", stacklevel=2)
+        self.engine = engine
+        self.collection_name = check_collection(collection_name)
 
     @property
-    def embeddings(self):
+    def embeddings(self) -> None:
         return None
 
+    def _in(self) -> dict:
+        return collection_kwargs(self.engine, self.collection_name)
+
+    # ------------------------------------------------------------------ write
     def add_texts(self, texts: Iterable[str], metadatas: Optional[List[dict]] = None, *,
                   ids: Optional[List[str]] = None, **kwargs: Any) -> List[str]:
+        refuse_unknown(kwargs, "MSAVectorStore.add_texts")
         texts = list(texts)
         ids = [uuid.uuid4().hex for _ in texts] if ids is None else \
             [i if i is not None else uuid.uuid4().hex for i in ids]
         # the engine replaces existing ids and adds the others in one swap: a reader never misses a document
-        return self.engine.upsert(texts, ids=ids, metadata=metadatas, progress=False)
+        return self.engine.upsert(texts, ids=ids, metadata=metadatas, progress=False, **self._in())
 
     def delete(self, ids: Optional[List[str]] = None, **kwargs: Any) -> Optional[bool]:
+        refuse_unknown(kwargs, "MSAVectorStore.delete")
         if ids is None:
             raise InvalidArgumentError("pass the ids to delete; MSAVectorStore does not delete everything at once")
         if isinstance(ids, str):
             ids = [ids]
-        self.engine.delete(ids, missing_ok=True)  # the VectorStore contract: missing ids are not an error
+        self.engine.delete(ids, missing_ok=True, **self._in())  # the VectorStore contract: missing ids are no error
         return True
 
+    # ------------------------------------------------------------------ read
     def get_by_ids(self, ids: Sequence[str], /) -> List[Document]:
         snap = self.engine.snapshot()  # one view: a concurrent delete cannot split this answer
         out = []
-        for i in ids:  # unknown ids are skipped, as VectorStore.get_by_ids specifies
+        for i in ids:  # unknown ids (and ids of other collections) are skipped, as get_by_ids specifies
             if i not in snap:
                 continue
             parts = snap.get([i])  # a long text stored in parts comes back whole
+            if not in_collection(parts[0], self.collection_name):
+                continue
             meta = parts[0].metadata
             if len(parts) > 1:
                 meta = {k: v for k, v in meta.items() if k not in _PART_KEYS}
@@ -76,28 +162,69 @@ class MSAVectorStore(VectorStore):
 
     def similarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,
                                      **kwargs: Any) -> List[tuple]:
-        return route_documents(self.engine, query, k, filter)
+        """[(Document, routing score in [-1, 1])], best first."""
+        refuse_unknown(kwargs, "MSAVectorStore search", _SEARCH_HINTS)
+        return route_documents(self.engine, query, k, filter, self.collection_name)
 
     def similarity_search(self, query: str, k: int = 4, filter: Any = None, **kwargs: Any) -> List[Document]:
-        return [d for d, _ in self.similarity_search_with_score(query, k=k, filter=filter)]
+        return [d for d, _ in self.similarity_search_with_score(query, k=k, filter=filter, **kwargs)]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
-        return lambda s: (s + 1.0) / 2.0  # cosine routing scores in [-1, 1] -> [0, 1]
+        if self.engine.config.score != "cosine":
+            raise InvalidArgumentError(f"relevance scores need cosine routing scores; this engine routes with "
+                                       f"score={self.engine.config.score!r} (unbounded). Use "
+                                       "similarity_search_with_score, or an engine built with score='cosine'")
+        return lambda s: min(1.0, max(0.0, s))  # relevance = routing cosine, clipped at 0 (Chroma's cosine meaning)
 
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+                                      filter: Any = None, **kwargs: Any) -> List[Document]:
+        refuse_unknown(kwargs, "MSAVectorStore.max_marginal_relevance_search", _SEARCH_HINTS)
+        k = check_int(k, "k", minimum=1)
+        fetch_k = max(check_int(fetch_k, "fetch_k", minimum=1), k)
+        if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) \
+                or math.isnan(lambda_mult) or not 0.0 <= lambda_mult <= 1.0:
+            raise InvalidArgumentError(f"lambda_mult must be a number in [0, 1] (1: relevance only, 0: diversity "
+                                       f"only), got {lambda_mult!r}")
+        pairs = route_documents(self.engine, query, fetch_k, filter, self.collection_name)
+        if not pairs:
+            return []
+        docs = [d for d, _ in pairs]
+        picked = mmr_select([s for _, s in pairs], self._vectors(docs), k, float(lambda_mult))
+        return [docs[i] for i in picked]
+
+    def _vectors(self, docs: List[Document]) -> np.ndarray:
+        """One unit vector per document: the engine's pooled routing keys if it offers them, else words."""
+        document_vectors = getattr(self.engine, "document_vectors", None)
+        if document_vectors is not None:
+            return np.asarray(document_vectors([d.id for d in docs]), dtype=np.float32)
+        return _word_vectors([d.page_content for d in docs])
+
+    def similarity_search_by_vector(self, embedding: List[float], k: int = 4, **kwargs: Any) -> List[Document]:
+        raise NotImplementedError(_NO_VECTORS.format(use="similarity_search(query)"))
+
+    def max_marginal_relevance_search_by_vector(self, embedding: List[float], k: int = 4, fetch_k: int = 20,
+                                                lambda_mult: float = 0.5, **kwargs: Any) -> List[Document]:
+        raise NotImplementedError(_NO_VECTORS.format(use="max_marginal_relevance_search(query)"))
+
+    # ------------------------------------------------------------------ construction
     @classmethod
-    def from_texts(cls, texts: List[str], embedding=None, metadatas: Optional[List[dict]] = None, *,
-                   ids: Optional[List[str]] = None, engine=None, **kwargs: Any) -> "MSAVectorStore":
+    def from_texts(cls, texts: List[str], embedding: Optional[Embeddings] = None,
+                   metadatas: Optional[List[dict]] = None, *, ids: Optional[List[str]] = None,
+                   engine: Optional[MSAEngine] = None, collection_name: str = DEFAULT_COLLECTION,
+                   **kwargs: Any) -> "MSAVectorStore":
+        refuse_unknown(kwargs, "MSAVectorStore.from_texts")
         if engine is None:
             raise InvalidArgumentError("MSAVectorStore.from_texts needs engine=MSAEngine.from_pretrained(...)")
-        store = cls(engine, embedding=embedding, **kwargs)
+        store = cls(engine, collection_name=collection_name, embedding=embedding)
         store.add_texts(texts, metadatas, ids=ids)
         return store
 
     @classmethod
-    def from_documents(cls, documents: List[Document], embedding=None, **kwargs: Any) -> "MSAVectorStore":
+    def from_documents(cls, documents: List[Document], embedding: Optional[Embeddings] = None,
+                       **kwargs: Any) -> "MSAVectorStore":
         ids = kwargs.pop("ids", None) or ([d.id for d in documents] if any(d.id for d in documents) else None)
         return cls.from_texts([d.page_content for d in documents], embedding,
                               [d.metadata for d in documents], ids=ids, **kwargs)
 
 
-__all__ = ["MSAVectorStore"]
+__all__ = ["MSAVectorStore", "mmr_select"]

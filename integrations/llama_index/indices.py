@@ -1,200 +1,187 @@
-"""`MSAIndex`: `VectorStoreIndex`'s interface over an engine's memory, `load_msa_index` to load it back, and
-the persist shim that makes `storage_context.persist(persist_dir)` save the memory too.
+"""`MSAIndex`: a `VectorStoreIndex` over an `MSAVectorStore`, wired for an engine; `load_msa_index` loads one
+back from a persist dir.
 
-`MSAIndex` keeps LlamaIndex's docstore (node ids, ref-doc ids, hashes, metadata) and puts every node's text
-into the engine's memory under the node id. Writes go through `engine.upsert` / `engine.delete`, which
-swap the memory atomically; the index's own lock guards only its `index_struct`.
+Everything LlamaIndex's `VectorStoreIndex` does works as it does there (insert, delete_ref_doc, refresh,
+persist, retrievers, query and chat engines, instrumentation). `MSAIndex` only adds the defaults an MSA app
+wants and checks what a plain index silently accepts:
+- the vector store is `MSAVectorStore(engine, collection_name)` and the embed model `NoEmbedding()`;
+- the LLM of query and chat engines is `MSALLM(engine)` unless you pass one (never `Settings.llm`/OpenAI);
+- unknown keyword arguments of `as_retriever` / `as_query_engine` / `as_chat_engine` raise instead of
+  being ignored, and `vector_store_query_mode="mmr"` is refused where it is given;
+- `as_query_engine(mode=...)` gives `MSAQueryEngine`, MSA's retriever-free answering (needed for the
+  `sparse` and `protocol` modes, where the documents are not pasted into a prompt).
 """
 
 from __future__ import annotations
 
-import os
+import inspect
 import threading
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from llama_index.core import get_response_synthesizer
 from llama_index.core.base.base_query_engine import BaseQueryEngine
-from llama_index.core.data_structs.data_structs import IndexDict
-from llama_index.core.indices.base import BaseIndex
-from llama_index.core.schema import BaseNode, MetadataMode
-from llama_index.core.storage.docstore.types import RefDocInfo
+from llama_index.core.chat_engine import (CondensePlusContextChatEngine, CondenseQuestionChatEngine,
+                                          ContextChatEngine, SimpleChatEngine)
+from llama_index.core.chat_engine.types import ChatMode
+from llama_index.core.indices.vector_store.base import VectorStoreIndex
+from llama_index.core.indices.vector_store.retrievers import VectorIndexRetriever
+from llama_index.core.query_engine.retriever_query_engine import RetrieverQueryEngine
+from llama_index.core.schema import BaseNode
 from llama_index.core.storage.storage_context import StorageContext
 from llama_index.core.vector_stores.simple import SimpleVectorStore
-from llama_index.core.vector_stores.types import BasePydanticVectorStore, MetadataFilters
-from pydantic import ConfigDict, PrivateAttr
 
-from msa_plugins import DocumentNotFoundError, InvalidArgumentError, InvalidTypeError, MSAEngine
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine
 
+from ._collections import DEFAULT_COLLECTION
+from .filters import filters_to_predicate
 from .llms import MSALLM
 from .query_engine import MSAQueryEngine
-from .retrievers import MSARetriever
+from .vector_stores import MEMORY_DIR, MSAVectorStore, NoEmbedding, check_query
 
-MEMORY_DIR = "msa_memory"  # the engine's memory, inside a LlamaIndex persist_dir
-MSA_STORE_NAME = "msa"  # the name of the persist shim in StorageContext.vector_stores
+__all__ = ["MSAIndex", "load_msa_index", "MEMORY_DIR"]
 
-__all__ = ["MSAIndex", "MSAMemoryVectorStore", "load_msa_index", "MEMORY_DIR", "MSA_STORE_NAME"]
-
-
-class MSAMemoryVectorStore(BasePydanticVectorStore):
-    """Sits in `StorageContext.vector_stores["msa"]` so that `storage_context.persist(persist_dir)` also
-    saves the engine's memory (to `<persist_dir>/msa_memory/`). It is not a vector store you query:
-    MSAIndex writes to and routes over the engine directly."""
-
-    stores_text: bool = True
-    is_embedding_query: bool = False
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-    _engine: Any = PrivateAttr()
-
-    def __init__(self, engine: MSAEngine, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._engine = engine
-
-    @property
-    def client(self) -> Any:
-        return self._engine
-
-    def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> List[str]:
-        raise NotImplementedError("MSAMemoryVectorStore only persists the engine; add nodes through MSAIndex")
-
-    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        raise NotImplementedError("MSAMemoryVectorStore only persists the engine; delete through MSAIndex")
-
-    def query(self, query, **kwargs: Any):
-        raise NotImplementedError("MSA memory is queried through MSAIndex.as_retriever / as_query_engine")
-
-    def persist(self, persist_path: str, fs=None) -> None:
-        if fs is not None and getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
-            raise NotImplementedError("MSA memory persists to a local folder only; persist without fs=")
-        self._engine.save(str(Path(persist_path).parent / MEMORY_DIR))
+# MSAQueryEngine's own arguments: asking for one of them (with mode=) selects retriever-free answering
+_MSA_ANSWER_ARGS = ("mode", "rounds", "system_prompt")
+_GENERATION_ARGS = ("max_new_tokens", "temperature", "seed")  # set on the default MSALLM
 
 
-class MSAIndex(BaseIndex[IndexDict]):
-    """`VectorStoreIndex`'s interface over an MSAEngine's memory (node id = memory document id).
+def _params(*fns) -> set:
+    return {name for fn in fns for name, p in inspect.signature(fn).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in ("self", "cls")}
+
+
+# what LlamaIndex reads from as_retriever / as_query_engine kwargs (computed from its own signatures)
+_RETRIEVER_ARGS = _params(VectorIndexRetriever.__init__) - {"index"} | {"vector_store_kwargs"}
+_QUERY_ENGINE_ARGS = _RETRIEVER_ARGS | _params(RetrieverQueryEngine.from_args, get_response_synthesizer) - {"retriever"}
+_CHAT_ENGINE_ARGS = {
+    ChatMode.CONDENSE_QUESTION: _QUERY_ENGINE_ARGS | _params(CondenseQuestionChatEngine.from_defaults),
+    ChatMode.CONTEXT: _RETRIEVER_ARGS | _params(ContextChatEngine.from_defaults),
+    ChatMode.CONDENSE_PLUS_CONTEXT: _RETRIEVER_ARGS | _params(CondensePlusContextChatEngine.from_defaults),
+    ChatMode.BEST: _RETRIEVER_ARGS | _params(CondensePlusContextChatEngine.from_defaults),
+    ChatMode.SIMPLE: _params(SimpleChatEngine.from_defaults),
+}
+
+
+def _check_kwargs(where: str, kwargs: dict, allowed: set) -> None:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise InvalidArgumentError(f"{where} got unknown arguments {unknown}; LlamaIndex would ignore them. "
+                                   f"Known: {sorted(allowed)}")
+
+
+class MSAIndex(VectorStoreIndex):
+    """`VectorStoreIndex` over `MSAVectorStore(engine, collection_name)`, with MSA defaults and checked kwargs.
 
         index = MSAIndex.from_documents(docs, engine=engine, transformations=[splitter])
-        index.as_query_engine(similarity_top_k=2).query("...")
-        index.storage_context.persist("storage")        # load back with load_msa_index("storage", engine)
+        index.as_query_engine(similarity_top_k=2, response_mode="tree_summarize").query("...")
+        index.storage_context.persist("storage")       # load back with load_msa_index("storage", engine)
     """
 
-    index_struct_cls = IndexDict
-
     def __init__(self, nodes: Optional[Sequence[BaseNode]] = None, engine: Optional[MSAEngine] = None,
-                 index_struct: Optional[IndexDict] = None, storage_context: Optional[StorageContext] = None,
-                 show_progress: bool = False, **kwargs: Any):
-        if engine is None:
+                 collection_name: str = DEFAULT_COLLECTION, storage_context: Optional[StorageContext] = None,
+                 index_struct=None, embed_model: Any = None, **kwargs: Any):
+        store = storage_context.vector_store if storage_context is not None else None
+        if isinstance(store, MSAVectorStore):
+            if engine is not None and engine is not store.engine:
+                raise InvalidArgumentError("engine= differs from the engine of the storage context's MSAVectorStore")
+            engine = store.engine
+        elif engine is None:
             raise InvalidTypeError("MSAIndex needs engine=MSAEngine.from_pretrained(...)")
+        else:
+            if store is not None and not (isinstance(store, SimpleVectorStore) and not store.data.embedding_dict):
+                raise InvalidArgumentError(f"MSAIndex stores its nodes in the engine; the storage context already "
+                                           f"has a {type(store).__name__} (pass StorageContext.from_defaults("
+                                           "vector_store=MSAVectorStore(engine)) or no storage_context)")
+            store = MSAVectorStore(engine, collection_name=collection_name)
+            if storage_context is None:
+                storage_context = StorageContext.from_defaults(vector_store=store)
+            else:
+                storage_context.add_vector_store(store, namespace="default")
+        if embed_model is not None and not isinstance(embed_model, NoEmbedding):
+            raise InvalidArgumentError("MSAIndex routes with the model and takes no embed_model (drop it); "
+                                       "embeddings would be computed and never read")
         self._engine = engine
-        self._struct_lock = threading.RLock()  # the index_struct only: the engine's writes are atomic
-        storage_context = storage_context or StorageContext.from_defaults()
-        storage_context.vector_stores[MSA_STORE_NAME] = MSAMemoryVectorStore(engine)
+        self._unchecked = threading.local()  # as_chat_engine calls as_query_engine with the chat engine's kwargs
         if nodes is None and index_struct is None:
             nodes = []
         super().__init__(nodes=nodes, index_struct=index_struct, storage_context=storage_context,
-                         show_progress=show_progress, **kwargs)
+                         embed_model=NoEmbedding(), **kwargs)
 
     @classmethod
     def from_documents(cls, documents, storage_context=None, show_progress: bool = False, callback_manager=None,
-                       transformations=None, engine: Optional[MSAEngine] = None, **kwargs: Any) -> "MSAIndex":
-        if engine is None:
+                       transformations=None, engine: Optional[MSAEngine] = None,
+                       collection_name: str = DEFAULT_COLLECTION, **kwargs: Any) -> "MSAIndex":
+        if engine is None and not (storage_context is not None
+                                   and isinstance(storage_context.vector_store, MSAVectorStore)):
             raise InvalidTypeError("MSAIndex.from_documents needs engine=MSAEngine.from_pretrained(...)")
         return super().from_documents(documents, storage_context=storage_context, show_progress=show_progress,
                                       callback_manager=callback_manager, transformations=transformations,
-                                      engine=engine, **kwargs)
+                                      engine=engine, collection_name=collection_name, **kwargs)
 
     @property
     def engine(self) -> MSAEngine:
         return self._engine
 
-    # ------------------------------------------------------------------ writing
-    def _upsert(self, nodes: Sequence[BaseNode]) -> None:
-        """Nodes -> memory documents under their node ids; LlamaIndex semantics: re-inserting a node id
-        replaces it. Text is what the LLM would see (metadata included), as VectorStoreIndex embeds it."""
-        nodes = [n for n in nodes if n.get_content(metadata_mode=MetadataMode.NONE).strip()]
-        if not nodes:
-            return
-        metadata = [dict(n.metadata, **({"ref_doc_id": n.ref_doc_id} if n.ref_doc_id is not None else {}))
-                    for n in nodes]
-        self._engine.upsert([n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes],
-                            ids=[n.node_id for n in nodes], metadata=metadata, progress=self._show_progress)
-
-    def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> IndexDict:
-        struct = IndexDict()
-        self._upsert(nodes)
-        for n in nodes:
-            struct.add_node(n, text_id=n.node_id)
-        return struct
-
-    def _insert(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
-        self._upsert(nodes)
-        with self._struct_lock:
-            for n in nodes:
-                self._index_struct.add_node(n, text_id=n.node_id)
-
-    def _delete_node(self, node_id: str, **delete_kwargs: Any) -> None:
-        self._engine.delete([node_id], missing_ok=True)  # an empty node never reached the memory
-        with self._struct_lock:
-            self._index_struct.delete(node_id)
-
-    def delete_nodes(self, node_ids: List[str], delete_from_docstore: bool = False, **delete_kwargs: Any) -> None:
-        unknown = [i for i in node_ids if i not in self._index_struct.nodes_dict]
-        if unknown:
-            raise DocumentNotFoundError(f"unknown node id(s) {unknown[:5]}; nothing was deleted "
-                                        "(index.index_struct.nodes_dict lists the node ids)")
-        super().delete_nodes(node_ids, delete_from_docstore=delete_from_docstore, **delete_kwargs)
-
     @property
-    def ref_doc_info(self) -> Dict[str, RefDocInfo]:
-        node_ids = list(self._index_struct.nodes_dict.values())
-        out: Dict[str, RefDocInfo] = {}
-        for n in self.docstore.get_nodes(node_ids, raise_error=False):
-            if n is None or n.ref_doc_id is None:
-                continue
-            info = self.docstore.get_ref_doc_info(n.ref_doc_id)
-            if info is not None:
-                out[n.ref_doc_id] = info
-        return out
+    def collection_name(self) -> str:
+        return self.vector_store.collection_name
+
+    def _checking(self) -> bool:
+        return not getattr(self._unchecked, "on", False)
 
     # ------------------------------------------------------------------ reading
-    def as_retriever(self, similarity_top_k: Optional[int] = None, filters: Optional[MetadataFilters] = None,
-                     **kwargs: Any) -> MSARetriever:
-        return MSARetriever(self._engine, index=self, similarity_top_k=similarity_top_k, filters=filters,
-                            callback_manager=self._callback_manager)
+    def as_retriever(self, **kwargs: Any) -> VectorIndexRetriever:
+        if self._checking():
+            _check_kwargs("as_retriever", kwargs, _RETRIEVER_ARGS)
+        # checked here, not at the first query: k (k=0, k="3"), the filters, the query mode
+        if "similarity_top_k" in kwargs:
+            self._engine.answer_defaults.merged(k=kwargs["similarity_top_k"])
+        filters_to_predicate(kwargs.get("filters"))
+        check_query(kwargs.get("vector_store_query_mode"), dict(kwargs.get("vector_store_kwargs") or {}))
+        return super().as_retriever(**kwargs)
 
-    def as_query_engine(self, llm: Any = None, streaming: bool = False, similarity_top_k: Optional[int] = None,
-                        filters: Optional[MetadataFilters] = None, **kwargs: Any) -> BaseQueryEngine:
-        """Retriever-free MSA answering (`MSAQueryEngine`). Passing `llm=` another LLM gives LlamaIndex's
-        RetrieverQueryEngine (MSA routing as the retriever, that LLM as the generator)."""
-        if llm is not None and not (isinstance(llm, MSALLM) and llm.engine is self._engine):
-            from llama_index.core.query_engine.retriever_query_engine import RetrieverQueryEngine
-            return RetrieverQueryEngine.from_args(self.as_retriever(similarity_top_k=similarity_top_k, filters=filters),
-                                                  llm=llm, streaming=streaming, **kwargs)
-        return MSAQueryEngine(self._engine, index=self, streaming=streaming, filters=filters,
-                              similarity_top_k=similarity_top_k, callback_manager=self._callback_manager, **kwargs)
+    def as_query_engine(self, llm: Any = None, **kwargs: Any) -> BaseQueryEngine:
+        """LlamaIndex's `RetrieverQueryEngine` (router as retriever, `MSALLM(engine)` unless `llm=`), or
+        with `mode=` ("interleave" / "sparse" / "protocol") `MSAQueryEngine`, retriever-free answering."""
+        if "mode" in kwargs:
+            if llm is not None:
+                raise InvalidArgumentError("mode= selects MSA's retriever-free answering, which generates with the "
+                                           "engine's model; drop llm= (or drop mode= to use your LLM)")
+            return MSAQueryEngine(self._engine, collection_name=self.collection_name,
+                                  callback_manager=self._callback_manager, **kwargs)
+        misplaced = [k for k in _MSA_ANSWER_ARGS if k in kwargs]
+        if misplaced:
+            raise InvalidArgumentError(f"{misplaced} apply to MSA's retriever-free answering: pass mode= too "
+                                       "(as_query_engine(mode='interleave', ...))")
+        generation = {k: kwargs.pop(k) for k in _GENERATION_ARGS if k in kwargs}
+        if self._checking():
+            _check_kwargs("as_query_engine", kwargs, _QUERY_ENGINE_ARGS)
+        if generation and llm is not None:
+            raise InvalidArgumentError(f"{sorted(generation)} configure the default MSALLM; set them on your llm instead")
+        return super().as_query_engine(llm=llm or MSALLM(engine=self._engine, **generation), **kwargs)
 
-    def as_chat_engine(self, chat_mode="best", llm: Any = None, **kwargs: Any):
-        """As VectorStoreIndex.as_chat_engine, with `MSALLM(engine)` as the default LLM (never OpenAI)."""
-        return super().as_chat_engine(chat_mode=chat_mode, llm=llm or MSALLM(engine=self._engine), **kwargs)
+    def as_chat_engine(self, chat_mode: ChatMode = ChatMode.BEST, llm: Any = None, **kwargs: Any):
+        """As `VectorStoreIndex.as_chat_engine`, with `MSALLM(engine)` as the default LLM (never OpenAI)."""
+        allowed = _CHAT_ENGINE_ARGS.get(ChatMode(chat_mode))
+        if allowed is not None:  # other modes: LlamaIndex's own error
+            _check_kwargs("as_chat_engine", kwargs, allowed - {"llm", "retriever", "query_engine"})
+        self._unchecked.on = True
+        try:
+            return super().as_chat_engine(chat_mode=chat_mode, llm=llm or MSALLM(engine=self._engine), **kwargs)
+        finally:
+            self._unchecked.on = False
 
 
-def load_msa_index(persist_dir: str, engine: MSAEngine, index_id: Optional[str] = None) -> MSAIndex:
-    """Counterpart of `load_index_from_storage(StorageContext.from_defaults(persist_dir=...))`: loads the
-    memory saved by `storage_context.persist(persist_dir)` into `engine`, and the index around it."""
-    memory_dir = os.path.join(persist_dir, MEMORY_DIR)
-    if not os.path.isdir(memory_dir):
-        raise FileNotFoundError(f"{persist_dir!r} holds no MSA memory ({MEMORY_DIR}/); persist it from an "
-                                "MSAIndex's storage_context (index.storage_context.persist(persist_dir))")
-    engine.load(memory_dir)
-    storage_context = StorageContext.from_defaults(
-        persist_dir=persist_dir,
-        vector_stores={"default": SimpleVectorStore(), MSA_STORE_NAME: MSAMemoryVectorStore(engine)})
-    if index_id is not None:
-        struct = storage_context.index_store.get_index_struct(index_id)
-        if struct is None:
-            raise InvalidArgumentError(f"no index with id {index_id!r} in {persist_dir!r}")
-    else:
-        structs = storage_context.index_store.index_structs()
-        if len(structs) != 1:
-            raise InvalidArgumentError(f"{persist_dir!r} holds {len(structs)} indices; pass index_id= "
-                                       f"(one of {[s.index_id for s in structs]})")
-        struct = structs[0]
-    return MSAIndex(index_struct=struct, storage_context=storage_context, engine=engine)
+def load_msa_index(persist_dir: str, engine: MSAEngine, index_id: Optional[str] = None,
+                   replace: bool = False, **kwargs: Any) -> MSAIndex:
+    """Counterpart of `load_index_from_storage(StorageContext.from_defaults(persist_dir=...))` for an index
+    persisted over an `MSAVectorStore`: loads the saved memory into `engine` and the index around it.
+
+    Loading a memory replaces what the engine holds: an engine that already holds documents is refused
+    unless `replace=True` (see `MSAVectorStore.from_persist_dir`)."""
+    from llama_index.core import load_index_from_storage
+
+    store = MSAVectorStore.from_persist_dir(persist_dir, engine, replace=replace)
+    storage_context = StorageContext.from_defaults(persist_dir=persist_dir, vector_store=store)
+    index = load_index_from_storage(storage_context, index_id=index_id, embed_model=NoEmbedding())
+    return MSAIndex(index_struct=index.index_struct, storage_context=storage_context, **kwargs)

@@ -1,11 +1,23 @@
-"""`MSALLM`: the engine's model as a plain LlamaIndex LLM (no memory), shaped like `llama-index-llms-ollama`:
-chat and stream_chat are implemented once (sync and async); complete and stream_complete are derived from
-them with LlamaIndex's own decorators."""
+"""`MSALLM`: the engine's model as a LlamaIndex `FunctionCallingLLM` (no memory), shaped like
+`llama-index-llms-ollama`: chat and stream_chat are implemented once (sync and async); complete and
+stream_complete are derived from them with LlamaIndex's own decorators.
+
+Tool calling (`FunctionAgent`, `chat_with_tools`, `predict_and_call`) and structured output
+(`structured_predict`, `as_structured_llm`: LlamaIndex runs them as a call of a tool whose parameters are
+the output class) use a JSON protocol in the prompt: the model is shown the tools and their JSON schemas
+and replies with `{"name": ..., "arguments": {...}}`. The reply is parsed and its arguments validated
+against the tool's schema; an invalid one is sent back to the model with the error, at most `max_retries`
+times. The facade renders messages with the model's chat template but has no `tools=` input yet, so the
+protocol is the same for every model (see the report of issue 12).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional, Sequence
+import json
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from llama_index.core.base.llms.generic_utils import (achat_to_completion_decorator,
                                                       astream_chat_to_completion_decorator,
@@ -15,38 +27,53 @@ from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatRes
                                               CompletionResponse, CompletionResponseAsyncGen,
                                               CompletionResponseGen, LLMMetadata, MessageRole)
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
-from pydantic import Field, PrivateAttr
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from pydantic import Field, PrivateAttr, ValidationError
 
-from msa_plugins import AnswerOptions, GenerationResult, InvalidTypeError, MSAEngine
+from msa_plugins import AnswerOptions, GenerationResult, InvalidTypeError, MSAEngine, MSAError
 from msa_plugins.validation import check_text
 
 from .._aio import aiter_in_thread
 
-__all__ = ["MSALLM"]
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MSALLM", "ToolCallError", "parse_tool_calls"]
 
 
-class MSALLM(CustomLLM):
-    """The engine's model as a LlamaIndex LLM: complete/chat, streaming, and async (generation runs in a
-    worker thread, so the event loop keeps running).
+class ToolCallError(MSAError, ValueError):
+    """The model gave no valid tool call (or structured output) after its retries."""
 
-    `raw` of each response (of the last chunk when streaming) holds `timings`, `usage` and
-    `finish_reason`. Per call, `max_new_tokens`, `temperature`, `stop` and `seed` override the fields.
+
+class MSALLM(FunctionCallingLLM):
+    """The engine's model as a LlamaIndex LLM: complete/chat, streaming, async (generation runs in a worker
+    thread, so the event loop keeps running), tool calling and structured output.
+
+    `raw` of each response (of the last chunk when streaming) holds `timings`, `usage` (the model's own
+    token counts, which LlamaIndex's `TokenCountingHandler` reads) and `finish_reason`. Per call,
+    `max_new_tokens`, `temperature`, `stop` and `seed` override the fields.
 
         llm = MSALLM(engine=engine, max_new_tokens=64)
         llm.complete("Where is Paris?").text
+        FunctionAgent(tools=[add], llm=llm)             # tools through the JSON protocol
+        llm.structured_predict(Invoice, PromptTemplate("..."))
     """
 
     max_new_tokens: Optional[int] = Field(default=None, description="tokens to generate; None: the engine's default")
     temperature: Optional[float] = Field(default=None, description="0 is greedy; None: the engine's default")
     seed: Optional[int] = Field(default=None, description="sampling seed (temperature > 0)")
-    _engine: Any = PrivateAttr()  # an MSAEngine (or anything with its generate/stream_generate)
+    max_retries: int = Field(default=2, ge=0, description="re-asks after an invalid tool call / structured output")
+    _engine: Any = PrivateAttr()  # an MSAEngine
 
-    def __init__(self, engine: MSAEngine, **kwargs: Any):
-        if engine is None:
-            raise InvalidTypeError("MSALLM needs engine=MSAEngine.from_pretrained(...)")
+    def __init__(self, engine: Optional[MSAEngine] = None, **kwargs: Any):
+        if not isinstance(engine, MSAEngine):
+            raise InvalidTypeError(f"MSALLM needs engine=MSAEngine.from_pretrained(...), got {type(engine).__name__}")
         super().__init__(**kwargs)
         self._engine = engine
+        self._options({})  # max_new_tokens=-1, temperature=nan, ... fail here, not at the first call
 
     @classmethod
     def class_name(cls) -> str:
@@ -59,7 +86,11 @@ class MSALLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self._engine.context_window, num_output=self._options({}).max_new_tokens,
-                           is_chat_model=True, is_function_calling_model=False, model_name=self._engine.model_name)
+                           is_chat_model=True, is_function_calling_model=True, model_name=self._engine.model_name)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the model's own tokenizer."""
+        return self._engine.count_tokens(text)
 
     def _options(self, kwargs: dict) -> AnswerOptions:
         """This LLM's fields and one call's kwargs -> the engine's options (None keeps the engine's default)."""
@@ -89,10 +120,17 @@ class MSALLM(CustomLLM):
         return aiter_in_thread(lambda: chunks)
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponse:
+        if kwargs.get("tools"):
+            return self._chat_with_tool_protocol(messages, kwargs)
         result = self._engine.generate(_to_engine_messages(messages), self._options(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponseGen:
+        if kwargs.get("tools"):
+            # a tool call is known only once the reply is complete and valid: one chunk with all of it
+            response = self._chat_with_tool_protocol(messages, kwargs)
+            return iter([ChatResponse(message=response.message, delta=response.message.content or "",
+                                      raw=response.raw)])
         stream = self._engine.stream_generate(_to_engine_messages(messages), self._options(kwargs))
 
         def gen() -> ChatResponseGen:
@@ -127,22 +165,187 @@ class MSALLM(CustomLLM):
                                **kwargs: Any) -> CompletionResponseAsyncGen:
         return await astream_chat_to_completion_decorator(self.astream_chat)(check_text(prompt, "prompt"), **kwargs)
 
+    # ------------------------------------------------------------------ tool calling
+    def _prepare_chat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
+                                 chat_history: Optional[List[ChatMessage]] = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 **kwargs: Any) -> Dict[str, Any]:
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        # the tool instructions go into the messages here, so tracing shows what the model is shown
+        prompt = _tool_prompt(tools, tool_required)
+        if messages and messages[0].role == MessageRole.SYSTEM and isinstance(messages[0].content, str):
+            messages[0] = ChatMessage(role=MessageRole.SYSTEM, content=messages[0].content + "\n\n" + prompt)
+        else:
+            messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=prompt))
+        return {"messages": messages, "tools": list(tools), "tool_required": tool_required,
+                "allow_parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> List[ToolSelection]:
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            raise ToolCallError(f"the model answered without calling a tool: {response.message.content!r}")
+        return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
+
+    def _chat_with_tool_protocol(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponse:
+        """Show the tools, parse the reply, validate it against the tools' schemas; re-ask with the error
+        (at most `max_retries` times). A reply with no JSON object is a plain answer unless a tool is
+        required."""
+        tools = list(kwargs["tools"])
+        required = bool(kwargs.get("tool_required"))
+        parallel = bool(kwargs.get("allow_parallel_tool_calls"))
+        options = self._options(kwargs)
+        convo = _to_engine_messages(messages)
+        if not any(m["role"] == "system" and TOOL_PROMPT_HEAD in m["content"] for m in convo):
+            convo = _with_tool_prompt(convo, tools, required)  # chat(messages, tools=...) called directly
+        prompt_tokens = completion_tokens = 0
+        error = ""
+        for attempt in range(self.max_retries + 1):
+            result = self._engine.generate(convo, options)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            try:
+                calls = parse_tool_calls(result.text, tools)
+            except ValueError as e:
+                error = str(e)
+            else:
+                if calls:
+                    if not parallel:
+                        calls = calls[:1]
+                    raw = _raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1)
+                    content = json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
+                    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=content,
+                                                            additional_kwargs={"tool_calls": calls}), raw=raw)
+                if not required:  # no JSON at all: the model answered in text
+                    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+                                        raw=_raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1))
+                error = "no tool call found; a tool call is required"
+            logger.info("tool call attempt %d was not valid (%s); asking again", attempt + 1, error)
+            convo = convo + [{"role": "assistant", "content": result.text or "(empty)"},
+                             {"role": "user", "content": f"That was not a valid tool call: {error}. Reply with only "
+                                                         'the JSON object {"name": ..., "arguments": {...}}.'}]
+        if required:
+            raise ToolCallError(f"the model gave no valid tool call in {self.max_retries + 1} attempts (last error: "
+                                f"{error}); raise max_retries, or use a larger or tool-trained model")
+        logger.warning("the model gave no valid tool call in %d attempts (%s); returning its text as the answer",
+                       self.max_retries + 1, error)
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+                            raw=_raw(result, prompt_tokens, completion_tokens, attempts=self.max_retries + 1))
+
+
+# ---------------------------------------------------------------------------------------------- the JSON protocol
+TOOL_PROMPT_HEAD = "You can call tools. To call one, reply with only a JSON object and nothing else:"
+
+
+def _tool_prompt(tools: Sequence["BaseTool"], required: bool) -> str:
+    lines = [TOOL_PROMPT_HEAD,
+             '{"name": "<tool name>", "arguments": {<arguments matching the tool\'s JSON schema>}}', "Tools:"]
+    for tool in tools:
+        lines.append(f"- {tool.metadata.name}: {tool.metadata.description}\n  arguments schema: "
+                     f"{json.dumps(tool.metadata.get_parameters_dict())}")
+    lines.append("You must call one of the tools." if required else
+                 "If no tool is needed, answer the user in plain text without JSON.")
+    return "\n".join(lines)
+
+
+def _with_tool_prompt(messages: List[dict], tools: Sequence["BaseTool"], required: bool) -> List[dict]:
+    """The tool instructions as (the end of) the system message."""
+    prompt = _tool_prompt(tools, required)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + prompt}] + messages[1:]
+    return [{"role": "system", "content": prompt}] + messages
+
+
+def _json_values(text: str) -> List[Any]:
+    """Every top-level JSON object or list embedded in `text` (code fences and prose around it allowed)."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i] in "{[":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError:
+                i += 1
+                continue
+            out.append(value)
+            i = end
+        else:
+            i += 1
+    return out
+
+
+def parse_tool_calls(text: str, tools: Sequence["BaseTool"]) -> List[dict]:
+    """The tool calls in a model reply, validated: [{"id", "name", "arguments"}]. [] when the reply holds
+    no JSON object at all; ValueError naming the problem when it holds one that is not a valid call."""
+    by_name = {t.metadata.name: t for t in tools}
+    values = _json_values(text)
+    if not values:
+        return []
+    candidates = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    calls, errors = [], []
+    for c in candidates:
+        if not isinstance(c, dict):
+            errors.append(f"{c!r} is not a JSON object")
+            continue
+        name = c.get("name", c.get("tool"))
+        arguments = c.get("arguments", c.get("parameters", {}))
+        if name not in by_name:
+            errors.append(f"unknown tool {name!r} (tools: {sorted(by_name)})")
+            continue
+        if isinstance(arguments, str):  # OpenAI's shape: arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                errors.append(f"arguments of {name!r} are not JSON: {e}")
+                continue
+        if not isinstance(arguments, dict):
+            errors.append(f"arguments of {name!r} must be a JSON object, got {arguments!r}")
+            continue
+        schema = by_name[name].metadata.fn_schema
+        if schema is not None:
+            try:
+                schema.model_validate(arguments)
+            except ValidationError as e:
+                errors.append(f"arguments of {name!r} do not match its schema: "
+                              + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+                continue
+        calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "name": name, "arguments": arguments})
+    if not calls:
+        raise ValueError("; ".join(errors))
+    return calls
+
 
 def _to_engine_messages(messages: Sequence[ChatMessage]) -> list:
-    """LlamaIndex chat messages -> the engine's [{"role", "content"}] (its chat template renders them)."""
+    """LlamaIndex chat messages -> the engine's [{"role", "content"}] (its chat template renders them).
+    Tool calls and tool results become text in the JSON protocol's shape."""
     out = []
     for m in messages:
+        role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
         content = m.content if m.content is not None else ""
         if not isinstance(content, str):
             raise InvalidTypeError(f"message content must be text, got {type(content).__name__}")
-        role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
-        if role not in ("system", "user", "assistant"):
-            # "model" / "chatbot" are the assistant under other names; tool and function results reach
-            # a model without tool calling as text the user supplied
+        calls = m.additional_kwargs.get("tool_calls")
+        if role == "assistant" and calls and not content:
+            content = json.dumps([{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls
+                                  if isinstance(c, dict)])
+        if role == "tool":
+            name = m.additional_kwargs.get("name") or m.additional_kwargs.get("tool_name") or "the tool"
+            role, content = "user", f"Result of {name}: {content}"
+        elif role not in ("system", "user", "assistant"):
+            # "model" / "chatbot" are the assistant under other names; anything else is text the user supplied
             role = "assistant" if role in ("model", "chatbot") else "user"
         out.append({"role": role, "content": content})
     return out
 
 
-def _raw(result: GenerationResult) -> dict:
-    return {"timings": dict(result.timings), "usage": result.usage, "finish_reason": result.finish_reason}
+def _raw(result: GenerationResult, prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
+         attempts: Optional[int] = None) -> dict:
+    p = result.prompt_tokens if prompt_tokens is None else prompt_tokens
+    c = result.completion_tokens if completion_tokens is None else completion_tokens
+    raw = {"timings": dict(result.timings), "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+           "finish_reason": result.finish_reason}
+    if attempts is not None:
+        raw["attempts"] = attempts
+    return raw

@@ -11,6 +11,8 @@ from pydantic import Field, PrivateAttr
 
 from msa_plugins import InvalidTypeError, MemoryDocument, MSAEngine
 
+from ._collections import MEMORY_BLOCK_COLLECTION, check_collection
+
 SCOPE_KEY = "msa_memory_scope"  # metadata key that keeps blocks with different scopes apart
 
 __all__ = ["MSAMemoryBlock"]
@@ -20,12 +22,17 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
     """Chat turns flushed out of short-term memory go into the engine's memory (one document per message,
     tagged with `scope`); `aget` returns the memories routed for the latest user message, as text.
 
+    The memories live in their own collection (`collection_name`, default "llama_index_memory"), so they
+    never surface in document search, a query engine or `ChatMSA` routing over another collection; within
+    it, `scope` keeps users apart (filtered before routing).
+
         block = MSAMemoryBlock(name="long_term", engine=engine, scope="user-1", k=3)
         memory = Memory.from_defaults(session_id="s1", memory_blocks=[block])
     """
 
     scope: str = Field(default="default", description="memory scope; blocks with different scopes never mix")
     k: int = Field(default=3, ge=1, description="memories recalled per user message")
+    collection_name: str = Field(default=MEMORY_BLOCK_COLLECTION, description="the engine collection of the memories")
     accept_short_term_memory: bool = Field(default=True)
     _engine: Any = PrivateAttr()
 
@@ -33,6 +40,7 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
         if engine is None:
             raise InvalidTypeError("MSAMemoryBlock needs engine=MSAEngine.from_pretrained(...)")
         super().__init__(**kwargs)
+        check_collection(self.collection_name)
         self._engine = engine
 
     @property
@@ -47,7 +55,8 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
                          if m.role == MessageRole.USER and isinstance(m.content, str) and m.content.strip()), None)
         if question is None:
             return ""
-        return "\n".join(d.text for d in self._engine.retrieve(question, k=self.k, where=self._in_scope))
+        return "\n".join(d.text for d in self._engine.retrieve(question, k=self.k, where=self._in_scope,
+                                                             collection=self.collection_name))
 
     async def _aget(self, messages: Optional[List[ChatMessage]] = None, **block_kwargs: Any) -> str:
         return await asyncio.to_thread(self._get_sync, messages)
@@ -61,7 +70,8 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
             texts.append(f"{role}: {m.content}")
             metadata.append({SCOPE_KEY: self.scope, "role": role})
         if texts:
-            self._engine.add(texts, metadata=metadata, progress=False)
+            self._engine.add(texts, metadata=metadata, progress=False,
+                             collection=self.collection_name)
 
     async def _aput(self, messages: List[ChatMessage]) -> None:
         await asyncio.to_thread(self._put_sync, messages)

@@ -4,22 +4,21 @@ the routed documents become `Response.source_nodes`."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
 from llama_index.core.callbacks import CallbackManager
+from llama_index.core.constants import DEFAULT_SIMILARITY_TOP_K
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters
 
 from msa_plugins import MSAEngine, QueryResult
 
 from .._aio import aiter_in_thread
+from ._collections import DEFAULT_COLLECTION, check_collection
 from .filters import filters_to_predicate
 from .retrievers import MSARetriever, query_text, to_nodes
-
-if TYPE_CHECKING:
-    from .indices import MSAIndex
 
 EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's synthesizers answer when nothing was retrieved
 NOTHING_TO_ANSWER_FROM = "no memory document to answer from (the memory is empty or no document matches the filters)"
@@ -35,22 +34,28 @@ class MSAQueryEngine(BaseQueryEngine):
     `finish_reason` and `routed` (id, score, round, rank per document). When no document matches the
     filters (or the memory is empty) the answer is LlamaIndex's "Empty Response", as its own query engines
     give, and nothing is generated.
+
+    Only MSA's own knobs are accepted (unknown ones raise): `similarity_top_k` (LlamaIndex's default, 2),
+    `filters`, `streaming`, `mode`, `max_new_tokens`, `temperature`, `rounds`, `system_prompt`, `seed`,
+    `collection_name`. Response synthesis, postprocessors and prompt templates belong to LlamaIndex's
+    `RetrieverQueryEngine` (`MSAIndex.as_query_engine()` without `mode=`).
     """
 
-    def __init__(self, engine: MSAEngine, index: Optional["MSAIndex"] = None, streaming: bool = False,
-                 filters: Optional[MetadataFilters] = None, similarity_top_k: Optional[int] = None,
-                 mode: Optional[str] = None, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+    def __init__(self, engine: MSAEngine, streaming: bool = False, filters: Optional[MetadataFilters] = None,
+                 similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, mode: Optional[str] = None,
+                 max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  rounds: Optional[int] = None, system_prompt: Optional[str] = None, seed: Optional[int] = None,
-                 callback_manager: Optional[CallbackManager] = None, **kwargs: Any):
-        self._engine, self._index, self._streaming = engine, index, streaming
+                 collection_name: str = DEFAULT_COLLECTION, callback_manager: Optional[CallbackManager] = None):
+        self._engine, self._streaming = engine, streaming
+        self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
         self._where = filters_to_predicate(filters)  # checked now, not at the first query
         # LlamaIndex's names -> the engine's per-call options, checked now (not at the first query)
         self._options = engine.answer_defaults.merged(
             mode=mode, k=similarity_top_k, max_new_tokens=max_new_tokens, temperature=temperature, rounds=rounds,
             system=system_prompt, seed=seed)
         # retrieve(): the same documents query() answers from
-        self._retriever = MSARetriever(engine, index=index, similarity_top_k=self._options.k, filters=filters,
-                                       callback_manager=callback_manager)
+        self._retriever = MSARetriever(engine, similarity_top_k=self._options.k, filters=filters,
+                                       collection_name=collection_name, callback_manager=callback_manager)
         super().__init__(callback_manager=callback_manager)
 
     def _get_prompt_modules(self) -> Dict[str, Any]:
@@ -63,8 +68,9 @@ class MSAQueryEngine(BaseQueryEngine):
         return self._retriever.retrieve(query_bundle)
 
     def _query(self, query_bundle: QueryBundle):
-        stream = self._engine.stream(query_text(query_bundle), self._options, where=self._where)
-        sources = to_nodes(self._index, stream.documents)
+        stream = self._engine.stream(query_text(query_bundle), self._options, where=self._where,
+                                     collection=self._collection)
+        sources = to_nodes(stream.documents)
         if not stream.documents:
             stream.close()  # nothing to answer from: generate nothing, as LlamaIndex's synthesizers do
             metadata = {**_result_metadata(stream.result), "note": NOTHING_TO_ANSWER_FROM}

@@ -1,0 +1,174 @@
+"""Tool calling and structured output for a local model that has no native tool API: a JSON protocol in the
+prompt, the reply parsed and validated against the tool's JSON schema, and bounded retries that show the
+model its mistake.
+
+The model is told, in a system message, which tools exist (name, description, JSON schema of the arguments)
+and to reply with only `{"name": <tool>, "arguments": {...}}` to call one. A reply is a tool call when it
+holds a JSON object; otherwise it is a plain answer (allowed unless a tool call is required). When one tool
+is forced (structured output), a bare JSON object of its arguments is accepted too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, List, Optional, Union
+
+from msa_plugins import InvalidArgumentError, InvalidTypeError
+
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
+          "null": type(None)}
+
+
+# ---------------------------------------------------------------------------------------------- schema checks
+def schema_errors(value: Any, schema: dict, path: str = "arguments") -> List[str]:
+    """What is wrong with `value` under a JSON schema (the subset tools use: type, properties, required,
+    additionalProperties, items, enum, anyOf/oneOf, $ref to $defs not followed). [] when it fits."""
+    if not isinstance(schema, dict) or not schema:
+        return []
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            if any(not schema_errors(value, s, path) for s in schema[key]):
+                return []
+            return [f"{path} matches none of the allowed forms"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{path} must be one of {schema['enum']}, got {value!r}"]
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        ok = any(isinstance(value, _TYPES.get(k, object)) and not (k in ("integer", "number")
+                 and isinstance(value, bool)) for k in kinds)
+        if not ok and "integer" in kinds and isinstance(value, float) and value.is_integer():
+            ok = True
+        if not ok:
+            return [f"{path} must be of type {kind}, got {type(value).__name__} {value!r}"]
+    errors = []
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{path} misses the required field {name!r}" for name in schema.get("required", [])
+                   if name not in value]
+        if schema.get("additionalProperties") is False:
+            errors += [f"{path} has the unknown field {name!r}" for name in value if name not in props]
+        for name, sub in props.items():
+            if name in value:
+                errors += schema_errors(value[name], sub, f"{path}.{name}")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema["items"], f"{path}[{i}]")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- tool choice
+def check_tool_choice(tool_choice, tools: List[dict]) -> Optional[str]:
+    """LangChain's tool_choice forms -> None (auto), "none", "required", or a tool name."""
+    names = [t["function"]["name"] for t in tools]
+    if tool_choice in (None, "auto"):
+        return None
+    if not names:
+        raise InvalidArgumentError(f"tool_choice={tool_choice!r} needs at least one bound tool")
+    if tool_choice in ("none",):
+        return "none"
+    if tool_choice in ("any", "required", True):
+        return "required"
+    if isinstance(tool_choice, dict):
+        tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    if isinstance(tool_choice, str) and tool_choice in names:
+        return tool_choice
+    raise InvalidArgumentError(f"tool_choice must be 'auto', 'none', 'any'/'required' or one of the bound tools "
+                               f"{names}, got {tool_choice!r}")
+
+
+def protocol_prompt(tools: List[dict], choice: Optional[str]) -> str:
+    """The system-prompt section that teaches the tool-call format."""
+    lines = ["You can call these tools:"]
+    for t in tools:
+        f = t["function"]
+        lines.append(f"- {f['name']}: {f.get('description', '').strip() or 'no description'}\n"
+                     f"  arguments (JSON schema): {json.dumps(f.get('parameters', {}), ensure_ascii=False)}")
+    example = {"name": tools[0]["function"]["name"] if choice in (None, "required") else choice,
+               "arguments": {"...": "..."}}
+    lines.append(f"To call a tool, reply with only one JSON object, nothing else: {json.dumps(example)}")
+    if choice == "required":
+        lines.append("You must call one of the tools now.")
+    elif choice is not None:
+        lines.append(f"You must call the tool {choice!r} now.")
+    else:
+        lines.append("If no tool is needed, answer normally in plain text.")
+    return "\n".join(lines)
+
+
+def schema_prompt(tool: dict) -> str:
+    """The prompt for a forced single tool used as structured output."""
+    f = tool["function"]
+    return ("Reply with only one JSON object that fits this JSON schema, nothing else"
+            f"{' (' + f['description'].strip() + ')' if f.get('description') else ''}: "
+            f"{json.dumps(f.get('parameters', {}), ensure_ascii=False)}")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _json_objects(text: str):
+    """Every JSON value that starts at a '{' or '[' in `text` (code fences ignored), in order."""
+    text = re.sub(r"```(?:json)?", "", text)
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"[\[{]", text):
+        try:
+            value, _ = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        yield value
+
+
+def looks_like_call(text: str) -> bool:
+    """Did the model try to write JSON (so a parse failure is a mistake to retry, not a plain answer)?"""
+    return "{" in text and ('"name"' in text or '"arguments"' in text or text.lstrip().startswith(("{", "```")))
+
+
+def parse_tool_call(text: str, tools: List[dict], choice: Optional[str]) -> Union[dict, str]:
+    """-> a LangChain tool call {"name", "args", "id", "type"}, or a str saying what is wrong."""
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    forced = choice if choice not in (None, "required", "none") else (
+        next(iter(by_name)) if choice == "required" and len(by_name) == 1 else None)
+    errors = []
+    for value in _json_objects(text):
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            value = value[0]  # a list of calls: this protocol takes one call per turn
+        if not isinstance(value, dict):
+            continue
+        name = value.get("name") or value.get("tool")
+        args = value.get("arguments", value.get("args", value.get("parameters")))
+        if name is None and forced is not None:  # a bare arguments object for the one forced tool
+            name, args = forced, value
+        if isinstance(args, str):  # OpenAI style: arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                errors.append("arguments is a string that is not JSON")
+                continue
+        if name not in by_name:
+            errors.append(f"unknown tool {name!r}; the tools are {list(by_name)}")
+            continue
+        if forced is not None and name != forced:
+            errors.append(f"the tool {forced!r} must be called, not {name!r}")
+            continue
+        args = {} if args is None else args
+        problems = schema_errors(args, by_name[name].get("parameters", {}))
+        if problems:
+            errors.append("; ".join(problems))
+            continue
+        return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "tool_call"}
+    return errors[0] if errors else "no JSON object found in the reply"
+
+
+def check_tools(tools) -> list:
+    """Bound tools as OpenAI tool dicts (the form every LangChain tool can be converted to)."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    if not isinstance(tools, (list, tuple)):
+        raise InvalidTypeError("bind_tools takes a list of tools (functions, BaseTools, pydantic models or OpenAI "
+                               f"tool dicts), got {type(tools).__name__}")
+    return [convert_to_openai_tool(t) for t in tools]
+
+
+__all__ = ["schema_errors", "check_tool_choice", "protocol_prompt", "schema_prompt", "parse_tool_call",
+           "looks_like_call", "check_tools"]

@@ -1,0 +1,298 @@
+"""`MSAVectorStore`: LlamaIndex's vector-store extension point over an engine's memory.
+
+    vector_store = MSAVectorStore(engine)                      # collection_name="default"
+    storage_context = StorageContext.from_defaults(vector_store=vector_store)
+    index = VectorStoreIndex.from_documents(docs, storage_context=storage_context, embed_model=NoEmbedding())
+    index.as_query_engine(llm=MSALLM(engine)).query("...")
+
+The store keeps text (`stores_text=True`) and routes on the query string (`is_embedding_query=False`), so
+the plain `VectorStoreIndex`, `IngestionPipeline(vector_store=...)`, `from_vector_store`, retrievers,
+response synthesizers, postprocessors and LlamaIndex's instrumentation all run unchanged; the model's router
+ranks the nodes instead of a vector similarity. Each node is one memory document under its node id, in the
+store's collection; its full LlamaIndex form (relationships, metadata, text) rides in the document's
+metadata, as vector databases store it (`node_to_metadata_dict`).
+
+Embeddings: `VectorStoreIndex` and `IngestionPipeline` compute one embedding per node before handing it to
+any vector store, so they need an embedding model. This store never reads the vectors. `NoEmbedding` fills
+that slot with empty vectors and costs nothing (a no-op by design); vectors from any other model are
+ignored, and the store says so once in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.schema import BaseNode, MetadataMode, TextNode
+from llama_index.core.vector_stores.types import (BasePydanticVectorStore, MetadataFilters, VectorStoreQuery,
+                                                  VectorStoreQueryMode, VectorStoreQueryResult)
+from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
+from pydantic import Field, PrivateAttr
+
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, MemoryFormatError, MSAEngine
+
+from msa_plugins.validation import check_text
+
+from ._collections import DEFAULT_COLLECTION, check_collection
+from .filters import filters_to_predicate
+
+logger = logging.getLogger(__name__)
+
+MEMORY_DIR = "msa_memory"  # the engine's memory, inside a LlamaIndex persist_dir
+MARKER_KEY = "msa_memory"  # in <persist_dir>/default__vector_store.json: where the memory is, which collection
+LOAD_HINT = ("this folder holds an MSA memory, not a SimpleVectorStore: load it with "
+             "msa_plugins.integrations.llama_index.load_msa_index(persist_dir, engine), or pass "
+             "vector_store=MSAVectorStore.from_persist_dir(persist_dir, engine) to StorageContext.from_defaults")
+MMR_REFUSAL = ("vector_store_query_mode='mmr' is not supported by MSAVectorStore: MSA ranks documents with the "
+               "model's router and keeps no per-document vector to diversify with; use the default mode (drop "
+               "vector_store_query_mode and mmr_threshold), or a postprocessor to drop near-duplicate nodes")
+
+__all__ = ["MSAVectorStore", "NoEmbedding", "node_from_document", "MEMORY_DIR"]
+
+
+class NoEmbedding(BaseEmbedding):
+    """The embedding model for an index over `MSAVectorStore`: a no-op by design.
+
+    LlamaIndex embeds every node before it reaches a vector store; MSA routes on the text, so the vector
+    is never read. Each text gets an empty vector, at no cost. Use it wherever LlamaIndex asks for an
+    `embed_model` in front of an `MSAVectorStore` (`VectorStoreIndex(..., embed_model=NoEmbedding())`,
+    `IngestionPipeline(transformations=[..., NoEmbedding()])`).
+    """
+
+    model_name: str = "msa-routing (no embedding)"
+    embed_batch_size: int = 2048
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "NoEmbedding"
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return []
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return []
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return []
+
+    def _get_text_embeddings(self, texts: List[str]) -> List[Embedding]:
+        return [[] for _ in texts]
+
+
+class MSAVectorStore(BasePydanticVectorStore):
+    """LlamaIndex vector store over an `MSAEngine`'s memory: the model's router ranks, no embeddings.
+
+    Args:
+        engine: the `MSAEngine` that holds the memory (positional, as a vector DB client is).
+        collection_name: this store's collection; stores with different names on one engine never see
+            each other's nodes (Chroma's shape). "default" is the engine's own collection.
+
+    Scores are the router's layer-mean cosine (about 0.1-0.4 on the shipped router), not an embedding
+    cosine: a `SimilarityPostprocessor(similarity_cutoff=...)` tuned for embeddings needs re-tuning.
+    Supported query knobs: `similarity_top_k`, `filters`, `node_ids`, `doc_ids`. Anything else
+    (`vector_store_query_mode` other than "default", `alpha`, `mmr_threshold`, unknown kwargs) raises.
+    """
+
+    stores_text: bool = True
+    is_embedding_query: bool = False  # LlamaIndex passes the query string, never embeds the query
+    flat_metadata: bool = False
+    collection_name: str = Field(default=DEFAULT_COLLECTION, description="the engine collection this store uses")
+    _engine: Any = PrivateAttr()
+    _warned_embeddings: bool = PrivateAttr(default=False)
+
+    def __init__(self, engine: Optional[MSAEngine] = None, collection_name: str = DEFAULT_COLLECTION, **kwargs: Any):
+        if not isinstance(engine, MSAEngine):
+            got = "nothing" if engine is None else type(engine).__name__
+            raise InvalidTypeError(f"MSAVectorStore needs an MSAEngine (MSAVectorStore(engine)), got {got}: MSA "
+                                   "routes with the model's own attention, so it takes no embedding model or "
+                                   "vector DB client")
+        super().__init__(collection_name=check_collection(collection_name), **kwargs)
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MSAVectorStore"
+
+    @property
+    def client(self) -> MSAEngine:
+        return self._engine
+
+    @property
+    def engine(self) -> MSAEngine:
+        return self._engine
+
+    # ------------------------------------------------------------------ helpers
+    def _coll(self) -> dict:
+        return {"collection": self.collection_name}
+
+    def _select(self, where=None) -> List[str]:
+        """Ids of this collection's documents that `where` admits, in storage order."""
+        return self._engine.snapshot().select(where, collection=self.collection_name)
+
+    @staticmethod
+    def _where(node_ids=None, doc_ids=None, filters: Optional[MetadataFilters] = None):
+        """One predicate for node ids, ref-doc ids and metadata filters (None when nothing restricts)."""
+        match = filters_to_predicate(filters)
+        node_ids = set(node_ids) if node_ids else None  # LlamaIndex: an empty list restricts nothing
+        doc_ids = set(doc_ids) if doc_ids else None
+        if match is None and node_ids is None and doc_ids is None:
+            return None
+
+        def where(doc: MemoryDocument) -> bool:
+            return ((node_ids is None or doc.id in node_ids)
+                    and (doc_ids is None or doc.metadata.get("ref_doc_id") in doc_ids)
+                    and (match is None or match(doc)))
+
+        return where
+
+    # ------------------------------------------------------------------ writing
+    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> List[str]:
+        """Nodes -> memory documents under their node ids (an existing id is replaced in one step).
+
+        The routed text is what an embedding store would embed (`MetadataMode.EMBED`: text plus the
+        metadata not excluded from embedding)."""
+        _no_kwargs("add", add_kwargs)
+        texts, ids, metadata = [], [], []
+        for node in nodes:
+            text = node.get_content(metadata_mode=MetadataMode.EMBED)
+            if not text.strip():
+                logger.warning("node %s has no text to route on; it was not stored", node.node_id)
+                continue
+            if node.embedding and not self._warned_embeddings:
+                self._warned_embeddings = True
+                logger.warning("MSAVectorStore ignores node embeddings (the model's router ranks the text); pass "
+                               "embed_model=NoEmbedding() to stop computing them")
+            texts.append(text)
+            ids.append(node.node_id)
+            metadata.append(node_to_metadata_dict(node, remove_text=False, flat_metadata=False))
+        if texts:
+            self._engine.upsert(texts, ids, metadata=metadata, progress=False, **self._coll())
+        return ids
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        """Delete the nodes of one source document (`ref_doc_id`), as every LlamaIndex vector store does."""
+        _no_kwargs("delete", delete_kwargs)
+        self._delete(self._select(self._where(doc_ids=[ref_doc_id])))
+
+    def delete_nodes(self, node_ids: Optional[List[str]] = None, filters: Optional[MetadataFilters] = None,
+                     **delete_kwargs: Any) -> None:
+        """Delete nodes by id and/or metadata filters (ids not in this collection are ignored)."""
+        _no_kwargs("delete_nodes", delete_kwargs)
+        if node_ids is None and filters is None:
+            raise InvalidArgumentError("delete_nodes needs node_ids or filters; use clear() to delete every node")
+        if node_ids is not None and not node_ids:
+            return
+        self._delete(self._select(self._where(node_ids=node_ids, filters=filters)))
+
+    def clear(self) -> None:
+        """Delete every node of this store's collection (other collections are untouched)."""
+        self._delete(self._select())
+
+    def _delete(self, ids: List[str]) -> None:
+        if ids:
+            # a concurrent delete may have removed some already
+            self._engine.delete(ids, missing_ok=True, **self._coll())
+
+    # ------------------------------------------------------------------ reading
+    def get_nodes(self, node_ids: Optional[List[str]] = None,
+                  filters: Optional[MetadataFilters] = None) -> List[BaseNode]:
+        """This collection's nodes by id (in the order asked) and/or filters (in storage order)."""
+        snap = self._engine.snapshot()
+        ids = self._select(self._where(node_ids=node_ids, filters=filters))
+        if node_ids:
+            wanted = set(ids)
+            ids = [i for i in dict.fromkeys(node_ids) if i in wanted]
+        return [node_from_document(d) for d in snap.get(ids)] if ids else []
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        """Route `query.query_str` to the `similarity_top_k` best nodes of this collection that the
+        filters, `node_ids` and `doc_ids` admit (filtering happens before routing)."""
+        check_query(query.mode, kwargs)
+        for name in ("alpha", "sparse_top_k", "hybrid_top_k", "output_fields", "embedding_field"):
+            if getattr(query, name, None) is not None:
+                raise InvalidArgumentError(f"{name}={getattr(query, name)!r} applies to hybrid / sparse vector "
+                                           "search, which MSAVectorStore does not do; drop it")
+        if query.query_str is None:
+            raise InvalidArgumentError("MSAVectorStore routes on the query text: VectorStoreQuery.query_str is "
+                                       "required (a query_embedding alone cannot be routed)")
+        check_text(query.query_str, "query")
+        where = self._where(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters)
+        routed = self._engine.retrieve(query.query_str, k=query.similarity_top_k, where=where, **self._coll())
+        nodes = [node_from_document(d) for d in routed]
+        return VectorStoreQueryResult(nodes=nodes, similarities=[float(d.score) for d in routed],
+                                      ids=[d.id for d in routed])
+
+    # ------------------------------------------------------------------ persistence
+    def persist(self, persist_path: str, fs: Any = None) -> None:
+        """`storage_context.persist(persist_dir)` calls this: the engine's memory goes to
+        `<persist_dir>/msa_memory/`, and `persist_path` gets a marker that makes LlamaIndex's own loader
+        fail with a message naming `load_msa_index` (it cannot know the engine)."""
+        if fs is not None and getattr(fs, "protocol", "file") not in ("file", ("file", "local"), "local"):
+            raise NotImplementedError("MSA memory persists to a local folder only; persist without fs=")
+        folder = Path(persist_path).parent
+        self._engine.save(str(folder / MEMORY_DIR))
+        # SimpleVectorStoreData.from_dict turns each listed value into a float: LlamaIndex's loader then raises
+        # ValueError("could not convert string to float: '<LOAD_HINT>'"), so the hint reaches the user.
+        marker = {"embedding_dict": {"__msa_memory__": [LOAD_HINT]},
+                  MARKER_KEY: {"format": 1, "memory_dir": MEMORY_DIR, "collection_name": self.collection_name}}
+        with open(persist_path, "w", encoding="utf-8") as f:
+            json.dump(marker, f)
+
+    @classmethod
+    def from_persist_dir(cls, persist_dir: str, engine: MSAEngine, replace: bool = False,
+                         namespace: str = "default") -> "MSAVectorStore":
+        """The store persisted in `persist_dir`, with its memory loaded into `engine`.
+
+        Loading a memory replaces what the engine holds, so an engine that already holds documents is
+        refused unless `replace=True`. When the engine still holds the persisted memory (same process),
+        open the store without loading: `MSAVectorStore(engine, collection_name=...)`."""
+        marker_path = os.path.join(persist_dir, f"{namespace}__vector_store.json")
+        try:
+            with open(marker_path, encoding="utf-8") as f:
+                info = json.load(f).get(MARKER_KEY)
+        except FileNotFoundError:
+            info = None
+        memory_dir = os.path.join(persist_dir, (info or {}).get("memory_dir", MEMORY_DIR))
+        if info is None or not os.path.isdir(memory_dir):
+            raise FileNotFoundError(f"{persist_dir!r} holds no MSA memory ({MEMORY_DIR}/ and {namespace}__vector_store.json "
+                                    "from MSAVectorStore.persist); persist an index over an MSAVectorStore with "
+                                    "index.storage_context.persist(persist_dir)")
+        if info.get("format") != 1:
+            raise MemoryFormatError(f"unknown MSA persist format {info.get('format')!r} in {marker_path}")
+        if len(engine) and not replace:
+            raise InvalidArgumentError(
+                f"the engine already holds {len(engine)} documents, and loading {persist_dir!r} would replace "
+                "its whole memory: use a fresh engine, pass replace=True, or (when this engine still holds "
+                "the persisted memory) open it without loading: MSAVectorStore(engine, collection_name="
+                f"{info['collection_name']!r})")
+        engine.load(memory_dir)
+        return cls(engine, collection_name=info["collection_name"])
+
+
+def check_query(mode: Any, kwargs: dict) -> None:
+    """Refuse query modes and vector_store_kwargs the router cannot honour (checked where they are given)."""
+    if "mmr_threshold" in kwargs or (mode is not None and VectorStoreQueryMode(mode) == VectorStoreQueryMode.MMR):
+        raise InvalidArgumentError(MMR_REFUSAL)
+    if mode is not None and VectorStoreQueryMode(mode) != VectorStoreQueryMode.DEFAULT:
+        raise InvalidArgumentError(f"vector_store_query_mode={VectorStoreQueryMode(mode).value!r} is not supported "
+                                   "by MSAVectorStore (it routes with the model, no sparse, hybrid or learner "
+                                   "search); use the default mode")
+    _no_kwargs("query", kwargs)
+
+
+def _no_kwargs(method: str, kwargs: dict) -> None:
+    if kwargs:
+        raise InvalidArgumentError(f"MSAVectorStore.{method} got unsupported arguments {sorted(kwargs)}; "
+                                   "nothing was done")
+
+
+def node_from_document(doc) -> BaseNode:
+    """A memory document (`MemoryDocument` / `RoutedDocument`) -> the LlamaIndex node it was stored from,
+    else (a document added outside LlamaIndex) a `TextNode` of its text and metadata."""
+    if "_node_content" in doc.metadata:
+        return metadata_dict_to_node(doc.metadata)
+    return TextNode(id_=doc.id, text=doc.text, metadata=dict(doc.metadata))

@@ -1,0 +1,208 @@
+"""`MSAVectorStore` as a LlamaIndex vector store, modelled on llama-index-vector-stores-chroma's tests (class MRO,
+add / query / delete / filters / get_nodes / clear), plus what MSA adds: collections, refused knobs, persistence.
+llama-index-core ships no reusable vector-store test suite. Tiny random model: mechanics, never ranking quality."""
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode  # noqa: E402
+from llama_index.core.vector_stores.types import (BasePydanticVectorStore, FilterOperator,  # noqa: E402
+                                                  MetadataFilter, MetadataFilters, VectorStoreQuery,
+                                                  VectorStoreQueryMode)
+
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine  # noqa: E402
+from msa_plugins.integrations.llama_index import MSAVectorStore, NoEmbedding  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture()
+def engine(engine_dir):
+    return MSAEngine.from_pretrained(engine_dir, device="cpu")
+
+
+@pytest.fixture()
+def store(engine):
+    return MSAVectorStore(engine)
+
+
+def _node(node_id, text, ref, **metadata):
+    return TextNode(id_=node_id, text=text, metadata=metadata,
+                    relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=ref)})
+
+
+@pytest.fixture()
+def nodes():
+    return [_node("n1", "Paris is the capital of France.", "doc-fr", country="fr", year=2001, tags=["city", "eu"]),
+            _node("n2", "Alice was born in Lisbon and is a painter.", "doc-pt", country="pt", year=1990),
+            _node("n3", "The quick brown fox jumps over the lazy dog.", "doc-uk", country="uk", year=2010),
+            _node("n4", "Berlin is the capital of Germany.", "doc-fr", country="de", year=2005, tags=["city"])]
+
+
+def _query(text="Where is the capital?", **kw):
+    return VectorStoreQuery(query_str=text, **{"similarity_top_k": 4, **kw})
+
+
+def test_class():
+    names = [b.__name__ for b in MSAVectorStore.__mro__]
+    assert BasePydanticVectorStore.__name__ in names
+    assert MSAVectorStore.model_fields["stores_text"].default is True
+    assert MSAVectorStore.model_fields["is_embedding_query"].default is False
+
+
+def test_construction_needs_an_engine(engine):
+    with pytest.raises(TypeError, match="needs an MSAEngine"):
+        MSAVectorStore(NoEmbedding())  # the literal swap of an embedding model fails here, clearly
+    with pytest.raises(TypeError):
+        MSAVectorStore()
+    with pytest.raises(ValueError, match="collection"):
+        MSAVectorStore(engine, collection_name="a*")
+    assert MSAVectorStore(engine).client is engine
+
+
+def test_add_and_query(store, nodes, engine):
+    assert store.add(nodes) == ["n1", "n2", "n3", "n4"]
+    assert len(engine) == 4
+    res = store.query(_query(similarity_top_k=2))
+    assert len(res.nodes) == len(res.ids) == len(res.similarities) == 2
+    assert [n.node_id for n in res.nodes] == res.ids
+    assert res.similarities == sorted(res.similarities, reverse=True)
+    routed = engine.retrieve("Where is the capital?", k=2)
+    assert res.ids == [d.id for d in routed]
+    # the node comes back as stored: text, metadata, source relationship
+    n1 = store.get_nodes(node_ids=["n1"])[0]
+    assert n1.get_content() == nodes[0].get_content() and n1.metadata == nodes[0].metadata
+    assert n1.ref_doc_id == "doc-fr"
+
+
+def test_add_replaces_an_existing_node(store, nodes, engine):
+    store.add(nodes)
+    store.add([_node("n2", "Alice now lives in Porto.", "doc-pt", country="pt", year=1990)])
+    assert len(engine) == 4
+    assert store.get_nodes(node_ids=["n2"])[0].get_content() == "Alice now lives in Porto."
+
+
+def test_query_with_filters(store, nodes):
+    store.add(nodes)
+    eq = MetadataFilters(filters=[MetadataFilter(key="country", value="pt")])
+    assert store.query(_query(filters=eq)).ids == ["n2"]
+    gt = MetadataFilters(filters=[MetadataFilter(key="year", value=2002, operator=FilterOperator.GT)])
+    assert sorted(store.query(_query(filters=gt)).ids) == ["n3", "n4"]
+    either = MetadataFilters(condition="or", filters=[MetadataFilter(key="country", value="pt"),
+                                                      MetadataFilter(key="country", value="uk")])
+    assert sorted(store.query(_query(filters=either)).ids) == ["n2", "n3"]
+    contains = MetadataFilters(filters=[MetadataFilter(key="tags", value="eu", operator=FilterOperator.CONTAINS)])
+    assert store.query(_query(filters=contains)).ids == ["n1"]
+    none = MetadataFilters(filters=[MetadataFilter(key="country", value="zz")])
+    res = store.query(_query(filters=none))
+    assert res.ids == [] and res.nodes == []
+
+
+def test_query_with_node_ids_and_doc_ids(store, nodes):
+    store.add(nodes)
+    assert sorted(store.query(_query(node_ids=["n1", "n3"])).ids) == ["n1", "n3"]
+    assert sorted(store.query(_query(doc_ids=["doc-fr"])).ids) == ["n1", "n4"]
+    assert len(store.query(_query(node_ids=[])).ids) == 4  # LlamaIndex: an empty list restricts nothing
+
+
+def test_refused_knobs_say_what_to_use(store, nodes):
+    store.add(nodes)
+    with pytest.raises(InvalidArgumentError, match="mmr.*default mode"):
+        store.query(_query(mode=VectorStoreQueryMode.MMR))
+    with pytest.raises(InvalidArgumentError, match="mmr"):
+        store.query(_query(), mmr_threshold=0.5)
+    with pytest.raises(InvalidArgumentError, match="hybrid"):
+        store.query(_query(mode=VectorStoreQueryMode.HYBRID))
+    with pytest.raises(InvalidArgumentError, match="alpha"):
+        store.query(_query(alpha=0.5))
+    with pytest.raises(InvalidArgumentError, match="unsupported arguments"):
+        store.query(_query(), foo=1)
+    with pytest.raises(InvalidArgumentError, match="query_str is required"):
+        store.query(VectorStoreQuery(query_embedding=[0.1, 0.2], similarity_top_k=2))
+    with pytest.raises(ValueError):
+        store.query(_query(similarity_top_k=0))
+    with pytest.raises(InvalidArgumentError, match="unsupported arguments"):
+        store.add(nodes, foo=1)
+
+
+def test_delete_by_ref_doc_id(store, nodes, engine):
+    store.add(nodes)
+    store.delete("doc-fr")
+    assert sorted(n.node_id for n in store.get_nodes()) == ["n2", "n3"]
+    store.delete("no-such-doc")  # nothing to delete: no error, as in LlamaIndex's stores
+    assert len(engine) == 2
+
+
+def test_delete_nodes_and_get_nodes(store, nodes):
+    store.add(nodes)
+    assert [n.node_id for n in store.get_nodes(node_ids=["n3", "n1"])] == ["n3", "n1"]
+    fr = MetadataFilters(filters=[MetadataFilter(key="country", value="fr")])
+    assert [n.node_id for n in store.get_nodes(filters=fr)] == ["n1"]
+    store.delete_nodes(node_ids=["n1", "missing"])
+    assert sorted(n.node_id for n in store.get_nodes()) == ["n2", "n3", "n4"]
+    store.delete_nodes(filters=MetadataFilters(filters=[MetadataFilter(key="year", value=2005,
+                                                                       operator=FilterOperator.GTE)]))
+    assert sorted(n.node_id for n in store.get_nodes()) == ["n2"]
+    with pytest.raises(InvalidArgumentError, match="clear"):
+        store.delete_nodes()
+
+
+def test_clear(store, nodes, engine):
+    store.add(nodes)
+    store.clear()
+    assert store.get_nodes() == [] and len(engine) == 0
+    assert store.query(_query()).ids == []  # an empty store answers nothing, it does not raise
+
+
+def test_async_methods(store, nodes):
+    import asyncio
+
+    async def run():
+        await store.async_add(nodes)
+        res = await store.aquery(_query(similarity_top_k=2))
+        await store.adelete("doc-pt")
+        got = await store.aget_nodes()
+        await store.aclear()
+        return res, got
+    res, got = asyncio.run(run())
+    assert len(res.ids) == 2 and sorted(n.node_id for n in got) == ["n1", "n3", "n4"]
+
+
+def test_embeddings_are_not_needed_and_ignored_with_a_warning(store, nodes, caplog):
+    assert NoEmbedding().get_text_embedding("anything") == []
+    nodes[0].embedding = [0.1, 0.2, 0.3]
+    with caplog.at_level("WARNING"):
+        store.add(nodes)
+    assert "ignores node embeddings" in caplog.text
+    assert store.get_nodes(node_ids=["n1"])[0].embedding is None
+
+
+def test_persist_and_from_persist_dir(store, nodes, engine, engine_dir, tmp_path):
+    store.add(nodes)
+    store.persist(str(tmp_path / "default__vector_store.json"))
+    with pytest.raises(InvalidArgumentError, match="replace=True"):
+        MSAVectorStore.from_persist_dir(str(tmp_path), engine)  # the engine holds documents: never replaced silently
+    fresh = MSAEngine.from_pretrained(engine_dir, device="cpu")
+    loaded = MSAVectorStore.from_persist_dir(str(tmp_path), fresh)
+    assert loaded.collection_name == store.collection_name
+    assert loaded.query(_query(similarity_top_k=2)).ids == store.query(_query(similarity_top_k=2)).ids
+    with pytest.raises(FileNotFoundError):
+        MSAVectorStore.from_persist_dir(str(tmp_path / "nothing"), fresh)
+
+
+def test_collections_are_isolated(engine, nodes):
+    a = MSAVectorStore(engine, collection_name="tenant-a")
+    b = MSAVectorStore(engine, collection_name="tenant-b")
+    a.add(nodes[:2])
+    b.add([_node("b1", "Ana's bank PIN is 4321.", "pins", owner="ana")])
+    assert sorted(a.query(_query("What is Ana's bank PIN?")).ids) == ["n1", "n2"]
+    assert b.query(_query("What is Ana's bank PIN?")).ids == ["b1"]
+    assert [d.id for d in engine.retrieve("What is Ana's bank PIN?", k=4)] == []  # the default collection is empty
+    b.clear()
+    assert len(a.get_nodes()) == 2
+    with pytest.raises(ValueError, match="b1|n1"):  # ids are unique across the memory: no silent cross-collection upsert
+        b.add([_node("n1", "clash", "x")])
