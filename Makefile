@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
-EXTRAS := llama-index,langchain,eval,triton,dev
+EXTRAS := llama-index,langchain,eval,triton,serve,dev
 
 .PHONY: install demo test bench clean
 

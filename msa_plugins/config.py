@@ -9,6 +9,8 @@ Environment variables read by the package (each documented where it is read):
     MSA_PLUGINS_CACHE   where the converted default model is cached (default ~/.cache/msa-plugins)
     MSA_DATASETS        the evaluation data root (default ../shared/datasets beside the working directory)
     MSA_ROUTING_TUNE    autotune the Triton routing kernel on first use (1) or use a fixed config (0)
+    MSA_KV_CACHE        "cat" selects the old growing KV cache (for benchmarks); default: preallocated
+    MSA_API_KEYS        `msa serve`'s API keys: "KEY=mem1,mem2;KEY2=mem3" (see msa_plugins/server.py)
 
 This module imports only `errors` and `validation`: every layer may read its constants.
 """
@@ -23,6 +25,12 @@ from .errors import InvalidArgumentError, InvalidTypeError
 from .validation import check_choice, check_int, check_optional_int, check_stop, check_temperature
 
 MODES = ("interleave", "sparse", "protocol")
+# How documents are ranked (`AnswerOptions.routing`): "msa" the router alone (the default), "hybrid" the
+# router's ranking fused with BM25 over the memory's texts (`MSAConfig.hybrid_fusion`), "lexical" BM25 alone.
+ROUTINGS = ("msa", "hybrid", "lexical")
+DOC_SCORES = ("maxmax", "late")  # how a document's chunk scores become its score (`MSAConfig.doc_score`)
+FUSIONS = ("rrf", "zsum")
+NOT_IN_MEMORY = "Not in memory."  # the answer of an abstained query (`AnswerOptions.abstain`)
 
 # Every memory document belongs to one collection (Chroma's shape: a tenant, a store, an app's namespace).
 DEFAULT_COLLECTION = "default"
@@ -54,9 +62,15 @@ class AnswerOptions:
     prompt_style: Optional[str] = None  # interleave prompt (PROMPT_STYLES); None: DEFAULT_PROMPT_STYLE
     seed: Optional[int] = None  # sampling seed (temperature > 0)
     stop: Optional[tuple] = None  # stop strings: generation ends before the first one
+    routing: str = "msa"  # ROUTINGS: the router alone, hybrid (router + BM25), or BM25 alone
+    abstain: bool = False  # answer NOT_IN_MEMORY (QueryResult.abstained) when routing is below the memory's
+    #                        calibrated threshold (MSAEngine.calibrate_abstention)
 
     def __post_init__(self):
         check_choice(self.mode, MODES, "mode")
+        check_choice(self.routing, ROUTINGS, "routing")
+        if not isinstance(self.abstain, bool):
+            raise InvalidTypeError(f"abstain must be True or False, got {self.abstain!r}")
         check_int(self.k, "k", minimum=1)
         check_int(self.rounds, "rounds", minimum=1)
         check_int(self.max_new_tokens, "max_new_tokens", minimum=1)
@@ -92,6 +106,10 @@ class MSAConfig:
     chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64) (fingerprinted)
     routing_layers: Optional[tuple] = None  # None: the router's layers, else the model's upper half (fingerprinted)
     score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (fingerprinted)
+    # a document's score from its chunks' (fingerprinted when not the default): "maxmax" (paper: max over
+    # chunks of the max over question tokens) or "late" (mean over question tokens of the max over chunks)
+    doc_score: str = "maxmax"
+    hybrid_fusion: str = "rrf"  # routing="hybrid": "rrf" (reciprocal rank fusion) or "zsum" (z-score sum)
     int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
     keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
@@ -117,6 +135,8 @@ class MSAConfig:
                 raise InvalidArgumentError("routing_layers is empty; give at least one layer, or None for the default")
             object.__setattr__(self, "routing_layers", layers)
         check_choice(self.score, ("cosine", "dot"), "score")
+        check_choice(self.doc_score, DOC_SCORES, "doc_score")
+        check_choice(self.hybrid_fusion, FUSIONS, "hybrid_fusion")
         check_choice(self.content_tier, ("device", "host"), "content_tier")
         check_choice(self.routing_backend, ("auto", "torch", "triton"), "routing_backend")
         check_optional_int(self.max_doc_tokens, "max_doc_tokens", minimum=1)

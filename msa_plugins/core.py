@@ -21,13 +21,13 @@ from typing import Iterator, Optional
 
 import torch
 
-from .config import ALL_COLLECTIONS, DEFAULT_COLLECTION, AnswerOptions, MSAConfig
+from .config import ALL_COLLECTIONS, DEFAULT_COLLECTION, NOT_IN_MEMORY, ROUTINGS, AnswerOptions, MSAConfig
 from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
 from .engine.model import DecoderModel, load_hf_model
 from .engine.router import QKRouter, Router, read_msa4b_router
-from .engine.routing import Routing, route
+from .engine.routing import Routing, hybrid_route, lexical_topk, route
 from .errors import EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, RouterMismatchError
 from .models import DEFAULT_ROUTER_DIR, resolve_model
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream, Where
@@ -132,7 +132,9 @@ class MSAEngine:
         return {"model": self.name, "config_hash": m.config_hash(), "tokenizer_hash": m.tokenizer_hash(),
                 "weights_hash": h.hexdigest()[:16], "chunk_size": self.config.chunk_size,
                 "routing_layers": list(self.routing_layers), "key_mode": self.router.fingerprint(),
-                "score": self.config.score, "routing_keys": "int8" if self.config.int8_routing_keys else "float"}
+                "score": self.config.score, "routing_keys": "int8" if self.config.int8_routing_keys else "float",
+                # only when not the default: memories saved before the setting existed keep loading
+                **({"doc_score": self.config.doc_score} if self.config.doc_score != "maxmax" else {})}
 
     @property
     def answer_defaults(self) -> AnswerOptions:
@@ -154,7 +156,9 @@ class MSAEngine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` under the model's own tokenizer (no special tokens)."""
-        return len(self._tokenize(check_text(text, "text")))
+        if not isinstance(text, str):
+            raise InvalidTypeError(f"the text must be a str, got {type(text).__name__}")
+        return len(self._tokenize(text)) if text else 0
 
     def _tokenize(self, text: str) -> list:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -273,11 +277,14 @@ class MSAEngine:
 
     def route(self, question: str, k: Optional[int] = None, where: Where = None, context: str = "",
               snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
-              _allow=_UNSET) -> Routing:
-        """Rank memory documents for a question (its own tokens only, not the template or `context`).
-        Returns the per-layer selections too. Raises `EmptyMemoryError` for an empty memory."""
+              routing: Optional[str] = None, _allow=_UNSET) -> Routing:
+        """Rank memory documents for a question (its own tokens only, not the template; with `context`
+        routed as part of the question). `routing`: "msa" (default: `config.answer.routing`), "hybrid"
+        (router + BM25 fused) or "lexical" (BM25 alone). Returns the per-layer selections too. Raises
+        `EmptyMemoryError` for an empty memory."""
         question = self._check_question(question)
-        k = self.config.answer.merged(k=k).k
+        opts = self.config.answer.merged(k=k, routing=routing)
+        k, routing = opts.k, opts.routing
         snap = snapshot if snapshot is not None else self.snapshot()
         if len(snap) == 0:
             raise EmptyMemoryError("the memory is empty: add documents before asking (engine.add or `msa ingest`)")
@@ -290,22 +297,57 @@ class MSAEngine:
                 ids, mask = ids[-self.model.max_positions:], mask[-self.model.max_positions:]
         else:
             ids, mask = prompt.ids, prompt.question_mask
+        state, cfg = snap._state, self.config
+        text = f"{context}\n{question}" if context else question  # what BM25 reads
+        if routing == "lexical":
+            rows, scores = lexical_topk(state, text, k, allow)
+            L = len(self.routing_layers)
+            return Routing([state.ids[r] for r in rows], scores, rows,
+                           {layer: ([state.ids[r] for r in rows], list(scores)) for layer in self.routing_layers},
+                           torch.tensor(rows, dtype=torch.long).view(1, -1).expand(L, -1).contiguous(),
+                           router_scores=[])
         q = self.encoder.routing_queries(ids, mask)
-        return route(q, snap._state, self.routing_layers, k, allow_ids=allow, backend=self.config.routing_backend)
+        if routing == "hybrid":
+            return hybrid_route(q, state, self.routing_layers, text, k, allow_ids=allow,
+                                backend=cfg.routing_backend, doc_score=cfg.doc_score, fusion=cfg.hybrid_fusion)
+        return route(q, state, self.routing_layers, k, allow_ids=allow, backend=cfg.routing_backend,
+                     doc_score=cfg.doc_score)
 
     def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
-                 snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION) -> list:
+                 snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
+                 routing: Optional[str] = None, rounds: int = 1) -> list:
         """The documents the router selects for `question`, best first (layer-mean ranking).
 
         `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
-        `collection` ("*": every collection). Returns [] when the memory is empty or nothing passes."""
+        `collection` ("*": every collection). `routing`: "msa" (default: `config.answer.routing`),
+        "hybrid" (router + BM25 fused) or "lexical" (BM25). `rounds` > 1 (multi-hop): the same total k
+        split over rounds (round r gets ceil of what is left / rounds left), each round routing the
+        question together with the text found so far, among the documents not found yet; the documents
+        come round by round (`RoutedDocument.round`). Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
+        k = self.config.answer.merged(k=k).k
+        rounds = AnswerOptions(rounds=rounds).rounds  # validated like the answer option
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
-        routing = self.route(question, k=k, snapshot=snap, _allow=allow)
-        return _routed_documents(snap, routing.rows, routing.scores, 0)
+        found: list = []
+        for r in range(min(rounds, k)):
+            share = -(-(k - len(found)) // (min(rounds, k) - r))  # ceil: the first rounds get the remainder
+            if found:  # later rounds: only documents not found yet, routed with the text found so far
+                seen = {d.id for d in found}
+                allow_r = [d for d in (allow if allow is not None else snap.ids) if d not in seen]
+                if not allow_r:
+                    break
+                context = "\n\n".join(d.text for d in found)
+            else:
+                allow_r, context = allow, ""
+            got = self.route(question, k=share, context=context, snapshot=snap, routing=routing, _allow=allow_r)
+            new = _routed_documents(snap, got.rows, got.scores, r)
+            if not new:
+                break
+            found += new
+        return found
 
     # ------------------------------------------------------------------ answering
     def query(self, question: str, options: Optional[AnswerOptions] = None, **kw) -> QueryResult:
@@ -341,16 +383,21 @@ class MSAEngine:
         # the question and history must fit before any routing work is spent on them
         self._check_fits(build_prompt(self.model, question, system=opts.system, history=history).ids, opts, 0)
         if len(snap) == 0 or allow == []:
+            if opts.abstain:  # nothing to answer from is the clearest "not in memory"
+                return self._abstained(opts, t0, Routing([], [], [], {}))
             logger.warning("no memory document to route to (%s): answering from the model alone",
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
-        routing = self.route(question, k=opts.k, snapshot=snap, _allow=allow)
+        routing = self.route(question, k=opts.k, snapshot=snap, routing=opts.routing, _allow=allow)
+        if opts.abstain and not self._in_memory(snap, routing):
+            return self._abstained(opts, t0, routing)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
             for r in range(1, min(opts.rounds, self.config.max_rounds)):
                 seen = {d.id for docs in rounds for d in docs}
                 injected = "\n\n".join(d.text for docs in rounds for d in docs)
-                again = self.route(question, k=opts.k, context=injected, snapshot=snap, _allow=allow)
+                again = self.route(question, k=opts.k, context=injected, snapshot=snap, routing=opts.routing,
+                                   _allow=allow)
                 new = [(row, s) for row, s in zip(again.rows, again.scores) if snap._state.ids[row] not in seen]
                 if not new:
                     break
@@ -372,6 +419,63 @@ class MSAEngine:
                                      position_offset=offset, seed=opts.seed, stats=stats)
         return self._stream(rounds, tokens, stats, opts, t0, time.perf_counter() - t0, routing.per_layer,
                             extra_rounds=loop.rounds if loop else None)
+
+    # ------------------------------------------------------------------ "not in memory"
+    def calibrate_abstention(self, questions, gold_ids, where: Where = None, collection: str = DEFAULT_COLLECTION,
+                             signal: str = "top1") -> dict:
+        """Learn the score below which `query(..., abstain=True)` answers "not in memory", from a dev split
+        of labelled questions: each question is routed twice, once over the memory (it should answer) and
+        once with its gold documents removed (it should abstain); the threshold on the router's `signal`
+        ("top1": the best layer-mean score; "margin": best minus second best) that best separates the two
+        (highest balanced accuracy) is stored with the memory (saved in its manifest; reset by
+        `set_router`). Returns it with the dev precision and recall of abstaining."""
+        from .validation import check_choice
+
+        check_choice(signal, ("top1", "margin"), "signal")
+        if isinstance(questions, str):
+            raise InvalidTypeError("questions must be a list of str, not one string; wrap it: [question]")
+        questions, gold_ids = list(questions), [check_where_ids(g) for g in gold_ids]
+        if not questions or len(questions) != len(gold_ids):
+            raise InvalidArgumentError(f"calibration needs questions and one list of gold ids per question (got "
+                                       f"{len(questions)} questions and {len(gold_ids)} gold lists)")
+        snap = self.snapshot()
+        allow = self._allow_ids(snap, where, collection)
+        base = allow if allow is not None else snap.ids
+        base_set = set(base)
+        answerable, removed = [], []
+        for question, gold in zip(questions, gold_ids):
+            held = set(snap.select(gold))  # a parent id removes all its parts
+            if not held or not (held & base_set):
+                raise InvalidArgumentError(f"the gold documents {gold[:3]} of {question[:60]!r} are not in the memory "
+                                           "(or not admitted by where/collection); calibrate on questions it answers")
+            for admit, out in ((base, answerable), ([d for d in base if d not in held], removed)):
+                got = self.route(question, k=2, snapshot=snap, routing="msa", _allow=admit) if admit else None
+                out.append(_signal(got.router_scores if got else [], signal))
+        threshold, stats = _best_threshold(answerable, removed)
+        calibration = {"threshold": threshold, "signal": signal, "n_dev": len(questions),
+                       "router": self.router.fingerprint(), **stats}
+        self._bank.set_calibration(calibration)
+        return dict(calibration)
+
+    def _in_memory(self, snap: Snapshot, routing: Routing) -> bool:
+        cal = snap._state.calibration
+        if cal is None:
+            raise InvalidArgumentError("abstain=True needs a threshold calibrated for this memory and router; "
+                                       "run engine.calibrate_abstention(dev_questions, dev_gold_ids) first")
+        return _signal(routing.router_scores, cal.get("signal", "top1")) >= cal["threshold"]
+
+    def _abstained(self, opts: AnswerOptions, t0: float, routing: Routing) -> Stream:
+        """The "not in memory" answer: no document, no generation, `QueryResult.abstained` set."""
+        routing_s = time.perf_counter() - t0
+
+        def finish(text: str) -> QueryResult:
+            result = QueryResult(answer=text, mode=opts.mode, documents=[], rounds=[], per_layer=routing.per_layer,
+                                 timings={"routing_s": routing_s, "total_s": time.perf_counter() - t0},
+                                 prompt_tokens=0, completion_tokens=0, finish_reason="abstained")
+            result.abstained = True
+            return result
+
+        return Stream([], iter([NOT_IN_MEMORY]), finish)
 
     def answer_from(self, question: str, texts, options: Optional[AnswerOptions] = None, *,
                     history: Optional[list] = None, **overrides) -> Stream:
@@ -521,6 +625,34 @@ def _merge_options(options: Optional[AnswerOptions], defaults: AnswerOptions, ov
         raise InvalidTypeError(f"options must be an AnswerOptions, got {type(options).__name__}; pass single "
                                "settings as keywords (k=3)")
     return (options or defaults).merged(**overrides)
+
+
+def _signal(router_scores: list, signal: str) -> float:
+    """The abstention signal of a routing (-inf when nothing could be routed to)."""
+    if not router_scores:
+        return float("-inf")
+    if signal == "margin":
+        return float(router_scores[0] - router_scores[1]) if len(router_scores) > 1 else float("inf")
+    return float(router_scores[0])
+
+
+def _best_threshold(answerable: list, removed: list) -> tuple:
+    """The threshold t (abstain when signal < t) with the best balanced accuracy on the two dev lists,
+    midway between neighbouring values; and the dev precision/recall of abstaining there."""
+    values = sorted(v for v in set(answerable + removed) if v != float("-inf"))
+    cuts = [values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-6] \
+        if values else [0.0]
+    best = None
+    na, nr = len(answerable), len(removed)
+    for t in cuts:  # ascending: on a tie the lower threshold (abstaining less) wins
+        tp = sum(v < t for v in removed)
+        fp = sum(v < t for v in answerable)
+        key = tp * na + (na - fp) * nr  # balanced accuracy * 2 * na * nr, in integers (exact ties)
+        if best is None or key > best[0]:
+            best = (key, t, tp, fp)
+    key, t, tp, fp = best
+    return float(t), {"dev_balanced_accuracy": key / (2 * na * nr), "dev_precision": tp / (tp + fp) if tp + fp else 0.0,
+                      "dev_recall": tp / nr}
 
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:

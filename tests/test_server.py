@@ -1,0 +1,220 @@
+"""`msa serve` for real: the server runs on 127.0.0.1 (a free port, a thread) over a tiny random model, and
+the official `openai` client, LangChain `ChatOpenAI` and LlamaIndex `OpenAILike` talk to it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+from msa_plugins import MSAEngine
+from msa_plugins.server import ServerSettings, ServerThread, create_app, sibling_engine
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+DOCS = ["Paris is the capital of France.", "Alice was born in Lisbon and works as a painter.",
+        "The quick brown fox jumps over the lazy dog.", "Berlin is the capital of Germany."]
+QUESTIONS = ["Where was Alice born?", "What is the capital of France?", "What does the fox do?",
+             "Where is Berlin?"]
+KEYS = {"key-all": "*", "key-docs": {"docs"}, "key-private": {"private"}}
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=2,
+                                       max_new_tokens=MAX_TOKENS)
+    engine.add(DOCS, ids=[f"d{i}" for i in range(len(DOCS))], progress=False)
+    private = sibling_engine(engine)
+    private.add(["The secret code is 1234."], ids=["secret"], progress=False)
+    # answers alone, before the server (and its batch scheduler) exists: the reference of batched ones
+    alone = {q: engine.query(q) for q in QUESTIONS}
+    # a prompt the random model answers at length (no stop token in 300 tokens): it can hold a slot
+    long_q = next(q for q in ["fox fox fox", "0123456789", "Memory sparse attention", "Paris Berlin"]
+                  if engine.generate([{"role": "user", "content": q}], max_new_tokens=300).finish_reason == "length")
+    app = create_app({"docs": engine, "private": private},
+                     ServerSettings(max_batch=4, max_queue=2, max_tokens=400, max_body_bytes=64_000, api_keys=KEYS))
+    with ServerThread(app) as server:
+        yield {"url": server.url, "engine": engine, "alone": alone, "long_q": long_q}
+
+
+def client(served, key="key-all"):
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def test_chat_answers_with_sources_and_usage_as_the_engine_does_alone(served):
+    c = client(served)
+    q = QUESTIONS[0]
+    r = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS,
+                                  temperature=0)
+    ref = served["alone"][q]
+    assert r.choices[0].message.content == ref.answer
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+    sources = r.model_extra["sources"]
+    assert [s["id"] for s in sources] == [d.id for d in ref.documents]
+    assert sources[0]["text"] in DOCS and isinstance(sources[0]["score"], float)
+
+
+def test_streaming_sends_sources_first_then_tokens_then_usage(served):
+    c = client(served)
+    q = QUESTIONS[1]
+    chunks = list(c.chat.completions.create(model="docs", messages=[{"role": "user", "content": q}], stream=True,
+                                            max_tokens=MAX_TOKENS, stream_options={"include_usage": True}))
+    first = chunks[0]
+    assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+    assert [s["id"] for s in first.model_extra["sources"]] == [d.id for d in served["alone"][q].documents]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text.strip() == served["alone"][q].answer
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == served["alone"][q].completion_tokens
+
+
+def test_concurrent_requests_are_batched_and_equal_their_answers_alone(served):
+    c = client(served)
+    out = {}
+
+    def ask(q):
+        out[q] = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": q}],
+                                           max_tokens=MAX_TOKENS).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert out == {q: served["alone"][q].answer for q in QUESTIONS}
+
+
+def test_langchain_chat_openai(served):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(base_url=served["url"] + "/v1", api_key="key-all", model="docs",
+                                      temperature=0, max_tokens=MAX_TOKENS, max_retries=0)
+    q = QUESTIONS[2]
+    assert llm.invoke(q).content == served["alone"][q].answer
+    assert "".join(chunk.content for chunk in llm.stream(q)).strip() == served["alone"][q].answer
+
+
+def test_llama_index_openai_like(served):
+    openai_like = pytest.importorskip("llama_index.llms.openai_like")
+    from llama_index.core.llms import ChatMessage
+
+    llm = openai_like.OpenAILike(model="docs", api_base=served["url"] + "/v1", api_key="key-all", is_chat_model=True,
+                                 temperature=0, max_tokens=MAX_TOKENS, context_window=2048, max_retries=0)
+    q = QUESTIONS[3]
+    assert llm.chat([ChatMessage(role="user", content=q)]).message.content == served["alone"][q].answer
+
+
+def test_memory_add_search_get_delete_then_query(served):
+    url, h = served["url"], {"Authorization": "Bearer key-all"}
+    with httpx.Client(base_url=url, headers=h, timeout=60) as http:
+        r = http.post("/v1/memories/docs/documents", json={"collection": "news", "documents": [
+            {"id": "zebra", "text": "Zebras have black and white stripes.", "metadata": {"lang": "en"}}]})
+        assert r.status_code == 200 and r.json()["ids"] == ["zebra"]
+        doc = http.get("/v1/memories/docs/documents/zebra").json()
+        assert doc["collection"] == "news" and doc["parts"][0]["metadata"] == {"lang": "en"}
+        hits = http.post("/v1/memories/docs/search", json={"query": "stripes", "collection": "news"}).json()["data"]
+        assert [d["id"] for d in hits] == ["zebra"]  # the collection admits only it
+        listed = http.get("/v1/memories/docs/documents", params={"collection": "news"}).json()
+        assert listed["total"] == 1
+        c = client(served)
+        r = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": "stripes?"}],
+                                      max_tokens=2, extra_body={"collection": "news", "k": 1})
+        assert [s["id"] for s in r.model_extra["sources"]] == ["zebra"]
+        assert http.post("/v1/memories/docs/documents", json={"documents": [
+            {"id": "zebra", "text": "again"}]}).status_code == 409
+        assert http.delete("/v1/memories/docs/documents/zebra").json()["deleted"] == ["zebra"]
+        r = http.get("/v1/memories/docs/documents/zebra")
+        assert r.status_code == 404 and "zebra" in r.json()["error"]["message"]
+        r = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": "stripes?"}],
+                                      max_tokens=2, extra_body={"collection": "news"})
+        assert r.model_extra["sources"] == []  # nothing left in the collection: the model alone
+
+
+def test_a_second_memory_is_isolated_by_key(served):
+    url = served["url"]
+    private = client(served, "key-private")
+    assert [m.id for m in private.models.list()] == ["private"]
+    r = private.chat.completions.create(model="private", messages=[{"role": "user", "content": "the code?"}],
+                                        max_tokens=2)
+    assert [s["id"] for s in r.model_extra["sources"]] == ["secret"]
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        private.chat.completions.create(model="docs", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.status_code == 403 and e.value.body["code"] == "memory_not_allowed"
+    docs_only = client(served, "key-docs")
+    with pytest.raises(openai.PermissionDeniedError):
+        docs_only.chat.completions.create(model="private", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    r = httpx.get(url + "/v1/memories/private/documents", headers={"Authorization": "Bearer key-docs"})
+    assert r.status_code == 403
+    with pytest.raises(openai.AuthenticationError):
+        client(served, "wrong").models.list()
+    hits = httpx.post(url + "/v1/memories/docs/search", json={"query": "code"},
+                      headers={"Authorization": "Bearer key-docs"}).json()["data"]
+    assert "secret" not in [d["id"] for d in hits]
+
+
+def test_limits_give_openai_errors(served):
+    url, h = served["url"], {"Authorization": "Bearer key-all"}
+    big = {"model": "docs", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    r = httpx.post(url + "/v1/chat/completions", json=big, headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    c = client(served)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.chat.completions.create(model="docs", messages=[{"role": "user", "content": "hi"}], max_tokens=401)
+    assert "max_tokens" in e.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.chat.completions.create(model="docs", messages=[{"role": "user", "content": "hi"}], extra_body={"k": 0})
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_full_server_says_429_and_a_disconnected_client_frees_its_slot(tiny_model_dir, served):
+    # its own model object: a model has one batch scheduler, and the module's server holds that one
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    app = create_app({"docs": engine}, ServerSettings(max_batch=1, max_queue=0, max_tokens=300))
+    body = {"model": "docs", "messages": [{"role": "user", "content": served["long_q"]}], "max_tokens": 300,
+            "stream": True, "use_memory": False}
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as held:
+            lines = held.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # the slot is taken
+            r = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        # the client went away mid-answer: its slot frees and the next request is served
+        for _ in range(100):
+            r = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            if r.status_code != 429:
+                break
+            threading.Event().wait(0.1)
+        assert r.status_code == 200, r.text
+        health = http.get("/health").json()
+        assert health["batch"]["in_flight"] == 0 and health["batch"]["live"] == 0
+
+
+def test_health_and_metrics(served):
+    c = client(served)
+    c.chat.completions.create(model="docs", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    health = httpx.get(served["url"] + "/health").json()
+    assert health["status"] == "ok" and health["memories"]["private"] == 1
+    text = httpx.get(served["url"] + "/metrics").text
+    assert 'msa_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    for series in ("msa_time_to_first_token_seconds_bucket", "msa_routing_seconds_count", "msa_prefill_seconds_sum",
+                   "msa_decode_seconds_count", "msa_completion_tokens_total", "msa_queue_depth",
+                   "msa_active_sequences"):
+        assert series in text, series
+
+
+def test_plain_chat_without_memory_and_history(served):
+    c = client(served)
+    r = c.chat.completions.create(model="docs", max_tokens=4, extra_body={"use_memory": False}, messages=[
+        {"role": "system", "content": "Be short."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Where is Paris?"}])
+    assert r.model_extra["sources"] == [] and r.usage.completion_tokens <= 4
+    json.dumps(r.model_dump())
