@@ -13,7 +13,7 @@ from .engine.routing import Routing
 from .errors import (DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
                      InputTooLongError, InvalidArgumentError, InvalidTypeError, MemoryFormatError, MemoryLockedError,
                      ModelMismatchError, MSAError, PathNotFoundError, RouterMismatchError,
-                     UnsupportedModelError)
+                     ToolCallError, UnsupportedModelError)
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream
 
 try:
@@ -26,6 +26,6 @@ __all__ = [
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
-    "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "DatasetNotFoundError",
+    "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "ToolCallError", "DatasetNotFoundError",
     "__version__",
 ]

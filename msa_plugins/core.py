@@ -240,6 +240,27 @@ class MSAEngine:
         self.router = router
         self.encoder.router = router
 
+    def document_vectors(self, ids, snapshot: Optional[Snapshot] = None) -> torch.Tensor:
+        """One unit vector per document, for diversity measures such as MMR: the mean of the document's
+        chunk routing keys on each routing layer, unit-normalised per layer, concatenated over layers and
+        divided by sqrt(L) -> [len(ids), L * G*D] float32 on the CPU. A split long document's id gives the
+        mean over all its parts' chunks. Unknown ids raise `DocumentNotFoundError`."""
+        snap = snapshot if snapshot is not None else self.snapshot()
+        ids = check_where_ids(ids)
+        snap.get(ids)  # unknown ids fail here, naming them
+        s = snap._state
+        L = s.keys_r.shape[0] if s.keys_r is not None else len(self.routing_layers)
+        out = []
+        for doc_id in ids:
+            chunks = torch.cat([torch.arange(*s.chunk_range(r)) for r in s.rows_for(doc_id)])
+            keys = s.keys_r.index_select(1, chunks.to(s.keys_r.device)).float()  # [L, c, G*D]
+            if s.keys_r_scale is not None:  # int8 keys: dequantise per (chunk, KV head)
+                scale = s.keys_r_scale.index_select(1, chunks.to(s.keys_r_scale.device))  # [L, c, G]
+                keys = (keys.view(*scale.shape, -1) * scale[..., None]).flatten(2)
+            mean = torch.nn.functional.normalize(keys.mean(dim=1), dim=-1)  # [L, G*D]
+            out.append(mean.flatten() / L ** 0.5)
+        return torch.stack(out).cpu() if out else torch.zeros(0, 0)
+
     def info(self) -> dict:
         snap = self.snapshot()
         return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
@@ -536,19 +557,39 @@ class MSAEngine:
         return Stream([d for r in rounds for d in r], pieces, finish)
 
     # ------------------------------------------------------------------ plain generation (no memory)
-    def generate(self, messages, options: Optional[AnswerOptions] = None, **overrides) -> GenerationResult:
+    def generate(self, messages, options: Optional[AnswerOptions] = None, *, tools: Optional[list] = None,
+                 **overrides) -> GenerationResult:
         """The model as a plain chat LLM (no memory): the same generator a RAG baseline uses."""
-        return self.stream_generate(messages, options, **overrides).collect()
+        return self.stream_generate(messages, options, tools=tools, **overrides).collect()
 
-    def stream_generate(self, messages, options: Optional[AnswerOptions] = None, **overrides) -> Stream:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the model's chat template renders tool schemas (`generate(..., tools=...)`), as the
+        Qwen2/Qwen3 templates do. Without it, adapters describe tools in the prompt instead."""
+        template = getattr(self.model.tokenizer, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def stream_generate(self, messages, options: Optional[AnswerOptions] = None, *, tools: Optional[list] = None,
+                        **overrides) -> Stream:
         """Plain generation, piece by piece: a `Stream` with no documents and a `GenerationResult`.
-        Uses max_new_tokens, temperature, seed and stop of the options."""
+        Uses max_new_tokens, temperature, seed and stop of the options. `tools` (JSON-schema function
+        descriptions, OpenAI style) go to the chat template when it supports them (`supports_tools`);
+        otherwise they are refused."""
         t0 = time.perf_counter()
         opts = _merge_options(options, self.config.answer, overrides)
         messages = check_messages(messages)
         tok = self.model.tokenizer
+        template_kw = {}
+        if tools:
+            if not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools):
+                raise InvalidTypeError("tools must be a list of JSON-schema dicts ({'type': 'function', 'function': ...})")
+            if not self.supports_tools:
+                raise InvalidArgumentError(f"the chat template of {self.name} does not render tools; describe them in "
+                                           "the prompt instead (the LangChain and LlamaIndex adapters do this)")
+            template_kw["tools"] = list(tools)
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                          **template_kw)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:

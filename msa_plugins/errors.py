@@ -65,6 +65,10 @@ class PathNotFoundError(MSAError, FileNotFoundError):
     """A file or folder the caller named (model, router, memory, corpus) does not exist."""
 
 
+class ToolCallError(MSAError, ValueError):
+    """The model did not produce a valid tool call or structured output within the allowed retries."""
+
+
 class DatasetNotFoundError(PathNotFoundError):
     """An evaluation data set that is not where the data root says."""
 
@@ -72,5 +76,5 @@ class DatasetNotFoundError(PathNotFoundError):
 __all__ = [
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError",
-    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "DatasetNotFoundError",
+    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "ToolCallError", "DatasetNotFoundError",
 ]

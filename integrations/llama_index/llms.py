@@ -31,7 +31,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr, ValidationError
 
-from msa_plugins import AnswerOptions, GenerationResult, InvalidTypeError, MSAEngine, MSAError
+from msa_plugins import AnswerOptions, GenerationResult, InvalidTypeError, MSAEngine, ToolCallError
 from msa_plugins.validation import check_text
 
 from .._aio import aiter_in_thread
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["MSALLM", "ToolCallError", "parse_tool_calls"]
-
-
-class ToolCallError(MSAError, ValueError):
-    """The model gave no valid tool call (or structured output) after its retries."""
 
 
 class MSALLM(FunctionCallingLLM):

@@ -1,4 +1,5 @@
-"""Collections: every document belongs to one; routing sees one collection unless asked for all ("*")."""
+"""Facade seams beyond answering: collections (every document belongs to one; routing sees one unless asked
+for all), document vectors (MMR), tools through the chat template."""
 
 import pytest
 
@@ -56,3 +57,34 @@ def test_bad_collection_names_are_refused_and_change_nothing(engine, name, error
     with pytest.raises(error, match="collection"):
         engine.add(["text"], ids=["x"], collection=name)
     assert engine.snapshot().ids == before
+
+
+def test_document_vectors_are_unit_rows_and_follow_the_routing_keys(engine):
+    import torch
+
+    vecs = engine.document_vectors(["alice", "paris", "pin"])
+    assert vecs.shape[0] == 3 and torch.allclose(vecs.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(engine.document_vectors(["paris"])[0], vecs[1])
+    assert not torch.allclose(vecs[0], vecs[1])
+    with pytest.raises(DocumentNotFoundError, match="nobody"):
+        engine.document_vectors(["nobody"])
+
+
+def test_tools_go_to_a_template_that_renders_them_and_are_refused_otherwise(engine):
+    from msa_plugins import InvalidArgumentError as Bad
+
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tok = engine.model.tokenizer
+    plain = tok.chat_template
+    assert not engine.supports_tools  # the tiny models' ChatML template has no tools block
+    with pytest.raises(Bad, match="does not render tools"):
+        engine.generate("weather?", tools=[tool], max_new_tokens=1)
+    try:  # a template with a tools block (as Qwen2/Qwen3 have) gets the schemas in the prompt
+        tok.chat_template = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}" + plain
+        assert engine.supports_tools
+        with_tools = engine.generate("weather?", tools=[tool], max_new_tokens=1)
+        without = engine.generate("weather?", max_new_tokens=1)
+        assert with_tools.prompt_tokens > without.prompt_tokens
+    finally:
+        tok.chat_template = plain
