@@ -1,12 +1,13 @@
 """Encode throughput against a plain forward, routing latency vs memory size, bytes per token.
 
-Encode: the engine's document-wise encoding (isolated documents, pooling on the routing layers) against
-a plain `AutoModelForCausalLM` forward of the same model over the same documents, batched the same way,
-measured in the same run; the ratio is the figure (goal >= 0.9). Routing: synthetic unit-normalised keys
-at the model's shape (routing layers x KV heads x head dim, P tokens per chunk) for memory sizes from
-10K tokens up; medians over repeats. Writes JSON.
+Encode: the engine's document-wise encoding (`engine.add`: tokenize, encode on the routing layers, pool,
+store) against a plain `AutoModelForCausalLM` forward of the same model folder over the same documents,
+batched by the same token budget (`MSAConfig.batch_tokens`), measured in the same run; the ratio is the
+figure (goal >= 0.9). Routing: synthetic unit-normalised keys at the model's shape (routing layers x KV
+heads x head dim, P tokens per chunk) for memory sizes from 10K tokens up, scored with the engine's
+PyTorch routing kernel (`msa_plugins.kernels`); medians over repeats. Writes JSON.
 
-    python benchmarks/encode_route.py [--model DIR] [--docs N] [--max-tokens 10000000] [--out FILE]
+    python -m benchmarks.encode_route [--model DIR] [--docs N] [--max-tokens 10000000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
+from importlib import resources
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from msa_plugins import MSAEngine
+from msa_plugins.kernels import doc_scores_torch, fold_queries, route_topk
+from msa_plugins.models import resolve_model
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUESTION_TOKENS = 16  # a short question's routing tokens
 
 
 def median_time(fn, repeats):
@@ -34,90 +40,111 @@ def median_time(fn, repeats):
 
 
 def sample_documents(n):
-    """Real text: the project's sample corpus, repeated with variations to reach n documents."""
-    folder = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
-    base = [open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder))]
+    """Real text: the package's demo corpus, repeated with variations to reach n documents."""
+    folder = resources.files("msa_plugins") / "data" / "demo" / "docs"
+    base = sorted(p.read_text(encoding="utf-8") for p in folder.iterdir() if p.name.endswith(".txt"))
     return [f"{base[i % len(base)]} (copy {i})" for i in range(n)]
 
 
+def padded_batches(token_lists, batch_tokens):
+    """Longest first, a batch while (its width x its size) stays within batch_tokens -> LongTensors [B, W]."""
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    batch = []
+    for i in order + [None]:
+        width = max([len(token_lists[j]) for j in batch], default=0)
+        if i is None or (batch and max(width, len(token_lists[i])) * (len(batch) + 1) > batch_tokens):
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, j in enumerate(batch):
+                ids[b, :len(token_lists[j])] = torch.tensor(token_lists[j])
+            yield ids
+            batch = []
+            if i is None:
+                return
+        batch.append(i)
+
+
+def measure_encode(engine, model_folder, docs, repeats):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    plain = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    toks = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    ids = [f"doc-{i}" for i in range(len(docs))]
+
+    def encode():
+        engine.add(docs, ids=ids, progress=False)
+        engine.delete(ids)
+
+    def plain_forward():  # same documents, same token budget per batch, full model, no capture or pooling
+        with torch.inference_mode():
+            for batch in padded_batches(toks, engine.config.batch_tokens):
+                plain(batch)
+
+    encode(); plain_forward()  # warm-up
+    t_enc = median_time(encode, repeats)
+    t_plain = median_time(plain_forward, repeats)
+    n_tok = sum(len(t) for t in toks)
+    return plain.config, {"documents": len(docs), "tokens": n_tok, "encode_s": t_enc, "plain_forward_s": t_plain,
+                          "encode_tok_per_s": n_tok / t_enc, "plain_tok_per_s": n_tok / t_plain,
+                          "ratio_encode_over_plain_throughput": t_plain / t_enc}
+
+
+def measure_routing(n_layers, n_heads, n_kv_heads, head_dim, chunk_size, max_tokens, repeats):
+    """Routing latency on synthetic keys of this model's shape, 10K tokens and up by 10x."""
+    L, H, G, D, P = n_layers, n_heads, n_kv_heads, head_dim, chunk_size
+    q = fold_queries(torch.randn(L, QUESTION_TOKENS, H, D), G)  # [L, T, G*D]
+    rows = []
+    size = 10_000
+    while size <= max_tokens:
+        C = max(1, size // P)
+        if L * C * G * D * 4 > 6e9:
+            break
+        n_docs = max(1, C // 4)  # documents of 4 chunks (256 tokens)
+        keys = torch.nn.functional.normalize(torch.randn(L, C, G, D), dim=-1).view(L, C, G * D)
+        chunk_doc = torch.clamp(torch.arange(C) // 4, max=n_docs - 1)
+
+        def step():
+            route_topk(doc_scores_torch(q, keys, chunk_doc, n_docs), 16)
+
+        step()
+        t = median_time(step, repeats)
+        rows.append({"tokens": size, "chunks": C, "documents": n_docs, "routing_key_bytes": keys.numel() * 4,
+                     "route_ms": t * 1e3, "GB_per_s": keys.numel() * 4 / t / 1e9})
+        print(f"route {size:>12,} tokens: {t * 1e3:9.2f} ms ({keys.numel() * 4 / t / 1e9:.1f} GB/s)", flush=True)
+        del keys
+        size *= 10
+    return rows
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=10_000_000)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "encode_route_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "encode_route_cpu.json"))
     args = ap.parse_args()
-    from msa_plugins import MSAEngine
-    from msa_plugins.engine.memory import BankState
-    from msa_plugins.engine.routing import route
-    from msa_plugins.engine.encoding import normalise_heads
 
     engine = MSAEngine.from_pretrained(args.model, device="cpu")
-    m = engine.model
+    folder, _ = resolve_model(args.model)
     docs = sample_documents(args.docs)
-    toks = [engine._tokenize(d) for d in docs]
-    n_tok = sum(len(t) for t in toks)
+    hf_config, encode = measure_encode(engine, folder, docs, args.repeats)
+    info = engine.info()
+    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "model": info["model"], "routing_layers": info["routing_layers"], "chunk_size": info["chunk_size"],
+              "encode": encode}
 
-    def encode():
-        engine.encoder.encode(toks, progress=False)
-
-    def plain_forward():  # same batches (the encoder's), full model, no capture, no pooling
-        order = sorted(range(len(toks)), key=lambda i: -len(toks[i]))
-        batch, width = [], 0
-        for i in order + [None]:
-            if i is None or (batch and max(width, len(toks[i])) * (len(batch) + 1) > engine.encoder.batch_tokens):
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                for b, j in enumerate(batch):
-                    ids[b, :len(toks[j])] = torch.tensor(toks[j])
-                with torch.inference_mode():
-                    m.hf_model(ids)
-                batch, width = [], 0
-                if i is None:
-                    break
-            batch.append(i)
-            width = max(width, len(toks[i]))
-
-    encode(); plain_forward()  # warm-up
-    t_enc = median_time(encode, args.repeats)
-    t_plain = median_time(plain_forward, args.repeats)
-    result = {
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "model": engine.name, "routing_layers": engine.routing_layers, "chunk_size": engine.config.chunk_size,
-        "encode": {"documents": len(docs), "tokens": n_tok, "encode_s": t_enc, "plain_forward_s": t_plain,
-                   "encode_tok_per_s": n_tok / t_enc, "plain_tok_per_s": n_tok / t_plain,
-                   "ratio_encode_over_plain_throughput": t_plain / t_enc},
-    }
     engine.add(docs[:8], progress=False)
-    result["bytes_per_token"] = engine.memory.nbytes / engine.memory.n_tokens
-    result["routing_key_bytes_per_token"] = engine.memory.state.keys_r.numel() * 4 / engine.memory.n_tokens
+    info = engine.info()
+    n_layers, G = len(info["routing_layers"]), hf_config.num_key_value_heads
+    H = hf_config.num_attention_heads
+    D = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // H
+    result["bytes_per_token"] = info["bytes"] / info["tokens"]
+    # float32 routing keys: one G*D vector per routing layer and chunk
+    result["routing_key_bytes_per_token"] = n_layers * info["chunks"] * G * D * 4 / info["tokens"]
+    result["routing"] = measure_routing(n_layers, H, G, D, info["chunk_size"], args.max_tokens, args.repeats)
 
-    # routing latency with synthetic keys at this model's shape
-    L, G, D, P = len(engine.routing_layers), m.n_kv_heads, m.head_dim, engine.config.chunk_size
-    q = engine.encoder.routing_queries(*(lambda p: (p.ids, p.question_mask))(
-        __import__("msa_plugins.engine.generation", fromlist=["build_prompt"]).build_prompt(m, "Who built the lighthouse?")))
-    rows = []
-    size = 10_000
-    while size <= args.max_tokens:
-        C = max(1, size // P)
-        n_docs = max(1, C // 4)  # documents of 4 chunks (256 tokens)
-        if L * C * G * D * 4 > 6e9:
-            break
-        keys = normalise_heads(torch.randn(L, C, G * D), G)
-        chunk_doc = torch.clamp(torch.arange(C) // 4, max=n_docs - 1)
-        ids = tuple(str(i) for i in range(n_docs))
-        state = BankState(ids=ids, texts=ids, metadata=({},) * n_docs, n_tokens=(256,) * n_docs,
-                          doc_start=torch.zeros(n_docs + 1, dtype=torch.long), chunk_doc=chunk_doc, keys_r=keys,
-                          keys=None, values=None, row_of={})
-        route(q, state, engine.routing_layers, 16, backend="torch")
-        t = median_time(lambda: route(q, state, engine.routing_layers, 16, backend="torch"), args.repeats)
-        rows.append({"tokens": size, "chunks": C, "documents": n_docs, "routing_key_bytes": keys.numel() * 4,
-                     "route_ms": t * 1e3, "GB_per_s": keys.numel() * 4 / t / 1e9})
-        print(f"route {size:>12,} tokens: {t * 1e3:9.2f} ms ({keys.numel() * 4 / t / 1e9:.1f} GB/s)", flush=True)
-        del keys, state
-        size *= 10
-    result["routing"] = rows
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     e = result["encode"]

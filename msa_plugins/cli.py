@@ -1,28 +1,82 @@
-"""`msa` command line: ingest files into a memory, ask it questions, inspect it, run the demo."""
+"""`msa` command line: ingest files into a memory, ask it questions, inspect it, run the demo.
+
+    msa ingest notes/ README.md --memory mem      # .txt/.md files of notes/ (recursively) and README.md
+    msa ask "Who built the lighthouse?" --memory mem
+    msa info mem
+    msa demo                                      # the sample corpus shipped inside the package
+
+Ingest: a document's id is its file's resolved path (symlinks followed, absolute), so the same file gets
+the same id whatever the current directory and whichever link or relative path names it; with
+`--relative-to DIR` ids are paths relative to DIR instead (portable memories). A file reached twice
+(two links, a link loop) is stored once. Re-ingesting a file whose text changed replaces the old
+document; unchanged files are left alone; the command reports both counts. The memory folder is edited
+under its writer lock (a second `msa ingest` on the same folder waits), re-read under that lock, and
+saved atomically.
+
+Errors (a missing file, a folder that is not a memory, a read-only destination, bad options) print one
+line on stderr and exit with status 2; the destination is checked before any model is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
+import hashlib
 import json
+import logging
 import os
 import sys
+import tempfile
 import time
+from importlib import resources
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+from .errors import InvalidArgumentError, MemoryFormatError, MSAError
+
+INGEST_SUFFIXES = (".txt", ".md")  # what a folder walk picks up; files named explicitly may have any name
+MANIFEST = "manifest.json"
+LOCK_FILE = ".msa-lock"  # the writer lock a memory folder may hold before its first save (engine storage)
+EXIT_ERROR = 2
 
 
-def _engine(args):
-    from . import MSAEngine
+# ---------------------------------------------------------------- files
 
-    overrides = {}
-    if getattr(args, "k", None):
-        overrides["k"] = args.k
-    if getattr(args, "chunk_size", None):
-        overrides["chunk_size"] = args.chunk_size
-    if getattr(args, "keep_inputs", False):
-        overrides["keep_inputs"] = True
-    return MSAEngine.from_pretrained(model=args.model, router=args.router, device=args.device, **overrides)
+def collect_files(patterns, suffixes=INGEST_SUFFIXES) -> list:
+    """Files named by `patterns` (paths, folders walked recursively for `suffixes`, glob patterns), as
+    resolved real paths, each once, in the order given. A path that does not exist, or a pattern that
+    matches nothing, is an error (nothing is read or encoded). Hidden files and folders (".git") are
+    skipped in folder walks; a folder reached twice (a symlink loop) is walked once."""
+    found: dict = {}  # real path -> None: an ordered set
+    walked: set = set()
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise InvalidArgumentError(f"{pattern}: no file matches this pattern")
+        for path in matches:
+            if os.path.isdir(path):
+                for f in _walk(path, suffixes, walked):
+                    found.setdefault(f, None)
+            elif os.path.isfile(path):
+                found.setdefault(os.path.realpath(path), None)
+            elif os.path.lexists(path):
+                raise InvalidArgumentError(f"{path}: not a regular file or folder (a broken link?)")
+            else:
+                raise InvalidArgumentError(f"{path}: no such file or folder")
+    return list(found)
+
+
+def _walk(top: str, suffixes, walked: set):
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:  # a link back to a folder already walked: its files are already in
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if not name.startswith(".") and name.endswith(suffixes) and os.path.isfile(path):
+                yield os.path.realpath(path)
 
 
 def read_text_file(path: str) -> str:
@@ -30,41 +84,144 @@ def read_text_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise SystemExit(f"msa: {path} is not UTF-8 text ({e}); convert it (e.g. `iconv -t utf-8`) and retry")
+        raise InvalidArgumentError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                                   "(e.g. `iconv -t utf-8`) and retry") from None
+
+
+def document_ids(files: list, relative_to=None) -> list:
+    """Resolved paths, or paths relative to `relative_to` (which must hold every file)."""
+    if relative_to is None:
+        return list(files)
+    root = os.path.realpath(relative_to)
+    ids = []
+    for f in files:
+        rel = os.path.relpath(f, root)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise InvalidArgumentError(f"{f} is not inside --relative-to {relative_to}; give a folder holding "
+                                       "every input, or leave --relative-to out (ids are then absolute paths)")
+        ids.append(rel.replace(os.sep, "/"))
+    return ids
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- memory folders
+
+def holds_memory(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MANIFEST))
+
+
+def check_destination(directory: str) -> None:
+    """A memory folder may be written here: it is a memory, an empty folder, or a path that can be created,
+    and it is writable. Checked before any model is loaded or document encoded."""
+    if os.path.isdir(directory):
+        if not holds_memory(directory) and any(n != LOCK_FILE for n in os.listdir(directory)):
+            raise InvalidArgumentError(f"{directory} is a folder with files in it but no memory ({MANIFEST}); "
+                                       "give a memory folder, an empty folder or a new path")
+        _check_writable(directory)
+        return
+    if os.path.lexists(directory):
+        raise InvalidArgumentError(f"{directory} exists and is not a folder; give a memory folder or a new path")
+    parent = os.path.dirname(os.path.abspath(directory))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InvalidArgumentError(f"cannot create {directory}: {parent} is not a folder")
+    _check_writable(parent, creating=directory)
+
+
+def _check_writable(folder: str, creating=None) -> None:
+    # a real probe, not os.access: it also catches read-only mounts and ACLs
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".msa-probe-"):
+            pass
     except OSError as e:
-        raise SystemExit(f"msa: cannot read {path}: {e.strerror}")
+        what = f"cannot create {creating} in {folder}" if creating else f"cannot write to {folder}"
+        raise InvalidArgumentError(f"{what}: {e.strerror or e}; choose a writable location") from None
+
+
+def require_memory(directory: str) -> None:
+    if not holds_memory(directory):
+        what = "does not exist" if not os.path.exists(directory) else f"holds no memory ({MANIFEST})"
+        raise InvalidArgumentError(f"{directory} {what}; create a memory with `msa ingest FILES --memory {directory}`")
+
+
+def read_manifest_summary(directory: str) -> dict:
+    """The description a saved memory's manifest gives of it (no model needed)."""
+    require_memory(directory)
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        return {k: manifest[k] for k in ("format_version", "fingerprint", "n_documents", "n_chunks", "n_tokens")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MemoryFormatError(f"{path} is not a readable memory manifest ({type(e).__name__}: {e}); "
+                                "the folder is damaged or from another tool") from None
+
+
+# ---------------------------------------------------------------- commands
+
+def _engine(args):
+    from . import MSAEngine
+
+    overrides = {}
+    for name in ("k", "chunk_size"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "keep_inputs", False):
+        overrides["keep_inputs"] = True
+    return MSAEngine.from_pretrained(model=args.model, router=args.router, device=args.device, **overrides)
+
+
+@dataclasses.dataclass
+class IngestPlan:
+    """What an ingest does to the memory: ids to add, ids whose text changed, ids left as they are."""
+    added: list
+    replaced: list
+    unchanged: list
+
+    @classmethod
+    def against(cls, snapshot, ids: list, hashes: list) -> "IngestPlan":
+        plan = cls([], [], [])
+        for doc_id, digest in zip(ids, hashes):
+            if doc_id not in snapshot:
+                plan.added.append(doc_id)
+            elif snapshot.get([doc_id])[0].metadata.get("sha256") == digest:
+                plan.unchanged.append(doc_id)
+            else:
+                plan.replaced.append(doc_id)
+        return plan
 
 
 def cmd_ingest(args) -> int:
-    files = []
-    for pattern in args.files:
-        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        files += [f for f in found if os.path.isfile(f)] or ([pattern] if not os.path.exists(pattern) else [])
-        if os.path.isdir(pattern):
-            files += sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                            if os.path.isfile(p) and p.endswith((".txt", ".md")))
+    files = collect_files(args.files)
     if not files:
-        raise SystemExit("msa: no files to ingest")
+        raise InvalidArgumentError(f"no {'/'.join(INGEST_SUFFIXES)} files found in {' '.join(args.files)}")
     texts = [read_text_file(f) for f in files]  # read everything first: a bad file adds nothing
+    ids = document_ids(files, args.relative_to)
+    hashes = [text_sha256(t) for t in texts]
+    check_destination(args.memory)
     engine = _engine(args)
-    if os.path.isfile(os.path.join(args.memory, "manifest.json")):
-        engine.load(args.memory)
-    ids = [os.path.relpath(f) for f in files]
-    new = [(i, t) for i, t in zip(ids, texts) if i not in engine.memory]
-    skipped = len(ids) - len(new)
     t0 = time.perf_counter()
-    added = engine.add([t for _, t in new], ids=[i for i, _ in new],
-                       metadata=[{"source": i} for i, _ in new]) if new else []
+    with engine.edit_saved(args.memory):  # locked: load what is saved now, change it, save
+        plan = IngestPlan.against(engine.snapshot(), ids, hashes)
+        todo = set(plan.added) | set(plan.replaced)
+        batch = [(i, t, {"source": f, "sha256": h}) for i, t, f, h in zip(ids, texts, files, hashes) if i in todo]
+        if batch:
+            engine.upsert([t for _, t, _ in batch], ids=[i for i, _, _ in batch], metadata=[m for _, _, m in batch])
     dt = time.perf_counter() - t0
-    engine.save(args.memory)
-    n_tok = sum(d.n_tokens for d in engine.get(added)) if added else 0
-    print(f"ingested {len(added)} documents ({n_tok} tokens, {n_tok / max(dt, 1e-9):.0f} tok/s)"
-          f"{f', skipped {skipped} already present' if skipped else ''}; memory {args.memory}: "
-          f"{len(engine)} documents, {engine.memory.nbytes / 1e6:.2f} MB")
+    n_tok = sum(d.n_tokens for d in engine.get(sorted(todo))) if todo else 0
+    info = engine.info()
+    print(f"ingested {len(files)} files: {len(plan.added)} added, {len(plan.replaced)} replaced, "
+          f"{len(plan.unchanged)} unchanged ({n_tok} tokens encoded, {n_tok / max(dt, 1e-9):.0f} tok/s); "
+          f"memory {args.memory}: {info['documents']} documents, {info['bytes'] / 1e6:.2f} MB")
     return 0
 
 
-def print_result(res, out=sys.stdout) -> None:
+def print_result(res, out=None) -> None:
+    out = out or sys.stdout
     print(f"Answer: {res.answer}", file=out)
     print("Routed documents:", file=out)
     for d in res.documents:
@@ -76,12 +233,13 @@ def print_result(res, out=sys.stdout) -> None:
 
 
 def cmd_ask(args) -> int:
+    require_memory(args.memory)
     engine = _engine(args)
     engine.load(args.memory)
     res = engine.query(args.question, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens,
                        rounds=args.rounds)
     if args.json:
-        print(json.dumps({"answer": res.answer, "documents": [d.__dict__ for d in res.documents],
+        print(json.dumps({"answer": res.answer, "documents": [dataclasses.asdict(d) for d in res.documents],
                           "timings": res.timings, "usage": res.usage}, indent=1))
     else:
         print_result(res)
@@ -89,30 +247,32 @@ def cmd_ask(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .engine.memory import read_manifest
-
-    m = read_manifest(args.memory)
-    print(json.dumps({k: m[k] for k in ("format_version", "fingerprint", "n_documents", "n_chunks", "n_tokens")},
-                     indent=1))
+    print(json.dumps(read_manifest_summary(args.memory), indent=1))
     return 0
+
+
+def demo_data():
+    """The sample corpus shipped inside the package: (list of (file name, text), questions)."""
+    root = resources.files("msa_plugins") / "data" / "demo"
+    docs = sorted((p.name, p.read_text(encoding="utf-8")) for p in (root / "docs").iterdir() if p.name.endswith(".txt"))
+    questions = [q.strip() for q in (root / "questions.txt").read_text(encoding="utf-8").splitlines() if q.strip()]
+    return docs, questions
 
 
 def cmd_demo(args) -> int:
     """Ingest the sample corpus and answer a few questions, printing routed documents and timings."""
-    import tempfile
-
-    data = os.path.join(EXAMPLES_DIR, "data")
-    files = sorted(glob.glob(os.path.join(data, "*.txt")))
-    with open(os.path.join(EXAMPLES_DIR, "questions.txt")) as f:
-        questions = [q.strip() for q in f if q.strip()]
+    docs, questions = demo_data()
+    if args.memory:
+        check_destination(args.memory)
     engine = _engine(args)
-    print(f"Model: {engine.name}, routing layers {engine.routing_layers[0]}..{engine.routing_layers[-1]}, "
-          f"router: {engine.router.fingerprint()}")
-    texts = [read_text_file(p) for p in files]
+    info = engine.info()
+    layers = info["routing_layers"]
+    print(f"Model: {info['model']}, routing layers {layers[0]}..{layers[-1]}, router: {info['router']}")
     t0 = time.perf_counter()
-    engine.add(texts, ids=[os.path.basename(p) for p in files])
-    print(f"Ingested {len(files)} documents ({engine.memory.n_tokens} tokens) in {time.perf_counter() - t0:.1f} s; "
-          f"memory {engine.memory.nbytes / 1e6:.2f} MB")
+    engine.add([text for _, text in docs], ids=[name for name, _ in docs])
+    info = engine.info()
+    print(f"Ingested {len(docs)} documents ({info['tokens']} tokens) in {time.perf_counter() - t0:.1f} s; "
+          f"memory {info['bytes'] / 1e6:.2f} MB")
     memory_dir = args.memory or tempfile.mkdtemp(prefix="msa-demo-")
     engine.save(memory_dir)
     print(f"Saved the memory to {memory_dir}")
@@ -122,53 +282,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+# ---------------------------------------------------------------- parser and entry point
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msa", description="Memory Sparse Attention memory for a local LLM")
     p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument("--router", default=None, help="router adapter folder (msa train-router)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("ingest", help="add text files to a memory folder (created if missing)")
-    s.add_argument("files", nargs="+")
+    s = sub.add_parser("ingest", help="add or update text files in a memory folder (created if missing)")
+    s.add_argument("files", nargs="+", help="files, folders (their .txt/.md files, recursively) or glob patterns")
     s.add_argument("--memory", required=True)
+    s.add_argument("--relative-to", default=None, metavar="DIR",
+                   help="document ids relative to DIR (default: each file's resolved absolute path)")
     s.add_argument("--chunk-size", type=int, default=None)
     s.add_argument("--keep-inputs", action="store_true", help="keep pooled layer inputs (re-keyable memory)")
     s.set_defaults(fn=cmd_ingest)
 
-    for name, fn, helptext in (("ask", cmd_ask, "answer a question from a memory folder"),
-                               ("demo", cmd_demo, "ingest the sample corpus and answer a few questions")):
-        s = sub.add_parser(name, help=helptext)
-        if name == "ask":
-            s.add_argument("question")
-            s.add_argument("--memory", required=True)
-            s.add_argument("--json", action="store_true")
-            s.add_argument("--rounds", type=int, default=None)
-        else:
-            s.add_argument("--memory", default=None, help="where to save the demo memory")
-        s.add_argument("--mode", default=None, choices=["interleave", "sparse", "protocol"])
-        s.add_argument("-k", "--k", type=int, default=2 if name == "demo" else None,
-                       help="documents to route to (demo: 2, since a 135M model reads few documents well)")
-        s.add_argument("--max-new-tokens", type=int, default=64)
-        s.add_argument("--chunk-size", type=int, default=None)
-        s.set_defaults(fn=fn)
+    s = sub.add_parser("ask", help="answer a question from a memory folder")
+    s.add_argument("question")
+    s.add_argument("--memory", required=True)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--rounds", type=int, default=None)
+    _add_answer_options(s, default_k=None)
+    s.set_defaults(fn=cmd_ask)
+
+    s = sub.add_parser("demo", help="ingest the sample corpus and answer a few questions")
+    s.add_argument("--memory", default=None, help="where to save the demo memory (default: a new temp folder)")
+    # k=2: a 135M model reads few documents well
+    _add_answer_options(s, default_k=2)
+    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("info", help="describe a saved memory folder")
     s.add_argument("memory")
     s.set_defaults(fn=cmd_info)
 
-    from .train_cli import add_parser as add_train_router_parser  # `msa train-router` (issue 4)
+    from .train_cli import add_parser as add_train_router_parser  # `msa train-router`
     add_train_router_parser(sub)
-    from .eval_cli import add_parser as add_eval_parser  # `msa eval` (issue 3)
+    from .eval_cli import add_parser as add_eval_parser  # `msa eval`
     add_eval_parser(sub)
+    from .server import add_serve_parser  # `msa serve` (fastapi and uvicorn are imported when it starts)
+    add_serve_parser(sub)
+    return p
 
-    args = p.parse_args(argv)
+
+def _add_answer_options(s, default_k) -> None:
+    from .config import MODES
+
+    s.add_argument("--mode", default=None, choices=MODES)
+    s.add_argument("-k", "--k", type=int, default=default_k, help="documents to route to")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--chunk-size", type=int, default=None)
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "Permission denied: mem/manifest.json"
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports
+    _log_to_stderr()
     try:
         return args.fn(args)
-    except (ValueError, TypeError, KeyError, LookupError, FileNotFoundError) as e:
-        print(f"msa: error: {e}", file=sys.stderr)
-        return 2
+    except (MSAError, OSError) as e:  # ordinary mistakes: one line, no traceback
+        print(f"msa: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _log_to_stderr() -> None:
+    """The package's info and warnings (model conversion, documents dropped to fit the window) on stderr."""
+    log = logging.getLogger("msa_plugins")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("msa: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`msa eval`: the same questions through the RAG pipeline MSA replaces (A) and MSA (B) (issue 3).
+"""`msa eval`: the same questions through the RAG pipeline MSA replaces (A) and MSA (B).
 
     msa eval --dataset popqa --limit 30 --seed 0 --distractors 150                 # end to end, RAGAS metrics
     msa eval --dataset popqa --limit 100 --retrieval-only --systems rag-minilm,rag-bm25,msa,msa-training-free
@@ -6,8 +6,8 @@
     msa eval --dataset jsonl --docs docs.jsonl --questions qa.jsonl
 
 Writes one folder per run (records.jsonl, summary.json, report.md with the exact command, PNG charts).
-Datasets are read from ../shared/datasets or $MSA_DATASETS / --data-root. Python API:
-`msa_plugins.integrations.ragas.ab.run_eval`.
+Datasets are read from --data-root, else $MSA_DATASETS, else ../shared/datasets relative to the current
+directory. Python API: `msa_plugins.integrations.ragas.ab.run_eval`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 
-SYSTEM_CHOICES = ("rag-minilm", "rag-bm25", "msa", "msa-training-free")
+from .integrations.ragas.ab import DATASETS, DEFAULT_SYSTEMS, PROMPT_SUFFIXES, SYSTEMS
 
 
 def _ints(text: str) -> list:
@@ -26,17 +26,16 @@ def _ints(text: str) -> list:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("eval", help="A/B evaluation: RAG (LlamaIndex + MiniLM / BM25) vs MSA, RAGAS metrics")
-    s.add_argument("--dataset", required=True,
-                   choices=["popqa", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah"])
+    s.add_argument("--dataset", required=True, choices=DATASETS)
     s.add_argument("--limit", type=int, default=None, help="questions (NIAH: samples per memory size)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--distractors", type=int, default=None,
                    help="memory = the questions' gold documents + this many seeded others (default: full corpus)")
     s.add_argument("--retrieval-only", action="store_true", help="recall@k / MRR only, no generation (fast)")
-    s.add_argument("--systems", default="rag-minilm,msa",
-                   help=f"comma list of {','.join(SYSTEM_CHOICES)}, each optionally with a prompt suffix "
-                        "(-msaprompt: MSA's interleave prompt, -llamaprompt: LlamaIndex's QA prompt, -llamauser: "
-                        "its user turn only) over that system's documents; the first is the baseline A")
+    s.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma list of {','.join(SYSTEMS)}, each optionally with a prompt suffix "
+                        f"({', '.join(PROMPT_SUFFIXES)}: MSA's interleave prompt, LlamaIndex's QA prompt, its user "
+                        "turn only) over that system's documents; the first is the baseline A")
     s.add_argument("--mode", default=None, choices=["interleave", "sparse"])
     s.add_argument("-k", "--k", type=int, default=3, help="documents per question, both systems")
     s.add_argument("--rounds", type=int, default=1,
@@ -48,7 +47,8 @@ def add_parser(sub) -> None:
     s.add_argument("--niah-samples", type=int, default=5, help="NIAH samples per size (when --limit is not given)")
     s.add_argument("--docs", default=None, help="--dataset jsonl: documents JSONL")
     s.add_argument("--questions", default=None, help="--dataset jsonl: questions JSONL")
-    s.add_argument("--data-root", default=None)
+    s.add_argument("--data-root", default=None,
+                   help="the datasets folder (default: $MSA_DATASETS, else ../shared/datasets from the current directory)")
     s.add_argument("--no-ragas", action="store_true", help="skip RAGAS non-LLM metrics")
     s.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint for LLM-judged metrics")
     s.add_argument("--judge-model", default=None)
@@ -58,13 +58,10 @@ def add_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
-    from .integrations.ragas.ab import run_eval
+    from .integrations.ragas.ab import parse_systems, run_eval
 
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    from .integrations.ragas.ab import split_system
-
-    for x in systems:
-        split_system(x)  # ValueError on an unknown name
+    parse_systems(systems)  # an unknown name fails here, before any model is loaded
     out = args.out or os.path.join("runs", f"eval-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     command = " ".join(shlex.quote(a) for a in ["msa", *getattr(args, "argv", sys.argv[1:])])
     res = run_eval(dataset=args.dataset, limit=args.limit, seed=args.seed, distractors=args.distractors,
@@ -74,6 +71,7 @@ def cmd_eval(args) -> int:
                    device=args.device or "cpu", data_root=args.data_root, docs_path=args.docs,
                    questions_path=args.questions, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                    ragas_metrics=not args.no_ragas, command=command, progress=not args.quiet)
-    print(open(os.path.join(res.out_dir, "report.md"), encoding="utf-8").read())
+    with open(os.path.join(res.out_dir, "report.md"), encoding="utf-8") as f:
+        print(f.read())
     print(f"wrote {res.out_dir}")
     return 0

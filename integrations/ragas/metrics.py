@@ -18,67 +18,15 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from msa_plugins.errors import InvalidArgumentError
+# recall@k, hit@k, all@k, MRR and their means have one implementation, shared with router training
+# (standard library only); re-exported here so the harness reads every metric from this module.
+from msa_plugins.metrics import (all_at_k, hit_at_k, mean_scores, reciprocal_rank,  # noqa: F401
+                                 recall_at_k, retrieval_scores)
 
 # ---------------------------------------------------------------- retrieval
-
-def recall_at_k(retrieved_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float | None:
-    """Fraction of the gold documents found in the top k; None when the question has no gold documents."""
-    gold = set(gold_ids)
-    if not gold:
-        return None
-    return len(gold & set(retrieved_ids[:k])) / len(gold)
-
-
-def hit_at_k(retrieved_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float | None:
-    """1.0 when at least one gold document is in the top k."""
-    gold = set(gold_ids)
-    if not gold:
-        return None
-    return 1.0 if gold & set(retrieved_ids[:k]) else 0.0
-
-
-def all_at_k(retrieved_ids: Sequence[str], gold_ids: Sequence[str], k: int) -> float | None:
-    """1.0 when every gold document is in the top k (what a multi-hop question needs)."""
-    gold = set(gold_ids)
-    if not gold:
-        return None
-    return 1.0 if gold <= set(retrieved_ids[:k]) else 0.0
-
-
-def reciprocal_rank(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> float | None:
-    """1 / rank of the first gold document (0 when none was retrieved)."""
-    gold = set(gold_ids)
-    if not gold:
-        return None
-    for rank, doc_id in enumerate(retrieved_ids, start=1):
-        if doc_id in gold:
-            return 1.0 / rank
-    return 0.0
-
-
-def retrieval_scores(retrieved_ids: Sequence[str], gold_ids: Sequence[str], ks: Iterable[int]) -> dict[str, float | None]:
-    scores: dict[str, float | None] = {}
-    for k in ks:
-        scores[f"recall@{k}"] = recall_at_k(retrieved_ids, gold_ids, k)
-        scores[f"hit@{k}"] = hit_at_k(retrieved_ids, gold_ids, k)
-        scores[f"all@{k}"] = all_at_k(retrieved_ids, gold_ids, k)
-    scores["mrr"] = reciprocal_rank(retrieved_ids, gold_ids)
-    return scores
-
-
-def mean_scores(per_question: Iterable[dict[str, float | None]]) -> dict[str, float]:
-    """Average every metric over the questions where it is defined (None = not applicable, skipped)."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for scores in per_question:
-        for name, value in scores.items():
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            sums[name] = sums.get(name, 0.0) + float(value)
-            counts[name] = counts.get(name, 0) + 1
-    return {name: sums[name] / counts[name] for name in sums}
-
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     """Median, p95 (nearest-rank), mean and max of per-question latencies, in seconds."""
@@ -262,7 +210,7 @@ class Judge:
 
     def __post_init__(self) -> None:
         if self.chat_model is None and not (self.base_url and self.model):
-            raise ValueError("Judge needs either chat_model= (LangChain) or base_url= and model= (OpenAI-compatible)")
+            raise InvalidArgumentError("Judge needs either chat_model= (LangChain) or base_url= and model= (OpenAI-compatible)")
 
     def complete(self, prompt: str) -> str:
         if self.chat_model is not None:

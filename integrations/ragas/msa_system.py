@@ -3,7 +3,7 @@
 The engine must hold the evalset's memory under the same ids the RAG side reports:
     engine.add(evalset.memory_texts(), ids=evalset.doc_ids)
 Then `{"msa": msa_retrieve_fn(engine)}` goes to run_retrieval_eval and `{"msa": msa_answer_fn(engine)}`
-to run_ab_eval. Only the engine's public `route()` / `query()` are used (duck-typed, no import of the
+to run_ab_eval. Only the engine's public `retrieve()` / `query()` are used (duck-typed, no import of the
 engine here, so this module loads without torch).
 """
 from __future__ import annotations
@@ -14,18 +14,17 @@ from .harness import AnswerResult, Context
 
 
 def msa_retrieve_fn(engine: Any) -> Callable[[str, int], list[tuple[str, float]]]:
-    """Routing only (no generation): the engine's aggregated document ranking."""
+    """Routing only (no generation): the engine's layer-mean document ranking, best first."""
 
     def retrieve(question: str, k: int) -> list[tuple[str, float]]:
-        routing = engine.route(question, k=k)
-        return [(str(i), float(s)) for i, s in zip(routing.ids, routing.scores)][:k]
+        return [(str(d.id), float(d.score)) for d in engine.retrieve(question, k=k)]
 
     return retrieve
 
 
 def msa_answer_fn(engine: Any, **query_kwargs) -> Callable[[str], AnswerResult]:
     """Route + generate; contexts are the routed documents of every round, in routing order.
-    query_kwargs go to `engine.query` (mode=, k=, rounds=, max_new_tokens=, ...)."""
+    query_kwargs go to `engine.query` (mode=, k=, rounds=, max_new_tokens=, ...; None = the default)."""
 
     def answer(question: str) -> AnswerResult:
         result = engine.query(question, **query_kwargs)

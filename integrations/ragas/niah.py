@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from msa_plugins.errors import InvalidArgumentError
+
 from .datasets import EvalDoc, EvalQuestion, EvalSet, resolve_data_path
 
 NOISE_BLOCK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -95,7 +97,7 @@ def load_essay_sentences(data_root=None) -> list[str]:
         text = " ".join(path.read_text(encoding="utf-8").split())
         sentences.extend(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
     if not sentences:
-        raise ValueError(f"{folder}: no essay text found")
+        raise InvalidArgumentError(f"{folder}: no essay text found")
     return sentences
 
 
@@ -117,9 +119,9 @@ def generate_niah(
     """
     task_name = VARIANT_ALIASES.get(task, task)
     if task_name not in RULER_TASKS:
-        raise ValueError(f"unknown NIAH task {task!r}; use one of {sorted(RULER_TASKS)} or {sorted(VARIANT_ALIASES)}")
+        raise InvalidArgumentError(f"unknown NIAH task {task!r}; use one of {sorted(RULER_TASKS)} or {sorted(VARIANT_ALIASES)}")
     if memory_tokens < doc_tokens or doc_tokens <= 0:
-        raise ValueError(f"need 0 < doc_tokens <= memory_tokens, got {doc_tokens} and {memory_tokens}")
+        raise InvalidArgumentError(f"need 0 < doc_tokens <= memory_tokens, got {doc_tokens} and {memory_tokens}")
     spec = RULER_TASKS[task_name]
     rng = random.Random(f"{task_name}/{memory_tokens}/{doc_tokens}/{seed}")
     count = make_token_counter(tokenizer)
@@ -192,7 +194,7 @@ def _make_key(rng: random.Random, key_type: str) -> str:
         return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
     if key_type == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise ValueError(f"unknown key type {key_type!r}")
+    raise InvalidArgumentError(f"unknown key type {key_type!r}")
 
 
 def _make_value(rng: random.Random, value_type: str) -> str:
@@ -200,7 +202,7 @@ def _make_value(rng: random.Random, value_type: str) -> str:
         return str(rng.randint(1_000_000, 9_999_999))
     if value_type == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise ValueError(f"unknown value type {value_type!r}")
+    raise InvalidArgumentError(f"unknown value type {value_type!r}")
 
 
 def _distinct(make: Callable[[], str], n: int, avoid: set[str] = frozenset()) -> list[str]:
@@ -227,7 +229,7 @@ def _haystack_units(spec, rng, count, memory_tokens, keys, data_root, essay_sent
         # Distractor needles with fresh keys/values: one line each, never a queried key.
         base_units = None
     else:
-        raise ValueError(f"unknown haystack {spec.haystack!r}")
+        raise InvalidArgumentError(f"unknown haystack {spec.haystack!r}")
     units, total, i = [], 0, 0
     taken = set(keys)
     while total < memory_tokens:
