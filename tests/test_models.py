@@ -183,3 +183,46 @@ def test_routed_documents_that_overflow_the_window_are_dropped_lowest_first(tmp_
     assert res.prompt_tokens + 4 <= e.model.max_positions
     with pytest.raises(ValueError, match="does not fit the model's window"):
         e.generate("word " * 400, max_new_tokens=4)
+
+
+def test_hub_ids_use_the_cache_offline_and_fail_clearly_when_not_cached(tiny_model_dir, tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache (what a download leaves there); offline and not
+    cached, the error says so. No network is used: HF_HUB_OFFLINE is set."""
+    import shutil
+
+    from msa_plugins import PathNotFoundError
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model_dir("llama"), snapshot)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    e = MSAEngine.from_pretrained("tiny-org/tiny-llama", device="cpu")
+    assert e.model_name == "tiny-org/tiny-llama"
+    e.add(["Alice was born in Lisbon."], ids=["a"], progress=False)
+    assert [d.id for d in e.retrieve("Where was Alice born?")] == ["a"]
+    with pytest.raises(PathNotFoundError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        MSAEngine.from_pretrained("tiny-org/not-downloaded", device="cpu")
+    with pytest.raises(PathNotFoundError, match="neither a local"):
+        MSAEngine.from_pretrained(str(tmp_path / "nowhere" / "deeper" / "x"), device="cpu")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_load_and_route(tiny_model_dir, tmp_path, dtype):
+    """A local folder saved in bf16/fp16 (as most hub checkpoints are) loads and answers on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model_dir("qwen3")
+    half = tmp_path / dtype
+    AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).save_pretrained(half)
+    AutoTokenizer.from_pretrained(src).save_pretrained(half)
+    e = MSAEngine.from_pretrained(str(half), device="cpu", chunk_size=4, max_new_tokens=2)
+    e.add(DOCS, ids=["a", "b", "c"], progress=False)
+    res = e.query("Where was Alice born?", k=2)
+    assert len(res.documents) == 2 and res.completion_tokens >= 1
