@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import InvalidArgumentError, MemoryFormatError, RouterMismatchError
+from ..errors import PathNotFoundError, InvalidArgumentError, MemoryFormatError, RouterMismatchError
 
 ROUTER_FORMAT_VERSION = 1
 MSA4B_Q = "model.layers.{layer}.self_attn.router_q_proj.0.weight"
@@ -140,6 +140,9 @@ class Router:
 
         path_json = os.path.join(directory, "router.json")
         path_w = os.path.join(directory, "router.safetensors")
+        if not os.path.exists(directory):
+            raise PathNotFoundError(f"router folder {directory!r} does not exist; pass a folder written by "
+                                    "`msa train-router`, or router='none' for the training-free baseline")
         if not (os.path.isfile(path_json) and os.path.isfile(path_w)):
             raise MemoryFormatError(f"{directory!r} is not a router adapter: it needs router.json and "
                                     "router.safetensors (written by `msa train-router` or Router.save)")

@@ -12,7 +12,8 @@ from msa_plugins import MSAEngine
 from msa_plugins.engine.router import Router
 from msa_plugins.engine.training import (FeatureCache, TrainableRouter, infonce, init_router_weights,
                                          inverse_cloze_pairs, routing_loss)
-from msa_plugins.errors import InvalidArgumentError, MemoryFormatError, ModelMismatchError, RouterMismatchError
+from msa_plugins.errors import (InvalidArgumentError, MemoryFormatError, ModelMismatchError, PathNotFoundError,
+                                RouterMismatchError)
 from msa_plugins.metrics import retrieval_metrics
 from msa_plugins.trainer import (TrainConfig, build_features, evaluate, train, train_router_for,
                                  training_free_router)
@@ -285,8 +286,11 @@ def test_format_versions_are_clear_errors(engine, cache, tmp_path):
         f.write("{not json")
     with pytest.raises(MemoryFormatError, match="router.json"):
         Router.load(d)
-    with pytest.raises(MemoryFormatError, match="not a router adapter"):
+    with pytest.raises(PathNotFoundError, match="does not exist"):
         Router.load(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(MemoryFormatError, match="not a router adapter"):
+        Router.load(str(tmp_path / "empty"))
     c = str(tmp_path / "c")
     cache.save(c)
     with open(os.path.join(c, "features.json")) as f:
