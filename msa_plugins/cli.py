@@ -31,7 +31,9 @@ import tempfile
 import time
 from importlib import resources
 
+from .config import AnswerOptions
 from .errors import InvalidArgumentError, MemoryFormatError, MSAError
+from .validation import check_text
 
 INGEST_SUFFIXES = (".txt", ".md")  # what a folder walk picks up; files named explicitly may have any name
 MANIFEST = "manifest.json"
@@ -233,6 +235,9 @@ def print_result(res, out=None) -> None:
 
 
 def cmd_ask(args) -> int:
+    # the question and options are checked before the model loads: a mistake costs no time
+    check_text(args.question)
+    AnswerOptions().merged(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, rounds=args.rounds)
     require_memory(args.memory)
     engine = _engine(args)
     engine.load(args.memory)

@@ -254,3 +254,258 @@ def test_empty_memory_route_is_an_error_but_retrieve_is_empty(engine_and_dir):
     assert engine.retrieve(QUESTION) == []
     assert engine.add([]) == []
     assert len(engine) == 0
+
+
+# ---------------------------------------------------------------- storage format: loading a damaged copy
+def _damaged_copy(d: Path, damage) -> str:
+    import shutil
+
+    copy = d.parent / f"damaged-{damage.__name__}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(d, copy)
+    damage(copy)
+    return str(copy)
+
+
+def _files(folder, prefix):
+    return [p for p in folder.iterdir() if p.name.startswith(prefix)]
+
+
+def manifest_not_json(c):
+    (c / "manifest.json").write_text("{truncated")
+
+
+def manifest_wrong_version(c):
+    m = json.loads((c / "manifest.json").read_text())
+    m["format_version"] = 99
+    (c / "manifest.json").write_text(json.dumps(m))
+
+
+def manifest_missing_key(c):
+    m = json.loads((c / "manifest.json").read_text())
+    del m["documents"]
+    (c / "manifest.json").write_text(json.dumps(m))
+
+
+def tensors_truncated(c):
+    t = _files(c, "tensors-")[0]
+    t.write_bytes(t.read_bytes()[:-16])
+
+
+def tensors_byte_flipped(c):
+    t = _files(c, "tensors-")[0]
+    data = bytearray(t.read_bytes())
+    data[-5] ^= 0xFF
+    t.write_bytes(bytes(data))
+
+
+def docs_edited(c):
+    dpath = _files(c, "docs-")[0]
+    dpath.write_text(dpath.read_text().replace("Lisbon", "Madrid"))
+
+
+def docs_missing(c):
+    _files(c, "docs-")[0].unlink()
+
+
+def manifest_names_other_file(c):
+    m = json.loads((c / "manifest.json").read_text())
+    m["tensors"]["file"] = "../../etc/passwd"
+    (c / "manifest.json").write_text(json.dumps(m))
+
+
+STORAGE_CASES = [
+    _case(f"load-{fn.__name__}", (lambda fn: lambda e, d: e.load(_damaged_copy(d, fn)))(fn), MemoryFormatError, words)
+    for fn, words in [(manifest_not_json, "manifest.json"), (manifest_wrong_version, "version"),
+                      (manifest_missing_key, "documents"), (tensors_truncated, "tensors-"),
+                      (tensors_byte_flipped, "checksum"), (docs_edited, "docs-"), (docs_missing, "missing"),
+                      (manifest_names_other_file, "manifest")]
+] + [
+    _case("load-not-a-memory", lambda e, d: e.load(str(d.parent)), MemoryFormatError, "manifest.json"),
+    _case("load-missing-folder", lambda e, d: e.load(str(d.parent / "nowhere")), (MemoryFormatError, PathNotFoundError),
+          "nowhere"),
+    _case("save-into-user-folder", lambda e, d: (_user_folder(d), e.save(str(d.parent / "user-notes"))),
+          InvalidArgumentError, "no saved memory"),
+]
+
+
+def _user_folder(d: Path):
+    notes = d.parent / "user-notes"
+    notes.mkdir(exist_ok=True)
+    (notes / "docs-2024-budget.md").write_text("my budget")
+
+
+@pytest.mark.parametrize("call,error,words", STORAGE_CASES)
+def test_storage_bad_input(engine_and_dir, call, error, words):
+    _check(engine_and_dir, call, error, words)
+
+
+def test_a_refused_save_leaves_the_users_files(engine_and_dir):
+    _, memory_dir, _ = engine_and_dir
+    with pytest.raises(InvalidArgumentError):
+        _user_folder(memory_dir)
+        engine_and_dir[0].save(str(memory_dir.parent / "user-notes"))
+    assert (memory_dir.parent / "user-notes" / "docs-2024-budget.md").read_text() == "my budget"
+
+
+# ---------------------------------------------------------------- LlamaIndex surface
+def _li(fn):
+    return lambda e, d: fn(e)
+
+
+def _li_retriever(**kw):
+    from msa_plugins.integrations.llama_index import MSARetriever
+
+    return lambda e, d: MSARetriever(e, **kw)
+
+
+def _li_filters(filters):
+    def call(e, d):
+        from msa_plugins.integrations.llama_index import MSARetriever
+
+        return MSARetriever(e, filters=filters).retrieve(QUESTION)
+    return call
+
+
+def _li_query(question):
+    def call(e, d):
+        from msa_plugins.integrations.llama_index import MSAQueryEngine
+
+        return MSAQueryEngine(e).query(question)
+    return call
+
+
+def _li_llm(**kw):
+    def call(e, d):
+        from msa_plugins.integrations.llama_index import MSALLM
+
+        return MSALLM(engine=e, **kw).complete("hello")
+    return call
+
+
+def _li_insert(metadata):
+    def call(e, d):
+        from llama_index.core.schema import TextNode
+
+        from msa_plugins.integrations.llama_index import MSAVectorStore
+
+        return MSAVectorStore(e).add([TextNode(text="a new node text", id_="n1", metadata=metadata)])
+    return call
+
+
+def _meta_filters(key, value, operator="=="):
+    from llama_index.core.vector_stores import MetadataFilter, MetadataFilters
+
+    return MetadataFilters(filters=[MetadataFilter(key=key, value=value, operator=operator)])
+
+
+LLAMA_INDEX_CASES = [
+    _case("li-retriever-k-zero", _li_retriever(similarity_top_k=0), InvalidArgumentError, "k must be >= 1"),
+    _case("li-retriever-k-string", _li_retriever(similarity_top_k="3"), InvalidTypeError, "k must be an int"),
+    _case("li-filters-in-scalar", lambda e, d: _li_filters(_meta_filters("topic", "people", "in"))(e, d),
+          InvalidTypeError, "in"),
+    _case("li-filters-not-filters", _li_filters(5), InvalidTypeError, "filters"),
+    _case("li-query-empty", _li_query(""), InvalidArgumentError, "empty"),
+    _case("li-query-over-window", _li_query("word " * 3000), InputTooLongError, "tokens"),
+    _case("li-llm-max-new-negative", _li_llm(max_new_tokens=-1), InvalidArgumentError, "max_new_tokens"),
+    _case("li-llm-temperature-nan", _li_llm(temperature=NAN), InvalidArgumentError, "temperature"),
+    _case("li-retriever-k-float", _li_retriever(similarity_top_k=2.5), InvalidTypeError, "k must be an int"),
+    _case("li-insert-id-with-hash", lambda e, d: __import__("msa_plugins.integrations.llama_index",
+                                                           fromlist=["MSAVectorStore"]).MSAVectorStore(e).add(
+        [__import__("llama_index.core.schema", fromlist=["TextNode"]).TextNode(text="text", id_="L#0")]),
+        InvalidArgumentError, "#"),
+]
+
+
+def _li_filter_value_case():
+    return _li_filters(_meta_filters("year", "not-a-number", ">"))
+
+
+LLAMA_INDEX_CASES.append(_case("li-filter-uncomparable", _li_filter_value_case(), InvalidTypeError, "year"))
+
+
+@pytest.mark.parametrize("call,error,words", LLAMA_INDEX_CASES)
+def test_llama_index_bad_input(engine_and_dir, call, error, words):
+    _check(engine_and_dir, call, error, words)
+
+
+# ---------------------------------------------------------------- LangChain surface
+def _lc_chat(**kw):
+    def call(e, d):
+        from msa_plugins.integrations.langchain import ChatMSA
+
+        return ChatMSA(engine=e, **kw).invoke(QUESTION)
+    return call
+
+
+def _lc_store(method, *args, **kw):
+    def call(e, d):
+        from msa_plugins.integrations.langchain import MSAVectorStore
+
+        return getattr(MSAVectorStore(e), method)(*args, **kw)
+    return call
+
+
+LANGCHAIN_CASES = [
+    _case("lc-chat-max-tokens-string", lambda e, d: __import__("msa_plugins.integrations.langchain",
+                                                              fromlist=["ChatMSA"]).ChatMSA(engine=e).invoke(
+        QUESTION, max_tokens="5"), InvalidTypeError, "max_new_tokens"),
+    _case("lc-chat-k-zero", _lc_chat(k=0), InvalidArgumentError, "k must be >= 1"),
+    _case("lc-chat-temperature-negative", _lc_chat(temperature=-1.0), InvalidArgumentError, "temperature"),
+    _case("lc-chat-mode-unknown", _lc_chat(mode="fast"), InvalidArgumentError, "mode"),
+    _case("lc-chat-empty-question", lambda e, d: __import__("msa_plugins.integrations.langchain", fromlist=["ChatMSA"])
+          .ChatMSA(engine=e).invoke(""), InvalidArgumentError, "empty"),
+    _case("lc-store-k-zero", _lc_store("similarity_search", QUESTION, k=0), InvalidArgumentError, "k"),
+    _case("lc-store-filter-operator", _lc_store("similarity_search", QUESTION, filter={"topic": {"$near": 1}}),
+          InvalidArgumentError, "$near"),
+    _case("lc-store-filter-type", _lc_store("similarity_search", QUESTION, filter=5), InvalidTypeError, "filter"),
+    _case("lc-store-unknown-kwarg", _lc_store("similarity_search", QUESTION, score_threshold=0.5),
+          InvalidArgumentError, "score_threshold"),
+    _case("lc-store-bad-metadata", _lc_store("add_texts", ["new text"], metadatas=[{"a": (1,)}]), InvalidTypeError,
+          "metadata"),
+    _case("lc-store-empty-text", _lc_store("add_texts", [""]), InvalidArgumentError, "empty"),
+    _case("lc-store-embeddings-swap", lambda e, d: __import__("msa_plugins.integrations.langchain",
+                                                             fromlist=["MSAVectorStore"]).MSAVectorStore(None),
+          InvalidTypeError, "needs the MSAEngine"),
+]
+
+
+@pytest.mark.parametrize("call,error,words", LANGCHAIN_CASES)
+def test_langchain_bad_input(engine_and_dir, call, error, words):
+    _check(engine_and_dir, call, error, words)
+
+
+# ---------------------------------------------------------------- command line
+CLI_CASES = [
+    ("cli-ask-missing-memory", lambda d, m: ["ask", "Where?", "--memory", str(d.parent / "nowhere")], "does not exist"),
+    ("cli-ask-not-a-memory", lambda d, m: ["ask", "Where?", "--memory", str(d.parent)], "no memory"),
+    ("cli-ask-k-zero", lambda d, m: ["ask", "Where?", "--memory", str(d), "-k", "0"], "k must be >= 1"),
+    ("cli-ask-empty-question", lambda d, m: ["ask", " ", "--memory", str(d)], "empty"),
+    ("cli-ask-max-new-negative", lambda d, m: ["ask", "Where?", "--memory", str(d), "--max-new-tokens", "-1"],
+     "max_new_tokens"),
+    ("cli-ingest-missing-path", lambda d, m: ["ingest", str(d.parent / "no-such.txt"), "--memory", str(d)],
+     "no-such.txt"),
+    ("cli-ingest-into-user-folder", lambda d, m: ["ingest", str(m), "--memory", str(_user_folder(d) or
+                                                                                   d.parent / "user-notes")],
+     "no memory"),
+    ("cli-info-not-a-memory", lambda d, m: ["info", str(d.parent)], "no memory"),
+    ("cli-info-missing", lambda d, m: ["info", str(d.parent / "nowhere")], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("name,argv,words", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(engine_and_dir, capsys, name, argv, words):
+    """One line on stderr, exit code 2, no traceback, and the memory folder unchanged."""
+    from msa_plugins.cli import main
+
+    _, memory_dir, model_dir = engine_and_dir
+    text_file = memory_dir.parent / "note.txt"
+    text_file.write_text("Carla paints in Porto.")
+    disk = _disk(memory_dir)
+    code = main(["--model", model_dir, "--device", "cpu"] + argv(memory_dir, text_file))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("msa: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert words.lower() in lines[0].lower(), lines[0]
+    assert _disk(memory_dir) == disk
