@@ -128,6 +128,19 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke("hi?", top_p=0.9)
 
 
+def test_tools_without_a_template_tool_block_use_the_json_protocol(engine):
+    from langchain_core.tools import tool
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    assert not engine.supports_tools  # the tiny model's ChatML template renders no tools
+    msg = ChatMSA(engine=engine, max_tokens=3, format_retries=0).bind_tools([add]).invoke("What is 2 plus 3?")
+    assert msg.response_metadata["tool_format"] == "json_prompt"
+
+
 def test_chat_without_memory_is_plain_generation(engine):
     chat = ChatMSA(engine=engine, max_tokens=4, use_memory=False)
     msg = chat.invoke("Where is Paris?")
@@ -320,3 +333,90 @@ def test_chat_on_empty_memory_answers_from_the_model_alone(model_dir):
     eng = MSAEngine.from_pretrained(model_dir, device="cpu")
     msg = ChatMSA(engine=eng, max_tokens=3).invoke("Hello?")
     assert msg.response_metadata["documents"] == [] and msg.usage_metadata["output_tokens"] >= 1
+
+
+# a Qwen2/Qwen3-style chat template, cut down: a tools block in the system turn, calls in <tool_call> tags
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\nFor each call, "
+    "return <tool_call>{\"name\": <function-name>, \"arguments\": <args-json-object>}</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tools_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with a chat template that renders tools, as a user's Qwen folder has."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    out = str(tmp_path_factory.mktemp("tools_template") / "model")
+    shutil.copytree(model_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = QWEN_TOOLS_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def test_tools_go_through_a_chat_template_that_renders_them(tools_model_dir):
+    from langchain_core.exceptions import OutputParserException
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from transformers import AutoTokenizer
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    engine = MSAEngine.from_pretrained(tools_model_dir, device="cpu", k=2)
+    assert engine.supports_tools
+    msg = ChatMSA(engine=engine, max_tokens=3, format_retries=0).bind_tools([get_weather]).invoke("Weather in Rome?")
+    assert msg.response_metadata["tool_format"] == "chat_template" and msg.response_metadata["attempts"] == 1
+    # the prompt is the template's rendering of the question with the schemas (no JSON protocol in a system turn)
+    tok = AutoTokenizer.from_pretrained(tools_model_dir)
+    question = [{"role": "user", "content": "Weather in Rome?"}]
+    expected = tok.apply_chat_template(question, tools=[convert_to_openai_tool(get_weather)], tokenize=False,
+                                       add_generation_prompt=True)
+    assert "get_weather" in expected and "You can call these tools" not in expected
+    assert msg.usage_metadata["input_tokens"] == len(tok(expected, add_special_tokens=False)["input_ids"])
+    assert msg.usage_metadata["input_tokens"] > engine.generate(question, max_new_tokens=1).prompt_tokens
+    # a required call the random model cannot make: bounded retries, then a clear error
+    with pytest.raises(OutputParserException, match="after 2 attempts.*tool-call format"):
+        ChatMSA(engine=engine, max_tokens=3, format_retries=1).bind_tools(
+            [get_weather], tool_choice="any").invoke("Weather in Rome?")
+
+
+def test_template_tool_calls_are_parsed_and_history_uses_the_template_format():
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from msa_plugins.integrations.langchain.chat_models import _split_messages
+    from msa_plugins.integrations.langchain.tools import looks_like_call, parse_tool_call
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    tools = [convert_to_openai_tool(add)]
+    reply = 'Let me add {these}.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    call = parse_tool_call(reply, tools, None)
+    assert call["name"] == "add" and call["args"] == {"a": 2, "b": 3}
+    cut = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}'  # the token limit hit before the end tag
+    assert parse_tool_call(cut, tools, None)["args"] == {"a": 2, "b": 3}
+    assert "required field 'b'" in parse_tool_call('<tool_call>{"name": "add", "arguments": {"a": 2}}</tool_call>',
+                                                   tools, None)
+    assert looks_like_call("<tool_call>\n{") and not looks_like_call("Five.")
+    turns = [HumanMessage("What is 2 plus 3?"),
+             AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "c1"}]),
+             ToolMessage("5", tool_call_id="c1", name="add")]
+    question, history, _, _ = _split_messages(turns, template_tools=True)
+    assert question == "<tool_response>\n5\n</tool_response>"
+    assert history[-1] == {"role": "assistant",
+                           "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'}
+    question, history, _, _ = _split_messages(turns)  # the JSON protocol's form
+    assert question == "Tool result (add): 5" and history[-1]["content"] == '{"name": "add", "arguments": {"a": 2, "b": 3}}'

@@ -491,3 +491,96 @@ def test_function_calling_llm_without_a_valid_call(engine):
     with pytest.raises(ToolCallError, match="without calling a tool"):
         llm.get_tool_calls_from_response(response)
     assert llm.count_tokens("Where is Paris?") == engine.count_tokens("Where is Paris?") > 0
+
+
+# a Qwen2/Qwen3-style chat template, cut down: a tools block in the system turn, calls in <tool_call> tags
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\nFor each call, "
+    "return <tool_call>{\"name\": <function-name>, \"arguments\": <args-json-object>}</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tools_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with a chat template that renders tools, as a user's Qwen folder has."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    out = str(tmp_path_factory.mktemp("tools_template") / "model")
+    shutil.copytree(model_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = QWEN_TOOLS_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def _weather_tool():
+    from llama_index.core.tools import FunctionTool
+
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    return FunctionTool.from_defaults(get_weather)
+
+
+def test_tools_go_through_a_chat_template_that_renders_them(tools_model_dir, engine):
+    from transformers import AutoTokenizer
+
+    from msa_plugins.integrations.llama_index import ToolCallError
+    from msa_plugins.integrations.llama_index.llms import _openai_tool
+
+    tool = _weather_tool()
+    native = MSAEngine.from_pretrained(tools_model_dir, device="cpu", k=2)
+    assert native.supports_tools and not engine.supports_tools
+    llm = MSALLM(engine=native, max_new_tokens=3, max_retries=0)
+    response = llm.chat_with_tools([tool], user_msg="Weather in Rome?")
+    assert response.raw["tool_format"] == "chat_template" and response.raw["attempts"] == 1
+    # the prompt is the template's rendering of the question with the schemas (no JSON protocol in a system turn)
+    tok = AutoTokenizer.from_pretrained(tools_model_dir)
+    question = [{"role": "user", "content": "Weather in Rome?"}]
+    expected = tok.apply_chat_template(question, tools=[_openai_tool(tool)], tokenize=False, add_generation_prompt=True)
+    assert "get_weather" in expected
+    assert response.raw["usage"]["prompt_tokens"] == len(tok(expected, add_special_tokens=False)["input_ids"])
+    assert response.raw["usage"]["prompt_tokens"] > native.generate(question, max_new_tokens=1).prompt_tokens
+    # a required call: the template shows the tools, the system turn only says a call is required
+    prepared = llm._prepare_chat_with_tools([tool], user_msg="Weather in Rome?", tool_required=True)
+    assert prepared["messages"][0].content == "You must call one of the tools."
+    with pytest.raises(ToolCallError, match="2 attempts"):
+        MSALLM(engine=native, max_new_tokens=3, max_retries=1).chat_with_tools([tool], user_msg="Weather in Rome?",
+                                                                               tool_required=True)
+    # a template without a tools block keeps the JSON protocol
+    plain = MSALLM(engine=engine, max_new_tokens=3, max_retries=0).chat_with_tools([tool], user_msg="Weather?")
+    assert plain.raw["tool_format"] == "json_prompt"
+
+
+def test_template_tool_calls_are_parsed_and_history_uses_the_template_format():
+    from msa_plugins.integrations.llama_index.llms import _to_engine_messages, parse_tool_calls
+
+    tools = [_weather_tool()]
+    reply = 'I will look {it} up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    [call] = parse_tool_calls(reply, tools)
+    assert call["name"] == "get_weather" and call["arguments"] == {"city": "Rome"}
+    cut = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}'  # the token limit hit first
+    assert parse_tool_calls(cut, tools)[0]["arguments"] == {"city": "Rome"}
+    two = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>\n'
+           '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    assert [c["arguments"]["city"] for c in parse_tool_calls(two, tools)] == ["Rome", "Oslo"]
+    with pytest.raises(ValueError, match="do not match its schema"):
+        parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', tools)
+    with pytest.raises(ValueError, match="holds no JSON"):
+        parse_tool_calls("<tool_call>get_weather(Rome)</tool_call>", tools)
+    history = [ChatMessage(role=MessageRole.USER, content="Weather in Rome?"),
+               ChatMessage(role=MessageRole.ASSISTANT, content="",
+                           additional_kwargs={"tool_calls": [{"id": "c1", "name": "get_weather",
+                                                              "arguments": {"city": "Rome"}}]}),
+               ChatMessage(role=MessageRole.TOOL, content="sunny", additional_kwargs={"name": "get_weather"})]
+    native = _to_engine_messages(history, template_tools=True)
+    assert native[1] == {"role": "assistant",
+                         "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'}
+    assert native[2] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    assert _to_engine_messages(history)[2] == {"role": "user", "content": "Result of get_weather: sunny"}

@@ -109,12 +109,59 @@ def test_query_with_node_ids_and_doc_ids(store, nodes):
     assert len(store.query(_query(node_ids=[])).ids) == 4  # LlamaIndex: an empty list restricts nothing
 
 
+def test_mmr_reranks_routed_candidates_for_diversity(store, engine):
+    """MMR as LlamaIndex's stores do it (Chroma's knobs): routing scores as relevance, pooled routing keys
+    as document vectors, LlamaIndex's own get_top_k_mmr_embeddings; similarities stay routing scores."""
+    dup = "The robot Tilly repairs bicycles in the harbour workshop every Tuesday."
+    store.add([_node("a", dup, "d1"), _node("b", dup + " Really.", "d2"), _node("c", dup + " Truly.", "d3"),
+               _node("d", "Rye bread with caraway seeds is sold on Elm Street today.", "d4")])
+    routed = store.query(_query("bicycles", similarity_top_k=4))
+    # threshold 1: relevance only, i.e. routing order
+    only_relevance = store.query(_query("bicycles", similarity_top_k=2, mode=VectorStoreQueryMode.MMR),
+                                 mmr_threshold=1.0)
+    assert only_relevance.ids == routed.ids[:2] and only_relevance.similarities == routed.similarities[:2]
+    # diversity weighs in: the best routed node first, then never a near-copy of it while the odd text is left
+    diverse = store.query(_query("bicycles", similarity_top_k=2, mode=VectorStoreQueryMode.MMR), mmr_threshold=0.1)
+    assert diverse.ids[0] == routed.ids[0] and "d" in diverse.ids
+    by_id = dict(zip(routed.ids, routed.similarities))
+    assert diverse.similarities == [by_id[i] for i in diverse.ids]  # routing scores, not MMR scores
+    # VectorStoreQuery.mmr_threshold is read too (a vector_store_kwargs value wins)
+    assert store.query(_query("bicycles", similarity_top_k=2, mode="mmr", mmr_threshold=0.1)).ids == diverse.ids
+    # the candidates are similarity_top_k * mmr_prefetch_factor (or mmr_prefetch_k) routed nodes
+    assert store.query(_query("bicycles", similarity_top_k=2, mode="mmr"), mmr_prefetch_k=2,
+                       mmr_threshold=0.0).ids == routed.ids[:2]
+    assert store.query(_query("bicycles", similarity_top_k=1, mode="mmr"), mmr_prefetch_factor=1.0).ids == \
+        routed.ids[:1]
+    # filters apply before routing, an empty result stays empty
+    none = MetadataFilters(filters=[MetadataFilter(key="country", value="zz")])
+    assert store.query(_query("bicycles", mode="mmr", filters=none)).ids == []
+    for bad in ({"mmr_threshold": 1.5}, {"mmr_threshold": "high"}, {"mmr_prefetch_k": 0},
+                {"mmr_prefetch_factor": 0}, {"mmr_prefetch_k": 4, "mmr_prefetch_factor": 2.0}):
+        with pytest.raises(InvalidArgumentError, match="mmr_"):
+            store.query(_query("bicycles", mode="mmr"), **bad)
+
+
+def test_mmr_through_the_index_retriever(engine):
+    from llama_index.core import StorageContext, VectorStoreIndex
+
+    texts = ["Bicycles are repaired on Tuesdays.", "Bicycles are repaired on Tuesdays!", "Rye bread is sold today."]
+    index = VectorStoreIndex([TextNode(id_=f"n{i}", text=t) for i, t in enumerate(texts)],
+                             storage_context=StorageContext.from_defaults(vector_store=MSAVectorStore(engine)),
+                             embed_model=NoEmbedding())
+    plain = index.as_retriever(similarity_top_k=2).retrieve("bicycles")
+    mmr = index.as_retriever(similarity_top_k=2, vector_store_query_mode="mmr",
+                             vector_store_kwargs={"mmr_threshold": 1.0}).retrieve("bicycles")
+    assert [n.node.node_id for n in mmr] == [n.node.node_id for n in plain]
+
+
 def test_refused_knobs_say_what_to_use(store, nodes):
     store.add(nodes)
-    with pytest.raises(InvalidArgumentError, match="mmr.*default mode"):
-        store.query(_query(mode=VectorStoreQueryMode.MMR))
-    with pytest.raises(InvalidArgumentError, match="mmr"):
+    with pytest.raises(InvalidArgumentError, match="mmr_threshold.*vector_store_query_mode='mmr'"):
         store.query(_query(), mmr_threshold=0.5)
+    with pytest.raises(InvalidArgumentError, match="mmr_prefetch_k.*'mmr' only"):
+        store.query(_query(), mmr_prefetch_k=8)
+    with pytest.raises(InvalidArgumentError, match="unsupported arguments"):
+        store.query(_query(mode="mmr"), foo=1)
     with pytest.raises(InvalidArgumentError, match="hybrid"):
         store.query(_query(mode=VectorStoreQueryMode.HYBRID))
     with pytest.raises(InvalidArgumentError, match="alpha"):

@@ -22,7 +22,8 @@ from .._aio import aiter_in_thread
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, documents_of
 from .filters import filter_to_predicate
 from .retrievers import refuse_unknown
-from .tools import check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt
+from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt,
+                    template_call_text, template_choice_prompt, template_result_text)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ def _text(content, i: int) -> str:
     raise InvalidTypeError(f"message {i} content must be a str or a list of text blocks, got {type(content).__name__}")
 
 
-def _split_messages(messages: Sequence[BaseMessage]):
+def _split_messages(messages: Sequence[BaseMessage], template_tools: bool = False):
     """-> (question, history [{role, content}], system or None, last human text). The question is the last user
     turn (a human message, or a tool result); the other turns are the history, system messages (joined) the
-    system prompt. An AI turn that called tools reads as the JSON call it made (the tool protocol's form)."""
+    system prompt. An AI turn that called tools reads as the call it made, and a tool result as a user turn:
+    in the chat template's tool format (`<tool_call>` / `<tool_response>`) when `template_tools`, else in the
+    JSON protocol's form."""
     if not messages:
         raise InvalidArgumentError("no messages to answer")
     system, turns, human = [], [], None
@@ -67,12 +70,14 @@ def _split_messages(messages: Sequence[BaseMessage]):
         if m.type == "system":
             system.append(text)
         elif m.type == "ai":
-            calls = [json.dumps({"name": c["name"], "arguments": c["args"]}, ensure_ascii=False)
+            calls = [template_call_text(c) if template_tools else
+                     json.dumps({"name": c["name"], "arguments": c["args"]}, ensure_ascii=False)
                      for c in getattr(m, "tool_calls", None) or []]
             turns.append({"role": "assistant", "content": "\n".join([text] * bool(text.strip()) + calls)})
         elif m.type == "tool":  # the engine's chat roles are system/user/assistant
             name = getattr(m, "name", None)
-            turns.append({"role": "user", "content": f"Tool result{f' ({name})' if name else ''}: {text}"})
+            turns.append({"role": "user", "content": template_result_text(text) if template_tools else
+                          f"Tool result{f' ({name})' if name else ''}: {text}"})
         else:
             turns.append({"role": "user", "content": text})
             human = text
@@ -124,7 +129,8 @@ class ChatMSA(BaseChatModel):
     Invoke / stream / async:
         llm.invoke("question"); llm.stream(...); await llm.ainvoke(...); llm.astream(...)
         per call: k, mode, max_tokens, temperature, seed, stop, filter (anything else raises)
-    Tool calling / structured output (a JSON protocol in the prompt, validated, `format_retries` retries):
+    Tool calling / structured output (through the chat template when it renders tools, as Qwen2/Qwen3's do,
+    else a JSON protocol in the prompt; validated, `format_retries` retries):
         llm.bind_tools([add], tool_choice="auto" | "any" | "add"); llm.with_structured_output(Person)
     Token counting:
         llm.get_num_tokens(text) uses the model's own tokenizer.
@@ -190,8 +196,9 @@ class ChatMSA(BaseChatModel):
 
     # ------------------------------------------------------------------ tools
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any):
-        """Tools as a JSON protocol in the prompt: the reply is parsed, validated against each tool's schema and
-        retried up to `format_retries` times with the error shown to the model. tool_choice: "auto"/None (the
+        """Tools through the model's chat template when it renders them (`engine.supports_tools`: Qwen2/Qwen3,
+        replies in `<tool_call>` blocks), else as a JSON protocol in the prompt: the reply is parsed, validated
+        against each tool's schema and retried up to `format_retries` times with the error shown to the model. tool_choice: "auto"/None (the
         model may answer in text), "none", "any"/"required", or a tool name (that tool must be called)."""
         formatted = check_tools(list(tools))
         check_tool_choice(tool_choice, formatted)  # a bad choice fails here, not at the first call
@@ -274,12 +281,14 @@ class ChatMSA(BaseChatModel):
                                                          chunk_position="last"))
 
     def _call_tools(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict) -> AIMessage:
-        """A turn with tools bound: memory documents and the tool protocol in the system prompt, the reply
-        parsed and validated, retried with the error shown to the model."""
+        """A turn with tools bound: memory documents in the system prompt, the tools through the model's chat
+        template when it renders them (`engine.supports_tools`), else the JSON protocol in the system prompt;
+        the reply parsed and validated, retried with the error shown to the model."""
         tools = kwargs["tools"]
         choice = check_tool_choice(kwargs.get("tool_choice"), tools)
         structured = bool(kwargs.get("structured_output")) and len(tools) == 1
-        question, history, system, human = _split_messages(messages)
+        native = choice != "none" and self.engine.supports_tools  # the template's own tool format
+        question, history, system, human = _split_messages(messages, template_tools=native)
         options = self._options(stop, kwargs)
         snap, where, note = self._memory(messages, kwargs)
         docs = [] if snap is None else self.engine.retrieve(
@@ -287,13 +296,19 @@ class ChatMSA(BaseChatModel):
         parts = [system] if system else []
         if docs:
             parts.append("Relevant memory:\n" + "\n".join(f"- {d.text}" for d in docs))
-        if choice != "none":
+        if native:  # the template shows the tools; the prompt says only whether a call is required
+            must = template_choice_prompt(tools, choice, structured)
+            if must:
+                parts.append(must)
+        elif choice != "none":
             parts.append(schema_prompt(tools[0]) if structured else protocol_prompt(tools, choice))
         turns = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
         turns += history + [{"role": "user", "content": question}]
+        retry_form = ("a <tool_call> block holding one JSON object {\"name\": ..., \"arguments\": {...}}" if native
+                      else "only the JSON object")
         prompt_tokens = completion_tokens = 0
         for attempt in range(1 + self.format_retries):
-            result = self.engine.generate(turns, options)
+            result = self.engine.generate(turns, options, tools=tools if native else None)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
             text = result.text
@@ -306,16 +321,18 @@ class ChatMSA(BaseChatModel):
                 break
             logger.info("ChatMSA: reply %d is not a valid tool call (%s)", attempt + 1, call)
             turns += [{"role": "assistant", "content": text},
-                      {"role": "user", "content": f"That reply is not valid: {call}. Reply with only the JSON object."}]
+                      {"role": "user", "content": f"That reply is not valid: {call}. Reply with {retry_form}."}]
         else:
             if choice is not None:
                 raise OutputParserException(
                     f"ChatMSA: no valid {'JSON reply' if structured else 'tool call'} after {1 + self.format_retries} "
-                    f"attempts (last error: {call}); the model may be too small to follow the JSON protocol: raise "
+                    f"attempts (last error: {call}); the model may be too small to follow "
+                    f"{'its tool-call format' if native else 'the JSON protocol'}: raise "
                     f"format_retries, simplify the schema, or use a larger model", llm_output=text)
             calls, invalid = [], [{"name": None, "args": text, "id": None, "error": call, "type": "invalid_tool_call"}]
         meta, usage = self._metadata(result, docs, note)
         meta["attempts"] = attempt + 1
+        meta["tool_format"] = "chat_template" if native else "json_prompt"
         usage = {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
         return AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid, response_metadata=meta,

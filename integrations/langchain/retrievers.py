@@ -9,7 +9,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, field_validator
 
-from msa_plugins import InvalidArgumentError, MSAEngine, RoutedDocument
+from msa_plugins import InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
 from msa_plugins.validation import check_int, check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs
@@ -32,13 +32,14 @@ def refuse_unknown(kwargs: dict, where: str, hints: Optional[dict] = None) -> No
 
 
 def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
-                    collection: str = DEFAULT_COLLECTION) -> List[tuple]:
+                    collection: str = DEFAULT_COLLECTION, snapshot: Optional[Snapshot] = None) -> List[tuple]:
     """[(Document, routing score)], best first, over the documents of `collection` that `flt` admits; [] on an
-    empty collection or when the filter admits nothing. The shared search of `MSARetriever` and `MSAVectorStore`."""
+    empty collection or when the filter admits nothing. The shared search of `MSARetriever` and `MSAVectorStore`.
+    `snapshot`: route over this view of the memory (None: the memory now)."""
     query = check_text(query, "query")
     k = check_int(k, "k", minimum=1)  # checked here too: the engine skips routing (and its checks) on an empty memory
     where = filter_to_predicate(flt)
-    docs = engine.retrieve(query, k=k, where=where, **collection_kwargs(engine, collection))
+    docs = engine.retrieve(query, k=k, where=where, snapshot=snapshot, **collection_kwargs(engine, collection))
     return [(to_document(d), float(d.score)) for d in docs]
 
 

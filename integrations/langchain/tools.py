@@ -1,11 +1,15 @@
-"""Tool calling and structured output for a local model that has no native tool API: a JSON protocol in the
-prompt, the reply parsed and validated against the tool's JSON schema, and bounded retries that show the
-model its mistake.
+"""Tool calling and structured output for a local model, in one of two forms, the reply parsed and validated
+against the tool's JSON schema, with bounded retries that show the model its mistake:
 
-The model is told, in a system message, which tools exist (name, description, JSON schema of the arguments)
-and to reply with only `{"name": <tool>, "arguments": {...}}` to call one. A reply is a tool call when it
-holds a JSON object; otherwise it is a plain answer (allowed unless a tool call is required). When one tool
-is forced (structured output), a bare JSON object of its arguments is accepted too.
+- the chat template's own tool format, when the model's template renders tools (`engine.supports_tools`:
+  Qwen2/Qwen3): the schemas go to `engine.generate(..., tools=...)`, the model answers with
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as it was trained to;
+- otherwise a JSON protocol in the prompt: a system message says which tools exist (name, description, JSON
+  schema of the arguments) and to reply with only `{"name": <tool>, "arguments": {...}}` to call one.
+
+A reply is a tool call when it holds a `<tool_call>` block or a JSON object; otherwise it is a plain answer
+(allowed unless a tool call is required). When one tool is forced (structured output), a bare JSON object
+of its arguments is accepted too.
 """
 
 from __future__ import annotations
@@ -98,6 +102,27 @@ def protocol_prompt(tools: List[dict], choice: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+def template_choice_prompt(tools: List[dict], choice: Optional[str], structured: bool) -> Optional[str]:
+    """What the chat template's tool block does not say: that a call is required (None under "auto")."""
+    if structured:
+        return f"Answer by calling the tool {tools[0]['function']['name']!r} with the answer as its arguments."
+    if choice == "required":
+        return "You must call one of the tools now."
+    if choice not in (None, "none"):
+        return f"You must call the tool {choice!r} now."
+    return None
+
+
+def template_call_text(call: dict) -> str:
+    """A past tool call as the chat template's tool format writes it (Qwen2/Qwen3)."""
+    return f"<tool_call>\n{json.dumps({'name': call['name'], 'arguments': call['args']}, ensure_ascii=False)}\n</tool_call>"
+
+
+def template_result_text(text: str) -> str:
+    """A tool result as Qwen2/Qwen3's template renders a `tool` message (inside a user turn)."""
+    return f"<tool_response>\n{text}\n</tool_response>"
+
+
 def schema_prompt(tool: dict) -> str:
     """The prompt for a forced single tool used as structured output."""
     f = tool["function"]
@@ -107,6 +132,15 @@ def schema_prompt(tool: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+# a chat template's tool call: <tool_call>{...}</tool_call>; a block cut off by the token limit counts too
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?=</tool_call>|<tool_call>|\Z)", re.S)
+
+
+def tool_call_blocks(text: str) -> List[str]:
+    """The contents of the `<tool_call>` blocks in a reply (Qwen2/Qwen3's tool-call format), in order."""
+    return [b.strip() for b in _TOOL_CALL_BLOCK.findall(text)]
+
+
 def _json_objects(text: str):
     """Every JSON value that starts at a '{' or '[' in `text` (code fences ignored), in order."""
     text = re.sub(r"```(?:json)?", "", text)
@@ -121,11 +155,15 @@ def _json_objects(text: str):
 
 def looks_like_call(text: str) -> bool:
     """Did the model try to write JSON (so a parse failure is a mistake to retry, not a plain answer)?"""
-    return "{" in text and ('"name"' in text or '"arguments"' in text or text.lstrip().startswith(("{", "```")))
+    return "<tool_call>" in text or "{" in text and ('"name"' in text or '"arguments"' in text or text.lstrip().startswith(("{", "```")))
 
 
 def parse_tool_call(text: str, tools: List[dict], choice: Optional[str]) -> Union[dict, str]:
-    """-> a LangChain tool call {"name", "args", "id", "type"}, or a str saying what is wrong."""
+    """-> a LangChain tool call {"name", "args", "id", "type"}, or a str saying what is wrong. A reply with
+    `<tool_call>` blocks is read from those blocks only (prose around them may hold other braces)."""
+    blocks = tool_call_blocks(text)
+    if blocks:
+        text = "\n".join(blocks)
     by_name = {t["function"]["name"]: t["function"] for t in tools}
     forced = choice if choice not in (None, "required", "none") else (
         next(iter(by_name)) if choice == "required" and len(by_name) == 1 else None)
@@ -171,4 +209,5 @@ def check_tools(tools) -> list:
 
 
 __all__ = ["schema_errors", "check_tool_choice", "protocol_prompt", "schema_prompt", "parse_tool_call",
-           "looks_like_call", "check_tools"]
+           "looks_like_call", "check_tools", "tool_call_blocks", "template_choice_prompt", "template_call_text",
+           "template_result_text"]

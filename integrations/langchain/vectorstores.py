@@ -11,18 +11,17 @@ tuned for embeddings must be re-tuned (see docs/integrations.md).
 
 MMR. `max_marginal_relevance_search` / `search_type="mmr"` picks, from the `fetch_k` routed candidates, k
 documents that are relevant (routing score, rescaled over the candidates to [0, 1]) and not redundant with
-those already picked (cosine between document vectors). Document vectors are the engine's pooled routing
-keys when the engine offers them (`engine.document_vectors`), else bag-of-words vectors of the texts.
+those already picked (cosine between document vectors). A document's vector is its pooled routing keys
+(`engine.document_vectors`: the mean chunk key per routing layer, concatenated), so "redundant" means "the
+router sees the two documents alike". There is no query vector: relevance is the routing score itself.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
 import warnings
-from collections import Counter
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -50,18 +49,6 @@ _SEARCH_HINTS = {
 }
 _NO_VECTORS = ("MSAVectorStore has no embedding vectors: the model's router ranks documents from the query text. "
                "Use {use} instead")
-
-
-def _word_vectors(texts: List[str]) -> np.ndarray:
-    """Bag-of-words count vectors of `texts`, L2-normalised: [n, vocabulary]."""
-    bags = [Counter(re.findall(r"\w+", t.lower())) for t in texts]
-    vocab = {w: i for i, w in enumerate(sorted(set().union(*bags)))}
-    out = np.zeros((len(texts), max(1, len(vocab))), dtype=np.float32)
-    for row, bag in enumerate(bags):
-        for w, c in bag.items():
-            out[row, vocab[w]] = c
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norms == 0, 1.0, norms)
 
 
 def mmr_select(relevance: Sequence[float], vectors: np.ndarray, k: int, lambda_mult: float) -> List[int]:
@@ -185,19 +172,14 @@ class MSAVectorStore(VectorStore):
                 or math.isnan(lambda_mult) or not 0.0 <= lambda_mult <= 1.0:
             raise InvalidArgumentError(f"lambda_mult must be a number in [0, 1] (1: relevance only, 0: diversity "
                                        f"only), got {lambda_mult!r}")
-        pairs = route_documents(self.engine, query, fetch_k, filter, self.collection_name)
+        snap = self.engine.snapshot()  # one view: a concurrent delete cannot drop a candidate's vector
+        pairs = route_documents(self.engine, query, fetch_k, filter, self.collection_name, snapshot=snap)
         if not pairs:
             return []
         docs = [d for d, _ in pairs]
-        picked = mmr_select([s for _, s in pairs], self._vectors(docs), k, float(lambda_mult))
+        vectors = self.engine.document_vectors([d.id for d in docs], snapshot=snap).numpy()  # [fetch_k, L*G*D]
+        picked = mmr_select([s for _, s in pairs], vectors, k, float(lambda_mult))
         return [docs[i] for i in picked]
-
-    def _vectors(self, docs: List[Document]) -> np.ndarray:
-        """One unit vector per document: the engine's pooled routing keys if it offers them, else words."""
-        document_vectors = getattr(self.engine, "document_vectors", None)
-        if document_vectors is not None:
-            return np.asarray(document_vectors([d.id for d in docs]), dtype=np.float32)
-        return _word_vectors([d.page_content for d in docs])
 
     def similarity_search_by_vector(self, embedding: List[float], k: int = 4, **kwargs: Any) -> List[Document]:
         raise NotImplementedError(_NO_VECTORS.format(use="similarity_search(query)"))

@@ -7,7 +7,7 @@ wants and checks what a plain index silently accepts:
 - the vector store is `MSAVectorStore(engine, collection_name)` and the embed model `NoEmbedding()`;
 - the LLM of query and chat engines is `MSALLM(engine)` unless you pass one (never `Settings.llm`/OpenAI);
 - unknown keyword arguments of `as_retriever` / `as_query_engine` / `as_chat_engine` raise instead of
-  being ignored, and `vector_store_query_mode="mmr"` is refused where it is given;
+  being ignored, and the query mode and its `vector_store_kwargs` (MMR's) are checked where they are given;
 - `as_query_engine(mode=...)` gives `MSAQueryEngine`, MSA's retriever-free answering (needed for the
   `sparse` and `protocol` modes, where the documents are not pasted into a prompt).
 """

@@ -4,11 +4,14 @@ stream_complete are derived from them with LlamaIndex's own decorators.
 
 Tool calling (`FunctionAgent`, `chat_with_tools`, `predict_and_call`) and structured output
 (`structured_predict`, `as_structured_llm`: LlamaIndex runs them as a call of a tool whose parameters are
-the output class) use a JSON protocol in the prompt: the model is shown the tools and their JSON schemas
-and replies with `{"name": ..., "arguments": {...}}`. The reply is parsed and its arguments validated
-against the tool's schema; an invalid one is sent back to the model with the error, at most `max_retries`
-times. The facade renders messages with the model's chat template but has no `tools=` input yet, so the
-protocol is the same for every model (see the report of issue 12).
+the output class) take one of two forms:
+- the chat template's own tool format when the model's template renders tools (`engine.supports_tools`:
+  Qwen2/Qwen3): the tools' JSON schemas go to `engine.generate(..., tools=...)` and the model replies with
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as it was trained to;
+- otherwise a JSON protocol in the prompt: the model is shown the tools and their JSON schemas in the
+  system message and replies with `{"name": ..., "arguments": {...}}`.
+Either way the reply is parsed and its arguments validated against the tool's schema; an invalid one is
+sent back to the model with the error, at most `max_retries` times.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
@@ -54,7 +58,7 @@ class MSALLM(FunctionCallingLLM):
 
         llm = MSALLM(engine=engine, max_new_tokens=64)
         llm.complete("Where is Paris?").text
-        FunctionAgent(tools=[add], llm=llm)             # tools through the JSON protocol
+        FunctionAgent(tools=[add], llm=llm)             # tools via the chat template, else a JSON protocol
         llm.structured_predict(Invoice, PromptTemplate("..."))
     """
 
@@ -170,12 +174,17 @@ class MSALLM(FunctionCallingLLM):
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
                             else user_msg)
-        # the tool instructions go into the messages here, so tracing shows what the model is shown
-        prompt = _tool_prompt(tools, tool_required)
-        if messages and messages[0].role == MessageRole.SYSTEM and isinstance(messages[0].content, str):
-            messages[0] = ChatMessage(role=MessageRole.SYSTEM, content=messages[0].content + "\n\n" + prompt)
+        # the tool instructions go into the messages here, so tracing shows what the model is shown (with a
+        # template that renders tools, the template shows them: the prompt says only whether a call is required)
+        if self._engine.supports_tools:
+            prompt = REQUIRED_NOTE if tool_required else None
         else:
-            messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=prompt))
+            prompt = _tool_prompt(tools, tool_required)
+        if prompt is not None:
+            if messages and messages[0].role == MessageRole.SYSTEM and isinstance(messages[0].content, str):
+                messages[0] = ChatMessage(role=MessageRole.SYSTEM, content=messages[0].content + "\n\n" + prompt)
+            else:
+                messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=prompt))
         return {"messages": messages, "tools": list(tools), "tool_required": tool_required,
                 "allow_parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
 
@@ -187,20 +196,27 @@ class MSALLM(FunctionCallingLLM):
         return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
 
     def _chat_with_tool_protocol(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponse:
-        """Show the tools, parse the reply, validate it against the tools' schemas; re-ask with the error
-        (at most `max_retries` times). A reply with no JSON object is a plain answer unless a tool is
-        required."""
+        """Show the tools (through the chat template when it renders them, else the JSON protocol in the
+        system message), parse the reply, validate it against the tools' schemas; re-ask with the error (at
+        most `max_retries` times). A reply with no call is a plain answer unless a tool is required."""
         tools = list(kwargs["tools"])
         required = bool(kwargs.get("tool_required"))
         parallel = bool(kwargs.get("allow_parallel_tool_calls"))
         options = self._options(kwargs)
-        convo = _to_engine_messages(messages)
-        if not any(m["role"] == "system" and TOOL_PROMPT_HEAD in m["content"] for m in convo):
-            convo = _with_tool_prompt(convo, tools, required)  # chat(messages, tools=...) called directly
+        native = self._engine.supports_tools
+        convo = _to_engine_messages(messages, template_tools=native)
+        if native:
+            schemas = [_openai_tool(t) for t in tools]
+            if required and not any(m["role"] == "system" and REQUIRED_NOTE in m["content"] for m in convo):
+                convo = _with_system(convo, REQUIRED_NOTE)  # chat(messages, tools=...) called directly
+        elif not any(m["role"] == "system" and TOOL_PROMPT_HEAD in m["content"] for m in convo):
+            convo = _with_system(convo, _tool_prompt(tools, required))  # chat(messages, tools=...) called directly
+        retry_form = ('a <tool_call> block holding {"name": ..., "arguments": {...}}' if native else
+                      'only the JSON object {"name": ..., "arguments": {...}}')
         prompt_tokens = completion_tokens = 0
         error = ""
         for attempt in range(self.max_retries + 1):
-            result = self._engine.generate(convo, options)
+            result = self._engine.generate(convo, options, tools=schemas if native else None)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
             try:
@@ -211,29 +227,43 @@ class MSALLM(FunctionCallingLLM):
                 if calls:
                     if not parallel:
                         calls = calls[:1]
-                    raw = _raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1)
-                    content = json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls])
+                    raw = _raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1, native=native)
+                    # the calls as text in the form the model is shown them again in the history
+                    content = (_template_calls_text(calls) if native else
+                               json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls]))
                     return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=content,
                                                             additional_kwargs={"tool_calls": calls}), raw=raw)
-                if not required:  # no JSON at all: the model answered in text
+                if not required:  # no call at all: the model answered in text
                     return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
-                                        raw=_raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1))
+                                        raw=_raw(result, prompt_tokens, completion_tokens, attempts=attempt + 1,
+                                                 native=native))
                 error = "no tool call found; a tool call is required"
             logger.info("tool call attempt %d was not valid (%s); asking again", attempt + 1, error)
             convo = convo + [{"role": "assistant", "content": result.text or "(empty)"},
-                             {"role": "user", "content": f"That was not a valid tool call: {error}. Reply with only "
-                                                         'the JSON object {"name": ..., "arguments": {...}}.'}]
+                             {"role": "user", "content": f"That was not a valid tool call: {error}. Reply with "
+                                                         f"{retry_form}."}]
         if required:
             raise ToolCallError(f"the model gave no valid tool call in {self.max_retries + 1} attempts (last error: "
                                 f"{error}); raise max_retries, or use a larger or tool-trained model")
         logger.warning("the model gave no valid tool call in %d attempts (%s); returning its text as the answer",
                        self.max_retries + 1, error)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
-                            raw=_raw(result, prompt_tokens, completion_tokens, attempts=self.max_retries + 1))
+                            raw=_raw(result, prompt_tokens, completion_tokens, attempts=self.max_retries + 1,
+                                     native=native))
 
 
-# ---------------------------------------------------------------------------------------------- the JSON protocol
+# ---------------------------------------------------------------------------------------------- tool-call formats
 TOOL_PROMPT_HEAD = "You can call tools. To call one, reply with only a JSON object and nothing else:"
+REQUIRED_NOTE = "You must call one of the tools."  # with a template that renders tools, the only instruction
+# a chat template's tool call (Qwen2/Qwen3): <tool_call>{...}</tool_call>; a block cut off by the token limit counts
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?=</tool_call>|<tool_call>|\Z)", re.S)
+
+
+def _openai_tool(tool: "BaseTool") -> dict:
+    """A LlamaIndex tool as the OpenAI-style function schema chat templates render (name kept as is: the
+    reply is matched against it)."""
+    return {"type": "function", "function": {"name": tool.metadata.name, "description": tool.metadata.description,
+                                             "parameters": tool.metadata.get_parameters_dict()}}
 
 
 def _tool_prompt(tools: Sequence["BaseTool"], required: bool) -> str:
@@ -247,9 +277,14 @@ def _tool_prompt(tools: Sequence["BaseTool"], required: bool) -> str:
     return "\n".join(lines)
 
 
-def _with_tool_prompt(messages: List[dict], tools: Sequence["BaseTool"], required: bool) -> List[dict]:
-    """The tool instructions as (the end of) the system message."""
-    prompt = _tool_prompt(tools, required)
+def _template_calls_text(calls: List[dict]) -> str:
+    """Tool calls as a chat template's tool format writes them (Qwen2/Qwen3)."""
+    return "\n".join(f"<tool_call>\n{json.dumps({'name': c.get('name'), 'arguments': c.get('arguments')}, ensure_ascii=False)}"
+                     "\n</tool_call>" for c in calls)
+
+
+def _with_system(messages: List[dict], prompt: str) -> List[dict]:
+    """`prompt` as (the end of) the system message."""
     if messages and messages[0]["role"] == "system":
         return [{"role": "system", "content": messages[0]["content"] + "\n\n" + prompt}] + messages[1:]
     return [{"role": "system", "content": prompt}] + messages
@@ -273,10 +308,15 @@ def _json_values(text: str) -> List[Any]:
 
 
 def parse_tool_calls(text: str, tools: Sequence["BaseTool"]) -> List[dict]:
-    """The tool calls in a model reply, validated: [{"id", "name", "arguments"}]. [] when the reply holds
-    no JSON object at all; ValueError naming the problem when it holds one that is not a valid call."""
+    """The tool calls in a model reply, validated: [{"id", "name", "arguments"}]. A reply with `<tool_call>`
+    blocks (a chat template's format) is read from those blocks only, else every JSON value in it counts.
+    [] when the reply holds no call at all; ValueError naming the problem when it holds one that is not a
+    valid call."""
     by_name = {t.metadata.name: t for t in tools}
-    values = _json_values(text)
+    blocks = _TOOL_CALL_BLOCK.findall(text)
+    values = _json_values("\n".join(blocks) if blocks else text)
+    if blocks and not values:
+        raise ValueError("a <tool_call> block holds no JSON object")
     if not values:
         return []
     candidates = [v for value in values for v in (value if isinstance(value, list) else [value])]
@@ -313,9 +353,10 @@ def parse_tool_calls(text: str, tools: Sequence["BaseTool"]) -> List[dict]:
     return calls
 
 
-def _to_engine_messages(messages: Sequence[ChatMessage]) -> list:
+def _to_engine_messages(messages: Sequence[ChatMessage], template_tools: bool = False) -> list:
     """LlamaIndex chat messages -> the engine's [{"role", "content"}] (its chat template renders them).
-    Tool calls and tool results become text in the JSON protocol's shape."""
+    Tool calls and tool results become text: in the chat template's tool format (`<tool_call>` /
+    `<tool_response>`, as Qwen2/Qwen3 render them) when `template_tools`, else in the JSON protocol's shape."""
     out = []
     for m in messages:
         role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
@@ -323,12 +364,16 @@ def _to_engine_messages(messages: Sequence[ChatMessage]) -> list:
         if not isinstance(content, str):
             raise InvalidTypeError(f"message content must be text, got {type(content).__name__}")
         calls = m.additional_kwargs.get("tool_calls")
-        if role == "assistant" and calls and not content:
-            content = json.dumps([{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls
-                                  if isinstance(c, dict)])
+        if role == "assistant" and calls:
+            calls = [c for c in calls if isinstance(c, dict)]
+            if template_tools and "<tool_call>" not in content:
+                content = "\n".join([content] * bool(content.strip()) + [_template_calls_text(calls)])
+            elif not template_tools and not content:
+                content = json.dumps([{"name": c.get("name"), "arguments": c.get("arguments")} for c in calls])
         if role == "tool":
             name = m.additional_kwargs.get("name") or m.additional_kwargs.get("tool_name") or "the tool"
-            role, content = "user", f"Result of {name}: {content}"
+            role, content = "user", (f"<tool_response>\n{content}\n</tool_response>" if template_tools
+                                     else f"Result of {name}: {content}")
         elif role not in ("system", "user", "assistant"):
             # "model" / "chatbot" are the assistant under other names; anything else is text the user supplied
             role = "assistant" if role in ("model", "chatbot") else "user"
@@ -337,11 +382,13 @@ def _to_engine_messages(messages: Sequence[ChatMessage]) -> list:
 
 
 def _raw(result: GenerationResult, prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
-         attempts: Optional[int] = None) -> dict:
+         attempts: Optional[int] = None, native: Optional[bool] = None) -> dict:
     p = result.prompt_tokens if prompt_tokens is None else prompt_tokens
     c = result.completion_tokens if completion_tokens is None else completion_tokens
     raw = {"timings": dict(result.timings), "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
            "finish_reason": result.finish_reason}
     if attempts is not None:
         raw["attempts"] = attempts
+    if native is not None:
+        raw["tool_format"] = "chat_template" if native else "json_prompt"
     return raw

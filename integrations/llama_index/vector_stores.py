@@ -16,17 +16,26 @@ Embeddings: `VectorStoreIndex` and `IngestionPipeline` compute one embedding per
 any vector store, so they need an embedding model. This store never reads the vectors. `NoEmbedding` fills
 that slot with empty vectors and costs nothing (a no-op by design); vectors from any other model are
 ignored, and the store says so once in the log.
+
+MMR (`vector_store_query_mode="mmr"`): the `similarity_top_k * mmr_prefetch_factor` (default 4) best routed
+nodes (or `mmr_prefetch_k` of them) are re-ranked with LlamaIndex's own `get_top_k_mmr_embeddings`:
+relevance is each candidate's routing score, rescaled over the candidates to [0, 1]; redundancy is the cosine
+between the documents' pooled routing keys (`engine.document_vectors`). `mmr_threshold` (in
+`vector_store_kwargs`, default 0.5) weighs them as LlamaIndex does: 1 keeps routing order, 0 is diversity
+only. The nodes keep their routing scores as similarities, as Chroma keeps its distances.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.indices.query.embedding_utils import get_top_k_mmr_embeddings
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 from llama_index.core.vector_stores.types import (BasePydanticVectorStore, MetadataFilters, VectorStoreQuery,
                                                   VectorStoreQueryMode, VectorStoreQueryResult)
@@ -35,7 +44,7 @@ from pydantic import Field, PrivateAttr
 
 from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, MemoryFormatError, MSAEngine
 
-from msa_plugins.validation import check_text
+from msa_plugins.validation import check_int, check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection
 from .filters import filters_to_predicate
@@ -47,9 +56,8 @@ MARKER_KEY = "msa_memory"  # in <persist_dir>/default__vector_store.json: where 
 LOAD_HINT = ("this folder holds an MSA memory, not a SimpleVectorStore: load it with "
              "msa_plugins.integrations.llama_index.load_msa_index(persist_dir, engine), or pass "
              "vector_store=MSAVectorStore.from_persist_dir(persist_dir, engine) to StorageContext.from_defaults")
-MMR_REFUSAL = ("vector_store_query_mode='mmr' is not supported by MSAVectorStore: MSA ranks documents with the "
-               "model's router and keeps no per-document vector to diversify with; use the default mode (drop "
-               "vector_store_query_mode and mmr_threshold), or a postprocessor to drop near-duplicate nodes")
+MMR_KWARGS = ("mmr_threshold", "mmr_prefetch_factor", "mmr_prefetch_k")  # Chroma's names for the same knobs
+DEFAULT_MMR_PREFETCH_FACTOR = 4.0  # as llama-index-vector-stores-chroma / -postgres
 
 __all__ = ["MSAVectorStore", "NoEmbedding", "node_from_document", "MEMORY_DIR"]
 
@@ -93,8 +101,10 @@ class MSAVectorStore(BasePydanticVectorStore):
 
     Scores are the router's layer-mean cosine (about 0.1-0.4 on the shipped router), not an embedding
     cosine: a `SimilarityPostprocessor(similarity_cutoff=...)` tuned for embeddings needs re-tuning.
-    Supported query knobs: `similarity_top_k`, `filters`, `node_ids`, `doc_ids`. Anything else
-    (`vector_store_query_mode` other than "default", `alpha`, `mmr_threshold`, unknown kwargs) raises.
+    Supported query knobs: `similarity_top_k`, `filters`, `node_ids`, `doc_ids`, and
+    `vector_store_query_mode="mmr"` with `mmr_threshold` / `mmr_prefetch_factor` / `mmr_prefetch_k` in
+    `vector_store_kwargs` (see the module doc). Anything else (sparse, hybrid or learner modes, `alpha`,
+    MMR knobs without the MMR mode, unknown kwargs) raises.
     """
 
     stores_text: bool = True
@@ -210,8 +220,9 @@ class MSAVectorStore(BasePydanticVectorStore):
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """Route `query.query_str` to the `similarity_top_k` best nodes of this collection that the
-        filters, `node_ids` and `doc_ids` admit (filtering happens before routing)."""
-        check_query(query.mode, kwargs)
+        filters, `node_ids` and `doc_ids` admit (filtering happens before routing); in MMR mode, re-rank
+        more routed candidates for diversity (see the module doc)."""
+        mmr = check_query(query.mode, kwargs, query.mmr_threshold)
         for name in ("alpha", "sparse_top_k", "hybrid_top_k", "output_fields", "embedding_field"):
             if getattr(query, name, None) is not None:
                 raise InvalidArgumentError(f"{name}={getattr(query, name)!r} applies to hybrid / sparse vector "
@@ -221,10 +232,41 @@ class MSAVectorStore(BasePydanticVectorStore):
                                        "required (a query_embedding alone cannot be routed)")
         check_text(query.query_str, "query")
         where = self._where(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters)
-        routed = self._engine.retrieve(query.query_str, k=query.similarity_top_k, where=where, **self._coll())
+        if mmr is None:
+            routed = self._engine.retrieve(query.query_str, k=query.similarity_top_k, where=where, **self._coll())
+        else:
+            routed = self._mmr(query, where, *mmr)
         nodes = [node_from_document(d) for d in routed]
         return VectorStoreQueryResult(nodes=nodes, similarities=[float(d.score) for d in routed],
                                       ids=[d.id for d in routed])
+
+    def _mmr(self, query: VectorStoreQuery, where, threshold: Optional[float], prefetch_k: Optional[int],
+             prefetch_factor: float) -> list:
+        """The routed documents MMR picks, in pick order: the fetched candidates re-ranked by LlamaIndex's
+        `get_top_k_mmr_embeddings`, fed candidate indices so that it reads the routing scores as relevance
+        and document-vector cosines as redundancy."""
+        top_k = self._engine.answer_defaults.merged(k=query.similarity_top_k).k
+        fetch_k = max(prefetch_k if prefetch_k is not None else int(top_k * prefetch_factor), top_k)
+        snap = self._engine.snapshot()  # one view: a concurrent delete cannot drop a candidate's vector
+        candidates = self._engine.retrieve(query.query_str, k=fetch_k, where=where, snapshot=snap, **self._coll())
+        if not candidates:
+            return []
+        scores = [float(d.score) for d in candidates]
+        low, span = min(scores), max(scores) - min(scores)
+        # routing scores span ~0.1-0.4 and document cosines ~0-1: rescale relevance to [0, 1] over the
+        # candidates so that mmr_threshold weighs two quantities on one scale
+        relevance = [(s - low) / span if span > 0 else 1.0 for s in scores]
+        vectors = self._engine.document_vectors([d.id for d in candidates], snapshot=snap)  # [n, L*G*D], unit rows
+        cosine = (vectors @ vectors.T).tolist()  # [n, n]
+        query_index = -1
+
+        def similarity(a: List[int], b: List[int]) -> float:  # a, b: [candidate index], -1 for the query
+            return relevance[b[0]] if a[0] == query_index else cosine[a[0]][b[0]]
+
+        _, picked = get_top_k_mmr_embeddings([query_index], [[i] for i in range(len(candidates))],
+                                             similarity_fn=similarity, similarity_top_k=top_k,
+                                             embedding_ids=list(range(len(candidates))), mmr_threshold=threshold)
+        return [candidates[i] for i in picked]
 
     # ------------------------------------------------------------------ persistence
     def persist(self, persist_path: str, fs: Any = None) -> None:
@@ -273,15 +315,43 @@ class MSAVectorStore(BasePydanticVectorStore):
         return cls(engine, collection_name=info["collection_name"])
 
 
-def check_query(mode: Any, kwargs: dict) -> None:
-    """Refuse query modes and vector_store_kwargs the router cannot honour (checked where they are given)."""
-    if "mmr_threshold" in kwargs or (mode is not None and VectorStoreQueryMode(mode) == VectorStoreQueryMode.MMR):
-        raise InvalidArgumentError(MMR_REFUSAL)
-    if mode is not None and VectorStoreQueryMode(mode) != VectorStoreQueryMode.DEFAULT:
-        raise InvalidArgumentError(f"vector_store_query_mode={VectorStoreQueryMode(mode).value!r} is not supported "
-                                   "by MSAVectorStore (it routes with the model, no sparse, hybrid or learner "
-                                   "search); use the default mode")
+def check_query(mode: Any, kwargs: dict, mmr_threshold: Optional[float] = None):
+    """Refuse query modes and vector_store_kwargs the router cannot honour (checked where they are given).
+    -> None for the default mode, or MMR's (threshold, prefetch_k, prefetch_factor); `mmr_threshold` is
+    `VectorStoreQuery.mmr_threshold` (a `vector_store_kwargs` value wins, as LlamaIndex's stores read it)."""
+    mode = VectorStoreQueryMode(mode) if mode is not None else VectorStoreQueryMode.DEFAULT
+    if mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
+        raise InvalidArgumentError(f"vector_store_query_mode={mode.value!r} is not supported by MSAVectorStore "
+                                   "(it routes with the model, no sparse, hybrid or learner search); use the "
+                                   "default mode or 'mmr'")
+    given = [k for k in MMR_KWARGS if k in kwargs] + ["mmr_threshold"] * (mmr_threshold is not None)
+    if mode != VectorStoreQueryMode.MMR:
+        if given:
+            raise InvalidArgumentError(f"{sorted(set(given))} apply to vector_store_query_mode='mmr' only; add "
+                                       "it (as_retriever(vector_store_query_mode='mmr', vector_store_kwargs=...)) "
+                                       "or drop them")
+        _no_kwargs("query", kwargs)
+        return None
+    kwargs = dict(kwargs)
+    threshold = kwargs.pop("mmr_threshold", mmr_threshold)
+    prefetch_k = kwargs.pop("mmr_prefetch_k", None)
+    factor = kwargs.pop("mmr_prefetch_factor", None)
     _no_kwargs("query", kwargs)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or math.isnan(threshold) or not 0.0 <= threshold <= 1.0):
+        raise InvalidArgumentError(f"mmr_threshold must be a number in [0, 1] (1: relevance only, 0: diversity "
+                                   f"only), got {threshold!r}")
+    if prefetch_k is not None and factor is not None:
+        raise InvalidArgumentError("give mmr_prefetch_k (how many candidates) or mmr_prefetch_factor (times "
+                                   "similarity_top_k), not both")
+    if prefetch_k is not None:
+        prefetch_k = check_int(prefetch_k, "mmr_prefetch_k", minimum=1)
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                               or math.isnan(factor) or factor <= 0):
+        raise InvalidArgumentError(f"mmr_prefetch_factor must be a positive number (candidates = "
+                                   f"similarity_top_k * factor, at least similarity_top_k), got {factor!r}")
+    return (None if threshold is None else float(threshold), prefetch_k,
+            DEFAULT_MMR_PREFETCH_FACTOR if factor is None else float(factor))
 
 
 def _no_kwargs(method: str, kwargs: dict) -> None:
