@@ -1,4 +1,4 @@
-"""Crash and concurrency trials of a saved memory folder (issue 10), through the public `MSAEngine` API.
+"""Crash and concurrency trials of a saved memory folder, through the public `MSAEngine` API.
 
 Kill trials: a writer process loads the folder and edits it in a loop (add two documents, delete two,
 each a read-modify-write under the folder lock, `engine.edit_saved`), printing an acknowledgement after

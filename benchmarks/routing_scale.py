@@ -1,4 +1,4 @@
-"""Routing cost vs memory size at the paper's shape (MSA.md section 7): PyTorch vs the fused Triton kernel.
+"""Routing cost vs memory size at the paper's shape (the MSA paper, section 7): PyTorch vs the fused Triton kernel.
 
 Synthetic bank: 18 routing layers, 8 KV heads x 128 dims, P = 64 tokens per chunk, documents of 1024
 tokens on average (chunk -> document drawn at random, sorted), 64 question tokens from 32 query heads

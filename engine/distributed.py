@@ -1,4 +1,4 @@
-"""Memory parallel routing on torch.distributed (MSA.md section 7).
+"""Memory parallel routing on torch.distributed (the MSA paper, section 7).
 
 When the routing keys of a bank do not fit one accelerator, each rank holds the routing keys of a subset
 of whole documents. The question's routing queries are the same on every rank (broadcast them first if

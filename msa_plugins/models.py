@@ -60,7 +60,7 @@ def convert_gguf(gguf_path: str, name: str | None = None) -> str:
     folder, fname = os.path.split(os.path.abspath(gguf_path))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, local_files_only=True)
-    # transformers refuses to save a GGUF-loaded model while it still names a quantizer (NOTES.md)
+    # transformers refuses to save a GGUF-loaded model while it still names a quantizer
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

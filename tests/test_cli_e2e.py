@@ -200,7 +200,7 @@ def test_demo_data_is_package_data():
 @pytest.mark.slow
 def test_default_model_end_to_end(default_engine, tmp_path):
     """Ingest the sample corpus on the real embedded model, ask, get routed documents back (mechanics only:
-    a 135M model routing with its own attention is at chance, NOTES.md)."""
+    a 135M model routing with its own attention is at chance)."""
     e = default_engine
     files = sorted(glob.glob(os.path.join(DEMO_DOCS, "*.txt")))
     ids = e.add([open(f).read() for f in files], ids=[os.path.basename(f) for f in files])

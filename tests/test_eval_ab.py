@@ -1,4 +1,4 @@
-"""`msa eval` / run_eval end to end (issue 3): the same questions through RAG (A) and MSA (B).
+"""`msa eval` / run_eval end to end: the same questions through RAG (A) and MSA (B).
 
 The CI tests use a tiny random model (tiny_models.make_tiny_model) for the mechanics only (files written,
 every system answered the same questions, metrics present); the slow test runs the embedded default on a

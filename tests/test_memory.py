@@ -148,7 +148,7 @@ def test_empty_add_and_delete_return_what_changed(engine):
 
 
 def test_parent_id_in_metadata_does_not_group_documents(engine, tiny_model_dir, tmp_path):
-    """Only a real split records a parent: a caller's metadata parent_id is just metadata (issue 10: 11)."""
+    """Only a real split records a parent: a caller's metadata parent_id is just metadata."""
     engine.add(["A forged part.", "Another forged part."], ids=["f0", "f1"],
                metadata=[{"parent_id": "paris", "part": 0}, {"parent_id": "ghost", "part": 1}])
     assert [d.id for d in engine.get(["paris"])] == ["paris"]
@@ -190,7 +190,7 @@ def test_truncated_or_tampered_files_fail_clearly(engine, tiny_model_dir, tmp_pa
         e2.load(str(tmp_path))
     with pytest.raises(MemoryFormatError, match="no saved memory"):
         e2.load(str(tmp_path / "nowhere"))
-    manifest.write_text(json.dumps({**json.loads(good), "format_version": 1}))  # a memory from before issue 10
+    manifest.write_text(json.dumps({**json.loads(good), "format_version": 1}))  # a memory in the first format (before per-file checksums)
     with pytest.raises(MemoryFormatError, match="older msa-plugins.*re-ingest"):
         e2.load(str(tmp_path))
     assert len(e2) == 0
@@ -293,7 +293,7 @@ def test_tensor_files_from_another_memory_are_refused(engine, tiny_model_dir, tm
 
 def test_two_engines_read_modify_write_one_folder_lose_nothing(tiny_model_dir, tmp_path):
     """Two writers (threads, each its own engine) add to one saved folder through the bank's lock:
-    lock, re-read, add, save. Every acknowledged document is there at the end (issue 10: 1)."""
+    lock, re-read, add, save. Every acknowledged document is there at the end."""
     import threading
 
     d = str(tmp_path / "m")

@@ -29,7 +29,7 @@ def test_pool_chunks_matches_loop_including_partial_last_chunk(S, P):
 
 
 def route_naive(q_heads, keys_heads, chunk_doc, n_docs, score, q_valid):
-    """Plain loops over MSA.md section 3: per-head score, head mean (GQA), max over valid question
+    """Plain loops over the MSA paper, section 3: per-head score, head mean (GQA), max over valid question
     tokens, max over a document's chunks. q_heads [L, T, H, D], keys_heads [L, C, G, D] (raw)."""
     L, T, H, D = q_heads.shape
     G = keys_heads.shape[2]

@@ -1,5 +1,5 @@
 """Memory folder storage (engine/storage.py): the writer lock, what a save may delete, crashed saves,
-checksums and structural checks on load, damaged manifests and headers (issue 10: 1, 2, 5, 6, 10).
+checksums and structural checks on load, damaged manifests and headers.
 
 Most tests store synthetic tensors of the real layout directly (no model needed: storage never looks
 inside the numbers); the lock across processes runs a second Python process.
