@@ -97,9 +97,11 @@ def import_ragas():
 
     Why the placeholder: `ragas.llms.base` does `from langchain_community.chat_models.vertexai import
     ChatVertexAI`, a module langchain-community 0.4.2 removed (upstream ragas issues #2745/#2753/#2995, no
-    fixed release). ragas uses the class only in an isinstance() list of Vertex models, so registering an
-    empty module with a never-instantiated placeholder class restores the import without changing any
-    behaviour we use. When the real module exists it is left alone.
+    fixed release). The `eval` extra pins langchain-community 0.4.1, which still has it, so a plain
+    `import ragas` works there (tests/test_packaging.py); the placeholder only helps a user who has 0.4.2.
+    ragas uses the class only in an isinstance() list of Vertex models, so registering an empty module with
+    a never-instantiated placeholder class restores the import without changing any behaviour we use. When
+    the real module exists it is left alone.
 
     Why RAGAS_DO_NOT_TRACK: ragas otherwise posts usage telemetry on evaluation calls. We force "true"
     (the instrument must never reach the network) and clear ragas's cached reading of the variable.
