@@ -9,6 +9,8 @@ Layout (MSA.md): per routing layer, contiguous over all layers,
     chunk_doc [C] int64   document row of each chunk, on the routing keys' device (routing reads it there)
     doc_start [N+1] int64 first chunk of each row (CSR offsets, host): rows are contiguous runs of chunks
 A document is the unit of routing, add, delete and metadata; a chunk is the unit of scoring.
+The state also holds the BM25 index of the texts (`lexical.py`, hybrid routing) and the abstention
+calibration (a score threshold learned on a dev split; reset when the memory is re-keyed).
 
 Concurrency: the contents are an immutable `BankState`; add/upsert/delete/rekey build a new state under
 the bank's one lock and swap it in with one assignment, so a reader that took a snapshot never sees a
@@ -29,6 +31,7 @@ from ..types import MemoryDocument
 from ..validation import check_ids, check_texts
 from . import storage
 from .ingest import Ingestor
+from .lexical import TOKENIZER_VERSION, LexicalIndex
 
 _TENSOR_FIELDS = ("keys_r", "keys_r_scale", "keys", "values", "inputs")
 
@@ -51,6 +54,8 @@ class BankState:
     row_of: dict = field(default_factory=dict)  # id -> row
     parts: dict = field(default_factory=dict)  # parent id of a split long text -> its rows, in order
     collection_counts: dict = field(default_factory=dict)  # collection -> number of rows
+    lexical: LexicalIndex = field(default_factory=LexicalIndex)  # BM25 index of `texts`, row for row
+    calibration: Optional[dict] = None  # abstention threshold for this memory and router (see calibrate)
 
     def __len__(self):
         return len(self.ids)
@@ -239,8 +244,14 @@ class MemoryBank:
             if len(s):
                 keys_r = keys_from_inputs(s.inputs).to(s.keys.dtype)  # [L, C, G*D]
                 new_state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
-            self._state = new_state
+            # a threshold learned on the old router's scores means nothing for the new one's
+            self._state = replace(new_state, calibration=None)
             self.fingerprint = dict(fingerprint)
+
+    def set_calibration(self, calibration: Optional[dict]) -> None:
+        """Store an abstention calibration with the memory (saved in its manifest)."""
+        with self._lock:
+            self._state = replace(self._state, calibration=None if calibration is None else dict(calibration))
 
     def _appended(self, s: BankState, docs: list, encoded: list) -> BankState:
         if s.n_chunks and (s.inputs is None) != (encoded[0].inputs is None):
@@ -272,6 +283,7 @@ class MemoryBank:
             keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
             values=cat(s.values, [e.values for e in encoded], self.content_device),
             inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"),
+            lexical=s.lexical.appended(d.text for d in docs), calibration=s.calibration,
             **_index(ids, parents, collections))
 
     def _routing_keys(self, s: BankState, new_parts: list) -> dict:
@@ -307,9 +319,13 @@ class MemoryBank:
                 s, fingerprint = self._state, dict(self.fingerprint)
             tensors = {"doc_start": s.doc_start, "chunk_doc": s.chunk_doc}
             tensors.update({n: getattr(s, n) for n in _TENSOR_FIELDS if getattr(s, n) is not None})
+            tensors.update(s.lexical.to_tensors())  # same file, same checksum, same generation
             docs = [{"id": s.ids[r], "text": s.texts[r], "metadata": s.metadata[r], "n_tokens": s.n_tokens[r],
                      "parent": s.parents[r], "collection": s.collections[r]} for r in range(len(s))]
-            storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout)
+            extra = {"lexical": {"tokenizer": TOKENIZER_VERSION, "n_terms": s.lexical.n_terms},
+                     "calibration": s.calibration}
+            storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
+                         extra=extra)
 
     def load(self, directory: str, verify: bool = True) -> None:
         """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
@@ -336,11 +352,15 @@ class MemoryBank:
         ids = tuple(d["id"] for d in docs)
         parents = tuple(d.get("parent") for d in docs)
         collections = tuple(d.get("collection", "default") for d in docs)
-        return BankState(ids=ids, texts=tuple(d["text"] for d in docs), metadata=tuple(d["metadata"] for d in docs),
+        texts = tuple(d["text"] for d in docs)
+        # a memory saved before the index existed, or under another tokenizer version, is re-indexed
+        lexical = stored.lexical if stored.lexical is not None else LexicalIndex.build(texts)
+        return BankState(ids=ids, texts=texts, metadata=tuple(d["metadata"] for d in docs),
                          n_tokens=tuple(d["n_tokens"] for d in docs), parents=parents, collections=collections,
                          doc_start=t["doc_start"].clone(), chunk_doc=chunk_doc,
                          keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
-                         inputs=t.get("inputs"), **_index(ids, parents, collections))
+                         inputs=t.get("inputs"), lexical=lexical, calibration=stored.manifest.get("calibration"),
+                         **_index(ids, parents, collections))
 
 
 def _select_rows(s: BankState, rows: list) -> BankState:
@@ -361,7 +381,8 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
                      keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
-                     values=take(s.values), inputs=take(s.inputs), **_index(ids, parents, collections))
+                     values=take(s.values), inputs=take(s.inputs), lexical=s.lexical.selected(rows),
+                     calibration=s.calibration, **_index(ids, parents, collections))
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

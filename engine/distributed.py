@@ -23,16 +23,20 @@ from ..kernels import doc_scores, topk_docs
 NEG_INF = float("-inf")
 
 
-def _local_candidates(local_doc: torch.Tensor, local_doc_global_ids: torch.Tensor, k: int):
+def _local_candidates(local_doc: torch.Tensor, local_doc_global_ids: torch.Tensor, k: int,
+                      allow: Optional[torch.Tensor] = None):
     """Local top-k of rows of local_doc [R, n_local] under (score desc, global id asc), padded to k.
 
+    allow: optional bool [n_local]; a document it excludes is never a candidate (filter before top-k).
     Returns (scores [R, k] float32, global ids [R, k] int64); padding is (-inf, -1) where the shard has
     fewer than k valid documents, so every rank contributes the same shape to the all_gather.
     """
     R = local_doc.shape[0]
     gids = local_doc_global_ids.to(device=local_doc.device, dtype=torch.int64)
     order = torch.argsort(gids)                     # columns in global-id order: topk_docs' tie-break = gid
-    vals, idx = topk_docs(local_doc[:, order], k)
+    if allow is not None:
+        allow = allow.to(device=local_doc.device, dtype=torch.bool)[order]
+    vals, idx = topk_docs(local_doc[:, order], k, allow)
     scores = torch.full((R, k), NEG_INF, dtype=torch.float32, device=local_doc.device)
     ids = torch.full((R, k), -1, dtype=torch.int64, device=local_doc.device)
     scores[:, :vals.shape[1]] = vals
@@ -90,6 +94,31 @@ def sharded_route_aggregated(q: torch.Tensor, local_keys: torch.Tensor, local_ch
     scores, ids = _local_candidates(local.mean(0, keepdim=True), local_doc_global_ids, k)
     s, i = _merge(*_gather_candidates(scores, ids, group), k)
     return s[0], i[0]
+
+
+def sharded_route_topk(q: torch.Tensor, local_keys: torch.Tensor, local_chunk_doc: torch.Tensor,
+                       local_doc_global_ids: torch.Tensor, k: int, group=None, backend: str = "auto",
+                       keys_scale: Optional[torch.Tensor] = None, allow: Optional[torch.Tensor] = None,
+                       doc_score: str = "maxmax"):
+    """Both selections of `kernels.route_topk` (per layer, and over the layer mean) over a sharded bank,
+    from one scoring pass and one exchange: what single-process routing returns, on every rank.
+
+    Same inputs as `sharded_route`, plus allow: optional bool [n_local] allow-list of the local rows
+    (applied before the local top-k, so a filtered-out document is never selected) and the document
+    score rule (`kernels.doc_scores`). Returns (layer scores [L, k'], layer global ids [L, k'],
+    mean scores [k''], mean global ids [k'']), k' = min(k, fewest valid documents in any layer) and
+    k'' = min(k, valid documents), as `route_topk` trims them. The layer mean is per document, so each
+    rank takes it over its own columns, as the single-process mean over all of them.
+    """
+    n_local = int(local_doc_global_ids.numel())
+    local = doc_scores(q, local_keys, local_chunk_doc, n_local, backend=backend, keys_scale=keys_scale,
+                       doc_score=doc_score).float()                              # [L, n_local]
+    L = local.shape[0]
+    both = torch.cat([local, local.mean(0, keepdim=True)], 0)                   # [L + 1, n_local]
+    all_s, all_i = _gather_candidates(*_local_candidates(both, local_doc_global_ids, k, allow), group)
+    layer_s, layer_i = _merge(all_s[:L], all_i[:L], k)      # trimmed separately: k' and k'' may differ
+    mean_s, mean_i = _merge(all_s[L:], all_i[L:], k)
+    return layer_s, layer_i, mean_s[0], mean_i[0]
 
 
 def fetch_content(global_ids: Sequence[int] | torch.Tensor, local_doc_global_ids: torch.Tensor,

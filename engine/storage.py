@@ -5,6 +5,11 @@ A memory folder holds
                                      size and sha256, and the previous generation's file names
     tensors-<gen>.safetensors        doc_start [N+1], chunk_doc [C], keys_r, keys, values, ... (see bank.py)
     docs-<gen>.jsonl                 one {"id", "text", "metadata", "n_tokens", "parent", "collection"} per document
+
+The tensors file also holds the memory's BM25 index (`lex_*` tensors, see lexical.py), so it is saved in
+the same generation, under the same checksum, as the keys; the manifest's "lexical" entry records the
+index tokenizer's version (a memory without it, or of another version, is re-indexed from its texts on
+load), and its optional "calibration" entry the abstention threshold learned for this memory and router.
     .msa-lock                        the writer lock file (never deleted: deleting lock files races)
     .msa-tmp-<gen>-*                 files of a save in progress (or of a crashed one)
 
@@ -44,6 +49,7 @@ import torch
 
 from .._io import file_sha256, fsync_dir
 from ..errors import InvalidArgumentError, MemoryFormatError, MemoryLockedError, ModelMismatchError
+from .lexical import TOKENIZER_VERSION, LexicalIndex
 
 try:
     import fcntl
@@ -76,6 +82,7 @@ class Stored(NamedTuple):
     manifest: dict
     tensors: dict
     docs: list  # {"id", "text", "metadata", "n_tokens", "parent"}
+    lexical: Optional[LexicalIndex] = None  # None: not saved, or saved by another tokenizer version
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -307,16 +314,17 @@ def clean_orphans(directory: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- save
 def save(directory: str, tensors: dict, docs: list, fingerprint: dict, lock: Optional[FolderLock] = None,
-         timeout: float = DEFAULT_LOCK_TIMEOUT) -> dict:
+         timeout: float = DEFAULT_LOCK_TIMEOUT, extra: Optional[dict] = None) -> dict:
     """Atomically write a memory (tensors: name -> tensor; docs: records) into `directory` under its
-    writer lock (re-entered when the caller holds it, e.g. `lock` from folder_lock). Returns the manifest."""
+    writer lock (re-entered when the caller holds it, e.g. `lock` from folder_lock). `extra`: more
+    manifest entries ("lexical", "calibration"). Returns the manifest."""
     if lock is not None and not _lock_held(lock.directory):
         raise InvalidArgumentError("the lock passed to save is not held by this thread; save inside its `with` block")
     with folder_lock(directory, timeout=timeout) as held:
-        return _save_locked(held.directory, tensors, docs, fingerprint)
+        return _save_locked(held.directory, tensors, docs, fingerprint, extra)
 
 
-def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict) -> dict:
+def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict, extra: Optional[dict] = None) -> dict:
     previous = None
     if os.path.isfile(os.path.join(directory, MANIFEST)):
         try:
@@ -340,6 +348,7 @@ def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict) -
         "tensors": {"file": tensors_name, "bytes": t_bytes, "sha256": t_sha},
         "documents": {"file": docs_name, "bytes": d_bytes, "sha256": d_sha},
         "previous": previous,
+        **(extra or {}),
     }
     # The temporary manifest is durable before the data files take final names: a crash between the
     # renames and the commit leaves final-named files that the next lock can still recognise as pending.
@@ -388,10 +397,16 @@ def read_manifest(directory: str) -> dict:
               "n_tokens": _is_int, "tensors": lambda v: _file_entry(v, _TENSORS_RE),
               "documents": lambda v: _file_entry(v, _DOCS_RE),
               "previous": lambda v: v is None or isinstance(v, dict)}
+    optional = {"lexical": lambda v: isinstance(v, dict) and isinstance(v.get("tokenizer"), str),
+                "calibration": lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("threshold"), float)
+                                                       and math.isfinite(v["threshold"]))}
     for key, ok in checks.items():
         if key not in manifest:
             _fail(path, f"lacks {key!r}: the manifest was edited or damaged")
         if not ok(manifest[key]):
+            _fail(path, f"has an invalid {key!r} ({str(manifest[key])[:80]}): the manifest was edited or damaged")
+    for key, ok in optional.items():  # entries added after format 2 (absent in older memories)
+        if key in manifest and not ok(manifest[key]):
             _fail(path, f"has an invalid {key!r} ({str(manifest[key])[:80]}): the manifest was edited or damaged")
     return manifest
 
@@ -513,7 +528,16 @@ def read_stored(directory: str, manifest: dict, verify: bool = True) -> Stored:
         dup = next(d for i, d in enumerate(ids) if d in ids[:i])
         _fail(dpath, f"holds id {dup!r} more than once")
     _check_tensors(tpath, tensors, n, c, L)
-    return Stored(manifest, tensors, docs)
+    lexical = None
+    if manifest.get("lexical", {}).get("tokenizer") == TOKENIZER_VERSION:
+        try:
+            lexical = LexicalIndex.from_tensors(tensors, n)
+        except ValueError as e:
+            _fail(tpath, f"{e}: the lexical (BM25) index was altered or damaged")
+        if lexical.n_terms != manifest["lexical"].get("n_terms"):
+            _fail(tpath, f"the lexical index holds {lexical.n_terms} terms, the manifest says "
+                         f"{manifest['lexical'].get('n_terms')}: the files do not belong together")
+    return Stored(manifest, tensors, docs, lexical)
 
 
 def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:

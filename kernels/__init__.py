@@ -3,10 +3,11 @@
 `doc_scores` dispatches to the fused Triton kernel on CUDA and to vectorised PyTorch elsewhere; the
 `naive` module is the loop reference every backend is tested against.
 """
-from .naive import doc_scores_naive, topk_naive
-from .routing import (RoutingGraph, doc_scores, doc_scores_torch, fold_queries, quantize_keys_int8,
-                      quantize_queries_int8, route_topk, topk_docs, topk_docs_device, triton_available)
+from .naive import doc_scores_naive, doc_scores_naive_late, topk_naive
+from .routing import (DOC_SCORES, RoutingGraph, doc_scores, doc_scores_torch, doc_scores_torch_late, fold_queries,
+                      quantize_keys_int8, quantize_queries_int8, route_topk, topk_docs, topk_docs_device, triton_available)
 
-__all__ = ["RoutingGraph", "doc_scores", "doc_scores_torch", "doc_scores_naive", "fold_queries",
+__all__ = ["DOC_SCORES", "RoutingGraph", "doc_scores", "doc_scores_torch", "doc_scores_torch_late", "doc_scores_naive",
+           "doc_scores_naive_late", "fold_queries",
            "quantize_keys_int8", "quantize_queries_int8", "route_topk", "topk_docs", "topk_docs_device",
            "topk_naive", "triton_available"]

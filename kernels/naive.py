@@ -43,6 +43,28 @@ def doc_scores_naive(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tenso
     return torch.tensor(out, dtype=torch.float32).view(L, n_docs)
 
 
+def doc_scores_naive_late(q: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int,
+                          keys_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Late interaction: doc[l, d] = mean over tokens t of the max over chunks c of d of q[l, t] . keys[l, c].
+
+    Same arguments as `doc_scores_naive`; -inf for documents that own no chunk (and for every document
+    when the question has no token)."""
+    L, C = keys.shape[0], keys.shape[1]
+    T = q.shape[1]
+    out = [[NEG_INF] * n_docs for _ in range(L)]
+    for l in range(L):
+        for d in range(n_docs):
+            chunks = [c for c in range(C) if int(chunk_doc[c]) == d]
+            if not chunks or T == 0:
+                continue
+            total = 0.0
+            for t in range(T):
+                total += max(float(torch.dot(q[l, t].double(), _dequantized_chunk(keys, keys_scale, l, c)))
+                             for c in chunks)
+            out[l][d] = total / T
+    return torch.tensor(out, dtype=torch.float32).view(L, n_docs)
+
+
 def doc_scores_naive_heads(q_R: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int,
                            scoring: str = "cosine") -> torch.Tensor:
     """The section 3 definition before head folding, to check `fold_queries` against.

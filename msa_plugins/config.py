@@ -109,7 +109,9 @@ class MSAConfig:
     # a document's score from its chunks' (fingerprinted when not the default): "maxmax" (paper: max over
     # chunks of the max over question tokens) or "late" (mean over question tokens of the max over chunks)
     doc_score: str = "maxmax"
-    hybrid_fusion: str = "rrf"  # routing="hybrid": "rrf" (reciprocal rank fusion) or "zsum" (z-score sum)
+    # routing="hybrid": "zsum" (z-normalised score sum) or "rrf" (reciprocal rank fusion); zsum was chosen
+    # once on HotpotQA's dev questions (docs/results/hybrid_routing.md) and is fixed for every corpus
+    hybrid_fusion: str = "zsum"
     int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
     keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split

@@ -82,6 +82,7 @@ class MSAEngine:
         self.encoder = Encoder(model, layers, cfg.chunk_size, self.router, score=cfg.score,
                                keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens)
         self._bank = _make_bank(self, cfg.max_doc_tokens or model.max_positions)
+        self._sharded_router = None  # memory-parallel routing (use_sharded_routing); None: this process
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -227,6 +228,13 @@ class MSAEngine:
             yield self
             self._bank.save(directory, lock=held)
 
+    def use_sharded_routing(self, router=None) -> None:
+        """Route memory-parallel through `router` (a `ShardedRouter` of `msa_plugins.engine.sharding`, used by
+        `msa serve --nproc N`): every rank of its process group scores a shard of the memory; the selections
+        are this process's own (scores to fp32 rounding). None: route here again. Only "msa" routing is sharded (hybrid
+        and lexical rank here); texts and sparse K̄/V̄ stay in this process, which holds the whole memory."""
+        self._sharded_router = router
+
     def set_router(self, router) -> None:
         """Use another trained router: re-keys the memory from its kept pooled inputs (no model forward)."""
         if isinstance(router, str):
@@ -331,6 +339,9 @@ class MSAEngine:
         if routing == "hybrid":
             return hybrid_route(q, state, self.routing_layers, text, k, allow_ids=allow,
                                 backend=cfg.routing_backend, doc_score=cfg.doc_score, fusion=cfg.hybrid_fusion)
+        if self._sharded_router is not None:  # the same selections, scored by every rank of the process group
+            return self._sharded_router.route(q, state, self.routing_layers, k, allow_ids=allow,
+                                              backend=cfg.routing_backend, doc_score=cfg.doc_score)
         return route(q, state, self.routing_layers, k, allow_ids=allow, backend=cfg.routing_backend,
                      doc_score=cfg.doc_score)
 
@@ -399,6 +410,9 @@ class MSAEngine:
         if opts.mode == "protocol" and not self.has_trained_router:
             raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
                                        "use 'interleave' or 'sparse' with this model")
+        if opts.abstain and opts.routing == "lexical":
+            raise InvalidArgumentError("abstain=True decides on the router's scores, which routing='lexical' does not "
+                                       "compute; use routing 'msa' or 'hybrid'")
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         # the question and history must fit before any routing work is spent on them

@@ -774,12 +774,35 @@ def _add_serve_arguments(s) -> None:
     s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     s.add_argument("-k", "--k", type=int, default=None, help="default documents per question")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="route memory-parallel over this many processes (gloo on this machine; this one is rank 0 "
+                        "and answers HTTP). Under torchrun the group comes from the environment instead")
+
+
+def _start_sharding(nproc: int):
+    """The memory-parallel group of `--nproc N` or torchrun (None: route in this process). Under torchrun
+    only rank 0 gets here; the other ranks serve routing in `run_serve` before loading anything."""
+    from .engine.sharding import ShardGroup, torchrun_rank
+
+    check_int(nproc, "--nproc", minimum=1)
+    if torchrun_rank() is not None:
+        if nproc > 1:
+            raise InvalidArgumentError("give --nproc or run under torchrun, not both")
+        return ShardGroup.from_env()
+    return ShardGroup.spawn(nproc) if nproc > 1 else None
 
 
 def run_serve(args) -> int:
-    """Load the model and memories, then serve until interrupted."""
+    """Load the model and memories, then serve until interrupted. With --nproc N (or under torchrun) the
+    memories are routed memory-parallel: rank 0 (this process) serves and holds every memory whole, each
+    rank scores a shard of it (engine/sharding.py); the answers are those of one process."""
     import uvicorn
 
+    from .engine.sharding import torchrun_rank, worker_from_env
+
+    if torchrun_rank() not in (None, 0):  # a torchrun worker rank needs no model: rank 0 ships its shards
+        worker_from_env()
+        return 0
     overrides = {"k": args.k} if getattr(args, "k", None) else {}
     memories = open_memories(args.memory, model=getattr(args, "model", None), router=getattr(args, "router", None),
                              device=getattr(args, "device", None), **overrides)
@@ -789,9 +812,18 @@ def run_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         logger.warning("serving on %s without an API key: anyone who can reach it may read and change the memories",
                        args.host)
-    app = create_app(memories, settings)
-    logger.info("serving %s on http://%s:%d/v1", ", ".join(memories), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    shards = _start_sharding(getattr(args, "nproc", 1))
+    try:
+        for memory in memories.values():
+            if shards is not None:
+                memory.engine.use_sharded_routing(shards.router())
+        app = create_app(memories, settings)
+        logger.info("serving %s on http://%s:%d/v1%s", ", ".join(memories), args.host, args.port,
+                    f" (routing over {shards.world} processes)" if shards is not None else "")
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if shards is not None:
+            shards.stop()
     return 0
 
 

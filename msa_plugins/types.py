@@ -55,6 +55,7 @@ class QueryResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"  # "stop" (end of text or a stop string) or "length" (max_new_tokens)
+    abstained: bool = False  # True: routing fell below the memory's calibrated threshold (answer: NOT_IN_MEMORY)
 
     @property
     def usage(self) -> dict:

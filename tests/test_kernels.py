@@ -328,6 +328,39 @@ def test_tuning_config_sets(monkeypatch):
         tuning_configs()
 
 
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("tile_chunks", [None, 1, 5])
+def test_late_interaction_torch_matches_naive(T, tile_chunks):
+    """doc_score="late": mean over tokens of the max over a document's chunks, tiles straddling documents."""
+    from msa_plugins.kernels import doc_scores_naive_late, doc_scores_torch_late
+    q_R, keys, chunk_doc, n_docs = make_bank(BANK, T=T, seed=10 + T)
+    q, k = folded(q_R, keys)
+    expected = doc_scores_naive_late(q, k, chunk_doc, n_docs)
+    assert torch.isinf(expected[:, [2, 5, 6, 10]]).all() and torch.isfinite(expected[:, [0, 1, 3]]).all()
+    assert_scores_close(doc_scores_torch_late(q, k, chunk_doc, n_docs, tile_chunks=tile_chunks), expected, atol=1e-6)
+    for backend in ("auto", "torch"):
+        assert_scores_close(doc_scores(q, k, chunk_doc, n_docs, backend=backend, doc_score="late"), expected, atol=1e-6)
+    if T == 1:  # one token: late interaction and max-max agree
+        assert_scores_close(expected, doc_scores_naive(q, k, chunk_doc, n_docs), atol=1e-6)
+    else:  # late never exceeds max-max (a mean of maxima is at most their max)
+        finite = torch.isfinite(expected)
+        assert (expected[finite] <= doc_scores_naive(q, k, chunk_doc, n_docs)[finite] + 1e-6).all()
+
+
+def test_late_interaction_int8_keys_and_triton_fallback():
+    """int8 keys dequantise like max-max; the Triton backend has no late kernel and falls back to PyTorch."""
+    from msa_plugins.kernels import doc_scores_naive_late
+    q_R, keys, chunk_doc, n_docs = make_bank(BANK, T=3, seed=5)
+    q, k = folded(q_R, keys)
+    k8, scale = quantize_keys_int8(k, n_kv_heads=2)
+    expected = doc_scores_naive_late(q, k8, chunk_doc, n_docs, keys_scale=scale)
+    assert_scores_close(doc_scores(q, k8, chunk_doc, n_docs, keys_scale=scale, doc_score="late"), expected, atol=1e-5)
+    assert_scores_close(doc_scores(q, k, chunk_doc, n_docs, backend="triton", doc_score="late"),
+                        doc_scores_naive_late(q, k, chunk_doc, n_docs), atol=1e-6)
+    with pytest.raises(ValueError):
+        doc_scores(q, k, chunk_doc, n_docs, doc_score="mean")
+
+
 def test_unknown_backend():
     q_R, keys, chunk_doc, n_docs = make_bank([1, 2])
     q, k = folded(q_R, keys)

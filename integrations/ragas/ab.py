@@ -39,7 +39,7 @@ from .datasets import EvalSet
 from .harness import AnswerResult, Context, RunResult
 
 # The one list of systems and datasets (the CLI's choices come from here).
-SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free")
+SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free", "msa-hybrid")
 DEFAULT_SYSTEMS = ("rag-minilm", "msa")
 DATASETS = ("popqa", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah")
 _DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100"}
@@ -50,6 +50,10 @@ _DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100"
 PROMPT_SUFFIXES = {"-msaprompt": "msa", "-llamaprompt": "llamaindex", "-llamauser": "llamaindex-nosystem"}
 # Router argument per MSA base system: None = the engine's default router, "none" = training-free q/k.
 _ROUTER_OF = {"msa": None, "msa-training-free": "none"}
+# `msa-hybrid`: the `msa` engine (same memory, encoded once) routing with routing="hybrid" (router + BM25
+# fused), reported as its own system beside pure MSA routing.
+_ENGINE_OF = {"msa-hybrid": "msa"}
+_ROUTING_OF = {"msa-hybrid": "hybrid"}
 
 
 def split_system(name: str) -> tuple[str, str | None]:
@@ -191,6 +195,7 @@ class EnginePool:
         self.memories: dict[str, EngineMemory] = {}
 
     def get(self, base: str) -> EngineMemory:
+        base = _ENGINE_OF.get(base, base)
         if base not in self.memories:
             self.memories[base] = EngineMemory(self._build(_ROUTER_OF[base]))
         return self.memories[base]
@@ -208,10 +213,11 @@ class EnginePool:
 def msa_system_fn(em: EngineMemory, spec: SystemSpec, plan: "RunPlan") -> Callable:
     from .msa_system import msa_answer_fn, msa_retrieve_fn
 
-    if plan.retrieval_only:
-        return msa_retrieve_fn(em.engine)
+    routing = _ROUTING_OF.get(spec.base)  # None: the engine's default (pure MSA routing)
+    if plan.retrieval_only:  # with rounds > 1: the same k split over the rounds, recall over all of them
+        return msa_retrieve_fn(em.engine, routing=routing, rounds=plan.rounds)
     style = {"prompt_style": spec.style} if spec.style else {}
-    return msa_answer_fn(em.engine, mode=plan.mode, k=plan.k, rounds=plan.rounds,
+    return msa_answer_fn(em.engine, mode=plan.mode, k=plan.k, rounds=plan.rounds, routing=routing,
                          max_new_tokens=plan.max_new_tokens, temperature=0.0, **style)
 
 
@@ -386,7 +392,8 @@ class RunPlan:
     def system_stats(self, spec: SystemSpec) -> dict[str, Any]:
         if spec.is_rag:
             return self.rags.stats[spec.name].as_dict() if spec.name in self.rags.stats else {}
-        return self.engines.get(spec.base).ingest.as_dict() if spec.base in self.engines.memories else {}
+        engine_base = _ENGINE_OF.get(spec.base, spec.base)
+        return self.engines.get(spec.base).ingest.as_dict() if engine_base in self.engines.memories else {}
 
 
 def latency_extras(records: list[dict[str, Any]], name: str) -> dict[str, Any]:

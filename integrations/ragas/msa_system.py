@@ -13,11 +13,14 @@ from typing import Any, Callable
 from .harness import AnswerResult, Context
 
 
-def msa_retrieve_fn(engine: Any) -> Callable[[str, int], list[tuple[str, float]]]:
-    """Routing only (no generation): the engine's layer-mean document ranking, best first."""
+def msa_retrieve_fn(engine: Any, routing: str | None = None, rounds: int = 1) -> Callable[[str, int], list[tuple[str, float]]]:
+    """Routing only (no generation): the engine's layer-mean document ranking, best first. `routing`:
+    None (the engine's default), "msa", "hybrid" or "lexical"; `rounds` > 1: k split over that many
+    routing rounds (multi-hop), the documents of every round in routing order."""
 
     def retrieve(question: str, k: int) -> list[tuple[str, float]]:
-        return [(str(d.id), float(d.score)) for d in engine.retrieve(question, k=k)]
+        docs = engine.retrieve(question, k=k, routing=routing, rounds=rounds)
+        return [(str(d.id), float(d.score)) for d in docs]
 
     return retrieve
 
