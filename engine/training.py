@@ -43,7 +43,7 @@ from ..metrics import retrieval_metrics
 from ..validation import check_choice, check_int
 from .encoding import Encoder
 from .generation import Prompt
-from .model import DecoderModel
+from .model import DecoderModel, KVCache
 from .router import QKRouter, Router
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.safetensors"  # tensors + the JSON training state in its header metadata
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never loaded
 INITS = ("qk", "tied-random", "identity", "random")
+NEGATIVES = ("bank", "mined")
 
 
 # ====================================================================== feature cache
@@ -238,6 +239,75 @@ def question_features(encoder: Encoder, prompts: Sequence[Prompt], progress: boo
     return out
 
 
+def batched_question_features(model: DecoderModel, layers: Sequence[int], prompts: Sequence[Prompt],
+                               batch_tokens: int = 4096, progress: bool = True, desc: str = "queries") -> list:
+    """`question_features` for many prompts at once: right-padded batches of similar length, one forward
+    each (a causal mask makes right padding harmless). A prompt is cut after its last question token:
+    the tokens after it cannot change the question tokens' states. -> per prompt [L, Tq, hidden] (fp32, CPU),
+    equal to `question_features` up to float rounding of batched matmuls."""
+    layers = list(layers)
+    cut = []
+    for p in prompts:
+        last = max((i for i, m in enumerate(p.question_mask) if m), default=-1)
+        if last < 0:
+            raise InvalidArgumentError("a query has no tokens to route with; remove empty queries")
+        cut.append((p.ids[:last + 1], p.question_mask[:last + 1]))
+    order = sorted(range(len(cut)), key=lambda i: -len(cut[i][0]))  # longest first: little padding
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(cut[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    out = [None] * len(cut)
+    layer_set = set(layers)
+    last = max(layers)
+    # The template before the question (system prompt, user header) is the same for every query: run it
+    # once and let each batch attend to its keys/values (about half of a short query's tokens).
+    M = min(c[1].index(True) for c in cut)
+    shared = M > 0 and all(c[0][:M] == cut[0][0][:M] for c in cut)
+    prefix = None
+    with torch.inference_mode():
+        if shared:
+            kv = {}
+
+            def keep_kv(c):
+                kv[c.layer] = (c.k, c.v)  # [1, G, M, D], post-RoPE at positions 0..M-1
+
+            model.forward(torch.tensor([cut[0][0][:M]]), torch.arange(M)[None], capture=keep_kv, last_layer=last)
+            prefix = [kv.get(i) for i in range(model.n_layers)]
+        else:
+            M = 0
+    with torch.inference_mode(), tqdm(total=len(cut), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in batches:
+            B, S = len(batch), max(len(cut[i][0]) for i in batch) - M
+            ids = torch.zeros(B, S, dtype=torch.long)
+            for b, i in enumerate(batch):
+                ids[b, :len(cut[i][0]) - M] = torch.tensor(cut[i][0][M:], dtype=torch.long)
+            positions = torch.arange(M, M + S)[None].expand(B, S)
+            cache = None
+            if prefix is not None:  # the reference (concatenating) cache path takes a batched prefix as is
+                cache = KVCache(model.n_layers, memory=[None if p is None else (p[0].expand(B, -1, -1, -1),
+                                                                                 p[1].expand(B, -1, -1, -1))
+                                                        for p in prefix], preallocated=False)
+            hs = {}
+
+            def capture(c):
+                if c.layer in layer_set:
+                    hs[c.layer] = c.h_norm.float().cpu()  # [B, S, hidden]
+
+            model.forward(ids, positions, cache=cache, capture=capture, last_layer=last)
+            for b, i in enumerate(batch):
+                sel = torch.tensor(cut[i][1][M:], dtype=torch.bool)
+                out[i] = torch.stack([hs[l][b, :len(sel)][sel] for l in layers]).clone()  # [L, Tq, hidden]
+            bar.update(B)
+    return out
+
+
 def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, docs: Sequence,
                 questions: Sequence = (), prompt: Optional[Callable[[str], Prompt]] = None,
                 ict_per_doc: int = 2, ict_titles: bool = True, seed: int = 0, max_doc_tokens: Optional[int] = None,
@@ -285,7 +355,7 @@ def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, doc
         empty = [t for t, p in zip(texts, prompts) if not any(p.question_mask)]
         if empty:
             raise InvalidArgumentError(f"question(s) {empty[:3]!r} have no tokens; remove empty questions")
-        return question_features(encoder, prompts, progress=progress, desc=desc)
+        return batched_question_features(model, layers, prompts, batch_tokens, progress=progress, desc=desc)
 
     if qs:
         cache.add_queries([q for q, _ in qs], features([q for q, _ in qs], "questions"), [p for _, p in qs],
@@ -429,13 +499,15 @@ class TrainableRouter(torch.nn.Module):
         return torch.stack(out)  # [L, B, N']
 
 
-def infonce(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+def infonce(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1,
+            exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Supervised contrastive loss (MSA.md section 6). scores [B, N], pos_mask [B, N] bool.
 
     Per positive p: -log(exp(s_p/tau) / (exp(s_p/tau) + sum over negatives exp(s_j/tau))), averaged over a
-    query's positives, then over queries."""
+    query's positives, then over queries. exclude [B, N] bool: documents that are not negatives either
+    (likely false negatives, or outside a mined negative set)."""
     z = scores / tau
-    neg = z.masked_fill(pos_mask, float("-inf"))
+    neg = z.masked_fill(pos_mask if exclude is None else pos_mask | exclude, float("-inf"))
     neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # [B, 1]
     per_pos = -(z - torch.logaddexp(z, neg_lse))  # [B, N]
     per_pos = per_pos.masked_fill(~pos_mask, 0.0)
@@ -444,10 +516,87 @@ def infonce(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1) -> t
 
 
 def routing_loss(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1, layer_weight: float = 1.0,
-                 mean_weight: float = 1.0) -> torch.Tensor:
+                 mean_weight: float = 1.0, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
     """scores [L, B, N]: InfoNCE per layer (averaged) + InfoNCE on the layer-mean score."""
-    per_layer = torch.stack([infonce(scores[i], pos_mask, tau) for i in range(scores.shape[0])]).mean()
-    return layer_weight * per_layer + mean_weight * infonce(scores.mean(0), pos_mask, tau)
+    per_layer = torch.stack([infonce(scores[i], pos_mask, tau, exclude) for i in range(scores.shape[0])]).mean()
+    return layer_weight * per_layer + mean_weight * infonce(scores.mean(0), pos_mask, tau, exclude)
+
+
+def distill_loss(scores: torch.Tensor, cols: torch.Tensor, teacher: torch.Tensor, tau: float = 0.1,
+                 teacher_tau: float = 0.5, layer_weight: float = 1.0, mean_weight: float = 1.0) -> torch.Tensor:
+    """scores [L, B, N], cols [B, K] candidate columns, teacher [B, K]: `distill_kl` per layer (averaged)
+    + on the layer-mean score, like `routing_loss`."""
+    cand = scores.gather(2, cols[None].expand(scores.shape[0], -1, -1))  # [L, B, K]
+    per_layer = torch.stack([distill_kl(cand[i], teacher, tau, teacher_tau) for i in range(cand.shape[0])]).mean()
+    return layer_weight * per_layer + mean_weight * distill_kl(cand.mean(0), teacher, tau, teacher_tau)
+
+
+# ====================================================================== distillation from teacher retrievers
+@dataclass
+class TeacherTargets:
+    """What teacher retrievers say about some queries of one feature cache: per query, K candidate document
+    rows (the teachers' top K by their combined score, the query's positives forced in) and the combined
+    teacher score of each candidate. Combined score: each teacher's scores standardised per query over the
+    whole bank (z-scores: BM25 and cosine scales differ), averaged over teachers."""
+
+    q_index: dict  # query index (of the cache) -> row of cand / scores
+    cand: torch.Tensor  # [Q', K] document rows
+    scores: torch.Tensor  # [Q', K] combined teacher z-scores
+    false_neg: torch.Tensor  # [Q', K] bool: not a positive, yet the teachers score it above every positive
+    teachers: list = field(default_factory=list)
+
+    def select(self, q_idx: Sequence[int]):
+        """-> (has [B] bool, cand [B, K], scores [B, K], false_neg [B, K]) for a batch (zeros where `has` is False)."""
+        rows = [self.q_index.get(int(q), -1) for q in q_idx]
+        has = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
+        idx = torch.tensor([max(r, 0) for r in rows], dtype=torch.long)
+        return has, self.cand[idx], self.scores[idx], self.false_neg[idx]
+
+    def fingerprint(self) -> str:
+        """Identifies the targets (a checkpoint trained on other targets is not resumed)."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([self.teachers, sorted(self.q_index.items())]).encode())
+        for t in (self.cand, self.scores):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def teacher_targets(teachers: dict, cache: FeatureCache, q_idx: Sequence[int], k: int = 32,
+                    block: int = 256) -> TeacherTargets:
+    """teachers: name -> fn(list of query indices) -> scores [b, n_docs] of those queries against every
+    document of `cache` (higher = more relevant). -> `TeacherTargets` for `q_idx` (top `k` candidates each)."""
+    if not teachers:
+        raise InvalidArgumentError("teacher_targets needs at least one teacher")
+    q_idx = [int(q) for q in q_idx]
+    k = min(k, cache.n_docs)
+    cands, scores, fneg = [], [], []
+    for b0 in range(0, len(q_idx), block):
+        qb = q_idx[b0:b0 + block]
+        z = 0.0
+        for fn in teachers.values():
+            s = torch.as_tensor(fn(qb), dtype=torch.float32)  # [b, N]
+            z = z + (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-6)
+        z = z / len(teachers)  # [b, N]
+        pos = _pos_mask(cache, qb, None, "cpu")  # [b, N]
+        # the positives always take part; the rest of the K are the teachers' best
+        top = z.masked_fill(pos, float("inf")).topk(k, dim=1).indices  # [b, K]
+        top_z = z.gather(1, top)
+        top_pos = pos.gather(1, top)
+        best_pos = z.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)  # [b, 1]
+        cands.append(top)
+        scores.append(top_z)
+        fneg.append(~top_pos & (top_z > best_pos))
+    return TeacherTargets({q: i for i, q in enumerate(q_idx)}, torch.cat(cands), torch.cat(scores), torch.cat(fneg),
+                          sorted(teachers))
+
+
+def distill_kl(scores: torch.Tensor, teacher: torch.Tensor, tau: float = 0.1, teacher_tau: float = 0.5) -> torch.Tensor:
+    """Listwise distillation: KL(p_teacher || p_router) over each query's candidate set, averaged over queries.
+    scores, teacher: [B, K]; p_teacher = softmax(teacher / teacher_tau), p_router = softmax(scores / tau)."""
+    log_p = F.log_softmax(teacher / teacher_tau, dim=1)
+    log_q = F.log_softmax(scores / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
 # ====================================================================== ranking and metrics
@@ -487,6 +636,15 @@ class TrainConfig:
     hard_negatives: int = 64  # mined per query when sampling negatives
     layer_weight: float = 1.0
     mean_weight: float = 1.0
+    # distillation from teacher retrievers (used when `train_router` gets `teacher` targets)
+    infonce_weight: float = 1.0  # weight of the InfoNCE term against the labelled / inverse-cloze positives
+    distill_weight: float = 1.0  # weight of the listwise KL term against the teachers' candidate scores
+    teacher_tau: float = 0.5  # temperature of the teachers' (z-scored) candidate scores
+    # "bank": every other document is a negative; "mined": only the router's own top `hard_negatives`, the
+    # teachers' top candidates (minus those they score above the positive: likely false negatives) and
+    # `random_negatives` random documents
+    negatives: str = "bank"
+    random_negatives: int = 64
     device: Optional[str] = None  # None: the model's device (CPU without a model)
     progress: bool = True
 
@@ -498,10 +656,13 @@ class TrainConfig:
         check_int(self.max_negatives, "max_negatives", minimum=1)
         check_int(self.hard_negatives, "hard_negatives", minimum=0)
         check_choice(self.init, INITS, "init")
+        check_choice(self.negatives, NEGATIVES, "negatives")
+        check_int(self.random_negatives, "random_negatives", minimum=0)
         if self.device is not None and not isinstance(self.device, str):
             raise InvalidArgumentError(f"device must be a str such as 'cpu' or 'cuda', or None, got {self.device!r}")
         for name, positive in (("lr", True), ("tau", True), ("weight_decay", False), ("layer_weight", False),
-                               ("mean_weight", False)):
+                               ("mean_weight", False), ("infonce_weight", False), ("distill_weight", False),
+                               ("teacher_tau", True)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (positive and value == 0):
@@ -596,7 +757,7 @@ def load_checkpoint(path: str, tr: "TrainableRouter", opt: torch.optim.Optimizer
 def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model: Optional[DecoderModel] = None,
                  config: Optional[TrainConfig] = None, out_dir: Optional[str] = None, resume: bool = True,
                  init_router: Optional[Router] = None, meta: Optional[dict] = None,
-                 log: Optional[Callable[[str], None]] = None) -> tuple:
+                 log: Optional[Callable[[str], None]] = None, teacher: Optional[TeacherTargets] = None) -> tuple:
     """Train a router on cached features.
 
     caches: a FeatureCache or a list of them (each query scores against its own cache's bank).
@@ -605,6 +766,8 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     out_dir: checkpoint folder (`checkpoint.safetensors` each epoch, `best/` the best router so far); with
     resume=True a checkpoint written with the same settings and data continues where it stopped.
     log: progress lines (default: this module's logger, INFO).
+    teacher: `TeacherTargets` for queries of cache 0: adds the listwise distillation term (`distill_weight`)
+    and, with negatives="mined", the teachers' hard negatives.
     Returns (best Router, history list of per-epoch dicts). Training that diverges (NaN/inf loss or
     weights) raises `InvalidArgumentError` and saves nothing of the diverged epoch."""
     log = log or logger.info
@@ -634,7 +797,10 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
                 layers=layers, n_train=len(train), n_dev=len(dev))
     # what a checkpoint must share to be resumed: the settings and the data (queries and their caches)
     identity = dict(cfg.identity(), layers=layers, train=[list(x) for x in train], dev=[list(x) for x in dev],
-                    data=[c.meta.get("data_hash") for c in caches])
+                    data=[c.meta.get("data_hash") for c in caches],
+                    teacher=None if teacher is None else teacher.fingerprint())
+    if init_router is not None:
+        identity["init_router"] = init_router.fingerprint()
     history, start_epoch, best, best_state, bad = [], 0, float("-inf"), None, 0
     ckpt = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if out_dir and os.path.exists(os.path.join(out_dir, LEGACY_CHECKPOINT)):
@@ -666,7 +832,8 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
 
     if start_epoch == 0 and dev:
         m0 = dev_metrics()
-        log(f"epoch 0 (init {cfg.init}): dev " + " ".join(f"{k} {v:.3f}" for k, v in m0.items()))
+        init_name = "the given router" if init_router is not None else cfg.init
+        log(f"epoch 0 (init {init_name}): dev " + " ".join(f"{k} {v:.3f}" for k, v in m0.items()))
         history.append({"epoch": 0, "loss": None, **{f"dev_{k}": v for k, v in m0.items()}})
         best, best_state = m0["mrr"], {k: v.detach().cpu().clone() for k, v in tr.state_dict().items()}
     rng = random.Random(cfg.seed)
@@ -684,12 +851,23 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
         for ci, qb in bar:
             c = caches[ci]
+            t_has = t_cand = t_score = t_fneg = None
+            if teacher is not None and ci == 0:
+                t_has, t_cand, t_score, t_fneg = teacher.select(qb)
             doc_rows = None
             if c.n_docs > cfg.max_negatives:
-                doc_rows = _sample_docs(tr, c, qb, cfg, rng)
+                extra = t_cand[t_has].flatten().tolist() if t_has is not None else []
+                doc_rows = _sample_docs(tr, c, qb, cfg, rng, extra)
             scores = tr.scores(c, qb, doc_rows=doc_rows)  # [L, B, N']
-            loss = routing_loss(scores, _pos_mask(c, qb, doc_rows, scores.device), cfg.tau,
-                                cfg.layer_weight, cfg.mean_weight)
+            pos = _pos_mask(c, qb, doc_rows, scores.device)
+            exclude = _negative_exclusions(scores, pos, doc_rows, t_has, t_cand, t_fneg, cfg, rng)
+            loss = cfg.infonce_weight * routing_loss(scores, pos, cfg.tau, cfg.layer_weight, cfg.mean_weight, exclude)
+            if t_has is not None and bool(t_has.any()) and cfg.distill_weight > 0:
+                sel = t_has.nonzero().flatten().to(scores.device)
+                cols = _columns(doc_rows, t_cand[t_has]).to(scores.device)  # [B', K]
+                loss = loss + cfg.distill_weight * distill_loss(
+                    scores.index_select(1, sel), cols, t_score[t_has].to(scores.device), cfg.tau, cfg.teacher_tau,
+                    cfg.layer_weight, cfg.mean_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -725,14 +903,46 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
 
 
 @torch.no_grad()
-def _sample_docs(tr, cache, qb, cfg, rng) -> torch.Tensor:
-    """Positives + mined hard negatives (top-scored under the current router) + random documents."""
+def _sample_docs(tr, cache, qb, cfg, rng, extra=()) -> torch.Tensor:
+    """Positives + mined hard negatives (top-scored under the current router) + `extra` rows (teacher
+    candidates) + random documents -> sorted document rows."""
     s = tr.scores(cache, qb).mean(0)  # [B, N]
     hard = s.topk(min(cfg.hard_negatives, s.shape[1]), dim=1).indices.flatten().cpu().tolist()
     pos = [p for q in qb for p in cache.q_pos[q]]
-    n_rand = max(0, cfg.max_negatives - len(set(hard)) - len(pos))
+    keep = set(pos) | set(hard) | set(int(x) for x in extra)
+    n_rand = max(0, cfg.max_negatives - len(keep))
     rand = rng.sample(range(cache.n_docs), min(n_rand, cache.n_docs))
-    return torch.tensor(sorted(set(pos) | set(hard) | set(rand)), dtype=torch.long)
+    return torch.tensor(sorted(keep | set(rand)), dtype=torch.long)
+
+
+def _columns(doc_rows: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Document rows -> their columns in a score matrix over `doc_rows` (sorted; None: all documents)."""
+    return rows if doc_rows is None else torch.searchsorted(doc_rows, rows)
+
+
+@torch.no_grad()
+def _negative_exclusions(scores, pos, doc_rows, t_has, t_cand, t_fneg, cfg, rng) -> Optional[torch.Tensor]:
+    """[B, N'] bool mask of documents that are not InfoNCE negatives, or None (all are).
+    With negatives="mined", only the router's own top `hard_negatives`, the teachers' candidates and
+    `random_negatives` random documents are negatives, and teacher false negatives (candidates the teachers
+    score above every positive: likely relevant too, RocketQA-style denoising) are not."""
+    B, N = scores.shape[1], scores.shape[2]
+    if cfg.negatives != "mined":
+        return None
+    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
+    hard = scores.mean(0).masked_fill(pos, float("-inf")).topk(min(cfg.hard_negatives, N), dim=1).indices
+    keep.scatter_(1, hard, True)  # the router's own hard negatives
+    if cfg.random_negatives:
+        g = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+        keep.scatter_(1, torch.randint(0, N, (B, cfg.random_negatives), generator=g).to(scores.device), True)
+    exclude = ~keep
+    if t_has is not None and bool(t_has.any()):
+        cols = _columns(doc_rows, t_cand).to(scores.device)  # [B, K]
+        has = t_has[:, None].to(scores.device)
+        fneg = (t_fneg.to(scores.device) & has)
+        # the teachers' candidates are negatives, except their likely false negatives
+        exclude.scatter_(1, cols, exclude.gather(1, cols) & ~has | fneg)
+    return exclude
 
 
 def export_msa4b(router: Router, path: str) -> None:

@@ -174,7 +174,12 @@ def _engine(args):
             overrides[name] = getattr(args, name)
     if getattr(args, "keep_inputs", False):
         overrides["keep_inputs"] = True
-    return MSAEngine.from_pretrained(model=args.model, router=args.router, device=args.device, **overrides)
+    router = args.router
+    if router is None and getattr(args, "memory", None):  # an adapted memory keeps its router beside it
+        from .train_cli import memory_router_dir
+
+        router = memory_router_dir(args.memory)
+    return MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, **overrides)
 
 
 @dataclasses.dataclass
@@ -205,20 +210,29 @@ def cmd_ingest(args) -> int:
     ids = document_ids(files, args.relative_to)
     hashes = [text_sha256(t) for t in texts]
     check_destination(args.memory)
+    if args.adapt:
+        args.keep_inputs = True  # adaptation re-keys from the pooled layer inputs
     engine = _engine(args)
     t0 = time.perf_counter()
+    adapted = None
     with engine.edit_saved(args.memory):  # locked: load what is saved now, change it, save
         plan = IngestPlan.against(engine.snapshot(), ids, hashes)
         todo = set(plan.added) | set(plan.replaced)
         batch = [(i, t, {"source": f, "sha256": h}) for i, t, f, h in zip(ids, texts, files, hashes) if i in todo]
         if batch:
             engine.upsert([t for _, t, _ in batch], ids=[i for i, _, _ in batch], metadata=[m for _, _, m in batch])
-    dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if args.adapt:
+            from .train_cli import adapt_after_ingest
+
+            adapted = adapt_after_ingest(engine, args, dt)
     n_tok = sum(d.n_tokens for d in engine.get(sorted(todo))) if todo else 0
     info = engine.info()
     print(f"ingested {len(files)} files: {len(plan.added)} added, {len(plan.replaced)} replaced, "
           f"{len(plan.unchanged)} unchanged ({n_tok} tokens encoded, {n_tok / max(dt, 1e-9):.0f} tok/s); "
           f"memory {args.memory}: {info['documents']} documents, {info['bytes'] / 1e6:.2f} MB")
+    if adapted:
+        print(adapted)
     return 0
 
 
@@ -303,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="document ids relative to DIR (default: each file's resolved absolute path)")
     s.add_argument("--chunk-size", type=int, default=None)
     s.add_argument("--keep-inputs", action="store_true", help="keep pooled layer inputs (re-keyable memory)")
+    s.add_argument("--adapt", action="store_true",
+                   help="then adapt the router to the memory's documents (no labels) and re-key it (implies --keep-inputs)")
+    from .train_cli import add_adapt_arguments
+
+    add_adapt_arguments(s, prefix="adapt-")
     s.set_defaults(fn=cmd_ingest)
 
     s = sub.add_parser("ask", help="answer a question from a memory folder")
@@ -325,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train_cli import add_parser as add_train_router_parser  # `msa train-router`
     add_train_router_parser(sub)
+    from .train_cli import add_adapt_parser  # `msa adapt --memory M`
+    add_adapt_parser(sub)
     from .eval_cli import add_parser as add_eval_parser  # `msa eval`
     add_eval_parser(sub)
     from .server import add_serve_parser  # `msa serve` (fastapi and uvicorn are imported when it starts)

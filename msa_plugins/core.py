@@ -34,7 +34,8 @@ from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument
 from .validation import check_collection, check_history, check_messages, check_text, check_where_ids
 
 logger = logging.getLogger(__name__)
-_UNSET = object()  # "not computed yet" for the allow-list (None already means "every document")
+_UNSET = object()
+MEMORY_ROUTER_DIR = "router"  # an adapted memory keeps the router that keyed it in <memory>/router  # "not computed yet" for the allow-list (None already means "every document")
 
 
 def _make_bank(engine: "MSAEngine", max_doc: int):
@@ -107,6 +108,8 @@ class MSAEngine:
         model = model if model is not None else os.environ.get("MSA_MODEL") or None
         router = router if router is not None else os.environ.get("MSA_ROUTER") or None
         memory = memory if memory is not None else os.environ.get("MSA_MEMORY") or None
+        if router is None and memory is not None and os.path.isfile(os.path.join(memory, MEMORY_ROUTER_DIR, "router.json")):
+            router = os.path.join(memory, MEMORY_ROUTER_DIR)  # the router an adapted memory was keyed with
         device = device or os.environ.get("MSA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         folder, name = resolve_model(model)
         hf_model, tokenizer = load_hf_model(folder, device=device, dtype=dtype)
@@ -244,7 +247,8 @@ class MSAEngine:
             return torch.stack([self.encoder.routing_keys_from_inputs(layer, inputs[i], router)
                                 for i, layer in enumerate(self.routing_layers)])
 
-        self._bank.rekey(keys_for, {**self.fingerprint(), "key_mode": router.fingerprint()})
+        self._bank.rekey(keys_for, {**self.fingerprint(), "key_mode": router.fingerprint(),
+                                    "router_provenance": router.meta.get("provenance")})
         self.router = router
         self.encoder.router = router
 
@@ -621,6 +625,16 @@ class MSAEngine:
         return Stream([], pieces, finish)
 
     # ------------------------------------------------------------------ router training
+    def adapt_router(self, *, epochs=None, seed: int = 0, resume: bool = True, progress: bool = True, out=None,
+                     teachers=None, config=None):
+        """Adapt the router to the memory's own documents (no labels: inverse-cloze pseudo-queries, with
+        MiniLM / BM25 as teachers when installed) and re-key the memory in place; needs keep_inputs=True.
+        See `msa_plugins.trainer.adapt_router_for`; returns its `AdaptResult`."""
+        from .trainer import adapt_router_for
+
+        return adapt_router_for(self, epochs=epochs, seed=seed, resume=resume, progress=progress, out=out,
+                                teachers=teachers, config=config)
+
     def train_router(self, docs=None, questions=(), *, out=None, config=None, dev_fraction: float = 0.1,
                      ict_per_doc: int = 2, ict_titles: bool = True, resume: bool = True, export_msa4b_path=None,
                      progress: bool = True):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import Optional
 
 from .errors import DuplicateIdError, InvalidArgumentError
 
@@ -166,3 +167,83 @@ def cmd_train_router(args) -> int:
     print(f"router written to {args.out} ({result.n_train} training queries, {result.n_dev} dev"
           + (f"; {metrics}" if metrics else "") + ")")
     return 0
+
+
+# ---------------------------------------------------------------------- msa adapt / msa ingest --adapt
+ROUTER_SUBDIR = "router"  # an adapted memory keeps the router that keys it in <memory>/router
+
+
+def add_adapt_arguments(s, prefix: str = "") -> None:
+    """The adaptation options (shared by `msa adapt` and `msa ingest --adapt`; `prefix` e.g. "adapt-")."""
+    s.add_argument(f"--{prefix}epochs", type=int, default=None, help="training epochs (default: 4, early stopping "
+                   "on held-out pseudo-queries)")
+    s.add_argument(f"--{prefix}teachers", default="auto",
+                   help="teacher retrievers to distil: auto (those installed), none, or a list such as minilm,bm25")
+    s.add_argument(f"--{prefix}seed", type=int, default=0)
+    s.add_argument(f"--{prefix}out", default=None,
+                   help="router folder to write (default: <memory>/router, where `msa adapt` finds it again)")
+    s.add_argument(f"--{prefix}no-resume", action="store_true", help="ignore checkpoints of an interrupted adaptation")
+
+
+def add_adapt_parser(sub) -> None:
+    """Add `adapt` to `msa`'s sub-commands (the global --model, --router and --device come from cli.main)."""
+    s = sub.add_parser("adapt", help="adapt the router to a saved memory's own documents (no labels) and re-key it")
+    s.add_argument("--memory", required=True, help="saved memory folder (built with --keep-inputs)")
+    add_adapt_arguments(s)
+    s.set_defaults(fn=cmd_adapt)
+
+
+def _teachers(text):
+    if text in ("auto", "none"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def memory_router_dir(memory: str) -> Optional[str]:
+    """The router an adapted memory was keyed with (<memory>/router), when there is one."""
+    path = os.path.join(memory, ROUTER_SUBDIR)
+    return path if os.path.isfile(os.path.join(path, "router.json")) else None
+
+
+def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int = 0, out=None, resume: bool = True,
+                 encoding_s: Optional[float] = None) -> str:
+    """Adapt `engine`'s router to its memory (see `trainer.adapt_router_for`), write the router to `out`
+    (default <memory>/router) and return a one-line report with the cost (and its ratio to `encoding_s`, the
+    encoding time of the same documents, when known). The caller saves the memory (now re-keyed)."""
+    from .trainer import adapt_router_for
+
+    out = out or os.path.join(memory, ROUTER_SUBDIR)
+    res = adapt_router_for(engine, epochs=epochs, seed=seed, resume=resume, out=out, teachers=_teachers(teachers)
+                           if isinstance(teachers, str) else teachers)
+    p, t = res.provenance, res.timings
+    ratio = f", {t['total'] / encoding_s:.2f}x the encoding time" if encoding_s else ""
+    best = res.history[-1] if res.history else {}
+    dev = f"; held-out pseudo-query MRR {best['dev_mrr']:.3f}" if best.get("dev_mrr") is not None else ""
+    return (f"router adapted ({p['method']}, teachers: {', '.join(p['teachers']) or 'none'}, "
+            f"{p['epochs_run']} epochs on {p['train_queries']} pseudo-queries of {p['documents']} documents) in "
+            f"{t['total']:.0f} s{ratio}{dev}; written to {out}")
+
+
+def cmd_adapt(args) -> int:
+    """`msa adapt --memory M`: load M under its writer lock, adapt, re-key, save M (and M/router)."""
+    from . import MSAEngine
+
+    if not os.path.isfile(os.path.join(args.memory, "manifest.json")):
+        what = "does not exist" if not os.path.exists(args.memory) else "holds no memory (manifest.json)"
+        raise InvalidArgumentError(f"{args.memory} {what}; create a memory with `msa ingest FILES --memory "
+                                   f"{args.memory} --keep-inputs` (or `--adapt`)")
+    router = args.router or memory_router_dir(args.memory)  # the router that keys M now
+    engine = MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, keep_inputs=True)
+    with engine.edit_saved(args.memory):
+        line = adapt_engine(engine, args.memory, epochs=args.epochs, teachers=args.teachers, seed=args.seed,
+                            out=args.out, resume=not args.no_resume)
+    print(line)
+    return 0
+
+
+def adapt_after_ingest(engine, args, encoding_s: Optional[float]) -> str:
+    """For `msa ingest --adapt`: call inside the ingest's `edit_saved` block, after the upsert (the memory
+    is saved re-keyed when the block ends). Returns the report line to print."""
+    return adapt_engine(engine, args.memory, epochs=args.adapt_epochs, teachers=args.adapt_teachers,
+                        seed=args.adapt_seed, out=args.adapt_out, resume=not args.adapt_no_resume,
+                        encoding_s=encoding_s)

