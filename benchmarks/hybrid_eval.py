@@ -1,4 +1,4 @@
-"""Hybrid routing, multi-round retrieval and calibrated "not in memory" on full banks (issue 11).
+"""Hybrid routing, multi-round retrieval and calibrated "not in memory" on full banks.
 
 For each corpus (the whole bank is encoded once with the default model and shipped router, and cached
 under runs/hybrid_eval/memory-<corpus>; encoding resumes where it stopped), every question is asked of:

@@ -1,4 +1,4 @@
-"""What each routing lever adds (issue 11): unsupervised adaptation of the router to a corpus, distillation
+"""What each routing lever adds: unsupervised adaptation of the router to a corpus, distillation
 from teacher retrievers, teacher-mined negatives; against training-free routing, the shipped router,
 MiniLM and BM25, on FULL banks with questions never trained on.
 

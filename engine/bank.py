@@ -1,6 +1,6 @@
 """MemoryBank: the compressed latent memory of a document collection, as immutable snapshots.
 
-Layout (MSA.md): per routing layer, contiguous over all layers,
+Layout (the MSA paper): per routing layer, contiguous over all layers,
     keys_r  [L, C, G*D]   routing keys K̄_R (unit-normalised per head for cosine routing); optionally int8
     keys_r_scale [L, C, G] per (chunk, KV head) scale of int8 routing keys (half the bytes routing reads)
     keys    [L, C, G*D]   content keys K̄ (post-RoPE, document-local positions)
@@ -209,7 +209,7 @@ class MemoryBank:
             self._state = new
         return prepared.ids
 
-    replace = upsert  # the name before the facade (issue 9)
+    replace = upsert  # the name before the facade
 
     def delete(self, ids, missing_ok: bool = False, collection: Optional[str] = None) -> list:
         """Remove documents (a split long text by its parent id); returns the ids removed, in the order

@@ -1,4 +1,4 @@
-"""A BM25 index over the memory's texts, kept with the memory (hybrid routing, issue 11).
+"""A BM25 index over the memory's texts, kept with the memory (hybrid and lexical routing).
 
 The index is part of the memory's immutable state (`BankState.lexical`): every add, upsert and delete
 builds a new `LexicalIndex` from the old one (only the new documents are tokenized) in the same state

@@ -6,7 +6,7 @@ input as q_proj/k_proj), no norm, no RoPE. W_QR: hidden -> H x D, W_KR: hidden -
 Two kinds live behind one interface:
 - `Router`: trained projectors, loaded from a router adapter folder or an MSA-4B-format checkpoint.
 - `QKRouter`: the training-free baseline: the layer's own q_proj/k_proj (with Qwen3's q_norm/k_norm),
-  before RoPE. Measured at chance level on real banks (NOTES.md): a baseline, not the default quality.
+  before RoPE. Measured at chance level on real banks: a baseline, not the default quality.
 
 Both map a normalised layer input h [..., hidden] to [..., heads, D]. Because W_KR is linear,
 mean_pool(h) @ W_KR^T == mean_pool(h @ W_KR^T): a bank that keeps its pooled layer inputs can be

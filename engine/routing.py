@@ -6,7 +6,7 @@ the aggregated ranking averages doc scores over layers (the interleave path and 
 An allow-list of documents (metadata filters) is applied before top-k, so filtered-out documents are
 never selected. Scoring itself is `msa_plugins.kernels.doc_scores`: Triton on CUDA, PyTorch elsewhere.
 
-Hybrid routing (issue 11) fuses the router's layer-mean ranking with the BM25 ranking of the memory's
+Hybrid routing fuses the router's layer-mean ranking with the BM25 ranking of the memory's
 lexical index (`lexical.py`), both restricted to the same allow-list before fusion:
     "rrf"   reciprocal rank fusion, score(d) = sum over rankings of 1 / (RRF_K + rank(d)), rank from 1
     "zsum"  calibrated score sum: each ranking's scores z-normalised over its own candidates, summed

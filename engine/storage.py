@@ -58,7 +58,7 @@ except ImportError:  # Windows: threads of one process are still excluded; other
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: per-file sha256, `parent` column, owned temp names (1: before issue 10)
+FORMAT_VERSION = 2  # 2: per-file sha256, `parent` column, owned temp names (1: the first format)
 MANIFEST = "manifest.json"
 LOCK_FILE = ".msa-lock"
 DEFAULT_LOCK_TIMEOUT = 300.0  # s a writer waits for another (an ingest may encode for minutes under the lock)

@@ -1,4 +1,4 @@
-"""Router training on cached features (MSA.md section 6; issue 4). Below the facade: it works on a
+"""Router training on cached features (the MSA paper, section 6). Below the facade: it works on a
 `DecoderModel`, routing layers, an `Encoder`, `FeatureCache`s and tensors, never on an `MSAEngine`
 (`msa_plugins.trainer` composes it with an engine).
 
@@ -8,7 +8,7 @@ The backbone is frozen and a router is linear, so everything a router ever reads
 - queries: the normalised layer inputs of the question's own tokens [L, T, hidden], from
   `Encoder.question_states` (the very function routing uses, on the same chat-template prompt).
 A `FeatureCache` holds both (saved as safetensors + JSON); training and evaluation then touch only the
-router and cached tensors, never the model. Scores are the routing score of MSA.md section 3 (cosine,
+router and cached tensors, never the model. Scores are the routing score of the MSA paper, section 3 (cosine,
 head-mean, max over question tokens, max over a document's chunks).
 
 Loss: InfoNCE (tau 0.1) over document scores, per routing layer and on the layer-mean score; negatives are
@@ -435,7 +435,7 @@ def init_router_weights(model, layers: list, init: str, seed: int = 0):
 
 
 class TrainableRouter(torch.nn.Module):
-    """Per-layer W_QR / W_KR as parameters; scores queries against a cached bank (MSA.md section 3)."""
+    """Per-layer W_QR / W_KR as parameters; scores queries against a cached bank (the MSA paper, section 3)."""
 
     def __init__(self, wq: dict, wk: dict, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -501,7 +501,7 @@ class TrainableRouter(torch.nn.Module):
 
 def infonce(scores: torch.Tensor, pos_mask: torch.Tensor, tau: float = 0.1,
             exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Supervised contrastive loss (MSA.md section 6). scores [B, N], pos_mask [B, N] bool.
+    """Supervised contrastive loss (the MSA paper, section 6). scores [B, N], pos_mask [B, N] bool.
 
     Per positive p: -log(exp(s_p/tau) / (exp(s_p/tau) + sum over negatives exp(s_j/tau))), averaged over a
     query's positives, then over queries. exclude [B, N] bool: documents that are not negatives either

@@ -1,4 +1,4 @@
-"""Routing kernels for Memory Sparse Attention (EverMind): document scores and top-k (MSA.md section 3).
+"""Routing kernels for Memory Sparse Attention (EverMind): document scores and top-k (the MSA paper, section 3).
 
 `doc_scores` dispatches to the fused Triton kernel on CUDA and to vectorised PyTorch elsewhere; the
 `naive` module is the loop reference every backend is tested against.

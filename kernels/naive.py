@@ -1,4 +1,4 @@
-"""Reference routing (MSA.md section 3) written as plain loops.
+"""Reference routing (the MSA paper, section 3) written as plain loops.
 
 Slow on purpose: every other backend (vectorised PyTorch, Triton, sharded) is tested against these
 functions, so they must be obviously correct rather than fast. Use them on small shapes only.

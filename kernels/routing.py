@@ -1,4 +1,4 @@
-"""Document routing scores (MSA.md section 3) in vectorised PyTorch, backend dispatch and top-k.
+"""Document routing scores (the MSA paper, section 3) in vectorised PyTorch, backend dispatch and top-k.
 
 Routing reads every routing key once per question, so it is memory-bandwidth bound (section 7). The
 PyTorch path here is the portable baseline: one batched matmul per tile of chunks for all routing layers,

@@ -1,4 +1,4 @@
-"""Fused routing kernel: one pass over the routing keys of all routing layers (MSA.md sections 3 and 7).
+"""Fused routing kernel: one pass over the routing keys of all routing layers (the MSA paper, sections 3 and 7).
 
 Routing is bandwidth bound: per chunk, 64 question tokens x G*D = 1024 dims is 64 flops per bf16 byte,
 well inside a tensor core's budget, so the goal is to read every key byte exactly once and write almost

@@ -1,4 +1,4 @@
-"""`msa train-router`: train a router adapter for any model on any corpus (issue 4).
+"""`msa train-router`: train a router adapter for any model on any corpus.
 
     msa train-router --corpus docs/*.txt --out my-router                 # unsupervised (inverse cloze)
     msa train-router --corpus corpus.jsonl --pairs qa.jsonl --out my-router

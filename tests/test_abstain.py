@@ -1,4 +1,4 @@
-"""Calibrated "not in memory" (issue 11): a threshold learned on dev questions, stored with the memory,
+"""Calibrated "not in memory": a threshold learned on dev questions, stored with the memory,
 and `query(..., abstain=True)` answering NOT_IN_MEMORY with `QueryResult.abstained` below it."""
 
 import json

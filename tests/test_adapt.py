@@ -1,4 +1,4 @@
-"""Router adaptation to the memory's own corpus (issue 11 items 1-2), on tiny random models: mechanics
+"""Router adaptation to the memory's own corpus, on tiny random models: mechanics
 (re-keying, resume, seeding, provenance, teachers optional) and the distillation loss, never quality."""
 
 import dataclasses

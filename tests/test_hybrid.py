@@ -1,4 +1,4 @@
-"""Hybrid routing (issue 11): the memory's BM25 index, rank fusion, multi-round retrieval, late scoring.
+"""Hybrid routing: the memory's BM25 index, rank fusion, multi-round retrieval, late scoring.
 
 The index is checked against a from-scratch rebuild after every kind of write, against a plain BM25
 written here from its formula (and against `bm25s` when installed), and through save/load, including

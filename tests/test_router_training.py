@@ -1,5 +1,5 @@
-"""Router training on cached features (issue 4), on tiny random models: mechanics, not quality.
-Also issue 10: training checkpoints never unpickle (items 3), NaN/inf routers are refused (item 9)."""
+"""Router training on cached features, on tiny random models: mechanics, not quality.
+Also: training checkpoints never unpickle, NaN/inf routers are refused."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Memory-parallel routing for serving (issue 13, item 4): the test process is rank 0 of a 2-process gloo
+"""Memory-parallel routing for serving: the test process is rank 0 of a 2-process gloo
 group (`ShardGroup.spawn`), holding the engine; the spawned worker routes its shard of the memory. Every
 selection (layer-mean ids and scores, per-layer rows) and every answer must equal one process's, with
 filters and collections, after writes (the shards are re-shipped), and through `msa serve --nproc 2`.
