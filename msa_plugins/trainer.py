@@ -320,8 +320,15 @@ def teacher_scorers(names: Sequence[str], doc_texts: Sequence[str], query_texts:
             r = bm25s.BM25()
             r.index(bm25s.tokenize(list(doc_texts), stopwords="en", show_progress=False), show_progress=False)
             q_tok = bm25s.tokenize(list(query_texts), stopwords="en", show_progress=False, return_ids=False)
-            out[name] = lambda qb, r=r, q_tok=q_tok: torch.from_numpy(
-                np.stack([r.get_scores(q_tok[i]) for i in qb]).astype("float32"))
+            n_docs = len(doc_texts)
+
+            def bm25_scores(qb, r=r, q_tok=q_tok, n_docs=n_docs):
+                # a pseudo-query of stopwords only has no terms: BM25 scores it 0 for every document
+                # (bm25s itself fails on an empty query)
+                return torch.from_numpy(np.stack([r.get_scores(q_tok[i]) if len(q_tok[i]) else np.zeros(n_docs)
+                                                  for i in qb]).astype("float32"))
+
+            out[name] = bm25_scores
         else:
             raise InvalidArgumentError(f"unknown teacher {name!r}; use any of {list(TEACHERS)}")
     return out

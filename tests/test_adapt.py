@@ -270,3 +270,15 @@ def test_cli_ingest_adapt_then_ask_uses_the_adapted_router(tiny_model_dir, tmp_p
     assert engine.has_trained_router and len(engine) == 4
     assert main(["--model", model, "--device", "cpu", "ask", "Who built the lighthouse?", "--memory", str(mem),
                  "--chunk-size", "4", "--max-new-tokens", "2"]) == 0
+
+
+def test_bm25_teacher_scores_a_stopword_only_pseudo_query_as_zero():
+    """An inverse-cloze sentence of stopwords only has no BM25 terms; the teacher scores it 0 everywhere
+    instead of failing the whole adaptation (found on PopQA)."""
+    import torch
+
+    from msa_plugins.trainer import teacher_scorers
+
+    scores = teacher_scorers(["bm25"], ["Alice was born in Lisbon.", "The lighthouse has 212 steps."],
+                             ["the of and", "Lisbon"])["bm25"]([0, 1])
+    assert torch.all(scores[0] == 0) and scores[1, 0] > 0 and scores[1, 1] == 0
