@@ -31,8 +31,8 @@ import torch
 from benchmarks.router_eval import bm25_rankings, eval_questions, minilm_rankings
 from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, make_engine
 from msa_plugins.metrics import retrieval_metrics
-from msa_plugins.trainer import (AdaptConfig, Router, rank, split_queries, teacher_scorers, teacher_targets, train,
-                                 training_free_router)
+from msa_plugins.trainer import (AdaptConfig, Router, hybrid_rank, rank, split_queries, teacher_scorers,
+                                 teacher_targets, train, training_free_router)
 
 # lever -> (init, teachers, negatives); init "shipped" = fine-tune the shipped router (what adapt_router_for
 # does for an engine that holds it), "tied-random" = a router trained from scratch on the corpus
@@ -44,12 +44,17 @@ LEVERS = {
     "distil-both": ("shipped", ["minilm", "bm25"], "bank"),
     "mined-self": ("shipped", [], "mined"),
     "distil-both+teacher-negatives": ("shipped", ["minilm", "bm25"], "mined"),
+    # the default lever trained and scored with late interaction (MSAConfig.doc_score="late")
+    "late-interaction": ("shipped", ["minilm", "bm25"], "mined", "late"),
 }
 BASELINES = ("training-free", "shipped", "minilm", "bm25")
-ORDER = ("training-free", "shipped") + tuple(LEVERS) + ("minilm", "bm25")
+# hybrid systems (reported apart from pure MSA routing): the router's layer-mean ranking fused with BM25 over
+# the same passage strings, by the engine's own fusion (`engine.routing.fuse`, the `MSAConfig` default "zsum")
+HYBRIDS = {"hybrid-shipped": "shipped", "hybrid-adapted": "distil-both+teacher-negatives"}
+ORDER = ("training-free", "shipped") + tuple(LEVERS) + ("minilm", "bm25") + tuple(HYBRIDS)
 # the order a run measures in: the cheap rows and the main levers first (a long run keeps what it measured)
 RUN_ORDER = ("training-free", "shipped", "minilm", "bm25", "ict", "distil-both", "distil-both+teacher-negatives",
-             "ict-scratch", "distil-minilm", "distil-bm25", "mined-self")
+             "ict-scratch", "distil-minilm", "distil-bm25", "mined-self", "hybrid-shipped", "hybrid-adapted", "late-interaction")
 
 
 _SCORERS = {}  # (corpus, teacher) -> scorer: each teacher encodes a corpus once per run
@@ -57,9 +62,10 @@ _SCORERS = {}  # (corpus, teacher) -> scorer: each teacher encodes a corpus once
 
 def adapt_on_cache(cache, texts, lever, seed, shipped, model_engine, epochs=None, log=print, corpus=""):
     """Train one lever's router on the cache's inverse-cloze queries -> (Router, info)."""
-    init, teachers, negatives = LEVERS[lever]
+    init, teachers, negatives, *rest = LEVERS[lever]
+    doc_score = rest[0] if rest else "maxmax"
     cfg = AdaptConfig()
-    tcfg = dataclasses.replace(cfg.train, seed=seed, negatives=negatives, progress=False,
+    tcfg = dataclasses.replace(cfg.train, seed=seed, negatives=negatives, progress=False, doc_score=doc_score,
                                **({"epochs": epochs} if epochs else {}))
     ict = cache.query_indices(["ict"])
     # the questions are in the cache too (for scoring), but only inverse-cloze queries are trained on
@@ -86,6 +92,7 @@ def adapt_on_cache(cache, texts, lever, seed, shipped, model_engine, epochs=None
                     "train_queries": len(train_q), "dev_queries": len(dev_q),
                     "dev_ict_mrr": [round(h["dev_mrr"], 4) for h in hist if h.get("dev_mrr") is not None],
                     "config": {"init": init, "teachers": teachers, "negatives": negatives, "epochs": tcfg.epochs,
+                               "doc_score": doc_score,
                                "patience": tcfg.patience, "distill_weight": tcfg.distill_weight,
                                "teacher_tau": tcfg.teacher_tau, "candidates": cfg.candidates}}
 
@@ -130,6 +137,7 @@ def main(argv=None):
         return engine_box["e"]
 
     shipped = Router.load(SHIPPED_ROUTER)
+    routers_dir = os.path.join(ROOT, "runs", "levers", "routers")
     for name in args.corpora.split(","):
         cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
                                    args.seed, 2)
@@ -148,6 +156,19 @@ def main(argv=None):
             info = {}
             if lever in ("minilm", "bm25"):
                 ranked = (minilm_rankings if lever == "minilm" else bm25_rankings)(evalset, q_idx)
+            elif lever in HYBRIDS:
+                base = HYBRIDS[lever]
+                saved = os.path.join(routers_dir, f"{name}-{base}-s{args.seed}")
+                if base == "shipped":
+                    router = shipped
+                elif os.path.isfile(os.path.join(saved, "router.json")):
+                    router = Router.load(saved)  # the router this run (or an earlier one) adapted
+                else:
+                    router, info = adapt_on_cache(cache, texts, base, args.seed, shipped, engine, args.epochs,
+                                                  corpus=name)
+                    router.save(saved)
+                info = {**info, "fusion": "zsum", "router": base}
+                ranked = hybrid_rank(router, cache, cq, [evalset.questions[i].question for i in q_idx], texts)
             else:
                 if lever == "training-free":
                     router = training_free_router(engine(), cache.layers)
@@ -156,6 +177,7 @@ def main(argv=None):
                 else:
                     router, info = adapt_on_cache(cache, texts, lever, args.seed, shipped, engine, args.epochs,
                                                   corpus=name)
+                    router.save(os.path.join(routers_dir, f"{name}-{lever}-s{args.seed}"))  # reused by hybrid rows
                 ranked = rank(router, cache, cq, topk=10)
             m = retrieval_metrics(ranked, golds)
             import resource

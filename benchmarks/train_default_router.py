@@ -98,12 +98,21 @@ def main(argv=None):
     ap.add_argument("--init", default="auto", help=f"one of {INITS}, or 'auto': short run of each, keep the best")
     ap.add_argument("--init-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teachers", default="", help="distil from these teacher retrievers on every training query "
+                    "(comma list of minilm,bm25; default none: InfoNCE only, how the first shipped router was made)")
+    ap.add_argument("--negatives", default="bank", help="'bank' (every other passage) or 'mined' (router + teacher "
+                    "hard negatives + random)")
+    ap.add_argument("--eval-corpora", default="", help="after training, R@5/MRR of the router on these corpora "
+                    "(comma list of hotpotqa,musique: corpora it never saw), against the shipped router")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
     ap.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "router_train"), help="checkpoints")
     ap.add_argument("--out", default=DEFAULT_OUT, help="router adapter folder to write")
     ap.add_argument("--results", default=os.path.join(ROOT, "runs", "router_training.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the training's per-epoch lines
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layers = [int(x) for x in args.layers.split(",")]
     engine = make_engine(args.device, layers, args.chunk_size, args.model)
@@ -132,19 +141,44 @@ def main(argv=None):
             print(f"init {name}: dev MRR {_score(hist[0]):.3f} -> {max(_score(h) for h in hist):.3f}")
         init = max(INITS, key=lambda n: max(_score(h) for h in report["inits"][n]))
         print(f"chosen init: {init}")
+    teachers = [t for t in args.teachers.split(",") if t]
+    targets = None
+    if teachers:  # the teachers score every training query (questions and inverse-cloze) against the bank
+        from msa_plugins.trainer import teacher_scorers, teacher_targets
+
+        _, evalset = get_cache("popqa", args.cache_dir, engine, args.data_root, args.max_questions, args.seed,
+                               args.ict_per_doc, log=lambda *_: None)
+        t0 = time.perf_counter()
+        scorers = teacher_scorers(teachers, [d.memory_text() for d in evalset.documents], cache.q_text)
+        targets = teacher_targets(scorers, cache, train_all)
+        report["teachers_s"] = time.perf_counter() - t0
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init=init, seed=args.seed,
-                      device=args.device)
+                      device=args.device, negatives=args.negatives)
+    report["train_config"] = {"teachers": teachers, "negatives": args.negatives, "epochs": args.epochs,
+                              "init": init, "lr": args.lr, "batch_size": args.batch_size}
     meta = {"trained_on": "PopQA (HippoRAG 2 split) train questions "
-            f"(seeded split, seed {args.seed}) + inverse-cloze pairs from the PopQA passages",
+            f"(seeded split, seed {args.seed}) + inverse-cloze pairs from the PopQA passages"
+            + (f"; distilled from {'+'.join(teachers)} on those queries" if teachers else ""),
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
             "command": command}
     t0 = time.perf_counter()
-    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta)
+    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta, teacher=targets)
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist
     report["dev"] = evaluate(router, cache, dev_q) if dev_q else None
     router.save(args.out)
+    if args.eval_corpora:  # generalisation: corpora whose passages and questions the router never saw
+        from msa_plugins.trainer import Router
+
+        report["unseen"] = {}
+        shipped = Router.load(SHIPPED_ROUTER)
+        for name in [c for c in args.eval_corpora.split(",") if c]:
+            c2, _ = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc)
+            qs = c2.query_indices(["question"])
+            report["unseen"][name] = {"trained": evaluate(router, c2, qs), "shipped": evaluate(shipped, c2, qs)}
+            print(name, {k: {m: round(v, 3) for m, v in r.items() if m in ("recall@5", "mrr")}
+                         for k, r in report["unseen"][name].items()}, flush=True)
     report["router_dir"] = os.path.relpath(args.out, ROOT)
     report["router_bytes"] = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -44,6 +44,7 @@ from ..validation import check_choice, check_int
 from .encoding import Encoder
 from .generation import Prompt
 from .model import DecoderModel, KVCache
+from ..kernels.routing import DOC_SCORES
 from .router import QKRouter, Router
 
 logger = logging.getLogger(__name__)
@@ -437,18 +438,23 @@ def init_router_weights(model, layers: list, init: str, seed: int = 0):
 class TrainableRouter(torch.nn.Module):
     """Per-layer W_QR / W_KR as parameters; scores queries against a cached bank (the MSA paper, section 3)."""
 
-    def __init__(self, wq: dict, wk: dict, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, wq: dict, wk: dict, n_heads: int, n_kv_heads: int, head_dim: int, doc_score: str = "maxmax"):
         super().__init__()
+        check_choice(doc_score, DOC_SCORES, "doc_score")
+        self.doc_score = doc_score  # how chunk scores become a document's score, as `kernels.doc_scores`
         self.layers = sorted(wq)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.wq = torch.nn.ParameterList([torch.nn.Parameter(wq[l].detach().float().clone()) for l in self.layers])
         self.wk = torch.nn.ParameterList([torch.nn.Parameter(wk[l].detach().float().clone()) for l in self.layers])
 
     @classmethod
-    def from_router(cls, router: Router) -> "TrainableRouter":
-        return cls(router.wq, router.wk, router.n_heads, router.n_kv_heads, router.head_dim)
+    def from_router(cls, router: Router, doc_score: Optional[str] = None) -> "TrainableRouter":
+        """doc_score: None = the one the router was trained for (its meta), else "maxmax"."""
+        doc_score = doc_score or router.meta.get("doc_score", "maxmax")
+        return cls(router.wq, router.wk, router.n_heads, router.n_kv_heads, router.head_dim, doc_score)
 
     def to_router(self, meta: Optional[dict] = None) -> Router:
+        meta = dict(meta or {}, doc_score=self.doc_score)
         return Router({l: w.detach().float().cpu().clone() for l, w in zip(self.layers, self.wq)},
                       {l: w.detach().float().cpu().clone() for l, w in zip(self.layers, self.wk)},
                       self.n_heads, self.n_kv_heads, self.head_dim, meta=meta)
@@ -491,6 +497,16 @@ class TrainableRouter(torch.nn.Module):
             pooled = pooled.to(dev, torch.float32)
             k = self.keys(i, pooled)  # [C, GD]
             s = q @ k.T  # [Ttot, C]
+            if self.doc_score == "late":
+                # late interaction: per token, the max over each document's chunks [Ttot, N'] ...
+                tokdoc = torch.full((s.shape[0], n_docs), float("-inf"), device=dev, dtype=s.dtype)
+                tokdoc = tokdoc.scatter_reduce(1, chunk_doc[None].expand(s.shape[0], -1), s, reduce="amax",
+                                               include_self=True)
+                # ... then the mean over each query's tokens [B, N']
+                n_tok = torch.bincount(seg, minlength=B).clamp_min(1).to(s.dtype)  # [B]
+                doc = torch.zeros(B, n_docs, device=dev, dtype=s.dtype).index_add(0, seg, tokdoc) / n_tok[:, None]
+                out.append(doc)
+                continue
             tokmax = torch.full((B, s.shape[1]), float("-inf"), device=dev, dtype=s.dtype)
             tokmax = tokmax.scatter_reduce(0, seg[:, None].expand_as(s), s, reduce="amax", include_self=True)
             doc = torch.full((B, n_docs), float("-inf"), device=dev, dtype=s.dtype)
@@ -645,6 +661,10 @@ class TrainConfig:
     # `random_negatives` random documents
     negatives: str = "bank"
     random_negatives: int = 64
+    # how a document's chunk scores become its score while training (and in the router's meta: use the
+    # router with the same `MSAConfig.doc_score`): "maxmax" (the paper's) or "late" (mean over question
+    # tokens of the max over the document's chunks)
+    doc_score: str = "maxmax"
     device: Optional[str] = None  # None: the model's device (CPU without a model)
     progress: bool = True
 
@@ -657,6 +677,7 @@ class TrainConfig:
         check_int(self.hard_negatives, "hard_negatives", minimum=0)
         check_choice(self.init, INITS, "init")
         check_choice(self.negatives, NEGATIVES, "negatives")
+        check_choice(self.doc_score, DOC_SCORES, "doc_score")
         check_int(self.random_negatives, "random_negatives", minimum=0)
         if self.device is not None and not isinstance(self.device, str):
             raise InvalidArgumentError(f"device must be a str such as 'cpu' or 'cuda', or None, got {self.device!r}")
@@ -670,7 +691,10 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings a checkpoint must share to be resumed (not epochs, patience, device, progress)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "progress", "patience", "device")}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "progress", "patience", "device")}
+        if d["doc_score"] == "maxmax":  # the default: checkpoints written before the setting existed still resume
+            del d["doc_score"]
+        return d
 
 
 def _pos_mask(cache, q_idx, doc_rows, device):
@@ -784,12 +808,12 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     layers = caches[0].layers
     torch.manual_seed(cfg.seed)
     if init_router is not None:
-        tr = TrainableRouter.from_router(init_router)
+        tr = TrainableRouter.from_router(init_router, cfg.doc_score)
     else:
         if model is None:
             raise InvalidArgumentError("pass the model (for its shapes and q/k projections) or init_router")
         wq, wk = init_router_weights(model, layers, cfg.init, cfg.seed)
-        tr = TrainableRouter(wq, wk, model.n_heads, model.n_kv_heads, model.head_dim)
+        tr = TrainableRouter(wq, wk, model.n_heads, model.n_kv_heads, model.head_dim, cfg.doc_score)
     device = cfg.device or (str(model.device) if model is not None else "cpu")
     tr = tr.to(device)
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

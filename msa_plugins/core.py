@@ -76,7 +76,7 @@ class MSAEngine:
             raise InvalidArgumentError(f"routing layers {layers} are not layers of this {model.n_layers}-layer model; "
                                        f"use indices 0..{model.n_layers - 1}")
         if router is not None:
-            router = check_router(router, layers, model)
+            router = check_router(router, layers, model, cfg.doc_score)
         self.config = cfg
         self.routing_layers = layers
         self.router = router if router is not None else QKRouter(model, layers)
@@ -242,7 +242,7 @@ class MSAEngine:
         """Use another trained router: re-keys the memory from its kept pooled inputs (no model forward)."""
         if isinstance(router, str):
             router = Router.load(router)
-        router = check_router(router, self.routing_layers, self.model)
+        router = check_router(router, self.routing_layers, self.model, self.config.doc_score)
         def keys_for(inputs: torch.Tensor) -> torch.Tensor:  # pooled inputs [L, C, hidden] -> keys [L, C, G*D]
             return torch.stack([self.encoder.routing_keys_from_inputs(layer, inputs[i], router)
                                 for i, layer in enumerate(self.routing_layers)])
@@ -730,8 +730,10 @@ def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:
             for i, (r, score) in enumerate(zip(rows, scores))]
 
 
-def check_router(router, layers: list, model: DecoderModel):
-    """A trained router that fits this model and covers these routing layers, on the model's device."""
+def check_router(router, layers: list, model: DecoderModel, doc_score: str = "maxmax"):
+    """A trained router that fits this model and covers these routing layers, on the model's device.
+    A router trained for another document score than the engine's (`MSAConfig.doc_score`) still routes, worse:
+    logged as a warning naming the setting to use."""
     missing = [layer for layer in layers if layer not in router.layers]
     if missing:
         raise RouterMismatchError(f"the router has no projectors for routing layers {missing}; "
@@ -744,6 +746,11 @@ def check_router(router, layers: list, model: DecoderModel):
         raise RouterMismatchError(f"this router was trained for another model (config {made_for}, this model "
                                   f"{model.config_hash()}); train one for this model with `msa train-router`")
     router.meta.setdefault("model_config_hash", model.config_hash())
+    trained_for = router.meta.get("doc_score", "maxmax")
+    if trained_for != doc_score:
+        logger.warning("this router was trained with doc_score=%r but the engine scores documents with %r; "
+                       "build the engine with doc_score=%r for the routing it was trained for",
+                       trained_for, doc_score, trained_for)
     return router.to(model.device, torch.float32)
 
 

@@ -33,12 +33,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from .engine.lexical import LexicalIndex
 from .engine.router import Router
+from .engine.routing import FUSION_DEPTH, fuse
 from .engine.training import (INITS, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig, build_cache,
                               evaluate, export_msa4b, init_router_weights, rank_documents, split_indices,
                               teacher_targets)
 from .engine.training import train_router as _train_on_features
 from .errors import InvalidArgumentError, InvalidTypeError
+from .kernels.routing import topk_docs
 from .metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
@@ -206,6 +209,37 @@ def rank(router: Router, cache: FeatureCache, q_idx: Sequence[int], topk: int = 
     """Per query: the ids of the `topk` best documents under `router` (layer-mean score), best first."""
     tr = TrainableRouter.from_router(router).to(cache.inputs.device)
     return [[cache.doc_ids[r] for r in row] for row in rank_documents(tr, cache, list(q_idx), topk=topk)]
+
+
+@torch.no_grad()
+def layer_mean_scores(router: Router, cache: FeatureCache, q_idx: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+    """[B, N] the engine's aggregated routing score (mean over routing layers) of queries `q_idx` of `cache`,
+    with the document score the router was trained for (its meta `doc_score`)."""
+    tr = TrainableRouter.from_router(router).to(cache.inputs.device)
+    q_idx = list(q_idx)
+    return torch.cat([tr.scores(cache, q_idx[b:b + batch_size]).mean(0) for b in range(0, len(q_idx), batch_size)])
+
+
+def hybrid_rank(router: Router, cache: FeatureCache, q_idx: Sequence[int], questions: Sequence[str],
+                texts: Sequence[str], topk: int = 10, fusion: str = "zsum", depth: int = FUSION_DEPTH) -> list:
+    """Per query: the ids of the `topk` best documents of the router's ranking fused with BM25's over `texts`
+    (the cache's documents, in order), exactly as the engine's `routing="hybrid"` fuses them
+    (`engine.routing.fuse`; each ranking's top `depth`, BM25 candidates share a term with the question)."""
+    if len(texts) != cache.n_docs or len(questions) != len(q_idx):
+        raise InvalidArgumentError(f"need one text per document ({cache.n_docs}, got {len(texts)}) and one "
+                                   f"question per query ({len(q_idx)}, got {len(questions)})")
+    lex = LexicalIndex.build(texts)
+    scores = layer_mean_scores(router, cache, q_idx)  # [B, N]
+    out = []
+    for b, question in enumerate(questions):
+        msa_vals, msa_rows = scores[b].topk(min(depth, scores.shape[1]))
+        bm = lex.scores(question)  # [N]
+        ok = bm > 0
+        bm_vals, bm_rows = topk_docs(bm, min(depth, int(ok.sum())), ok) if bool(ok.any()) else \
+            (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        rows, _ = fuse([(msa_rows.tolist(), msa_vals.tolist()), (bm_rows.tolist(), bm_vals.tolist())], topk, fusion)
+        out.append([cache.doc_ids[r] for r in rows])
+    return out
 
 
 def check_out_dir(out: str) -> None:

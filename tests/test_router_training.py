@@ -372,3 +372,65 @@ def test_cli_never_runs_a_planted_checkpoint(tiny_model_dir, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("msa: error")]
     assert len(errors) == 1 and "checkpoint" in errors[0] and "--no-resume" in errors[0]
     assert not marker.exists()
+
+
+def test_late_interaction_training_scores_equal_the_naive_reference(engine, cache):
+    """TrainableRouter with doc_score="late" (mean over question tokens of the max over a document's chunks)
+    == the plain-loop reference of `kernels.naive`, query by query and in one batch."""
+    from msa_plugins.kernels import doc_scores_naive_late
+
+    tr = TrainableRouter.from_router(_router(engine, "random", seed=5), "late")
+    keys = torch.stack([tr.keys(i, cache.inputs[i].float()) for i in range(len(LAYERS))]).detach()  # [L, C, G*D]
+    refs = []
+    for q in range(cache.n_queries):
+        a, b = int(cache.q_start[q]), int(cache.q_start[q + 1])
+        q_fold = torch.stack([tr.queries(i, cache.q_inputs[i, a:b].float()) for i in range(len(LAYERS))]).detach()
+        refs.append(doc_scores_naive_late(q_fold, keys, cache.chunk_doc, cache.n_docs))  # [L, N]
+        torch.testing.assert_close(tr.scores(cache, [q])[:, 0].detach(), refs[-1], atol=1e-5, rtol=1e-5)
+    batch = tr.scores(cache, list(range(cache.n_queries))).detach()  # [L, Q, N]
+    torch.testing.assert_close(batch, torch.stack(refs, 1), atol=1e-5, rtol=1e-5)
+    # and it is another score than max-max (else the option would be a no-op)
+    maxmax = TrainableRouter.from_router(_router(engine, "random", seed=5)).scores(cache, list(range(cache.n_queries)))
+    assert not torch.allclose(batch, maxmax.detach())
+
+
+def test_late_router_routes_like_an_engine_scoring_late(tiny_model_dir, engine, cache):
+    """A router trained with doc_score="late" records it; an engine configured with doc_score="late"
+    ranks documents as the training scores them."""
+    router, hist = train(engine, cache, cache.query_indices(), config=TrainConfig(
+        epochs=1, init="random", seed=0, doc_score="late", progress=False))
+    assert router.meta["doc_score"] == "late"
+    tr = TrainableRouter.from_router(router)
+    assert tr.doc_score == "late"
+    late = _engine(tiny_model_dir, router="none", doc_score="late")
+    late.set_router(router)
+    late.add(TEXTS, ids=IDS, progress=False)
+    _assert_routes_like_engine(tr, cache, late, cache.query_indices(["question"]))
+
+
+def test_router_trained_late_warns_on_a_maxmax_engine(tiny_model_dir, engine, caplog):
+    router = _router(engine, "random", seed=1)
+    router.meta["doc_score"] = "late"
+    with caplog.at_level("WARNING"):
+        _engine(tiny_model_dir, router="none").set_router(router)
+    assert "doc_score='late'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _engine(tiny_model_dir, router="none", doc_score="late").set_router(router)
+    assert "doc_score" not in caplog.text
+
+
+def test_hybrid_rank_on_cached_features_equals_the_engines_hybrid_routing(tiny_model_dir, engine, cache):
+    """`trainer.hybrid_rank` (what the routing benchmarks report as hybrid) ranks as `retrieve(routing="hybrid")`."""
+    from msa_plugins.trainer import hybrid_rank
+
+    router = _router(engine, "random", seed=7)
+    e = _engine(tiny_model_dir, router="none")
+    e.set_router(router)
+    e.add(TEXTS, ids=IDS, progress=False)
+    qs = cache.query_indices()
+    got = hybrid_rank(router, cache, qs, [cache.q_text[q] for q in qs], TEXTS, topk=3)
+    want = [[d.id for d in e.retrieve(cache.q_text[q], k=3, routing="hybrid")] for q in qs]
+    assert got == want
+    with pytest.raises(InvalidArgumentError, match="one text per document"):
+        hybrid_rank(router, cache, qs, [cache.q_text[q] for q in qs], TEXTS[:2])
