@@ -303,11 +303,82 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- parser and entry point
 
+def _states_default(action: argparse.Action) -> bool:
+    """Whether `--help` should show this option's default: an option with a real value as default."""
+    default = action.default
+    if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS:
+        return False
+    return not (isinstance(default, (str, list, tuple)) and not default)  # nothing to show for "" or []
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in `--help`, "(default: X)", unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or not _states_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """`msa`'s parser and every sub-command's (argparse builds sub-parsers with the parent's class): shows
+    defaults in `--help`, also for options that have no help text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and _states_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints nothing for an option without help
+        return action
+
+
+# Options given before the sub-command (`msa --model M eval ...`) that every model-loading sub-command also
+# accepts after it (`msa eval ... --model M`), with the same meaning.
+GLOBAL_OPTIONS = (
+    ("--model", "local HF folder or .gguf file (default: embedded SmolLM2-135M)"),
+    ("--router", "router adapter folder (msa train-router; default: the model's own, or the one shipped for "
+                 "the embedded model)"),
+    ("--device", "cpu or cuda (default: cuda when available)"),
+)
+_AFTER = "_after_command"  # dest suffix of the copies after the sub-command
+_NO_MODEL_COMMANDS = ("info",)  # sub-commands that load no model
+
+
+def _add_global_options_after(sub) -> None:
+    """Give every model-loading sub-command the global options too (merged by `merge_global_options`)."""
+    for name, s in sub.choices.items():
+        if name in _NO_MODEL_COMMANDS:
+            continue
+        for flag, help_text in GLOBAL_OPTIONS:
+            try:
+                s.add_argument(flag, dest=flag[2:] + _AFTER, default=argparse.SUPPRESS,
+                               metavar=flag[2:].upper(), help=f"{help_text}; may also come before the sub-command")
+            except argparse.ArgumentError:  # the sub-command has an option of that name itself
+                pass
+
+
+def merge_global_options(args, parser: argparse.ArgumentParser) -> None:
+    """`--model/--router/--device` after the sub-command mean the same as before it. Given in both places
+    with different values, the command is refused (exit status 2), since which one was meant is unclear."""
+    for flag, _ in GLOBAL_OPTIONS:
+        name = flag[2:]
+        after = vars(args).pop(name + _AFTER, None)
+        if after is None:
+            continue
+        before = getattr(args, name, None)
+        if before is not None and before != after:
+            parser.error(f"{flag} is given before the sub-command ({before}) and after it ({after}); give it once")
+        setattr(args, name, after)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="msa", description="Memory Sparse Attention memory for a local LLM")
-    p.add_argument("--model", default=None, help="local HF folder or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--router", default=None, help="router adapter folder (msa train-router)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p = Parser(prog="msa", description="Memory Sparse Attention memory for a local LLM")
+    for flag, help_text in GLOBAL_OPTIONS:
+        p.add_argument(flag, default=None, help=help_text)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("ingest", help="add or update text files in a memory folder (created if missing)")
@@ -350,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from .server import add_serve_parser  # `msa serve` (fastapi and uvicorn are imported when it starts)
     add_serve_parser(sub)
+    _add_global_options_after(sub)
     return p
 
 
@@ -369,7 +441,9 @@ def one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    merge_global_options(args, parser)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for reports
     _log_to_stderr()
     try:

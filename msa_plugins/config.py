@@ -11,6 +11,7 @@ Environment variables read by the package (each documented where it is read):
     MSA_ROUTING_TUNE    autotune the Triton routing kernel on first use (1) or use a fixed config (0)
     MSA_KV_CACHE        "cat" selects the old growing KV cache (for benchmarks); default: preallocated
     MSA_API_KEYS        `msa serve`'s API keys: "KEY=mem1,mem2;KEY2=mem3" (see msa_plugins/server.py)
+    MSA_CACHE_DIR       `msa eval`'s encoded-memory cache lives in $MSA_CACHE_DIR/eval-banks (default ~/.cache/msa-plugins)
 
 This module imports only `errors` and `validation`: every layer may read its constants.
 """

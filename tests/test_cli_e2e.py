@@ -214,3 +214,92 @@ def test_default_model_end_to_end(default_engine, tmp_path):
         assert json.load(open(tmp_path / "manifest.json"))["fingerprint"]["model"] == "SmolLM2-135M-Instruct"
     finally:
         e.delete(ids)
+
+
+# ---------------------------------------------------------------- parser: global options, defaults in --help
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--dataset", "popqa"],
+    ["ingest", "notes.txt", "--memory", "mem"],
+    ["ask", "What?", "--memory", "mem"],
+    ["train-router", "--out", "r"],
+    ["adapt", "--memory", "mem"],
+    ["serve", "--memory", "mem"],
+])
+def test_global_options_after_the_subcommand_parse_as_before_it(command):
+    from msa_plugins.cli import build_parser, merge_global_options
+
+    def parsed(argv):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        merge_global_options(args, parser)
+        return {k: v for k, v in vars(args).items() if k != "fn"}
+
+    options = ["--model", "M", "--router", "R", "--device", "cuda"]
+    before = parsed(options + command)
+    assert (before["model"], before["router"], before["device"]) == ("M", "R", "cuda")
+    assert parsed(command + options) == before
+    assert parsed(options[:2] + command + options[2:]) == before  # some before, some after
+    assert parsed(options + command + ["--router", "R"]) == before  # the same value twice is fine
+    plain = parsed(command)
+    assert (plain["model"], plain["router"], plain["device"]) == (None, None, None)
+
+
+def test_a_global_option_given_twice_with_different_values_is_refused(capsys):
+    from msa_plugins.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--router", "A", "eval", "--dataset", "popqa", "--router", "B"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--router is given before the sub-command (A) and after it (B); give it once" in err
+
+
+def test_eval_device_follows_the_global_default_and_the_options_after_eval(tmp_path, monkeypatch):
+    """No --device: run_eval gets None (the engine picks: CUDA when available), not a forced "cpu"."""
+    from types import SimpleNamespace
+
+    import msa_plugins.integrations.ragas.ab as ab
+    from msa_plugins.cli import main
+
+    calls = []
+
+    def fake_run_eval(**kwargs):
+        calls.append(kwargs)
+        (tmp_path / "report.md").write_text("report")
+        return SimpleNamespace(out_dir=str(tmp_path))
+
+    monkeypatch.setattr(ab, "run_eval", fake_run_eval)
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["eval", "--dataset", "popqa", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["device"] is None and calls[-1]["router"] is None
+    assert calls[-1]["bank_cache"] == str(tmp_path / "cache" / "eval-banks")
+    assert main(["eval", "--dataset", "popqa", "--router", "R", "--device", "cuda", "--no-bank-cache",
+                 "--out", str(tmp_path)]) == 0
+    assert (calls[-1]["device"], calls[-1]["router"], calls[-1]["bank_cache"]) == ("cuda", "R", None)
+    assert main(["eval", "--dataset", "popqa", "--bank-cache", str(tmp_path / "b"), "--out", str(tmp_path)]) == 0
+    assert calls[-1]["bank_cache"] == str(tmp_path / "b")
+
+
+def test_help_shows_defaults(capsys, tmp_path, monkeypatch):
+    from msa_plugins.cli import main
+
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path / "c"))
+
+    def help_of(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--help"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    text = help_of(["eval"])
+    for shown in ("documents per question, both systems (default: 3)", "(default: 24)", "(default: 0)",
+                  "(default: rag-minilm,msa)", "(default: 32768)", "(default: single)",
+                  "cpu or cuda (default: cuda when available)", "--router ROUTER", "--model MODEL"):
+        assert shown in text, shown
+    # the bank cache folder this run would use (argparse may break the long path at a hyphen)
+    assert f"(default:{tmp_path / 'c' / 'eval-banks'})" in text.replace(" ", "")
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 10)" in help_of(["train-router"])  # --epochs, an option without help text
+    assert "(default: 64)" in help_of(["ask"])  # --max-new-tokens
+    assert "(default: cuda when available)" in help_of([])

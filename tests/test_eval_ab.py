@@ -38,6 +38,13 @@ def _write_jsonl(path, rows):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def bank_cache_in_tmp(tmp_path, monkeypatch):
+    """`msa eval` caches encoded memories by default: in these tests, under tmp_path, never the real home."""
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "eval-banks"
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with a 2K window: LlamaIndex's synthesizer packs its QA prompt to the LLM's
@@ -57,7 +64,7 @@ def _records(out):
         return [json.loads(line) for line in f]
 
 
-def test_msa_eval_cli_end_to_end_tiny(tiny_model, tiny_corpus, tmp_path):
+def test_msa_eval_cli_end_to_end_tiny(tiny_model, tiny_corpus, tmp_path, bank_cache_in_tmp):
     from msa_plugins.cli import main
 
     docs, qa = tiny_corpus
@@ -78,12 +85,17 @@ def test_msa_eval_cli_end_to_end_tiny(tiny_model, tiny_corpus, tmp_path):
     assert all(ids == ["q1", "q2", "q3"] for ids in by_system.values())  # the SAME questions, same order
     for r in records:
         assert len(r["retrieved"]) == 2  # same k on both sides
-        assert {"recall@1", "mrr", "answer_contains", "ragas_context_recall", "ragas_context_precision",
-                "ragas_exact_match", "ragas_string_presence", "ragas_rouge_l"} <= set(r["scores"])
+        assert {"recall@1", "mrr", "answer_contains", "string_presence_words", "ragas_context_recall",
+                "ragas_context_precision", "ragas_exact_match", "ragas_string_presence", "ragas_rouge_l"} <= set(r["scores"])
+        assert r["answer_in_question"] is False
         assert {"routing_s", "first_token_s", "total_s"} <= set(r["timings"])
         assert r["timings"]["first_token_s"] <= r["timings"]["total_s"] + 1e-6
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["kind"] == "ab" and summary["settings"]["k"] == 2
+    assert summary["headline_answer_metric"] == "answer_contains"
+    # the default bank cache ($MSA_CACHE_DIR/eval-banks): a first run encodes and stores its memory
+    assert summary["bank_cache"] == {"hits": 0, "misses": 1, "dir": str(bank_cache_in_tmp)}
+    assert summary["machine"]["cpu_count"] >= 1 and len(summary["machine"]["load_avg_end"]) == 3
     for name in ("rag-minilm", "rag-bm25", "msa"):
         extra = summary["systems"][name]["extra"]
         assert extra["ingest_tokens"] > 0 and extra["memory_bytes"] > 0
@@ -91,6 +103,7 @@ def test_msa_eval_cli_end_to_end_tiny(tiny_model, tiny_corpus, tmp_path):
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     assert "msa" in report and "eval --dataset jsonl" in report  # the exact command is in the report
     assert "`msa`/A" in report and "ingest_tokens_per_s" in report
+    assert "Machine (timings above were measured under this load)" in report and "MSA bank cache: 0 hits" in report
 
 
 def test_run_eval_retrieval_only_tiny(tiny_model, tiny_corpus, tmp_path):

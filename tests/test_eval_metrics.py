@@ -50,6 +50,70 @@ def test_answer_string_metrics():
     assert metrics.string_match_all("values: 1234567 and 7654321", ["1234567", "7654321", "1111111"]) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("prediction, references, expected", [
+    ("concatenate", ["cat"], 0.0),            # never inside a longer word
+    ("The cat sat.", ["cat"], 1.0),
+    ("She was born in 1990.", ["1"], 0.0),    # nor inside a longer number
+    ("1 apple", ["1"], 1.0),
+    ("In 1990.", ["1990"], 1.0),
+    ("It is Paris.", ["paris"], 1.0),         # normalised: case and punctuation do not matter
+    ("A Parisian café", ["Paris"], 0.0),
+    ("He moved to New York City", ["new york"], 1.0),  # several words, as a phrase
+    ("york new", ["new york"], 0.0),
+    ("anything", [""], 0.0),                  # an empty reference credits nothing
+])
+def test_answer_contains_is_word_bounded(prediction, references, expected):
+    assert metrics.answer_contains(prediction, references) == expected
+
+
+def test_string_presence_words_beside_ragas_string_presence():
+    # RAGAS's StringPresence is a plain substring test and stays exactly that, under its own name;
+    # ours applies the same rule (case as written) with word boundaries
+    scores = metrics.ragas_non_llm_scores("When was she born?", "She was born in 1990.", ["1"], [], [])
+    assert scores["ragas_string_presence"] == 1.0
+    assert metrics.string_presence_words("She was born in 1990.", ["1"]) == 0.0
+    assert metrics.string_presence_words("She was born in 1990.", ["1990", "x"]) == 1.0
+    assert metrics.string_presence_words("paris", ["Paris"]) == 0.0  # case as written, like RAGAS's rule
+    assert metrics.answer_scores("born in 1990", ["1"])["string_presence_words"] == 0.0
+
+
+@pytest.mark.parametrize("question, answers, flagged", [
+    ("Is Paris the capital of France?", ["Paris"], True),
+    ("What is the capital of France?", ["Paris"], False),
+    ("Who wrote Catch-22?", ["cat"], False),          # not inside a word
+    ("In which year, 1990 or 1991, was she born?", ["1990"], True),
+    ("What is George Rankin's occupation?", ["politician", "George"], True),  # any reference counts
+])
+def test_answer_in_question(question, answers, flagged):
+    assert metrics.answer_in_question(question, answers) is flagged
+
+
+def test_summary_and_report_split_off_questions_that_contain_their_answer(tmp_path):
+    docs = [EvalDoc("d1", "Paris is in France."), EvalDoc("d2", "Berlin is in Germany.")]
+    questions = [EvalQuestion("q1", "Is Paris the capital of France?", ["Paris"], ["d1"]),  # answer in question
+                 EvalQuestion("q2", "What is the capital of Germany?", ["Berlin"], ["d2"]),
+                 EvalQuestion("q3", "Which city is in France?", ["Paris"], ["d1"])]
+    es = EvalSet("copy", docs, questions)
+
+    def parrot(question):  # answers with the first capitalised word after the first: copies from the question
+        words = [w.strip("?") for w in question.split()[1:] if w[:1].isupper()]
+        return AnswerResult(words[0] if words else "", [Context("d1", "Paris is in France.", 1.0)])
+
+    result = run_ab_eval(es, {"A": parrot}, ks=(1,), ragas_metrics=False, out_dir=tmp_path, progress=False)
+    assert [r["answer_in_question"] for r in result.records] == [True, False, False]
+    a = result.summary["systems"]["A"]
+    assert a["answer_in_question"] == 1
+    assert a["metrics"]["answer_contains"] == pytest.approx(1 / 3)  # only the copied answer scores
+    assert a["metrics_answer_not_in_question"]["answer_contains"] == 0.0
+    assert a["metrics_answer_not_in_question"]["recall@1"] == 0.5  # every metric, on q2 and q3
+    assert result.summary["headline_answer_metric"] == "answer_contains"
+    md = (tmp_path / "report.md").read_text()
+    assert "**Headline: `answer_contains`**" in md
+    assert "Questions that do not contain their answer (2 of 3; 1 flagged `answer_in_question`)" in md
+    section = md.split("Questions that do not contain their answer")[1]
+    assert "| answer_contains | 0.000 |" in section and "| recall@1 | 0.500 |" in section
+
+
 @pytest.mark.parametrize("reply, expected", [
     ("The answer names the right city.\nScore: 4", 4.0),
     ("Reason: partially right. score: 3.5", 3.5),
@@ -153,6 +217,8 @@ def test_ab_harness_accepts_tuples_records_errors_and_draws_niah(tmp_path):
                          out_dir=tmp_path, command="pytest ab", progress=False)
     a = result.summary["systems"]["A"]
     assert a["metrics"]["answer_contains"] == 0.5 and a["metrics"]["recall@2"] == 1.0
+    assert a["answer_in_question"] == 0 and a["metrics_answer_not_in_question"] == a["metrics"]
+    assert "No question contains one of its own reference answers" in (tmp_path / "report.md").read_text()
     assert a["niah_accuracy_by_memory_tokens"] == {"1000": 0.5, "2000": 0.5}
     assert result.summary["systems"]["B"]["errors"] == 4
     assert (tmp_path / "niah.png").exists()

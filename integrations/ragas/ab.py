@@ -17,16 +17,26 @@ How a run is put together (each piece below is small and named):
 - `parse_systems` turns the system names into `SystemSpec`s (base system + prompt style) once;
 - `EnginePool` holds one engine per MSA base system (prompt variants share it) and keeps its memory
   equal to the current evalset with as little encoding as possible (`EngineMemory.sync`);
+- `BankCache` keeps encoded memories on disk across runs, keyed by the engine's fingerprint (model,
+  tokenizer, weights, router, P, routing layers), the build settings, device type and dtype, and a sha256
+  over the evalset's ordered documents: a second identical run loads its memories instead of encoding;
 - `RagPool` holds the RAG side: the MiniLM embedder (loaded once), one index per base system and
   memory, and the ingest accounting;
 - `RunPlan.build_systems(evalset)` gives the harness its `{name: function}` for one memory;
 - `summarize_run` adds settings, routers and per-system ingest / latency figures to the summary.
 
 This module uses the engine's public API only (`retrieve`, `query`, `answer_from`, `generate`, `info`,
-`count_tokens`, `add` / `upsert` / `delete`).
+`fingerprint`, `config`, `count_tokens`, `add` / `upsert` / `delete`, `snapshot`, `save` / `load`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -37,6 +47,8 @@ from msa_plugins.errors import InvalidArgumentError
 from . import metrics
 from .datasets import EvalSet
 from .harness import AnswerResult, Context, RunResult
+
+logger = logging.getLogger(__name__)
 
 # The one list of systems and datasets (the CLI's choices come from here).
 SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free", "msa-hybrid")
@@ -146,31 +158,218 @@ def _locomo_memories(sets: list[EvalSet], limit: int | None, seed: int | None) -
 
 @dataclass
 class IngestStats:
-    """What building a system's memories cost: seconds, tokens encoded or indexed, largest memory in bytes."""
+    """What building a system's memories cost: seconds, tokens encoded or indexed, largest memory in bytes.
+    Memories loaded from the bank cache count in `bank_load_s` / `bank_cache_hits`, not as encoding."""
     ingest_s: float = 0.0
     ingest_tokens: int = 0
     memory_bytes: list = field(default_factory=list)
+    bank_load_s: float | None = None  # None: this system has no bank cache (RAG, or the cache is off)
+    bank_cache_hits: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ingest_s": self.ingest_s, "ingest_tokens": self.ingest_tokens,
-                "ingest_tokens_per_s": self.ingest_tokens / self.ingest_s if self.ingest_s > 0 else None,
-                "memory_bytes": max(self.memory_bytes) if self.memory_bytes else None}
+        out = {"ingest_s": self.ingest_s, "ingest_tokens": self.ingest_tokens,
+               "ingest_tokens_per_s": self.ingest_tokens / self.ingest_s if self.ingest_s > 0 else None,
+               "memory_bytes": max(self.memory_bytes) if self.memory_bytes else None}
+        if self.bank_load_s is not None:
+            out.update(bank_load_s=self.bank_load_s, bank_cache_hits=self.bank_cache_hits)
+        return out
+
+
+# ---------------------------------------------------------------- encoded-bank cache (across runs)
+
+BANK_CACHE_FORMAT = 1
+_ENTRY_FILE = "entry.json"  # written last, inside the temp folder: an entry without it is incomplete
+_MEMORY_SUBDIR = "memory"
+# MSAConfig settings that change what encoding stores (beyond those in the engine's fingerprint)
+_BUILD_SETTINGS = ("chunk_size", "routing_layers", "score", "doc_score", "int8_routing_keys", "keep_inputs",
+                   "max_doc_tokens", "split_long_documents", "batch_tokens")
+
+
+def default_bank_cache_dir() -> str:
+    """`$MSA_CACHE_DIR/eval-banks`, else `eval-banks` in the package's cache folder (`$MSA_PLUGINS_CACHE`,
+    else `$XDG_CACHE_HOME/msa-plugins`, else `~/.cache/msa-plugins`, where the default model is converted)."""
+    if os.environ.get("MSA_CACHE_DIR"):
+        return os.path.join(os.environ["MSA_CACHE_DIR"], "eval-banks")
+    root = os.environ.get("MSA_PLUGINS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "msa-plugins")
+    return os.path.join(root, "eval-banks")
+
+
+def corpus_sha256(es: EvalSet) -> str:
+    """sha256 over the evalset's documents in order: id, title, text (what is encoded) and metadata."""
+    h = hashlib.sha256()
+    for d in es.documents:
+        h.update(json.dumps([d.id, d.title, d.text, d.metadata], ensure_ascii=False, sort_keys=True,
+                            default=str).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _engine_device(engine: Any) -> tuple[str | None, str | None]:
+    """(device, dtype) the engine's model runs in, as strings (None when the engine does not say)."""
+    model = getattr(engine, "model", None)
+    device, dtype = getattr(model, "device", None), getattr(model, "dtype", None)
+    return (None if device is None else str(device)), (None if dtype is None else str(dtype))
+
+
+def bank_key(engine: Any, es: EvalSet) -> dict[str, Any]:
+    """Everything an encoded memory depends on: the engine's fingerprint (model name, config, tokenizer and
+    weights hashes, P, routing layers, router key mode), its router, build settings, device type, dtype,
+    and the corpus hash. Two runs share a cache entry only when all of these are equal."""
+    config = getattr(engine, "config", None)
+    device, dtype = _engine_device(engine)
+    key = {"format": BANK_CACHE_FORMAT, "fingerprint": engine.fingerprint(), "router": engine.info()["router"],
+           "build": {name: getattr(config, name, None) for name in _BUILD_SETTINGS},
+           "device_type": None if device is None else device.split(":")[0], "dtype": dtype,
+           "corpus_sha256": corpus_sha256(es), "documents": len(es.documents)}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))  # the form it has once read back
+
+
+class BankCache:
+    """Encoded memories on disk, one folder per `bank_key`: `<dir>/<sha256 of the key>/` holds `memory/`
+    (a memory folder written by `engine.save`) and `entry.json` (the key). An entry is written in a temp
+    folder and renamed into place, so it is complete or absent; an entry that fails to load, or loads
+    something other than its evalset, is discarded with a warning and rebuilt. Never raises for a cache
+    problem: the run encodes instead."""
+
+    def __init__(self, directory: str):
+        self.dir = os.path.abspath(os.path.expanduser(str(directory)))
+        self.hits = 0
+        self.misses = 0
+        self.writable = True
+
+    def entry_dir(self, key: dict[str, Any]) -> str:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+        return os.path.join(self.dir, digest[:32])
+
+    def load(self, engine: Any, es: EvalSet, key: dict[str, Any]) -> bool:
+        """Load the entry for `key` into `engine` and check it holds exactly `es`'s documents. False when
+        there is none, or it is unusable (then removed, with a warning); the engine's memory may then be
+        anything, the caller re-syncs it from scratch."""
+        entry = self.entry_dir(key)
+        if not os.path.exists(entry):
+            return False
+        try:
+            with open(os.path.join(entry, _ENTRY_FILE), encoding="utf-8") as f:
+                stored = json.load(f)
+            if stored.get("key") != key:
+                raise ValueError("its key differs from this run's (a hash collision or a hand-edited entry)")
+            engine.load(os.path.join(entry, _MEMORY_SUBDIR), verify=True)  # checksums, structure, fingerprint
+            problem = _memory_mismatch(engine, es)
+            if problem:
+                raise ValueError(problem)
+            return True
+        except Exception as e:  # noqa: BLE001 -- any damage means "rebuild", never a crash or a wrong bank
+            logger.warning("bank cache: ignoring the damaged entry %s (%s: %s); encoding the memory again",
+                           entry, type(e).__name__, " ".join(str(e).split())[:300])
+            self._discard(entry)
+            return False
+
+    def store(self, engine: Any, key: dict[str, Any]) -> None:
+        """Write the engine's memory as the entry for `key` (temp folder, then rename into place)."""
+        if not self.writable:
+            return
+        entry = self.entry_dir(key)
+        tmp = None
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(entry)}-", dir=self.dir)
+            engine.save(os.path.join(tmp, _MEMORY_SUBDIR))
+            with open(os.path.join(tmp, _ENTRY_FILE), "w", encoding="utf-8") as f:
+                json.dump({"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
+            # (a damaged entry was already discarded by `load`; one present now was stored by another
+            # process meanwhile, from the same inputs: keep theirs, whoever renames first wins)
+            if not os.path.exists(entry):
+                try:
+                    os.rename(tmp, entry)
+                    tmp = None
+                except OSError:
+                    if not os.path.isdir(entry):
+                        raise
+        except Exception as e:  # noqa: BLE001 -- the cache must never fail a run
+            logger.warning("bank cache: could not store %s (%s: %s); later runs will encode this memory again",
+                           entry, type(e).__name__, " ".join(str(e).split())[:300])
+            if isinstance(e, PermissionError):
+                self.writable = False
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _discard(self, entry: str) -> None:
+        """Move a bad entry aside (one rename), then delete it."""
+        trash = f"{entry}.trash-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(entry, trash)
+        except OSError:
+            trash = entry
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "misses": self.misses, "dir": self.dir}
+
+
+def _memory_mismatch(engine: Any, es: EvalSet) -> str | None:
+    """Why the engine's memory is not exactly `es`'s documents (None when it is)."""
+    return _texts_mismatch(engine, dict(zip(es.doc_ids, es.memory_texts())))
+
+
+def _texts_mismatch(engine: Any, want: dict[str, str]) -> str | None:
+    """Why the engine's memory is not exactly `want` (id -> text; None when it is): every id present
+    (a split long document by its parts' `parent_id`), and each unsplit document's text equal."""
+    parents, texts = set(), {}
+    for d in engine.snapshot().documents():
+        parents.add(d.metadata.get("parent_id", d.id))
+        texts[d.id] = d.text
+    if parents != set(want):
+        return f"it holds {len(parents)} documents, {len(parents ^ set(want))} of them not matching the evalset's ids"
+    changed = [i for i, t in texts.items() if i in want and want[i] != t]
+    if changed:
+        return f"the text of {len(changed)} documents differs (first: {changed[0]!r})"
+    return None
 
 
 class EngineMemory:
     """One engine and the memory it currently holds; `sync(evalset)` makes the memory equal the evalset's
-    documents with as little encoding as possible, and accounts ingest time / tokens."""
+    documents with as little encoding as possible (loading it from the bank cache when it holds this
+    evalset for this engine), and accounts ingest time / tokens."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, cache: BankCache | None = None, name: str = "msa"):
         self.engine = engine
+        self.cache = cache
+        self.name = name
         self.texts: dict[str, str] = {}
         self.ingest = IngestStats()
+        if cache is not None:
+            self.ingest.bank_load_s, self.ingest.bank_cache_hits = 0.0, 0
 
     def holds(self, es: EvalSet) -> bool:
         return self.texts == dict(zip(es.doc_ids, es.memory_texts()))
 
     def sync(self, es: EvalSet, progress: bool = False) -> None:
         want = dict(zip(es.doc_ids, es.memory_texts()))
+        key = None
+        if self.cache is not None:
+            try:
+                key = bank_key(self.engine, es)
+            except Exception as e:  # noqa: BLE001 -- an engine that cannot say what keys its memory: no cache
+                logger.warning("bank cache: off for %s (%s: %s)", self.name, type(e).__name__, e)
+                self.cache = None
+        if self.cache is not None:
+            t0 = time.perf_counter()
+            if self.cache.load(self.engine, es, key):
+                dt = time.perf_counter() - t0
+                self.cache.hits += 1
+                self.ingest.bank_cache_hits += 1
+                self.ingest.bank_load_s += dt
+                self.texts = want
+                self.ingest.memory_bytes.append(int(self.engine.info()["bytes"]))
+                logger.info("bank cache hit: %s memory of %s (%d documents) loaded in %.2f s, nothing encoded",
+                            self.name, es.name, len(want), dt)
+                return
+            self.cache.misses += 1
+            if not self._holds_own(self.texts):  # a failed load may have left anything: start from empty
+                self._clear()
+            logger.info("bank cache miss: encoding the %s memory of %s (%d documents)", self.name, es.name, len(want))
         gone = [i for i in self.texts if i not in want]
         # NIAH samples of one size share their haystack documents: only changed / new ones are encoded
         encode = [i for i in want if self.texts.get(i) != want[i]]
@@ -184,20 +383,33 @@ class EngineMemory:
             self.ingest.ingest_tokens += sum(d.n_tokens for d in self.engine.get(encode))
         self.texts = want
         self.ingest.memory_bytes.append(int(self.engine.info()["bytes"]))
+        if self.cache is not None:
+            self.cache.store(self.engine, key)
+
+    def _holds_own(self, texts: dict[str, str]) -> bool:
+        """The engine's memory is exactly `texts` (what this object last put there)."""
+        return _texts_mismatch(self.engine, texts) is None
+
+    def _clear(self) -> None:
+        ids = list(dict.fromkeys(d.metadata.get("parent_id", d.id) for d in self.engine.snapshot().documents()))
+        if ids:
+            self.engine.delete(ids, missing_ok=True, collection=None)
+        self.texts = {}
 
 
 class EnginePool:
     """One engine per MSA base system (`msa`, `msa-training-free`); prompt variants share their base's
     engine, so a memory is encoded once per base system."""
 
-    def __init__(self, build_engine: Callable[[str | None], Any]):
+    def __init__(self, build_engine: Callable[[str | None], Any], cache: BankCache | None = None):
         self._build = build_engine
+        self.cache = cache
         self.memories: dict[str, EngineMemory] = {}
 
     def get(self, base: str) -> EngineMemory:
         base = _ENGINE_OF.get(base, base)
         if base not in self.memories:
-            self.memories[base] = EngineMemory(self._build(_ROUTER_OF[base]))
+            self.memories[base] = EngineMemory(self._build(_ROUTER_OF[base]), self.cache, name=base)
         return self.memories[base]
 
     def generator(self, specs: Sequence[SystemSpec]) -> Any:
@@ -352,8 +564,9 @@ class RunPlan:
 
     @classmethod
     def create(cls, specs: list[SystemSpec], build_engine: Callable[[str | None], Any], *, retrieval_only: bool,
-               mode: str | None, k: int, rounds: int, max_new_tokens: int, progress: bool) -> "RunPlan":
-        engines = EnginePool(build_engine)
+               mode: str | None, k: int, rounds: int, max_new_tokens: int, progress: bool,
+               bank_cache: BankCache | None = None) -> "RunPlan":
+        engines = EnginePool(build_engine, bank_cache)
         generator = engines.generator(specs)
         plan = cls(specs, engines, generator, RagPool(generator.count_tokens), retrieval_only, mode, k, rounds,
                    max_new_tokens, progress)
@@ -409,15 +622,38 @@ def latency_extras(records: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return out
 
 
+def machine_load() -> list[float] | None:
+    """The 1/5/15-minute load averages now (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(load_avg_start: list[float] | None, device: str | None) -> dict[str, Any]:
+    """What the timings were measured on: CPUs, load at start and end, torch's thread count, device."""
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"cpu_count": os.cpu_count(), "load_avg_start": load_avg_start, "load_avg_end": machine_load(),
+            "torch_threads": threads, "device": device, "platform": platform.platform()}
+
+
 def summarize_run(result: RunResult, plan: RunPlan, dataset: str, wall_s: float, settings: dict) -> None:
-    """Add the run's settings, routers and per-system ingest / latency figures to `result.summary`."""
+    """Add the run's settings, routers, bank cache counts and per-system ingest / latency figures to
+    `result.summary`."""
     defaults = plan.generator.answer_defaults
+    cache = plan.engines.cache
     result.summary.update(
         dataset=dataset, wall_s=wall_s,
         settings={**settings, "mode": plan.mode or defaults.mode,
                   "prompt_style": defaults.prompt_style or DEFAULT_PROMPT_STYLE,
                   "model": plan.generator.model_name},
-        routers=plan.engines.routers())
+        routers=plan.engines.routers(),
+        bank_cache=cache.as_dict() if cache is not None else {"hits": 0, "misses": 0, "dir": None})
     for spec in plan.specs:
         entry = result.summary["systems"].get(spec.name)
         if entry is not None:
@@ -451,7 +687,7 @@ def run_eval(
     niah_task: str = "single",
     model: str | None = None,
     router: str | None = None,
-    device: str | None = "cpu",
+    device: str | None = None,
     data_root=None,
     docs_path=None,
     questions_path=None,
@@ -464,6 +700,7 @@ def run_eval(
     command: str | None = None,
     progress: bool = True,
     memories: list[EvalSet] | None = None,
+    bank_cache: str | os.PathLike | bool | None = None,
 ) -> RunResult:
     """Run the A/B evaluation; returns the harness RunResult (records, summary, out_dir).
 
@@ -473,12 +710,24 @@ def run_eval(
     report's ratio columns. engine_factory(router) -> MSAEngine overrides how engines are built
     (router is None for `msa`, "none" for `msa-training-free`). memories: pre-built EvalSets instead of
     loading `dataset` (tests, custom runs). data_root: the datasets folder (default $MSA_DATASETS, else
-    ../shared/datasets relative to the current directory).
+    ../shared/datasets relative to the current directory). device: None = the engine's default (CUDA when
+    available, else CPU; $MSA_DEVICE). bank_cache: a folder keeping encoded MSA memories across runs (True:
+    `default_bank_cache_dir()`; None / False: encode every memory, the default for this Python API; `msa eval`
+    turns it on). summary["bank_cache"] counts hits and misses; summary["machine"] records the load.
     """
     from .harness import run_ab_eval, run_retrieval_eval
 
+    load_avg_start = machine_load()
     specs = parse_systems(systems)
     judge = make_judge(judge_base_url, judge_model, judge_api_key)
+    if bank_cache is True:
+        bank_cache = default_bank_cache_dir()
+    if dataset == "niah" and bank_cache not in (None, False, ""):
+        # every NIAH sample is its own memory that differs from the others only in its needle documents: they
+        # are re-encoded incrementally in one run; storing each sample's whole memory would fill the disk
+        logger.info("bank cache: not used for NIAH (samples share their haystack within a run)")
+        bank_cache = None
+    cache = BankCache(bank_cache) if bank_cache not in (None, False, "") else None
     # End to end a system returns exactly k contexts, so recall@k' for k' > k would only repeat recall@k.
     ks = sorted(set(ks or ((1, k, 5, 10) if retrieval_only else (1, k))))
 
@@ -491,7 +740,7 @@ def run_eval(
         return MSAEngine.from_pretrained(model=model, router=r, device=device, keep_inputs=False)
 
     plan = RunPlan.create(specs, build_engine, retrieval_only=retrieval_only, mode=mode, k=k, rounds=rounds,
-                          max_new_tokens=max_new_tokens, progress=progress)
+                          max_new_tokens=max_new_tokens, progress=progress, bank_cache=cache)
     if memories is None:
         memories = load_eval_memories(dataset, limit=limit, seed=seed, distractors=distractors, data_root=data_root,
                                       docs_path=docs_path, questions_path=questions_path, niah_sizes=niah_sizes,
@@ -505,9 +754,10 @@ def run_eval(
                              out_dir=None, progress=progress)
     settings = {"limit": limit, "seed": seed, "distractors": distractors, "systems": [s.name for s in specs],
                 "k": k, "rounds": rounds, "max_new_tokens": max_new_tokens, "retrieval_only": retrieval_only,
-                "device": device, "niah_sizes": list(niah_sizes) if dataset == "niah" else None,
+                "device": _engine_device(plan.generator)[0] or device, "niah_sizes": list(niah_sizes) if dataset == "niah" else None,
                 "niah_task": niah_task if dataset == "niah" else None, "judge": judge_model}
     summarize_run(result, plan, dataset, time.perf_counter() - t0, settings)
+    result.summary["machine"] = machine_info(load_avg_start, settings["device"])
     if out_dir is not None:
         from . import report
 

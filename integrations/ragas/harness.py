@@ -188,7 +188,9 @@ def _as_retrieve_fn(fn) -> RetrieveFn:
 def _base_record(es: EvalSet, q: EvalQuestion, system: str) -> dict[str, Any]:
     return {"system": system, "dataset": es.name, "question_id": q.id, "question": q.question,
             "answers": q.answers, "gold_doc_ids": q.gold_doc_ids, "question_metadata": q.metadata,
-            "memory_documents": len(es.documents)}
+            "memory_documents": len(es.documents),
+            # the question already holds a reference answer: copying it from the question scores
+            "answer_in_question": metrics.answer_in_question(q.question, q.answers)}
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -201,16 +203,21 @@ def _progress(items, desc: str, enabled: bool):
 
 def summarize(records: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
     """Per system: mean of every score, latency summary, error count, mean recall@k curve, and NIAH
-    string_match_all per memory size when the records carry NIAH metadata."""
+    string_match_all per memory size when the records carry NIAH metadata. Every mean is also given over
+    the questions whose text does NOT already hold a reference answer (`metrics_answer_not_in_question`,
+    with `answer_in_question`: how many were left out), and the headline answer metric is named."""
     systems: dict[str, Any] = {}
     for name in dict.fromkeys(r["system"] for r in records):
         own = [r for r in records if r["system"] == name]
         ok = [r for r in own if "error" not in r]
+        clean = [r for r in ok if not r.get("answer_in_question")]
         curves = [r["recall_curve"] for r in ok if r.get("recall_curve") and r["recall_curve"][0] is not None]
         entry = {
             "questions": len(own),
             "errors": len(own) - len(ok),
             "metrics": metrics.mean_scores(r.get("scores", {}) for r in ok),
+            "answer_in_question": sum(1 for r in own if r.get("answer_in_question")),
+            "metrics_answer_not_in_question": metrics.mean_scores(r.get("scores", {}) for r in clean),
             "latency": metrics.latency_summary([r["latency_s"] for r in ok]),
             "recall_curve": ([sum(c[i] for c in curves) / len(curves) for i in range(CURVE_MAX_K)]
                              if curves else []),
@@ -223,7 +230,9 @@ def summarize(records: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any
         if niah:
             entry["niah_accuracy_by_memory_tokens"] = {str(s): sum(v) / len(v) for s, v in sorted(niah.items())}
         systems[name] = entry
-    return {"ks": list(ks), "systems": systems}
+    answered = any(metrics.HEADLINE_ANSWER_METRIC in e["metrics"] for e in systems.values())
+    return {"ks": list(ks), "systems": systems,
+            "headline_answer_metric": metrics.HEADLINE_ANSWER_METRIC if answered else None}
 
 
 def _finish(kind, evalset, records, ks, out_dir, command) -> RunResult:

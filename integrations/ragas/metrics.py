@@ -51,10 +51,33 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def _contains_words(text: str, phrase: str) -> bool:
+    """`phrase` occurs in `text` as whole words: never inside a longer word or number ("cat" is not in
+    "concatenate", "1" is not in "1990"). Both are compared as given (normalise them first if wanted)."""
+    return bool(phrase) and re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
 def answer_contains(prediction: str, references: Sequence[str]) -> float:
-    """1.0 when any normalised reference occurs inside the normalised prediction (PopQA-style accuracy)."""
+    """1.0 when any normalised reference occurs in the normalised prediction as whole words (PopQA-style
+    accuracy, word-bounded: "Paris" counts in "It is Paris.", "cat" does not count in "concatenate").
+    The headline answer metric of `msa eval`."""
     pred = normalize_answer(prediction)
-    return 1.0 if any(normalize_answer(r) and normalize_answer(r) in pred for r in references) else 0.0
+    return 1.0 if any(_contains_words(pred, normalize_answer(r)) for r in references) else 0.0
+
+
+def string_presence_words(prediction: str, references: Sequence[str]) -> float:
+    """RAGAS's StringPresence rule (a stripped reference appears in the stripped response, case as
+    written, best over the references) with word boundaries: reported beside `ragas_string_presence`,
+    whose plain substring test credits "1" inside "1990"."""
+    pred = prediction.strip()
+    return 1.0 if any(_contains_words(pred, r.strip()) for r in references) else 0.0
+
+
+def answer_in_question(question: str, references: Sequence[str]) -> bool:
+    """The question's own text already holds one of its reference answers (normalised, as whole words):
+    an answer a model can copy from the question without reading any document."""
+    q = normalize_answer(question)
+    return any(_contains_words(q, normalize_answer(r)) for r in references)
 
 
 def token_f1(prediction: str, references: Sequence[str]) -> float:
@@ -79,10 +102,15 @@ def string_match_all(prediction: str, references: Sequence[str]) -> float:
     return sum(1.0 for r in references if r.lower() in pred) / len(references)
 
 
+# The answer metric a summary leads with: word-bounded, so a substring inside a word earns nothing.
+HEADLINE_ANSWER_METRIC = "answer_contains"
+
+
 def answer_scores(prediction: str | None, references: Sequence[str]) -> dict[str, float | None]:
     if prediction is None or not references:
         return {}
     return {"answer_contains": answer_contains(prediction, references),
+            "string_presence_words": string_presence_words(prediction, references),
             "token_f1": token_f1(prediction, references),
             "string_match_all": string_match_all(prediction, references)}
 

@@ -16,7 +16,8 @@ from typing import Any
 
 # Rows of the Markdown table, in this order when present; anything else follows alphabetically.
 _METRIC_ORDER = [*(f"{m}@{k}" for m in ("recall", "hit", "all") for k in (1, 2, 3, 5, 10, 20)), "mrr",
-                 "answer_contains", "token_f1", "string_match_all", "judge_score"]
+                 "answer_contains", "string_presence_words", "ragas_string_presence", "token_f1", "string_match_all",
+                 "judge_score"]
 
 
 def current_command() -> str:
@@ -54,6 +55,55 @@ def _ratio(b: float | None, a: float | None) -> str:
     return f"{b / a:.2f}"
 
 
+def _table(systems: dict[str, Any], names: list[str], key: str = "metrics", timings: bool = True) -> list[str]:
+    """The systems side by side (the first is the baseline A), one row per metric of `key`, then latency,
+    ingest and memory rows when `timings`."""
+    header = ["metric", *[f"`{n}`" for n in names], *[f"`{n}`/A" for n in names[1:]]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric in _metric_names({n: {"metrics": systems[n].get(key) or {}} for n in names}):
+        values = [(systems[n].get(key) or {}).get(metric) for n in names]
+        lines.append("| " + " | ".join([metric, *map(_fmt, values), *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    if not timings:
+        return lines
+    for lat in ("median_s", "p95_s"):
+        values = [systems[n]["latency"].get(lat) for n in names]
+        lines.append("| " + " | ".join([f"latency {lat}", *[_fmt(v, 4) for v in values],
+                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    extra_keys = list(dict.fromkeys(k for n in names for k in systems[n].get("extra", {})))
+    for extra in extra_keys:  # latency breakdown, ingest and memory (run_eval adds these)
+        values = [systems[n].get("extra", {}).get(extra) for n in names]
+        digits = 0 if extra.endswith(("bytes", "tokens", "tokens_per_s", "hits")) else 4
+        lines.append("| " + " | ".join([extra, *[_fmt(v, digits) if v is not None else "–" for v in values],
+                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
+    counts = [f"{systems[n]['questions']} ({systems[n]['errors']} errors)" for n in names]
+    lines.append("| " + " | ".join(["questions", *counts, *["" for _ in names[1:]]]) + " |")
+    return lines
+
+
+def _load(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "–"
+
+
+def machine_lines(summary: dict[str, Any]) -> list[str]:
+    """The machine the timings were measured on (load averages over 1/5/15 min at start and end) and
+    where the MSA memories came from (bank cache)."""
+    lines = []
+    m = summary.get("machine")
+    if m:
+        lines.append(f"Machine (timings above were measured under this load): {m.get('cpu_count')} CPUs, "
+                     f"load average {_load(m.get('load_avg_start'))} at start, {_load(m.get('load_avg_end'))} at end "
+                     f"(1/5/15 min), torch threads {m.get('torch_threads')}, device {m.get('device')}, "
+                     f"{m.get('platform')}")
+    cache = summary.get("bank_cache")
+    if cache:
+        if cache.get("dir"):
+            lines.append(f"MSA bank cache: {cache.get('hits', 0)} hits (loaded, not encoded), "
+                         f"{cache.get('misses', 0)} misses (encoded and stored) in `{cache['dir']}`")
+        else:
+            lines.append("MSA bank cache: off (every memory encoded)")
+    return lines
+
+
 def markdown_report(summary: dict[str, Any]) -> str:
     systems = summary["systems"]
     names = list(systems)
@@ -65,23 +115,26 @@ def markdown_report(summary: dict[str, Any]) -> str:
     if len(summary.get("datasets", [])) > 20:
         lines.append(f"- ... {len(summary['datasets']) - 20} more memories")
     lines += ["", f"Baseline (A) = `{baseline}`; ratio columns = system / A.", ""]
-    header = ["metric", *[f"`{n}`" for n in names], *[f"`{n}`/A" for n in names[1:]]]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for metric in _metric_names(systems):
-        values = [systems[n]["metrics"].get(metric) for n in names]
-        lines.append("| " + " | ".join([metric, *map(_fmt, values), *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
-    for key in ("median_s", "p95_s"):
-        values = [systems[n]["latency"].get(key) for n in names]
-        lines.append("| " + " | ".join([f"latency {key}", *[_fmt(v, 4) for v in values],
-                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
-    extra_keys = list(dict.fromkeys(key for n in names for key in systems[n].get("extra", {})))
-    for key in extra_keys:  # latency breakdown, ingest and memory (run_eval adds these)
-        values = [systems[n].get("extra", {}).get(key) for n in names]
-        digits = 0 if key.endswith(("bytes", "tokens", "tokens_per_s")) else 4
-        lines.append("| " + " | ".join([key, *[_fmt(v, digits) if v is not None else "–" for v in values],
-                                         *[_ratio(v, values[0]) for v in values[1:]]]) + " |")
-    counts = [f"{systems[n]['questions']} ({systems[n]['errors']} errors)" for n in names]
-    lines.append("| " + " | ".join(["questions", *counts, *["" for _ in names[1:]]]) + " |")
+    headline = summary.get("headline_answer_metric")
+    if headline and names:
+        values = ", ".join(f"`{n}` {_fmt(systems[n]['metrics'].get(headline))}" for n in names)
+        clean = ", ".join(f"`{n}` {_fmt((systems[n].get('metrics_answer_not_in_question') or {}).get(headline))}"
+                          for n in names)
+        lines += [f"**Headline: `{headline}`** (a normalised reference answer appears in the answer as whole words): "
+                  f"{values}; on the questions that do not contain their answer: {clean}.", ""]
+    lines += _table(systems, names)
+    lines += ["", *machine_lines(summary)]
+    flagged = {n: systems[n].get("answer_in_question") for n in names}
+    n_flagged = max((v or 0 for v in flagged.values()), default=0)
+    if any(v is not None for v in flagged.values()) and not n_flagged:
+        lines += ["", "No question contains one of its own reference answers (`answer_in_question`: 0)."]
+    elif n_flagged:
+        n_questions = max(systems[n]["questions"] for n in names)
+        lines += ["", f"## Questions that do not contain their answer ({n_questions - n_flagged} of {n_questions}; "
+                      f"{n_flagged} flagged `answer_in_question`)", "",
+                  "A question whose own text holds a reference answer (normalised, whole words) can be answered by "
+                  "copying it; every metric again, without those questions:", ""]
+        lines += _table(systems, names, key="metrics_answer_not_in_question", timings=False)
     niah = {n: systems[n].get("niah_accuracy_by_memory_tokens") for n in names if systems[n].get("niah_accuracy_by_memory_tokens")}
     if niah:
         sizes = sorted({int(s) for acc in niah.values() for s in acc})
