@@ -10,11 +10,13 @@ Training material (training splits only):
   - never MuSiQue / HotpotQA train100 (our evaluation sets).
 
 The router is written to --out (default runs/router-smollm2-135m), never into the package by default.
-The router shipped in msa_plugins/routers/smollm2-135m was made on a GPU (encoding 326K tokens on a
-loaded 2-core CPU takes 30-80 minutes; the same command works there), then copied into the package:
-    python benchmarks/train_default_router.py --device cuda --epochs 30 \\
-        --out msa_plugins/routers/smollm2-135m --results docs/results/router_training.json
-(docs/results/router_training.md is its record.) A small CPU run is the same command with smaller numbers:
+The router shipped in msa_plugins/routers/smollm2-135m (v2) was made on the CPU from the cached PopQA features
+with distillation from MiniLM and BM25, then copied into the package:
+    python benchmarks/train_default_router.py --init tied-random --epochs 12 --teachers minilm,bm25 \\
+        --negatives mined --eval-corpora hotpotqa,musique --out runs/router-v2 --results runs/router-v2.json
+The first one (v1, kept as routers/smollm2-135m-v1 so that memories keyed by it still load) on a GPU:
+    python benchmarks/train_default_router.py --device cuda --epochs 30
+(docs/results/router_training.md is the record of both.) A small CPU run is the same command with smaller numbers:
     python benchmarks/train_default_router.py --max-questions 150 --epochs 4 --out runs/router-small
 """
 

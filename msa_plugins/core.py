@@ -28,8 +28,10 @@ from .engine.generation import (GenerationStats, build_prompt, context_prompt, d
 from .engine.model import DecoderModel, load_hf_model
 from .engine.router import QKRouter, Router, read_msa4b_router
 from .engine.routing import Routing, hybrid_route, lexical_topk, route
-from .errors import EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, RouterMismatchError
-from .models import DEFAULT_ROUTER_DIR, resolve_model
+from .engine import storage
+from .errors import (EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, MSAError,
+                     RouterMismatchError)
+from .models import DEFAULT_ROUTER_DIR, packaged_router_dir, resolve_model
 from .types import GenerationResult, MemoryDocument, QueryResult, RoutedDocument, Snapshot, Stream, Where
 from .validation import check_collection, check_history, check_messages, check_text, check_where_ids
 
@@ -121,7 +123,9 @@ class MSAEngine:
         else:
             router_obj = read_msa4b_router(folder, decoder.n_heads, decoder.n_kv_heads, decoder.head_dim)
             if router_obj is None and (model is None or model == "default"):
-                router_obj = Router.load(DEFAULT_ROUTER_DIR)  # the router shipped for the embedded default
+                # the router shipped for the embedded default; a memory keyed by an earlier shipped router
+                # loads with that one (the package keeps them)
+                router_obj = Router.load(_packaged_router_of(memory) or DEFAULT_ROUTER_DIR)
         engine = cls(decoder, router=router_obj, config=config, name=name)
         if memory is not None:
             engine.load(memory)
@@ -728,6 +732,22 @@ def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:
     s = snap._state
     return [RoutedDocument(s.ids[r], s.texts[r], float(score), dict(s.metadata[r]), round_, i, s.collections[r])
             for i, (r, score) in enumerate(zip(rows, scores))]
+
+
+def _packaged_router_of(memory: Optional[str]) -> Optional[str]:
+    """The packaged router folder that keyed the saved memory `memory` when it is not today's default, else None."""
+    if memory is None:
+        return None
+    try:
+        key_mode = storage.read_manifest(memory)["fingerprint"].get("key_mode")
+    except (MSAError, OSError, KeyError, TypeError, AttributeError):
+        return None  # loading the memory reports what is wrong with it
+    found = packaged_router_dir(key_mode) if isinstance(key_mode, str) else None
+    if found and os.path.realpath(found) != os.path.realpath(DEFAULT_ROUTER_DIR):
+        logger.info("memory %s was keyed by the earlier shipped router %s: using that router", memory,
+                    os.path.basename(found))
+        return found
+    return None
 
 
 def check_router(router, layers: list, model: DecoderModel, doc_score: str = "maxmax"):

