@@ -117,6 +117,10 @@ def main(argv=None):
     ap.add_argument("--max-questions", type=int, default=None, help="smoke runs only: a question subset, bank = "
                     "their gold passages (not a full bank)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shipped", default=SHIPPED_ROUTER, help="the router rows call 'shipped' (and adaptation's "
+                    "starting point)")
+    ap.add_argument("--tag", default="", help="suffix of every row name this run writes (e.g. '@v2' when --shipped "
+                    "differs from earlier runs' shipped router)")
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "routing_levers.json"))
     args = ap.parse_args(argv)
@@ -136,7 +140,7 @@ def main(argv=None):
             engine_box["e"] = make_engine("cpu", DEFAULT_LAYERS)
         return engine_box["e"]
 
-    shipped = Router.load(SHIPPED_ROUTER)
+    shipped = Router.load(args.shipped)
     routers_dir = os.path.join(ROOT, "runs", "levers", "routers")
     for name in args.corpora.split(","):
         cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
@@ -158,7 +162,7 @@ def main(argv=None):
                 ranked = (minilm_rankings if lever == "minilm" else bm25_rankings)(evalset, q_idx)
             elif lever in HYBRIDS:
                 base = HYBRIDS[lever]
-                saved = os.path.join(routers_dir, f"{name}-{base}-s{args.seed}")
+                saved = os.path.join(routers_dir, f"{name}-{base}{args.tag}-s{args.seed}")
                 if base == "shipped":
                     router = shipped
                 elif os.path.isfile(os.path.join(saved, "router.json")):
@@ -177,12 +181,12 @@ def main(argv=None):
                 else:
                     router, info = adapt_on_cache(cache, texts, lever, args.seed, shipped, engine, args.epochs,
                                                   corpus=name)
-                    router.save(os.path.join(routers_dir, f"{name}-{lever}-s{args.seed}"))  # reused by hybrid rows
+                    router.save(os.path.join(routers_dir, f"{name}-{lever}{args.tag}-s{args.seed}"))  # reused by hybrid rows
                 ranked = rank(router, cache, cq, topk=10)
             m = retrieval_metrics(ranked, golds)
             import resource
 
-            entry["methods"][lever] = {**m, **info, "seconds": time.perf_counter() - t0,
+            entry["methods"][lever + args.tag] = {**m, **info, "shipped_router": shipped.fingerprint(), "seconds": time.perf_counter() - t0,
                                        "load": os.getloadavg()[0],
                                        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             print(name, lever, {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}, flush=True)
@@ -204,7 +208,7 @@ def _write(results, path):
                   f"{b.get('eval_questions')} questions", "",
                   "| method | R@1 | R@5 | R@10 | MRR | R@5 / MiniLM | MRR / MiniLM | train s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for m in ORDER:
+        for m in list(ORDER) + sorted(x for x in e["methods"] if x not in ORDER):  # tagged rows last
             r = e["methods"].get(m)
             if not r:
                 continue
