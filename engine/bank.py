@@ -56,6 +56,9 @@ class BankState:
     collection_counts: dict = field(default_factory=dict)  # collection -> number of rows
     lexical: LexicalIndex = field(default_factory=LexicalIndex)  # BM25 index of `texts`, row for row
     calibration: Optional[dict] = None  # abstention threshold for this memory and router (see calibrate)
+    # the fingerprint of the router that made keys_r: a snapshot taken before `set_router` is routed with its
+    # own router's queries, never the new router's against the old keys
+    key_mode: Optional[str] = None
 
     def __len__(self):
         return len(self.ids)
@@ -231,10 +234,12 @@ class MemoryBank:
                 self._state = _select_rows(full, [r for r in range(len(full)) if r not in drop])
         return deleted
 
-    def rekey(self, keys_from_inputs: Callable, fingerprint: dict) -> None:
+    def rekey(self, keys_from_inputs: Callable, fingerprint: dict, on_swap: Optional[Callable] = None) -> None:
         """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs:
         keys_from_inputs(inputs [L, C, hidden]) -> keys_r [L, C, G*D]. Keys are computed first; the state and
-        the fingerprint (the engine's, with the new router's key_mode) then change together."""
+        the fingerprint (the engine's, with the new router's key_mode) then change together, and `on_swap()`
+        runs under the same lock (the engine swaps its encoder's router there: writers encode under this lock,
+        so no document is ever keyed by the old router into the new router's state)."""
         with self._lock:
             s = self._state
             if s.inputs is None and len(s):
@@ -245,8 +250,10 @@ class MemoryBank:
                 keys_r = keys_from_inputs(s.inputs).to(s.keys.dtype)  # [L, C, G*D]
                 new_state = replace(s, **self._routing_keys(replace(s, keys_r=None, keys_r_scale=None), [keys_r]))
             # a threshold learned on the old router's scores means nothing for the new one's
-            self._state = replace(new_state, calibration=None)
+            self._state = replace(new_state, calibration=None, key_mode=fingerprint.get("key_mode"))
             self.fingerprint = dict(fingerprint)
+            if on_swap is not None:
+                on_swap()
 
     def set_calibration(self, calibration: Optional[dict]) -> None:
         """Store an abstention calibration with the memory (saved in its manifest)."""
@@ -284,7 +291,7 @@ class MemoryBank:
             values=cat(s.values, [e.values for e in encoded], self.content_device),
             inputs=cat(s.inputs, [e.inputs for e in encoded], "cpu"),
             lexical=s.lexical.appended(d.text for d in docs), calibration=s.calibration,
-            **_index(ids, parents, collections))
+            key_mode=self.fingerprint.get("key_mode"), **_index(ids, parents, collections))
 
     def _routing_keys(self, s: BankState, new_parts: list) -> dict:
         """Append new routing keys [L, c, G*D] to the state's, quantised to int8 when configured."""
@@ -360,7 +367,7 @@ class MemoryBank:
                          doc_start=t["doc_start"].clone(), chunk_doc=chunk_doc,
                          keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
                          inputs=t.get("inputs"), lexical=lexical, calibration=stored.manifest.get("calibration"),
-                         **_index(ids, parents, collections))
+                         key_mode=self.fingerprint.get("key_mode"), **_index(ids, parents, collections))
 
 
 def _select_rows(s: BankState, rows: list) -> BankState:
@@ -382,7 +389,7 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
                      keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
                      values=take(s.values), inputs=take(s.inputs), lexical=s.lexical.selected(rows),
-                     calibration=s.calibration, **_index(ids, parents, collections))
+                     calibration=s.calibration, key_mode=s.key_mode, **_index(ids, parents, collections))
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

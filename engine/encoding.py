@@ -171,9 +171,11 @@ class Encoder:
         return (torch.stack([hs[l] for l in self.routing_layers]),
                 torch.stack([qs[l] for l in self.routing_layers]))
 
-    def routing_queries(self, prompt_ids: list, question_mask: list) -> torch.Tensor:
-        """-> q_fold [L, Tq, G*D] (float32): the head-folded routing queries of the question tokens."""
+    def routing_queries(self, prompt_ids: list, question_mask: list, router=None) -> torch.Tensor:
+        """-> q_fold [L, Tq, G*D] (float32): the head-folded routing queries of the question tokens, by `router`
+        (default: the encoder's; routing passes the router that keyed the snapshot it routes over)."""
+        router = router or self.router
         h, q_pre = self.question_states(prompt_ids, question_mask)
-        q = torch.stack([self.router.query(layer, h[i], q_pre_rope=q_pre[i])  # [Tq, H, D] per layer
+        q = torch.stack([router.query(layer, h[i], q_pre_rope=q_pre[i])  # [Tq, H, D] per layer
                          for i, layer in enumerate(self.routing_layers)])  # [L, Tq, H, D]
         return fold_queries(q, self.model.n_kv_heads, self.score)

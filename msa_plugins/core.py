@@ -82,6 +82,9 @@ class MSAEngine:
         self.config = cfg
         self.routing_layers = layers
         self.router = router if router is not None else QKRouter(model, layers)
+        # every router this engine has keyed its memory with, by fingerprint: a snapshot is routed with the
+        # router that keyed it, also when `set_router` ran after the snapshot was taken
+        self._routers = {self.router.fingerprint(): self.router}
         self.encoder = Encoder(model, layers, cfg.chunk_size, self.router, score=cfg.score,
                                keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens)
         self._bank = _make_bank(self, cfg.max_doc_tokens or model.max_positions)
@@ -251,10 +254,13 @@ class MSAEngine:
             return torch.stack([self.encoder.routing_keys_from_inputs(layer, inputs[i], router)
                                 for i, layer in enumerate(self.routing_layers)])
 
+        def swap():  # under the bank's lock, with the new keys: writers never encode with the old router
+            self.router = router
+            self.encoder.router = router
+
+        self._routers[router.fingerprint()] = router  # before the swap: a reader may see the new state at once
         self._bank.rekey(keys_for, {**self.fingerprint(), "key_mode": router.fingerprint(),
-                                    "router_provenance": router.meta.get("provenance")})
-        self.router = router
-        self.encoder.router = router
+                                    "router_provenance": router.meta.get("provenance")}, on_swap=swap)
 
     def document_vectors(self, ids, snapshot: Optional[Snapshot] = None) -> torch.Tensor:
         """One unit vector per document, for diversity measures such as MMR: the mean of the document's
@@ -343,7 +349,8 @@ class MSAEngine:
                            {layer: ([state.ids[r] for r in rows], list(scores)) for layer in self.routing_layers},
                            torch.tensor(rows, dtype=torch.long).view(1, -1).expand(L, -1).contiguous(),
                            router_scores=[])
-        q = self.encoder.routing_queries(ids, mask)
+        router = self._routers.get(state.key_mode, self.router) if state.key_mode else self.router
+        q = self.encoder.routing_queries(ids, mask, router=router)
         if routing == "hybrid":
             return hybrid_route(q, state, self.routing_layers, text, k, allow_ids=allow,
                                 backend=cfg.routing_backend, doc_score=cfg.doc_score, fusion=cfg.hybrid_fusion)

@@ -434,3 +434,54 @@ def test_hybrid_rank_on_cached_features_equals_the_engines_hybrid_routing(tiny_m
     assert got == want
     with pytest.raises(InvalidArgumentError, match="one text per document"):
         hybrid_rank(router, cache, qs, [cache.q_text[q] for q in qs], TEXTS[:2])
+
+
+def test_a_snapshot_taken_before_set_router_routes_with_the_router_that_keyed_it(tiny_model_dir, engine):
+    """`route(snapshot=old)` after `set_router(new)` scores the old keys with the old router's queries (not the
+    new router's queries against the old keys); a fresh snapshot routes with the new router."""
+    e = _engine(tiny_model_dir, router="none", keep_inputs=True)
+    e.set_router(_router(engine, "random", seed=3))
+    e.add(TEXTS, ids=IDS, progress=False)
+    q = "Where was Alice born?"
+    old_snap, before = e.snapshot(), e.route(q, k=len(IDS))
+    e.set_router(_router(engine, "random", seed=4))
+    again = e.route(q, k=len(IDS), snapshot=old_snap)
+    assert again.ids == before.ids and again.scores == pytest.approx(before.scores, abs=1e-6)
+    assert e.route(q, k=len(IDS)).scores != pytest.approx(before.scores, abs=1e-6)
+
+
+def test_concurrent_set_router_and_add_never_mix_routers(tiny_model_dir, engine):
+    """Writers encode under the bank's lock and the engine swaps its router there too: whatever the interleaving
+    of `add` and `set_router`, every routing key in the memory is the current router's key of its pooled inputs."""
+    import threading
+
+    e = _engine(tiny_model_dir, router="none", keep_inputs=True)
+    routers = [_router(engine, "random", seed=s) for s in (11, 12)]
+    e.set_router(routers[0])
+    errors = []
+
+    def adder():
+        try:
+            for i in range(12):
+                e.add([f"Document number {i} talks about topic {i % 3}."], ids=[f"d{i}"], progress=False)
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    def switcher():
+        try:
+            for i in range(12):
+                e.set_router(routers[i % 2])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=adder), threading.Thread(target=switcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    state = e.snapshot()._state
+    assert len(state) == 12 and state.key_mode == e.router.fingerprint()
+    want = torch.stack([e.encoder.routing_keys_from_inputs(layer, state.inputs[i], e.router)
+                        for i, layer in enumerate(e.routing_layers)])
+    torch.testing.assert_close(state.keys_r.float(), want.float(), atol=1e-5, rtol=1e-5)
