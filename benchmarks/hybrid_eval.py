@@ -50,6 +50,8 @@ def load_corpus(name, data_root=None, subset=None, seed=0):
 def memory_dir(cache_dir, name, args=None):
     tag = "" if args is None or not (args.subset or args.model) else \
         f"-subset{args.subset}-{os.path.basename(str(args.model or 'default'))}"
+    if args is not None and args.router:  # a memory is keyed by its router: one folder per router
+        tag += "-router-" + os.path.basename(os.path.normpath(args.router))
     return os.path.join(cache_dir, f"memory-{name}{tag}")
 
 
