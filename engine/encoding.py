@@ -53,6 +53,23 @@ class EncodedDocument:
     inputs: Optional[torch.Tensor]  # [L, C, hidden] pooled normalised layer inputs, when kept
 
 
+def length_batches(lengths: list, batch_tokens: int) -> list:
+    """Indices of sequences grouped into padded batches of at most `batch_tokens` (longest length x batch size),
+    longest first, so that each batch pads little. A sequence longer than `batch_tokens` gets a batch alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 class Encoder:
     """Encodes documents into chunk-pooled memory and questions into folded routing queries."""
 
@@ -77,18 +94,8 @@ class Encoder:
     # ------------------------------------------------------------------ documents
     def encode(self, token_lists: list, progress: bool = True, desc: str = "encoding") -> list:
         """token_lists: list of token-id lists -> list of EncodedDocument (same order)."""
-        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         out = [None] * len(token_lists)
-        batches, cur, cur_max = [], [], 0
-        for i in order:  # longest first, so each batch pads little
-            n = len(token_lists[i])
-            if cur and max(cur_max, n) * (len(cur) + 1) > self.batch_tokens:
-                batches.append(cur)
-                cur, cur_max = [], 0
-            cur.append(i)
-            cur_max = max(cur_max, n)
-        if cur:
-            batches.append(cur)
+        batches = length_batches([len(t) for t in token_lists], self.batch_tokens)
         total = sum(len(t) for t in token_lists)
         with tqdm(total=total, desc=desc, unit="tok", disable=not progress or total == 0, leave=False) as bar:
             for batch in batches:

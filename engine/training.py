@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..errors import DuplicateIdError, InvalidArgumentError, MemoryFormatError
 from ..metrics import retrieval_metrics
 from ..validation import check_choice, check_int
-from .encoding import Encoder
+from .encoding import Encoder, length_batches
 from .generation import Prompt
 from .model import DecoderModel, KVCache
 from ..kernels.routing import DOC_SCORES
@@ -253,17 +253,7 @@ def batched_question_features(model: DecoderModel, layers: Sequence[int], prompt
         if last < 0:
             raise InvalidArgumentError("a query has no tokens to route with; remove empty queries")
         cut.append((p.ids[:last + 1], p.question_mask[:last + 1]))
-    order = sorted(range(len(cut)), key=lambda i: -len(cut[i][0]))  # longest first: little padding
-    batches, cur, cur_max = [], [], 0
-    for i in order:
-        n = len(cut[i][0])
-        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        batches.append(cur)
+    batches = length_batches([len(c[0]) for c in cut], batch_tokens)
     out = [None] * len(cut)
     layer_set = set(layers)
     last = max(layers)
