@@ -289,6 +289,7 @@ def clean_orphans(directory: str) -> int:
             doomed = []
     else:
         manifest, doomed = None, []
+    superseded = set(doomed)  # the generation the committed manifest replaced: routine, not a crash's leftover
     pending = set()
     for name in names:
         m = _TMP_RE.match(name)
@@ -298,17 +299,21 @@ def clean_orphans(directory: str) -> int:
     if manifest is not None or MANIFEST not in names:  # a pending generation's renamed data files
         for gen in pending:
             doomed += [n for n in (f"tensors-{gen}.safetensors", f"docs-{gen}.jsonl") if n not in current]
-    freed = 0
+    freed = leftover = 0
     for name in doomed:
         path = os.path.join(directory, name)
         try:
             size = os.path.getsize(path)
             os.remove(path)
             freed += size
+            leftover += 0 if name in superseded else size
         except FileNotFoundError:
             pass
-    if freed:
-        logger.info("removed %d bytes left by an interrupted save in %s", freed, directory)
+    # Removing the generation a committed save replaced is routine; only a crashed save's leftovers are news.
+    if leftover:
+        logger.info("removed %d bytes left by an interrupted save in %s", leftover, directory)
+    if freed - leftover:
+        logger.debug("removed the previous generation (%d bytes) in %s", freed - leftover, directory)
     return freed
 
 

@@ -969,6 +969,26 @@ def export_msa4b(router: Router, path: str) -> None:
                         "n_kv_heads": str(router.n_kv_heads), "head_dim": str(router.head_dim)})
 
 
+def remove_checkpoints(out_dir: str) -> int:
+    """Delete what `train_router` wrote into `out_dir` (the checkpoint and `best/`), by those names only, and
+    the folders when that leaves them empty; anything else there is kept. Returns the bytes freed."""
+    freed = 0
+    for path in (os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, "best", "router.safetensors"),
+                 os.path.join(out_dir, "best", "router.json")):
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+            freed += size
+        except FileNotFoundError:
+            pass
+    for folder in (os.path.join(out_dir, "best"), out_dir):
+        try:
+            os.rmdir(folder)  # only when empty
+        except OSError:
+            pass
+    return freed
+
+
 def split_indices(n: int, fractions=(0.5, 0.1, 0.4), seed: int = 0) -> tuple:
     """Seeded split of range(n) into (train, dev, test) index lists (each sorted)."""
     idx = list(range(n))

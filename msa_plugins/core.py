@@ -637,14 +637,14 @@ class MSAEngine:
 
     # ------------------------------------------------------------------ router training
     def adapt_router(self, *, epochs=None, seed: int = 0, resume: bool = True, progress: bool = True, out=None,
-                     teachers=None, config=None):
+                     teachers=None, config=None, keep_checkpoints: bool = False):
         """Adapt the router to the memory's own documents (no labels: inverse-cloze pseudo-queries, with
         MiniLM / BM25 as teachers when installed) and re-key the memory in place; needs keep_inputs=True.
         See `msa_plugins.trainer.adapt_router_for`; returns its `AdaptResult`."""
         from .trainer import adapt_router_for
 
         return adapt_router_for(self, epochs=epochs, seed=seed, resume=resume, progress=progress, out=out,
-                                teachers=teachers, config=config)
+                                teachers=teachers, config=config, keep_checkpoints=keep_checkpoints)
 
     def train_router(self, docs=None, questions=(), *, out=None, config=None, dev_fraction: float = 0.1,
                      ict_per_doc: int = 2, ict_titles: bool = True, resume: bool = True, export_msa4b_path=None,

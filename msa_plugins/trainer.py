@@ -39,6 +39,7 @@ from .engine.routing import FUSION_DEPTH, fuse
 from .engine.training import (INITS, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig, build_cache,
                               evaluate, export_msa4b, init_router_weights, rank_documents, split_indices,
                               teacher_targets)
+from .engine.training import remove_checkpoints
 from .engine.training import train_router as _train_on_features
 from .errors import InvalidArgumentError, InvalidTypeError
 from .kernels.routing import topk_docs
@@ -402,7 +403,7 @@ class AdaptResult:
 
 def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, resume: bool = True,
                      progress: bool = True, out: Optional[str] = None, teachers=None,
-                     config: Optional[AdaptConfig] = None) -> AdaptResult:
+                     config: Optional[AdaptConfig] = None, keep_checkpoints: bool = False) -> AdaptResult:
     """Adapt the router to the documents the engine's memory holds, with no labels, then re-key the memory
     with it in place (one atomic swap, `engine.set_router`).
 
@@ -412,8 +413,9 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     scores over candidate sets (MiniLM / BM25, when installed: see `AdaptConfig.teachers`) beside the
     inverse-cloze InfoNCE; trains `epochs` epochs (early stopping on held-out pseudo-queries).
     Writes nothing unless `out` is given: then the router goes to `out` and checkpoints to `out/train`
-    (a rerun with the same settings resumes from them when `resume`). epochs / seed / teachers
-    override `config`."""
+    while it trains (an interrupted run, rerun with the same settings, resumes from them when `resume`).
+    A finished run removes those checkpoints (about 5x the router's size) unless `keep_checkpoints` (to
+    train on later with more epochs). epochs / seed / teachers override `config`."""
     import time
 
     from .engine.bank import MemoryBank
@@ -507,5 +509,8 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     provenance["seconds"] = round(timings["total"], 1)
     if out is not None:
         router.save(out)
+        if work and not keep_checkpoints:
+            # only after the router is saved: until then the checkpoints are what a rerun resumes from
+            remove_checkpoints(work)
     logger.info("router adapted to %d documents (%s) in %.0f s", len(state), method, timings["total"])
     return AdaptResult(router, history, provenance, timings, out)

@@ -4,6 +4,7 @@
 import dataclasses
 import logging
 import math
+import os
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from msa_plugins.engine.training import (FeatureCache, TrainConfig, _negative_ex
                                          teacher_targets)
 from msa_plugins.errors import EmptyMemoryError, ModelMismatchError
 from msa_plugins import trainer
+from msa_plugins.engine import training
 from msa_plugins.trainer import AdaptConfig, adapt_router_for, split_title
 
 LAYERS = [2, 3]
@@ -155,7 +157,8 @@ def test_adapt_is_seeded(tiny_model_dir):
 def test_adapt_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     one = adapt_router_for(_engine(tiny_model_dir), epochs=3, progress=False, config=FAST)
     out = str(tmp_path / "r")
-    adapt_router_for(_engine(tiny_model_dir), epochs=2, progress=False, out=out, config=FAST)  # "interrupted"
+    adapt_router_for(_engine(tiny_model_dir), epochs=2, progress=False, out=out, config=FAST,
+                     keep_checkpoints=True)  # "interrupted": its checkpoints stay
     res = adapt_router_for(_engine(tiny_model_dir), epochs=3, progress=False, out=out, config=FAST)
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
     torch.testing.assert_close(_weights(res.router), _weights(one.router))
@@ -164,6 +167,27 @@ def test_adapt_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     e.set_router(one.router)
     again = adapt_router_for(e, epochs=1, progress=False, out=out, config=FAST)
     assert again.provenance["init"].startswith("current")
+
+
+def test_a_finished_adaptation_removes_its_checkpoints_and_keeps_the_router(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "notes.txt").write_text("mine")  # not the trainer's: never deleted
+    res = adapt_router_for(_engine(tiny_model_dir), epochs=2, progress=False, out=str(out), config=FAST)
+    assert sorted(os.listdir(out / "train")) == ["notes.txt"]
+    assert (out / "router.json").is_file() and (out / "router.safetensors").is_file()
+    torch.testing.assert_close(_weights(Router.load(str(out))), _weights(res.router))
+    # killed during training (after an epoch's checkpoint, before the end): the checkpoints stay to resume from
+    real_save = training.save_checkpoint
+
+    def save_then_die(path, *a, **k):
+        real_save(path, *a, **k)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        adapt_router_for(_engine(tiny_model_dir), epochs=2, progress=False, out=str(out), config=FAST, seed=1)
+    assert (out / "train" / training.CHECKPOINT).is_file()
 
 
 def test_adapt_without_teachers_falls_back_and_says_so(tiny_model_dir, monkeypatch, caplog):
@@ -243,7 +267,11 @@ def test_cli_adapt_rekeys_a_saved_memory_and_keeps_its_router(tiny_model_dir, tm
     # the saved memory is keyed by that router: it loads with it, and a second adaptation finds it itself
     e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", router=memory_router_dir(mem), memory=mem)
     assert e2.fingerprint()["key_mode"] == router.fingerprint() and len(e2) == len(IDS)
+    assert not os.path.exists(os.path.join(mem, "router", "train"))  # finished: no checkpoints left behind
     assert cmd_adapt(args) == 0
+    assert cmd_adapt(ap.parse_args(["--model", tiny_model_dir("llama"), "adapt", "--memory", mem, "--epochs", "1",
+                                    "--teachers", "none", "--keep-checkpoints"])) == 0
+    assert os.path.isfile(os.path.join(mem, "router", "train", training.CHECKPOINT))
 
 
 def test_cli_ingest_adapt_then_ask_uses_the_adapted_router(tiny_model_dir, tmp_path, capsys):

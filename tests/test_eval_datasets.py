@@ -66,6 +66,21 @@ def test_subsets_are_deterministic():
 
 
 @needs_data
+def test_popqa_test_is_the_router_training_held_out_split():
+    from msa_plugins.trainer import split_indices
+
+    full = ds.load_popqa()
+    train, dev, test = split_indices(len(full.questions), seed=0)  # what train_default_router.py trains on
+    seen = {full.questions[i].id for i in train + dev}
+    held = ds.load_popqa_test()
+    assert (len(held.questions), len(held.documents)) == (400, 1475)
+    assert not seen & {q.id for q in held.questions}
+    sample = ds.load_popqa_test(limit=100, seed=0)
+    assert len(sample.questions) == 100 and not seen & {q.id for q in sample.questions}
+    assert ds.load_evalset("popqa_test", limit=5, seed=0).name == "popqa_test"
+
+
+@needs_data
 def test_locomo_turns_and_sessions():
     convs = ds.load_locomo()
     assert len(convs) == 10

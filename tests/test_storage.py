@@ -155,6 +155,24 @@ def test_crash_at_any_step_keeps_the_old_memory_and_the_next_save_cleans(tmp_pat
                                          m["documents"]["file"], "docs-2024-budget.md"}
 
 
+def test_a_routine_save_does_not_report_a_crash_and_a_crashed_one_does(tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="msa_plugins")
+    save(tmp_path, n_docs=2, seed=1)
+    save(tmp_path, n_docs=3, seed=2)  # removes the generation it replaced: routine
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "interrupted" in r.getMessage()]
+    assert any("previous generation" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, n_docs=4, seed=3)
+    monkeypatch.undo()
+    caplog.clear()
+    with storage.folder_lock(str(tmp_path)):
+        pass
+    assert [r for r in caplog.records if r.levelno == logging.INFO and "interrupted save" in r.getMessage()]
+
+
 def test_crash_during_the_first_save_leaves_a_folder_the_next_save_accepts(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):

@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 # The one list of systems and datasets (the CLI's choices come from here).
 SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free", "msa-hybrid")
 DEFAULT_SYSTEMS = ("rag-minilm", "msa")
-DATASETS = ("popqa", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah")
-_DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100"}
+DATASETS = ("popqa", "popqa-test", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah")
+_DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100", "popqa-test": "popqa_test"}
 # Prompt variants (separating retrieval from prompt): any system name + one of these suffixes answers with
 # the engine's interleave prompt in that style (msa_plugins.config.PROMPT_STYLES) over the documents the
 # system retrieved / routed. `rag-minilm-msaprompt`: MiniLM's top-k in MSA's prompt, generated directly
@@ -119,7 +119,7 @@ def load_eval_memories(dataset: str, limit: int | None = None, seed: int | None 
     tokenizer: a callable text -> token count (or an object with `.encode`) sizing the NIAH haystacks."""
     from . import datasets as ds
 
-    if dataset in ("popqa", "hotpotqa", "musique", "narrativeqa"):
+    if dataset in ("popqa", "popqa-test", "hotpotqa", "musique", "narrativeqa"):
         return [ds.load_evalset(_DATASET_NAMES.get(dataset, dataset), data_root=data_root, limit=limit, seed=seed,
                                 distractors=distractors)]
     if dataset == "jsonl":

@@ -207,6 +207,22 @@ def load_popqa(data_root=None, limit=None, seed=None, distractors=None) -> EvalS
     return subset(EvalSet("popqa", documents, questions, {"source": "hipporag_popqa"}), limit, seed, distractors)
 
 
+def load_popqa_test(data_root=None, limit=None, seed=None, distractors=None) -> EvalSet:
+    """PopQA's 400 test questions over all 1,475 passages: the questions the shipped router never trained on.
+
+    The shipped router for the default model trains on PopQA's passages and on the train split of its questions
+    and early-stops on the dev split (`benchmarks/train_default_router.py`: `split_indices(1000, seed=0)`, 50/10/40
+    %). Evaluating it on `popqa` would sample train questions; this keeps the test split only (file order),
+    then applies limit/seed/distractors among them."""
+    from msa_plugins.trainer import split_indices
+
+    full = load_popqa(data_root)
+    test = split_indices(len(full.questions), seed=0)[2]
+    questions = [full.questions[i] for i in test]
+    meta = dict(full.metadata, split="test (split_indices(1000, seed=0)[2], the shipped router's held-out questions)")
+    return subset(EvalSet("popqa_test", full.documents, questions, meta), limit, seed, distractors)
+
+
 def load_hotpotqa_train100(data_root=None, limit=None, seed=None, distractors=None) -> EvalSet:
     """HotpotQA train100 (HippoRAG v1): corpus dict title -> sentences; gold = supporting-fact titles."""
     folder = "hipporag_v1_hotpotqa_train100"
@@ -441,6 +457,7 @@ def _normalise_evidence(evidence: list[str]) -> list[str]:
 
 HIPPORAG_LOADERS = {
     "popqa": load_popqa,
+    "popqa_test": load_popqa_test,
     "hotpotqa_train100": load_hotpotqa_train100,
     "musique_train100": load_musique_train100,
     "narrativeqa": load_narrativeqa,
