@@ -5,8 +5,8 @@ under runs/hybrid_eval/memory-<corpus>; encoding resumes where it stopped), ever
     msa            pure MSA routing (the shipped router, layer-mean ranking)
     bm25           the memory's own BM25 index (routing="lexical"; the same scores as bm25s, tests/test_hybrid.py)
     minilm         all-MiniLM-L6-v2 over the same texts, cosine (the RAG pipeline's retriever)
-    hybrid         routing="hybrid" with the fixed fusion rule (MSAConfig.hybrid_fusion, default "rrf")
-    hybrid-zsum    the other fusion rule, only on the dev questions (the rule was chosen there, once)
+    hybrid         routing="hybrid" with the fixed fusion rule (MSAConfig.hybrid_fusion, default "zsum")
+    hybrid-rrf     the other fusion rule, only on the dev questions (the rule was chosen there, once)
     msa-2round     retrieve(k=5, rounds=2): 3 documents for the question, then 2 for question + their text
     hybrid-2round  the same with routing="hybrid"
 and abstention: calibrate_abstention on the dev questions, then on the test questions each is asked once

@@ -31,8 +31,8 @@ import torch
 from benchmarks.router_eval import bm25_rankings, eval_questions, minilm_rankings
 from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, make_engine
 from msa_plugins.metrics import retrieval_metrics
-from msa_plugins.trainer import (AdaptConfig, Router, hybrid_rank, rank, split_queries, teacher_scorers,
-                                 teacher_targets, train, training_free_router)
+from msa_plugins.trainer import (AdaptConfig, Router, hybrid_rank, query_features, rank, split_queries,
+                                 teacher_scorers, teacher_targets, train, training_free_router)
 
 # lever -> (init, teachers, negatives); init "shipped" = fine-tune the shipped router (what adapt_router_for
 # does for an engine that holds it), "tied-random" = a router trained from scratch on the corpus
@@ -46,7 +46,11 @@ LEVERS = {
     "distil-both+teacher-negatives": ("shipped", ["minilm", "bm25"], "mined"),
     # the default lever trained and scored with late interaction (MSAConfig.doc_score="late")
     "late-interaction": ("shipped", ["minilm", "bm25"], "mined", "late"),
+    # the default lever with the corpus's doc2query questions (benchmarks/doc2query.py) added to the training
+    # pseudo-queries (early stopping still on held-out inverse-cloze queries, as every other row)
+    "d2q": ("shipped", ["minilm", "bm25"], "mined"),
 }
+D2Q_LEVERS = {"d2q"}
 BASELINES = ("training-free", "shipped", "minilm", "bm25")
 # hybrid systems (reported apart from pure MSA routing): the router's layer-mean ranking fused with BM25 over
 # the same passage strings, by the engine's own fusion (`engine.routing.fuse`, the `MSAConfig` default "zsum")
@@ -71,17 +75,20 @@ def adapt_on_cache(cache, texts, lever, seed, shipped, model_engine, epochs=None
     # the questions are in the cache too (for scoring), but only inverse-cloze queries are trained on
     train_q, dev_q = split_queries(_ict_only(ict), cfg.dev_fraction, seed)
     train_q, dev_q = [ict[i] for i in train_q], [ict[i] for i in dev_q]
+    if lever in D2Q_LEVERS:
+        train_q = train_q + add_d2q_queries(cache, corpus, model_engine())
     targets, t_teach = None, 0.0
     if teachers:
+        nq = cache.n_queries  # a lever that adds queries (d2q) needs the teachers to score those too
         for t in teachers:
-            if (corpus, t) not in _SCORERS:  # each teacher encodes the corpus and the queries once per run
+            if (corpus, t, nq) not in _SCORERS:  # each teacher encodes the corpus and the queries once per run
                 t1 = time.perf_counter()
-                _SCORERS[corpus, t] = teacher_scorers([t], texts, cache.q_text)[t]
-                _SCORERS[corpus, t + ":s"] = time.perf_counter() - t1
+                _SCORERS[corpus, t, nq] = teacher_scorers([t], texts, cache.q_text)[t]
+                _SCORERS[corpus, t + ":s", nq] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        targets = teacher_targets({t: _SCORERS[corpus, t] for t in teachers}, cache, train_q, k=cfg.candidates)
+        targets = teacher_targets({t: _SCORERS[corpus, t, nq] for t in teachers}, cache, train_q, k=cfg.candidates)
         # what this lever pays as adaptation does: its teachers' encoding + the candidate sets
-        t_teach = time.perf_counter() - t1 + sum(_SCORERS[corpus, t + ":s"] for t in teachers)
+        t_teach = time.perf_counter() - t1 + sum(_SCORERS[corpus, t + ":s", nq] for t in teachers)
     t0 = time.perf_counter()
     init_router = shipped if init == "shipped" else None
     if init != "shipped":
@@ -95,6 +102,29 @@ def adapt_on_cache(cache, texts, lever, seed, shipped, model_engine, epochs=None
                                "doc_score": doc_score,
                                "patience": tcfg.patience, "distill_weight": tcfg.distill_weight,
                                "teacher_tau": tcfg.teacher_tau, "candidates": cfg.candidates}}
+
+
+def add_d2q_queries(cache, corpus, engine) -> list:
+    """Append the corpus's kept doc2query questions to `cache` (kind "d2q", positive: the passage each was
+    generated from) and return their query indices. Idempotent: a cache that has them returns them."""
+    from benchmarks.doc2query import d2q_path, load_questions
+
+    have = cache.query_indices(["d2q"])
+    if have:
+        return have
+    pairs = load_questions(corpus)
+    if not pairs:
+        raise SystemExit(f"no doc2query questions for {corpus}: run python -m benchmarks.doc2query --corpus {corpus} "
+                         f"(writes {d2q_path(corpus)})")
+    row = {d: i for i, d in enumerate(cache.doc_ids)}
+    pairs = [(d, q) for d, q in pairs if d in row]
+    t0 = time.perf_counter()
+    feats = query_features(engine, [q for _, q in pairs])
+    start = cache.n_queries
+    cache.add_queries([q for _, q in pairs], feats, [[row[d]] for d, _ in pairs], kind="d2q")
+    print(f"{corpus}: {len(pairs)} doc2query questions added ({time.perf_counter() - t0:.0f} s for their features)",
+          flush=True)
+    return list(range(start, cache.n_queries))
 
 
 class _ict_only:

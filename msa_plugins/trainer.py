@@ -51,7 +51,7 @@ __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "
            "load_or_build_features", "train", "split_queries", "split_indices", "evaluate", "rank",
            "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir",
            "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for", "available_teachers", "teacher_scorers", "split_title",
-           "TEACHERS"]
+           "TEACHERS", "query_features"]
 
 
 @dataclass
@@ -125,6 +125,16 @@ def _data_hash(engine, docs, questions, ict_per_doc, ict_titles, seed) -> str:
 
 
 # ---------------------------------------------------------------------- features
+def query_features(engine, texts: Sequence[str], progress: bool = False, desc: str = "queries") -> list:
+    """Router features of extra queries (e.g. generated pseudo-questions) under `engine`'s model and routing
+    prompt, for `FeatureCache.add_queries`: one batched forward, the features of each query's own tokens."""
+    from .engine.training import batched_question_features
+
+    prompts = [_routing_prompt(engine)(t) for t in texts]
+    return batched_question_features(_model(engine), engine.routing_layers, prompts, engine.config.batch_tokens,
+                                     progress=progress, desc=desc)
+
+
 def build_features(engine, docs=None, questions=(), *, ict_per_doc: int = 2, ict_titles: bool = True,
                    seed: int = 0, progress: bool = True) -> FeatureCache:
     """The router features of a corpus under `engine`'s model and routing layers (the engine's memory is

@@ -310,3 +310,16 @@ def test_bm25_teacher_scores_a_stopword_only_pseudo_query_as_zero():
     scores = teacher_scorers(["bm25"], ["Alice was born in Lisbon.", "The lighthouse has 212 steps."],
                              ["the of and", "Lisbon"])["bm25"]([0, 1])
     assert torch.all(scores[0] == 0) and scores[1, 0] > 0 and scores[1, 1] == 0
+
+
+def test_query_features_are_the_features_training_builds_for_a_question(tiny_model_dir):
+    """trainer.query_features (extra pseudo-queries, e.g. doc2query) gives each query exactly the features
+    build_features gives the same text as a question: same prompt, same tokens, same layers."""
+    e = _engine(tiny_model_dir)
+    qs = ["Where was Alice born?", "What does the fox jump over?"]
+    cache = trainer.build_features(e, [(i, "", t) for i, t in zip(IDS, TEXTS)], [(qs[0], ["alice"]), (qs[1], ["fox"])],
+                                   ict_per_doc=0, ict_titles=False, progress=False)
+    got = trainer.query_features(e, qs)
+    for j, i in enumerate(cache.query_indices(["question"])):
+        a, b = int(cache.q_start[i]), int(cache.q_start[i + 1])
+        torch.testing.assert_close(got[j].to(cache.q_inputs.dtype), cache.q_inputs[:, a:b])
