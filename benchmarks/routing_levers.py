@@ -143,7 +143,10 @@ def main(argv=None):
     ap.add_argument("--corpora", default="hotpotqa,musique")
     ap.add_argument("--levers", default=",".join(RUN_ORDER))
     ap.add_argument("--epochs", type=int, default=None, help="override AdaptConfig's epochs (default: its own)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the data seed: feature cache (its pseudo-queries) and "
+                    "evaluation questions")
+    ap.add_argument("--train-seed", type=int, default=None, help="the training seed of adapted rows (default: "
+                    "--seed); another value re-trains on the same data, to see the spread a seed gives")
     ap.add_argument("--max-questions", type=int, default=None, help="smoke runs only: a question subset, bank = "
                     "their gold passages (not a full bank)")
     ap.add_argument("--threads", type=int, default=None)
@@ -171,6 +174,7 @@ def main(argv=None):
         return engine_box["e"]
 
     shipped = Router.load(args.shipped)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     routers_dir = os.path.join(ROOT, "runs", "levers", "routers")
     for name in args.corpora.split(","):
         cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
@@ -192,13 +196,13 @@ def main(argv=None):
                 ranked = (minilm_rankings if lever == "minilm" else bm25_rankings)(evalset, q_idx)
             elif lever in HYBRIDS:
                 base = HYBRIDS[lever]
-                saved = os.path.join(routers_dir, f"{name}-{base}{args.tag}-s{args.seed}")
+                saved = os.path.join(routers_dir, f"{name}-{base}{args.tag}-s{train_seed}")
                 if base == "shipped":
                     router = shipped
                 elif os.path.isfile(os.path.join(saved, "router.json")):
                     router = Router.load(saved)  # the router this run (or an earlier one) adapted
                 else:
-                    router, info = adapt_on_cache(cache, texts, base, args.seed, shipped, engine, args.epochs,
+                    router, info = adapt_on_cache(cache, texts, base, train_seed, shipped, engine, args.epochs,
                                                   corpus=name)
                     router.save(saved)
                 info = {**info, "fusion": "zsum", "router": base}
@@ -209,14 +213,14 @@ def main(argv=None):
                 elif lever == "shipped":
                     router = shipped
                 else:
-                    router, info = adapt_on_cache(cache, texts, lever, args.seed, shipped, engine, args.epochs,
+                    router, info = adapt_on_cache(cache, texts, lever, train_seed, shipped, engine, args.epochs,
                                                   corpus=name)
-                    router.save(os.path.join(routers_dir, f"{name}-{lever}{args.tag}-s{args.seed}"))  # reused by hybrid rows
+                    router.save(os.path.join(routers_dir, f"{name}-{lever}{args.tag}-s{train_seed}"))  # reused by hybrid rows
                 ranked = rank(router, cache, cq, topk=10)
             m = retrieval_metrics(ranked, golds)
             import resource
 
-            entry["methods"][lever + args.tag] = {**m, **info, "shipped_router": shipped.fingerprint(), "seconds": time.perf_counter() - t0,
+            entry["methods"][lever + args.tag] = {**m, **info, "train_seed": train_seed, "shipped_router": shipped.fingerprint(), "seconds": time.perf_counter() - t0,
                                        "load": os.getloadavg()[0],
                                        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
             print(name, lever, {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}, flush=True)
