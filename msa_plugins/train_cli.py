@@ -183,6 +183,9 @@ def add_adapt_arguments(s, prefix: str = "") -> None:
     s.add_argument(f"--{prefix}out", default=None,
                    help="router folder to write (default: <memory>/router, where `msa adapt` finds it again)")
     s.add_argument(f"--{prefix}no-resume", action="store_true", help="ignore checkpoints of an interrupted adaptation")
+    s.add_argument(f"--{prefix}doc2query", action="store_true",
+                   help="also train on one question per document written by the model itself (doc2query; "
+                        "better routing, but generation costs about as much again as encoding the documents)")
     s.add_argument(f"--{prefix}keep-checkpoints", action="store_true",
                    help="keep the training checkpoints (<out>/train, about 5x the router) after a finished "
                         "adaptation, to train on later with more epochs; by default they are removed")
@@ -209,22 +212,25 @@ def memory_router_dir(memory: str) -> Optional[str]:
 
 
 def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int = 0, out=None, resume: bool = True,
-                 encoding_s: Optional[float] = None, keep_checkpoints: bool = False) -> str:
+                 encoding_s: Optional[float] = None, keep_checkpoints: bool = False, doc2query: bool = False) -> str:
     """Adapt `engine`'s router to its memory (see `trainer.adapt_router_for`), write the router to `out`
     (default <memory>/router) and return a one-line report with the cost (and its ratio to `encoding_s`, the
     encoding time of the same documents, when known). The caller saves the memory (now re-keyed)."""
-    from .trainer import adapt_router_for
+    from .trainer import AdaptConfig, adapt_router_for
 
     out = out or os.path.join(memory, ROUTER_SUBDIR)
     res = adapt_router_for(engine, epochs=epochs, seed=seed, resume=resume, out=out, teachers=_teachers(teachers)
-                           if isinstance(teachers, str) else teachers, keep_checkpoints=keep_checkpoints)
+                           if isinstance(teachers, str) else teachers, keep_checkpoints=keep_checkpoints,
+                           config=AdaptConfig(doc2query=doc2query))
     p, t = res.provenance, res.timings
     ratio = f", {t['total'] / encoding_s:.2f}x the encoding time" if encoding_s else ""
     best = res.history[-1] if res.history else {}
     dev = f"; held-out pseudo-query MRR {best['dev_mrr']:.3f}" if best.get("dev_mrr") is not None else ""
     return (f"router adapted ({p['method']}, teachers: {', '.join(p['teachers']) or 'none'}, "
             f"{p['epochs_run']} epochs on {p['train_queries']} pseudo-queries of {p['documents']} documents) in "
-            f"{t['total']:.0f} s{ratio} (pseudo-query features {t['query_features']:.0f} s, teachers "
+            f"{t['total']:.0f} s{ratio} (pseudo-query features {t['query_features']:.0f} s, "
+            + (f"doc2query {t['doc2query']:.0f} s ({p['doc2query_questions']} questions), " if doc2query else "")
+            + f"teachers "
             f"{t['teachers']:.0f} s, training {t['train']:.0f} s, re-keying {t['rekey']:.1f} s){dev}; written to {out}")
 
 
@@ -240,7 +246,8 @@ def cmd_adapt(args) -> int:
     engine = MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, keep_inputs=True)
     with engine.edit_saved(args.memory):
         line = adapt_engine(engine, args.memory, epochs=args.epochs, teachers=args.teachers, seed=args.seed,
-                            out=args.out, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints)
+                            out=args.out, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
+                            doc2query=args.doc2query)
     print(line)
     return 0
 
@@ -250,4 +257,5 @@ def adapt_after_ingest(engine, args, encoding_s: Optional[float]) -> str:
     is saved re-keyed when the block ends). Returns the report line to print."""
     return adapt_engine(engine, args.memory, epochs=args.adapt_epochs, teachers=args.adapt_teachers,
                         seed=args.adapt_seed, out=args.adapt_out, resume=not args.adapt_no_resume,
-                        encoding_s=encoding_s, keep_checkpoints=args.adapt_keep_checkpoints)
+                        encoding_s=encoding_s, keep_checkpoints=args.adapt_keep_checkpoints,
+                        doc2query=args.adapt_doc2query)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "
            "load_or_build_features", "train", "split_queries", "split_indices", "evaluate", "rank",
            "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir",
            "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for", "available_teachers", "teacher_scorers", "split_title",
-           "TEACHERS", "query_features"]
+           "TEACHERS", "query_features", "doc2query_questions", "keep_question", "clean_question"]
 
 
 @dataclass
@@ -388,6 +389,55 @@ def split_title(text: str, max_chars: int = 100) -> tuple:
     return "", text
 
 
+# ---------------------------------------------------------------------- doc2query pseudo-questions
+# The wording was chosen once among three on HotpotQA's first 16 passages by how many replies were questions
+# about the passage (14 of 16; "Write one question that this passage answers." gave 9, often "What is the
+# answer to this question?"), never by routing results; it is fixed for every corpus.
+DOC2QUERY_PROMPT = ("Read the passage and write one quiz question about it. Reply with the question only.\n\n"
+                    "Passage: {text}")
+DOC2QUERY_PASSAGE_CHARS = 1200  # a passage's head: the prompt stays short; the question is about its main facts
+_D2Q_STOPWORDS = set("this that with from have what which when where were their there about into they them been "
+                     "does other than then also only some such more most very will would could should".split())
+
+
+def _content_words(text: str) -> set:
+    return {w for w in re.findall(r"[a-z0-9]{4,}", text.lower()) if w not in _D2Q_STOPWORDS}
+
+
+def clean_question(text: str) -> str:
+    """A generated reply without a leading "Question:" label."""
+    return re.sub(r"^\s*(question|q)\s*[:.]\s*", "", text.strip(), flags=re.I).strip()
+
+
+def keep_question(question: str, passage: str) -> bool:
+    """A generated question is kept when it ends with "?" and shares a content word (4+ characters, not a
+    stopword) with its passage: degenerate replies ("What is the answer to this question?") are dropped."""
+    q = clean_question(question)
+    return q.endswith("?") and bool(_content_words(q) & _content_words(passage))
+
+
+def doc2query_questions(engine, texts: Sequence[str], *, max_new_tokens: int = 32, max_batch: int = 16,
+                        progress: bool = False) -> list:
+    """One greedy question per text from the engine's own model (doc2query), decoded in batches -> per
+    text the question, or None when the reply was not kept (`keep_question`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .scheduler import batched
+
+    def ask(text: str) -> Optional[str]:
+        reply = engine.generate([{"role": "user", "content": DOC2QUERY_PROMPT.format(
+            text=text[:DOC2QUERY_PASSAGE_CHARS])}], max_new_tokens=max_new_tokens, stop=("\n",)).text
+        return clean_question(reply) if keep_question(reply, text) else None
+
+    with batched(engine, max_batch=max_batch), ThreadPoolExecutor(max_batch) as pool:
+        it = pool.map(ask, texts)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(texts), desc="doc2query", unit="doc")
+        return list(it)
+
+
 @dataclass
 class AdaptConfig:
     """How `adapt_router_for` trains (the defaults are the setting measured in docs/results/routing_levers.md)."""
@@ -396,6 +446,11 @@ class AdaptConfig:
     ict_per_doc: int = 2  # inverse-cloze sentences per document (plus its title, when it has one)
     candidates: int = 32  # teacher candidates per pseudo-query (the listwise distillation set)
     dev_fraction: float = 0.1  # held-out pseudo-queries for early stopping (no labels involved)
+    # doc2query: also train on one question per document written by the engine's own model (kept ones only;
+    # early stopping stays on held-out inverse-cloze queries). Off by default: generation costs about as much
+    # again as encoding the corpus on a CPU (docs/results/routing_levers.md).
+    doc2query: bool = False
+    doc2query_max_new_tokens: int = 32
     # mined negatives: the router's own and the teachers' hard negatives (without teachers: the router's own)
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(epochs=4, patience=2, negatives="mined"))
@@ -407,7 +462,7 @@ class AdaptResult:
     router: Router  # now keying the engine's memory; its meta["provenance"] says how it was trained
     history: list
     provenance: dict
-    timings: dict  # seconds: query_features, teachers, train, rekey, total
+    timings: dict  # seconds: query_features, doc2query, teachers, train, rekey, total
     directory: Optional[str] = None  # where the router was written, when `out` was given
 
 
@@ -419,7 +474,8 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
 
     Reads the memory's kept pooled layer inputs (the engine needs keep_inputs=True: no document is
     re-encoded); builds inverse-cloze pseudo-queries from the memory's texts (title + `ict_per_doc`
-    sentences per document), one batched forward for their features; distils teacher retrievers'
+    sentences per document), one batched forward for their features (with `AdaptConfig.doc2query`, also one
+    question per document written by the engine's own model); distils teacher retrievers'
     scores over candidate sets (MiniLM / BM25, when installed: see `AdaptConfig.teachers`) beside the
     inverse-cloze InfoNCE; trains `epochs` epochs (early stopping on held-out pseudo-queries).
     Writes nothing unless `out` is given: then the router goes to `out` and checkpoints to `out/train`
@@ -458,7 +514,8 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
         raise InvalidArgumentError("the memory's documents give no pseudo-queries (no title line and no sentence "
                                    "of 20+ characters): there is nothing to adapt the router on")
     data_hash = hashlib.sha256(json.dumps([_fingerprint(engine), engine.config.answer.system, list(state.ids),
-                                           state.doc_start.tolist(), cfg.ict_per_doc, seed],
+                                           state.doc_start.tolist(), cfg.ict_per_doc, seed, cfg.doc2query,
+                                           cfg.doc2query_max_new_tokens],
                                           ensure_ascii=False).encode()).hexdigest()[:16]
     cache.meta.update({"data_hash": data_hash, "n_tokens": int(sum(state.n_tokens))})
     # pseudo-query features: one batched forward pass over all of them
@@ -471,9 +528,21 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
         cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
     del feats
     t_feat = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    d2q = []
+    if cfg.doc2query:  # generated questions: training queries only (dev stays inverse-cloze, as measured)
+        asked = doc2query_questions(engine, list(state.texts), max_new_tokens=cfg.doc2query_max_new_tokens,
+                                    progress=progress)
+        d2q = [(q, row) for row, q in enumerate(asked) if q]
+        if d2q:
+            cache.add_queries([q for q, _ in d2q], query_features(engine, [q for q, _ in d2q]),
+                              [[row] for _, row in d2q], kind="d2q")
+        logger.info("doc2query: %d of %d documents gave a usable question", len(d2q), len(state))
+    t_d2q = time.perf_counter() - t0
     device = tcfg.device or str(model.device)
     cache.to(device)
     train_q, dev_q = split_queries(cache, cfg.dev_fraction, seed)
+    train_q = sorted(train_q + cache.query_indices(["d2q"]))
     # teacher targets on the training pseudo-queries
     t0 = time.perf_counter()
     targets = None
@@ -488,13 +557,14 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
         init_router = engine.router if isinstance(engine.router, Router) else None
         init = "current" if init_router is not None else "tied-random"
     tcfg = dataclasses.replace(tcfg, init=init if init in INITS else tcfg.init)
-    method = "ict-infonce" + ("+distil-" + "+".join(names) if names and tcfg.distill_weight > 0 else "") + \
+    method = "ict-infonce" + ("+doc2query" if cfg.doc2query else "") + \
+        ("+distil-" + "+".join(names) if names and tcfg.distill_weight > 0 else "") + \
         ("+mined-negatives" if tcfg.negatives == "mined" else "")
     provenance = {"method": method, "teachers": names, "init": init if init_router is None else
                   f"current ({init_router.fingerprint()})", "epochs": tcfg.epochs, "seed": seed,
                   "documents": len(state), "chunks": int(state.n_chunks), "tokens": int(sum(state.n_tokens)),
                   "pseudo_queries": cache.n_queries, "train_queries": len(train_q), "dev_queries": len(dev_q),
-                  "labels": "none"}
+                  "doc2query_questions": len(d2q) if cfg.doc2query else None, "labels": "none"}
     t0 = time.perf_counter()
     work = os.path.join(out, "train") if out else None
     kw = dict(model=model, config=tcfg, out_dir=work, init_router=init_router, teacher=targets,
@@ -514,7 +584,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     t0 = time.perf_counter()
     engine.set_router(router)  # re-keys the memory from its pooled inputs, one swap
     t_rekey = time.perf_counter() - t0
-    timings = {"query_features": t_feat, "teachers": t_teach, "train": t_train, "rekey": t_rekey,
+    timings = {"query_features": t_feat, "doc2query": t_d2q, "teachers": t_teach, "train": t_train, "rekey": t_rekey,
                "total": time.perf_counter() - t_start}
     provenance["seconds"] = round(timings["total"], 1)
     if out is not None:

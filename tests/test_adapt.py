@@ -138,7 +138,7 @@ def test_adapt_rekeys_the_memory_and_records_provenance(tiny_model_dir, tmp_path
     assert p["method"] == "ict-infonce" and p["teachers"] == [] and p["labels"] == "none"
     assert p["documents"] == len(IDS) and p["seed"] == 0 and p["epochs"] == 2 and p["pseudo_queries"] > len(IDS)
     assert res.router.meta["provenance"] == p
-    assert set(res.timings) == {"query_features", "teachers", "train", "rekey", "total"}
+    assert set(res.timings) == {"query_features", "doc2query", "teachers", "train", "rekey", "total"}
     # save/load keep it: the router folder, and a saved memory loads with that router
     assert Router.load(str(tmp_path / "r")).meta["provenance"] == p
     e.save(str(tmp_path / "m"))
@@ -290,9 +290,9 @@ def test_cli_ingest_adapt_then_ask_uses_the_adapted_router(tiny_model_dir, tmp_p
     mem = tmp_path / "mem"
     model = tiny_model_dir("llama")
     code = main(["--model", model, "--device", "cpu", "ingest", str(docs), "--memory", str(mem), "--chunk-size", "4",
-                 "--adapt", "--adapt-teachers", "none", "--adapt-epochs", "1"])
+                 "--adapt", "--adapt-teachers", "none", "--adapt-epochs", "1", "--adapt-doc2query"])
     out = capsys.readouterr().out
-    assert code == 0 and "router adapted" in out, out
+    assert code == 0 and "router adapted (ict-infonce+doc2query" in out and "doc2query " in out, out
     assert (mem / "router" / "router.json").is_file()
     engine = MSAEngine.from_pretrained(model, device="cpu", chunk_size=4, memory=str(mem))
     assert engine.has_trained_router and len(engine) == 4
@@ -323,3 +323,35 @@ def test_query_features_are_the_features_training_builds_for_a_question(tiny_mod
     for j, i in enumerate(cache.query_indices(["question"])):
         a, b = int(cache.q_start[i]), int(cache.q_start[i + 1])
         torch.testing.assert_close(got[j].to(cache.q_inputs.dtype), cache.q_inputs[:, a:b])
+
+
+def test_doc2query_keeps_only_questions_about_the_passage():
+    passage = "Varnholm lighthouse\nThe Varnholm lighthouse was built by Ada Brenn in 1871."
+    assert trainer.clean_question("Question: Who built the Varnholm lighthouse?") == "Who built the Varnholm lighthouse?"
+    assert trainer.keep_question("Question: Who built the Varnholm lighthouse?", passage)
+    assert not trainer.keep_question("What is the answer to this question?", passage)  # nothing of the passage
+    assert not trainer.keep_question("Who built the Varnholm lighthouse", passage)  # cut off: no "?"
+
+
+def test_doc2query_with_the_embedded_model_writes_questions(default_engine):
+    """The engine's own model writes one question per passage (greedy, batched); kept ones end in "?" and
+    share a word with their passage."""
+    texts = ["Varnholm lighthouse\nThe Varnholm lighthouse was built by Ada Brenn in 1871. It has 212 steps.",
+             "Quillon rowing race\nThe Quillon rowing race is held every May and is won by the north district.",
+             "Alice Moreau\nAlice Moreau was born in Lisbon in 1990. She paints harbours in the old town."]
+    got = trainer.doc2query_questions(default_engine, texts, max_new_tokens=32, max_batch=4)
+    assert len(got) == 3 and any(got)
+    for q, text in zip(got, texts):
+        assert q is None or trainer.keep_question(q, text)
+
+
+def test_adapt_with_doc2query_trains_on_the_kept_questions(tiny_model_dir):
+    cfg = dataclasses.replace(FAST, doc2query=True, doc2query_max_new_tokens=8)
+    res = adapt_router_for(_engine(tiny_model_dir), progress=False, config=cfg)
+    p = res.provenance
+    assert p["method"].startswith("ict-infonce+doc2query") and isinstance(p["doc2query_questions"], int)
+    assert 0 <= p["doc2query_questions"] <= len(IDS) and res.timings["doc2query"] > 0
+    # the random tiny model rarely writes a question: every kept one is a training query, never a dev one
+    plain = adapt_router_for(_engine(tiny_model_dir), progress=False, config=FAST).provenance
+    assert p["train_queries"] == plain["train_queries"] + p["doc2query_questions"]
+    assert p["dev_queries"] == plain["dev_queries"]
