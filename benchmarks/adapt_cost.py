@@ -12,7 +12,7 @@ issue's "100K-token memory"). Reported (JSON, --out):
     more than the memory's own size), file by file.
 The CPU may be shared: the load average is recorded beside each step and threads are pinned (--threads).
 
-    python -m benchmarks.adapt_cost [--tokens 100000] [--threads 2] [--work runs/adapt_cost]
+    python -m benchmarks.adapt_cost [--tokens 100000] [--threads 2] [--work runs/adapt_cost] [--doc2query]
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def adapt_breakdown(log_path: str) -> dict:
     text = open(log_path, encoding="utf-8", errors="replace").read()
     out = {}
     for key, pattern in (("total", r"\) in ([0-9.]+) s"), ("query_features", r"pseudo-query features ([0-9.]+) s"),
+                         ("doc2query", r"doc2query ([0-9.]+) s"),
                          ("teachers", r"teachers ([0-9.]+) s"), ("train", r"training ([0-9.]+) s"),
                          ("rekey", r"re-keying ([0-9.]+) s")):
         m = re.search(pattern, text)
@@ -98,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(ROOT, "runs", "adapt_cost"))
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--doc2query", action="store_true", help="adapt with `msa adapt --doc2query` (the model writes "
+                    "one question per document to train on)")
     args = ap.parse_args(argv)
     corpus, memory = os.path.join(args.work, "corpus"), os.path.join(args.work, "memory")
     shutil.rmtree(memory, ignore_errors=True)
@@ -107,7 +110,8 @@ def main(argv=None):
     ingest = run_measured(msa + ["--device", "cpu", "ingest", corpus, "--memory", memory, "--keep-inputs",
                                  "--relative-to", corpus], env, os.path.join(args.work, "ingest.log"))
     before = folder_bytes(memory)
-    adapt = run_measured(msa + ["--device", "cpu", "adapt", "--memory", memory], env,
+    adapt = run_measured(msa + ["--device", "cpu", "adapt", "--memory", memory] + (["--doc2query"] if args.doc2query
+                                                                                  else []), env,
                          os.path.join(args.work, "adapt.log"))
     after = folder_bytes(memory)
     adapt["breakdown_s"] = adapt_breakdown(os.path.join(args.work, "adapt.log"))
@@ -116,7 +120,7 @@ def main(argv=None):
     extra.update({p: -b for p, b in before.items() if p not in after})
     extra_bytes = sum(after.values()) - mem_bytes
     report = {
-        "corpus": data, "threads": args.threads, "ingest": ingest, "adapt": adapt,
+        "corpus": data, "threads": args.threads, "doc2query": args.doc2query, "ingest": ingest, "adapt": adapt,
         "adapt_over_ingest": round(adapt["wall_s"] / ingest["wall_s"], 3),
         "encode_tokens_per_s": round(data["tokens"] / ingest["wall_s"], 1),
         "memory_bytes_before": mem_bytes, "memory_bytes_after": sum(after.values()),
