@@ -54,7 +54,7 @@ D2Q_LEVERS = {"d2q"}
 BASELINES = ("training-free", "shipped", "minilm", "bm25")
 # hybrid systems (reported apart from pure MSA routing): the router's layer-mean ranking fused with BM25 over
 # the same passage strings, by the engine's own fusion (`engine.routing.fuse`, the `MSAConfig` default "zsum")
-HYBRIDS = {"hybrid-shipped": "shipped", "hybrid-adapted": "distil-both+teacher-negatives"}
+HYBRIDS = {"hybrid-shipped": "shipped", "hybrid-adapted": "distil-both+teacher-negatives", "hybrid-d2q": "d2q"}
 ORDER = ("training-free", "shipped") + tuple(LEVERS) + ("minilm", "bm25") + tuple(HYBRIDS)
 # the order a run measures in: the cheap rows and the main levers first (a long run keeps what it measured)
 RUN_ORDER = ("training-free", "shipped", "minilm", "bm25", "ict", "distil-both", "distil-both+teacher-negatives",

@@ -185,7 +185,7 @@ def add_adapt_arguments(s, prefix: str = "") -> None:
     s.add_argument(f"--{prefix}no-resume", action="store_true", help="ignore checkpoints of an interrupted adaptation")
     s.add_argument(f"--{prefix}doc2query", action="store_true",
                    help="also train on one question per document written by the model itself (doc2query; "
-                        "better routing, but generation costs about as much again as encoding the documents)")
+                        "better routing; generation takes several times as long as encoding the documents on a CPU)")
     s.add_argument(f"--{prefix}keep-checkpoints", action="store_true",
                    help="keep the training checkpoints (<out>/train, about 5x the router) after a finished "
                         "adaptation, to train on later with more epochs; by default they are removed")

@@ -447,8 +447,8 @@ class AdaptConfig:
     candidates: int = 32  # teacher candidates per pseudo-query (the listwise distillation set)
     dev_fraction: float = 0.1  # held-out pseudo-queries for early stopping (no labels involved)
     # doc2query: also train on one question per document written by the engine's own model (kept ones only;
-    # early stopping stays on held-out inverse-cloze queries). Off by default: generation costs about as much
-    # again as encoding the corpus on a CPU (docs/results/routing_levers.md).
+    # early stopping stays on held-out inverse-cloze queries). Off by default: on a CPU, generation takes
+    # several times as long as encoding the corpus (docs/results/routing_levers.md).
     doc2query: bool = False
     doc2query_max_new_tokens: int = 32
     # mined negatives: the router's own and the teachers' hard negatives (without teachers: the router's own)
