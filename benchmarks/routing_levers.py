@@ -175,6 +175,8 @@ def main(argv=None):
 
     shipped = Router.load(args.shipped)
     train_seed = args.seed if args.train_seed is None else args.train_seed
+    # saved routers are named by the data seed, and by the training seed too when it differs
+    seed_tag = f"s{args.seed}" if train_seed == args.seed else f"s{args.seed}-t{train_seed}"
     routers_dir = os.path.join(ROOT, "runs", "levers", "routers")
     for name in args.corpora.split(","):
         cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
@@ -196,7 +198,7 @@ def main(argv=None):
                 ranked = (minilm_rankings if lever == "minilm" else bm25_rankings)(evalset, q_idx)
             elif lever in HYBRIDS:
                 base = HYBRIDS[lever]
-                saved = os.path.join(routers_dir, f"{name}-{base}{args.tag}-s{train_seed}")
+                saved = os.path.join(routers_dir, f"{name}-{base}{args.tag}-{seed_tag}")
                 if base == "shipped":
                     router = shipped
                 elif os.path.isfile(os.path.join(saved, "router.json")):
@@ -215,7 +217,7 @@ def main(argv=None):
                 else:
                     router, info = adapt_on_cache(cache, texts, lever, train_seed, shipped, engine, args.epochs,
                                                   corpus=name)
-                    router.save(os.path.join(routers_dir, f"{name}-{lever}{args.tag}-s{train_seed}"))  # reused by hybrid rows
+                    router.save(os.path.join(routers_dir, f"{name}-{lever}{args.tag}-{seed_tag}"))  # reused by hybrid rows
                 ranked = rank(router, cache, cq, topk=10)
             m = retrieval_metrics(ranked, golds)
             import resource

@@ -187,6 +187,11 @@ def attach_scheduler(model: DecoderModel, scheduler) -> None:
     _SCHEDULERS[model] = scheduler
 
 
+def has_scheduler(model: DecoderModel) -> bool:
+    """Whether this model's generation already runs through a batch scheduler."""
+    return _SCHEDULERS.get(model) is not None
+
+
 def detach_scheduler(model: DecoderModel, scheduler) -> None:
     if _SCHEDULERS.get(model) is scheduler:
         del _SCHEDULERS[model]

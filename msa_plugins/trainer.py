@@ -420,22 +420,31 @@ def doc2query_questions(engine, texts: Sequence[str], *, max_new_tokens: int = 3
                         progress: bool = False) -> list:
     """One greedy question per text from the engine's own model (doc2query), decoded in batches -> per
     text the question, or None when the reply was not kept (`keep_question`)."""
+    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
+    from .engine.generation import has_scheduler
     from .scheduler import batched
 
     def ask(text: str) -> Optional[str]:
         reply = engine.generate([{"role": "user", "content": DOC2QUERY_PROMPT.format(
-            text=text[:DOC2QUERY_PASSAGE_CHARS])}], max_new_tokens=max_new_tokens, stop=("\n",)).text
+            text=text[:DOC2QUERY_PASSAGE_CHARS])}], max_new_tokens=max_new_tokens, temperature=0.0,
+            stop=("\n",)).text
         return clean_question(reply) if keep_question(reply, text) else None
 
-    with batched(engine, max_batch=max_batch), ThreadPoolExecutor(max_batch) as pool:
-        it = pool.map(ask, texts)
-        if progress:
-            from tqdm.auto import tqdm
+    # a caller already batching this model (`with batched(engine)`, the server) keeps its scheduler
+    batching = contextlib.nullcontext() if has_scheduler(_model(engine)) else batched(engine, max_batch=max_batch)
+    with batching, ThreadPoolExecutor(max_batch) as pool:
+        try:
+            it = pool.map(ask, texts)
+            if progress:
+                from tqdm.auto import tqdm
 
-            it = tqdm(it, total=len(texts), desc="doc2query", unit="doc")
-        return list(it)
+                it = tqdm(it, total=len(texts), desc="doc2query", unit="doc")
+            return list(it)
+        except BaseException:  # Ctrl-C or a failed generation: drop the queued documents, not finish them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 @dataclass

@@ -343,15 +343,34 @@ def test_doc2query_with_the_embedded_model_writes_questions(default_engine):
     assert len(got) == 3 and any(got)
     for q, text in zip(got, texts):
         assert q is None or trainer.keep_question(q, text)
+    from msa_plugins.scheduler import batched
+
+    with batched(default_engine, max_batch=2):  # a caller already batching the model keeps its scheduler
+        assert len(trainer.doc2query_questions(default_engine, texts[:1], max_new_tokens=8)) == 1
 
 
-def test_adapt_with_doc2query_trains_on_the_kept_questions(tiny_model_dir):
-    cfg = dataclasses.replace(FAST, doc2query=True, doc2query_max_new_tokens=8)
+def test_adapt_with_doc2query_trains_on_the_kept_questions(tiny_model_dir, monkeypatch):
+    """What adaptation does with the generated questions (generation itself: the embedded-model test above):
+    every kept one is a training query positive on its own document, never a dev query; dropped ones are not."""
+    written = {0: "Which river does Paris lie on?", 2: "What does the quick brown fox jump over?"}
+    monkeypatch.setattr(trainer, "doc2query_questions", lambda engine, texts, **kw: [written.get(i) for i in
+                                                                                     range(len(texts))])
+    seen = {}
+    real_train = trainer._train_on_features
+
+    def spy(cache, train_q, dev_q, **kw):
+        seen.update(cache=cache, train=list(train_q), dev=list(dev_q))
+        return real_train(cache, train_q, dev_q, **kw)
+
+    monkeypatch.setattr(trainer, "_train_on_features", spy)
+    cfg = dataclasses.replace(FAST, doc2query=True)
     res = adapt_router_for(_engine(tiny_model_dir), progress=False, config=cfg)
-    p = res.provenance
-    assert p["method"].startswith("ict-infonce+doc2query") and isinstance(p["doc2query_questions"], int)
-    assert 0 <= p["doc2query_questions"] <= len(IDS) and res.timings["doc2query"] > 0
-    # the random tiny model rarely writes a question: every kept one is a training query, never a dev one
+    p, cache = res.provenance, seen["cache"]
+    assert p["method"].startswith("ict-infonce+doc2query") and p["doc2query_questions"] == 2
+    d2q = cache.query_indices(["d2q"])
+    assert [cache.q_text[i] for i in d2q] == list(written.values())
+    assert [cache.q_pos[i] for i in d2q] == [[0], [2]]  # positive: the document each was written from
+    assert set(d2q) <= set(seen["train"]) and not set(d2q) & set(seen["dev"])
+    assert len(seen["train"]) == len(set(seen["train"]))
     plain = adapt_router_for(_engine(tiny_model_dir), progress=False, config=FAST).provenance
-    assert p["train_queries"] == plain["train_queries"] + p["doc2query_questions"]
-    assert p["dev_queries"] == plain["dev_queries"]
+    assert p["train_queries"] == plain["train_queries"] + 2 and p["dev_queries"] == plain["dev_queries"]

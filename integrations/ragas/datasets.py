@@ -217,6 +217,9 @@ def load_popqa_test(data_root=None, limit=None, seed=None, distractors=None) -> 
     from msa_plugins.trainer import split_indices
 
     full = load_popqa(data_root)
+    if len(full.questions) != 1000:  # the split is of the 1,000-question file the router was trained from
+        raise InvalidArgumentError(f"popqa-test needs HippoRAG 2's 1,000-question PopQA file; this one has "
+                                   f"{len(full.questions)} questions (use --dataset popqa for it)")
     test = split_indices(len(full.questions), seed=0)[2]
     questions = [full.questions[i] for i in test]
     meta = dict(full.metadata, split="test (split_indices(1000, seed=0)[2], the shipped router's held-out questions)")
