@@ -270,6 +270,16 @@ def _lock_held(directory: str) -> bool:
     return pl is not None and pl.depth > 0 and pl.owner == threading.get_ident()
 
 
+def remove_file(path: str) -> int:
+    """Delete one file -> the bytes freed (0 when it is already gone)."""
+    try:
+        size = os.path.getsize(path)
+        os.remove(path)
+        return size
+    except FileNotFoundError:
+        return 0
+
+
 def clean_orphans(directory: str) -> int:
     """Remove the leftovers of crashed saves, recognised by owned names only; returns the bytes freed.
     Call under the folder lock (a save in progress in another process looks just like a crashed one)."""
@@ -301,14 +311,9 @@ def clean_orphans(directory: str) -> int:
             doomed += [n for n in (f"tensors-{gen}.safetensors", f"docs-{gen}.jsonl") if n not in current]
     freed = leftover = 0
     for name in doomed:
-        path = os.path.join(directory, name)
-        try:
-            size = os.path.getsize(path)
-            os.remove(path)
-            freed += size
-            leftover += 0 if name in superseded else size
-        except FileNotFoundError:
-            pass
+        size = remove_file(os.path.join(directory, name))
+        freed += size
+        leftover += 0 if name in superseded else size
     # Removing the generation a committed save replaced is routine; only a crashed save's leftovers are news.
     if leftover:
         logger.info("removed %d bytes left by an interrupted save in %s", leftover, directory)

@@ -44,6 +44,7 @@ from ..validation import check_choice, check_int
 from .encoding import Encoder, length_batches
 from .generation import Prompt
 from .model import DecoderModel, KVCache
+from .storage import remove_file
 from ..kernels.routing import DOC_SCORES
 from .router import QKRouter, Router
 
@@ -972,16 +973,10 @@ def export_msa4b(router: Router, path: str) -> None:
 def remove_checkpoints(out_dir: str) -> int:
     """Delete what `train_router` wrote into `out_dir` (the checkpoint and `best/`), by those names only, and
     the folders when that leaves them empty; anything else there is kept. Returns the bytes freed."""
-    freed = 0
-    for path in (os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, "best", "router.safetensors"),
-                 os.path.join(out_dir, "best", "router.json")):
-        try:
-            size = os.path.getsize(path)
-            os.remove(path)
-            freed += size
-        except FileNotFoundError:
-            pass
-    for folder in (os.path.join(out_dir, "best"), out_dir):
+    best = os.path.join(out_dir, "best")
+    freed = sum(remove_file(p) for p in (os.path.join(out_dir, CHECKPOINT), os.path.join(best, "router.safetensors"),
+                                         os.path.join(best, "router.json")))
+    for folder in (best, out_dir):
         try:
             os.rmdir(folder)  # only when empty
         except OSError:

@@ -226,12 +226,13 @@ def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int
     ratio = f", {t['total'] / encoding_s:.2f}x the encoding time" if encoding_s else ""
     best = res.history[-1] if res.history else {}
     dev = f"; held-out pseudo-query MRR {best['dev_mrr']:.3f}" if best.get("dev_mrr") is not None else ""
+    parts = [f"pseudo-query features {t['query_features']:.0f} s"]
+    if doc2query:
+        parts.append(f"doc2query {t['doc2query']:.0f} s ({p['doc2query_questions']} questions)")
+    parts += [f"teachers {t['teachers']:.0f} s", f"training {t['train']:.0f} s", f"re-keying {t['rekey']:.1f} s"]
     return (f"router adapted ({p['method']}, teachers: {', '.join(p['teachers']) or 'none'}, "
             f"{p['epochs_run']} epochs on {p['train_queries']} pseudo-queries of {p['documents']} documents) in "
-            f"{t['total']:.0f} s{ratio} (pseudo-query features {t['query_features']:.0f} s, "
-            + (f"doc2query {t['doc2query']:.0f} s ({p['doc2query_questions']} questions), " if doc2query else "")
-            + f"teachers "
-            f"{t['teachers']:.0f} s, training {t['train']:.0f} s, re-keying {t['rekey']:.1f} s){dev}; written to {out}")
+            f"{t['total']:.0f} s{ratio} ({', '.join(parts)}){dev}; written to {out}")
 
 
 def cmd_adapt(args) -> int:

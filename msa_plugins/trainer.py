@@ -38,9 +38,8 @@ from .engine.lexical import LexicalIndex
 from .engine.router import Router
 from .engine.routing import FUSION_DEPTH, fuse
 from .engine.training import (INITS, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig, build_cache,
-                              evaluate, export_msa4b, init_router_weights, rank_documents, split_indices,
-                              teacher_targets)
-from .engine.training import remove_checkpoints
+                              evaluate, export_msa4b, init_router_weights, rank_documents, remove_checkpoints,
+                              split_indices, teacher_targets)
 from .engine.training import train_router as _train_on_features
 from .errors import InvalidArgumentError, InvalidTypeError
 from .kernels.routing import topk_docs
@@ -494,7 +493,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     import time
 
     from .engine.bank import MemoryBank
-    from .engine.training import batched_question_features, inverse_cloze_pairs, teacher_targets
+    from .engine.training import inverse_cloze_pairs, teacher_targets
 
     t_start = time.perf_counter()
     cfg = config or AdaptConfig()
@@ -529,9 +528,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     cache.meta.update({"data_hash": data_hash, "n_tokens": int(sum(state.n_tokens))})
     # pseudo-query features: one batched forward pass over all of them
     t0 = time.perf_counter()
-    prompts = [_routing_prompt(engine)(q) for q, _, _ in pairs]
-    feats = batched_question_features(model, engine.routing_layers, prompts, engine.config.batch_tokens,
-                                      progress=progress, desc="pseudo-queries")
+    feats = query_features(engine, [q for q, _, _ in pairs], progress=progress, desc="pseudo-queries")
     for kind in ("ict-title", "ict-sentence"):
         sel = [i for i, p in enumerate(pairs) if p[2] == kind]
         cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
