@@ -155,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of every row name this run writes (e.g. '@v2' when --shipped "
                     "differs from earlier runs' shipped router)")
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
+    ap.add_argument("--chunk-size", type=int, default=64, help="P, tokens per pooled routing key (default the "
+                    "paper's 64). Another P reads its features from <cache-dir>-p<P>, derived from the P=64 cache "
+                    "by re-encoding the documents only (the questions' token features do not depend on P)")
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "routing_levers.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -170,7 +173,7 @@ def main(argv=None):
 
     def engine():
         if "e" not in engine_box:
-            engine_box["e"] = make_engine("cpu", DEFAULT_LAYERS)
+            engine_box["e"] = make_engine("cpu", DEFAULT_LAYERS, chunk_size=args.chunk_size)
         return engine_box["e"]
 
     shipped = Router.load(args.shipped)
@@ -179,8 +182,11 @@ def main(argv=None):
     seed_tag = f"s{args.seed}" if train_seed == args.seed else f"s{args.seed}-t{train_seed}"
     routers_dir = os.path.join(ROOT, "runs", "levers", "routers")
     for name in args.corpora.split(","):
-        cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
-                                   args.seed, 2)
+        if args.chunk_size == 64:
+            cache, evalset = get_cache(name, args.cache_dir, engine, args.data_root, args.max_questions,
+                                       args.seed, 2)
+        else:
+            cache, evalset = derived_cache(name, args, engine)
         q_idx = eval_questions(name, evalset, args.seed)
         golds = [evalset.questions[i].gold_doc_ids for i in q_idx]
         all_q = cache.query_indices(["question"])
@@ -230,6 +236,38 @@ def main(argv=None):
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()}
     _write(results, args.results)
+
+
+def derived_cache(name, args, engine):
+    """The feature cache of `name` at chunk size args.chunk_size: the P=64 cache's queries (their token features
+    do not depend on P) beside the documents re-encoded at P. Saved in <cache-dir>-p<P>/<tag>; its data hash
+    is the one `get_cache` would compute for a P engine, so a later run reuses it either way."""
+    from msa_plugins.trainer import FeatureCache, _data_hash, build_features, normalise_docs, _normalise_questions
+
+    base, evalset = get_cache(name, args.cache_dir, lambda: make_engine("cpu", DEFAULT_LAYERS),
+                              args.data_root, args.max_questions, args.seed, 2)
+    e = engine()
+    docs = normalise_docs([(d.id, d.title, d.text) for d in evalset.documents])
+    qs = _normalise_questions([(q.question, q.gold_doc_ids) for q in evalset.questions])
+    want = _data_hash(e, docs, qs, 2, True, args.seed)
+    path = os.path.join(f"{args.cache_dir}-p{args.chunk_size}", f"{name}-q{args.max_questions or 'all'}-ict2-s{args.seed}")
+    if FeatureCache.exists(path):
+        cache = FeatureCache.load(path)
+        if cache.meta.get("data_hash") == want:
+            return cache, evalset
+    t0 = time.perf_counter()
+    cache = build_features(e, docs, (), ict_per_doc=0, ict_titles=False)  # the documents only
+    assert cache.doc_ids == base.doc_ids
+    cache.q_text, cache.q_kind, cache.q_pos = base.q_text, base.q_kind, base.q_pos
+    cache.q_start, cache.q_inputs = base.q_start, base.q_inputs
+    cache.meta.update({k: base.meta[k] for k in ("ict_per_doc", "ict_titles", "seed", "n_questions_given")
+                       if k in base.meta})
+    cache.meta.update({"data_hash": want, "derived_from_p64": base.meta.get("data_hash")})
+    cache.check()
+    cache.save(path)
+    print(f"{name}: derived the P={args.chunk_size} cache {path} in {time.perf_counter() - t0:.0f} s "
+          f"({cache.inputs.shape[1]} chunks)", flush=True)
+    return cache, evalset
 
 
 def _write(results, path):

@@ -3,12 +3,15 @@
 Layout (the MSA paper): per routing layer, contiguous over all layers,
     keys_r  [L, C, G*D]   routing keys K̄_R (unit-normalised per head for cosine routing); optionally int8
     keys_r_scale [L, C, G] per (chunk, KV head) scale of int8 routing keys (half the bytes routing reads)
-    keys    [L, C, G*D]   content keys K̄ (post-RoPE, document-local positions)
-    values  [L, C, G*D]   content values V̄
     inputs  [L, C, hidden] pooled normalised layer inputs (optional: lets a new router re-key the bank)
     chunk_doc [C] int64   document row of each chunk, on the routing keys' device (routing reads it there)
     doc_start [N+1] int64 first chunk of each row (CSR offsets, host): rows are contiguous runs of chunks
-A document is the unit of routing, add, delete and metadata; a chunk is the unit of scoring.
+    keys    [L, C', G*D]  content keys K̄ (post-RoPE, document-local positions)
+    values  [L, C', G*D]  content values V̄
+    content_start [N+1]   first content chunk of each row; None when content and routing chunks are the
+                          same (P_R = P, the paper's layout). A routing chunk pools P_R tokens, a content
+                          chunk P (`MSAConfig.routing_chunk_size`), so C' differs from C when P_R != P.
+A document is the unit of routing, add, delete and metadata; a (routing) chunk is the unit of scoring.
 The state also holds the BM25 index of the texts (`lexical.py`, hybrid routing) and the abstention
 calibration (a score threshold learned on a dev split; reset when the memory is re-keyed).
 
@@ -48,9 +51,10 @@ class BankState:
     chunk_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [C]
     keys_r: Optional[torch.Tensor] = None  # [L, C, G*D]
     keys_r_scale: Optional[torch.Tensor] = None  # [L, C, G] when keys_r is int8
-    keys: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None  # [L, C', G*D]
     values: Optional[torch.Tensor] = None
     inputs: Optional[torch.Tensor] = None  # [L, C, hidden]
+    content_start: Optional[torch.Tensor] = None  # [N+1] content chunk offsets; None: equal to doc_start
     row_of: dict = field(default_factory=dict)  # id -> row
     parts: dict = field(default_factory=dict)  # parent id of a split long text -> its rows, in order
     collection_counts: dict = field(default_factory=dict)  # collection -> number of rows
@@ -76,7 +80,13 @@ class BankState:
         return int(self.chunk_doc.shape[0])
 
     def chunk_range(self, row: int):
+        """The routing chunks of `row`."""
         return int(self.doc_start[row]), int(self.doc_start[row + 1])
+
+    def content_range(self, row: int):
+        """The content (K̄, V̄) chunks of `row`."""
+        starts = self.doc_start if self.content_start is None else self.content_start
+        return int(starts[row]), int(starts[row + 1])
 
 
 def _index(ids, parents, collections) -> dict:
@@ -264,7 +274,8 @@ class MemoryBank:
         if s.n_chunks and (s.inputs is None) != (encoded[0].inputs is None):
             raise ModelMismatchError("this memory and the engine disagree on keep_inputs (pooled layer inputs for "
                                      "re-keying); use the setting the memory was built with")
-        counts = torch.tensor([e.keys.shape[1] for e in encoded], dtype=torch.long)  # chunks per new document
+        counts = torch.tensor([e.keys_r.shape[1] for e in encoded], dtype=torch.long)  # routing chunks per new document
+        content_counts = torch.tensor([e.keys.shape[1] for e in encoded], dtype=torch.long)  # content chunks
         first_row = len(s)
         keys = self._routing_keys(s, [e.keys_r for e in encoded])
         new_chunk_doc = torch.repeat_interleave(torch.arange(first_row, first_row + len(docs)), counts)
@@ -285,6 +296,7 @@ class MemoryBank:
             ids=ids, texts=s.texts + tuple(d.text for d in docs), metadata=s.metadata + tuple(d.metadata for d in docs),
             n_tokens=s.n_tokens + tuple(e.n_tokens for e in encoded), parents=parents, collections=collections,
             doc_start=torch.cat([s.doc_start, s.doc_start[-1] + torch.cumsum(counts, 0)]),
+            content_start=_content_start(s, content_counts, counts),
             chunk_doc=torch.cat([s.chunk_doc.to(keys["keys_r"].device), new_chunk_doc.to(keys["keys_r"].device)]),
             **keys,
             keys=cat(s.keys, [e.keys for e in encoded], self.content_device),
@@ -325,6 +337,8 @@ class MemoryBank:
             with self._lock:  # the saved state and fingerprint belong together
                 s, fingerprint = self._state, dict(self.fingerprint)
             tensors = {"doc_start": s.doc_start, "chunk_doc": s.chunk_doc}
+            if s.content_start is not None:
+                tensors["content_start"] = s.content_start
             tensors.update({n: getattr(s, n) for n in _TENSOR_FIELDS if getattr(s, n) is not None})
             tensors.update(s.lexical.to_tensors())  # same file, same checksum, same generation
             docs = [{"id": s.ids[r], "text": s.texts[r], "metadata": s.metadata[r], "n_tokens": s.n_tokens[r],
@@ -334,13 +348,20 @@ class MemoryBank:
             storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
                          extra=extra)
 
-    def load(self, directory: str, verify: bool = True) -> None:
+    def load(self, directory: str, verify: bool = True, fingerprint: Optional[dict] = None,
+             on_swap: Optional[Callable] = None) -> None:
         """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
-        is read; `verify` also checks the files' sha256 (structure is always checked)."""
-        stored = storage.load(directory, self.fingerprint, verify=verify)
+        is read; `verify` also checks the files' sha256 (structure is always checked). `fingerprint`: check
+        against this one instead, and make it the bank's with the new state; `on_swap()` runs under the
+        same lock (the engine adopts the memory's routing chunk size there). A failed load changes nothing."""
+        stored = storage.load(directory, self.fingerprint if fingerprint is None else fingerprint, verify=verify)
         state = self._state_from(stored)
         with self._lock:
             self._state = state
+            if fingerprint is not None:
+                self.fingerprint = dict(fingerprint)
+            if on_swap is not None:
+                on_swap()
 
     def _state_from(self, stored: storage.Stored) -> BankState:
         """Routing keys (and chunk_doc) go to the routing device; content K̄/V̄ stays memory-mapped on disk
@@ -365,6 +386,7 @@ class MemoryBank:
         return BankState(ids=ids, texts=texts, metadata=tuple(d["metadata"] for d in docs),
                          n_tokens=tuple(d["n_tokens"] for d in docs), parents=parents, collections=collections,
                          doc_start=t["doc_start"].clone(), chunk_doc=chunk_doc,
+                         content_start=t["content_start"].clone() if "content_start" in t else None,
                          keys_r=keys_r, keys_r_scale=keys_r_scale, keys=keys, values=values,
                          inputs=t.get("inputs"), lexical=lexical, calibration=stored.manifest.get("calibration"),
                          key_mode=self.fingerprint.get("key_mode"), **_index(ids, parents, collections))
@@ -374,11 +396,15 @@ def _select_rows(s: BankState, rows: list) -> BankState:
     """The state restricted to `rows` (kept in order), chunks renumbered."""
     rows_t = torch.tensor(rows, dtype=torch.long)
     counts = (s.doc_start[1:] - s.doc_start[:-1])[rows_t] if rows else torch.zeros(0, dtype=torch.long)
-    chunk_idx = torch.cat([torch.arange(int(s.doc_start[r]), int(s.doc_start[r + 1])) for r in rows]) \
-        if rows else torch.zeros(0, dtype=torch.long)
+    chunk_idx = torch.cat([torch.arange(*s.chunk_range(r)) for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    content_start, content_idx = None, chunk_idx
+    if s.content_start is not None:  # content chunks have their own offsets (P_R != P)
+        content_counts = (s.content_start[1:] - s.content_start[:-1])[rows_t] if rows else torch.zeros(0, dtype=torch.long)
+        content_start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(content_counts, 0)])
+        content_idx = torch.cat([torch.arange(*s.content_range(r)) for r in rows]) if rows else chunk_idx
 
-    def take(t):
-        return None if t is None else t.index_select(1, chunk_idx.to(t.device))
+    def take(t, idx=chunk_idx):
+        return None if t is None else t.index_select(1, idx.to(t.device))
 
     ids = tuple(s.ids[r] for r in rows)
     parents = tuple(s.parents[r] for r in rows)
@@ -387,9 +413,19 @@ def _select_rows(s: BankState, rows: list) -> BankState:
                      n_tokens=tuple(s.n_tokens[r] for r in rows), parents=parents, collections=collections,
                      doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
-                     keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys),
-                     values=take(s.values), inputs=take(s.inputs), lexical=s.lexical.selected(rows),
+                     keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys, content_idx),
+                     values=take(s.values, content_idx), inputs=take(s.inputs), content_start=content_start,
+                     lexical=s.lexical.selected(rows),
                      calibration=s.calibration, key_mode=s.key_mode, **_index(ids, parents, collections))
+
+
+def _content_start(s: BankState, content_counts: torch.Tensor, counts: torch.Tensor) -> Optional[torch.Tensor]:
+    """The content chunk offsets after appending documents with these content / routing chunk counts: None
+    while every document has as many content chunks as routing chunks (P_R = P: doc_start serves both)."""
+    if s.content_start is None and torch.equal(content_counts, counts):
+        return None
+    old = s.doc_start if s.content_start is None else s.content_start
+    return torch.cat([old, old[-1] + torch.cumsum(content_counts, 0)])
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Each document is its own sequence in the batch (no cross-document attention), positions 0..n-1.
 Right padding is harmless: under a causal mask a real token never sees a later padding token, and
 pooling skips padding. On every routing layer we keep, per chunk of P tokens (the last may be short),
-the fp32 mean of: K (after norm and RoPE), V, the routing key K_R, and optionally the normalised layer
+the fp32 mean of K (after norm and RoPE) and V; and per chunk of P_R tokens (P_R = P unless
+`routing_chunk_size` says otherwise) the mean of the routing key K_R and optionally of the normalised layer
 input H, from which K_R can be recomputed for any later router (pooling commutes with a linear map).
 """
 
@@ -47,10 +48,10 @@ def normalise_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 @dataclass
 class EncodedDocument:
     n_tokens: int
-    keys_r: torch.Tensor  # [L, C, G*D]  routing keys (unit-normalised per head for cosine scoring)
-    keys: torch.Tensor  # [L, C, G*D]  K̄ after RoPE at document-local positions
+    keys_r: torch.Tensor  # [L, C_R, G*D]  routing keys, one per P_R tokens (unit-normalised per head for cosine)
+    keys: torch.Tensor  # [L, C, G*D]  K̄ after RoPE at document-local positions, one per P tokens
     values: torch.Tensor  # [L, C, G*D]
-    inputs: Optional[torch.Tensor]  # [L, C, hidden] pooled normalised layer inputs, when kept
+    inputs: Optional[torch.Tensor]  # [L, C_R, hidden] pooled normalised layer inputs (routing chunks), when kept
 
 
 def length_batches(lengths: list, batch_tokens: int) -> list:
@@ -74,10 +75,12 @@ class Encoder:
     """Encodes documents into chunk-pooled memory and questions into folded routing queries."""
 
     def __init__(self, model: DecoderModel, routing_layers: list, chunk_size: int, router, score: str = "cosine",
-                 keep_inputs: bool = False, batch_tokens: int = 4096, store_dtype: Optional[torch.dtype] = None):
+                 keep_inputs: bool = False, batch_tokens: int = 4096, store_dtype: Optional[torch.dtype] = None,
+                 routing_chunk_size: Optional[int] = None):
         self.model = model
         self.routing_layers = list(routing_layers)
-        self.P = int(chunk_size)
+        self.P = int(chunk_size)  # content chunks (K̄, V̄)
+        self.P_R = int(routing_chunk_size or chunk_size)  # routing chunks (K̄_R and the kept inputs)
         self.router = router
         self.score = score
         self.keep_inputs = keep_inputs
@@ -126,9 +129,9 @@ class Encoder:
             kpre = c.k_pre_rope.transpose(1, 2).reshape(B, S, G_D)
             rows = []
             for b, n in enumerate(lengths):
-                h_pool = pool_chunks(c.h_norm[b, :n], self.P)  # [C, hidden]
+                h_pool = pool_chunks(c.h_norm[b, :n], self.P_R)  # [C_R, hidden]
                 if self.router.kind == "qk":
-                    kr = pool_chunks(kpre[b, :n], self.P)  # k_norm (Qwen3) is not linear: pool after projecting
+                    kr = pool_chunks(kpre[b, :n], self.P_R)  # k_norm (Qwen3) is not linear: pool after projecting
                     if self.score == "cosine":
                         kr = normalise_heads(kr, m.n_kv_heads)
                 else:

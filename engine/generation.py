@@ -135,7 +135,7 @@ def sparse_memory(state, per_layer_rows: torch.Tensor, n_layers: int, routing_la
         rows = per_layer_rows[i].tolist()
         if not rows:
             continue
-        idx = torch.cat([torch.arange(*state.chunk_range(r)) for r in rows])
+        idx = torch.cat([torch.arange(*state.content_range(r)) for r in rows])
         # only the selected documents' chunks travel (from host memory or a memory map in the host tier)
         idx = idx.to(state.keys.device)
         k = state.keys[i].index_select(0, idx).to(model.device, non_blocking=True).to(model.dtype)  # [M, G*D]

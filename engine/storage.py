@@ -427,12 +427,20 @@ def _file_entry(v, name_re) -> bool:
             and bool(re.fullmatch(r"[0-9a-f]{64}", v["sha256"])))
 
 
+# engine fingerprint entries present only when a setting differs from its default (older memories lack them)
+OPTIONAL_FINGERPRINT_KEYS = ("doc_score", "routing_chunk_size")
+
+
 def check_fingerprint(manifest: dict, fingerprint: dict, directory: str) -> None:
     """ModelMismatchError naming each setting where the saved memory and the engine differ."""
     saved = manifest["fingerprint"]
-    mismatch = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+    # settings fingerprinted only when not their default are also compared when only the memory names one:
+    # a memory keyed with 16-token routing chunks must not load into an engine that keys with 64
+    keys = list(fingerprint) + [k for k in OPTIONAL_FINGERPRINT_KEYS if k in saved and k not in fingerprint]
+    mismatch = [k for k in keys if saved.get(k) != fingerprint.get(k)]
     if mismatch:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r} vs engine {fingerprint[k]!r}" for k in mismatch)
+        details = ", ".join(f"{k}: saved {saved.get(k, 'the default')!r} vs engine "
+                            f"{fingerprint.get(k, 'the default')!r}" for k in mismatch)
         raise ModelMismatchError(
             f"memory {os.fspath(directory)!r} was built with a different model or settings ({details}); load it "
             "with the engine that built it, or re-ingest the documents with this one")
@@ -563,6 +571,14 @@ def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:
         _fail(tpath, f"chunk_doc maps chunks to documents outside 0..{n - 1}")
     if not torch.equal(chunk_doc, torch.repeat_interleave(torch.arange(n), counts)):
         _fail(tpath, "chunk_doc does not match doc_start: the chunk-to-document table was altered")
+    c_content = c  # content chunks (K̄, V̄): their own offsets when routing keys pool fewer tokens (P_R != P)
+    if "content_start" in t:
+        cs = t["content_start"]
+        if cs.dtype != torch.int64 or tuple(cs.shape) != (n + 1,):
+            _fail(tpath, f"content_start should be int64 of shape {(n + 1,)}, got {(cs.dtype, tuple(cs.shape))}")
+        if n and (int(cs[0]) != 0 or int((cs[1:] - cs[:-1]).min()) < 1):
+            _fail(tpath, "content_start is not increasing from 0: the content chunk offsets are damaged")
+        c_content = int(cs[-1])
     required = ("keys_r", "keys", "values") if c else ()
     for name in ("keys_r", "keys", "values", "inputs", "keys_r_scale"):
         x = t.get(name)
@@ -570,13 +586,14 @@ def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:
             if name in required:
                 _fail(tpath, f"lacks {name}")
             continue
-        if x.dim() != 3 or x.shape[0] != L or x.shape[1] != c:
-            _fail(tpath, f"{name} has shape {tuple(x.shape)}, but the manifest says {L} routing layers and {c} "
-                         "chunks: the files do not belong together")
+        want = c_content if name in ("keys", "values") else c
+        if x.dim() != 3 or x.shape[0] != L or x.shape[1] != want:
+            _fail(tpath, f"{name} has shape {tuple(x.shape)}, but the manifest and offsets say {L} routing layers "
+                         f"and {want} chunks: the files do not belong together")
     if c:
-        if t["keys"].shape != t["values"].shape or t["keys_r"].shape != t["keys"].shape:
+        if t["keys"].shape != t["values"].shape or t["keys_r"].shape[2] != t["keys"].shape[2]:
             _fail(tpath, f"keys_r {tuple(t['keys_r'].shape)}, keys {tuple(t['keys'].shape)} and values "
-                         f"{tuple(t['values'].shape)} should have one shape")
+                         f"{tuple(t['values'].shape)} should have one width (keys and values one shape)")
         int8 = t["keys_r"].dtype == torch.int8
         if int8 != ("keys_r_scale" in t):
             _fail(tpath, "int8 routing keys need keys_r_scale (and only they have one)")

@@ -169,7 +169,7 @@ def _engine(args):
     from . import MSAEngine
 
     overrides = {}
-    for name in ("k", "chunk_size"):
+    for name in ("k", "chunk_size", "routing_chunk_size"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     if getattr(args, "keep_inputs", False):
@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", required=True)
     s.add_argument("--relative-to", default=None, metavar="DIR",
                    help="document ids relative to DIR (default: each file's resolved absolute path)")
-    s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("--chunk-size", type=int, default=None, help="tokens per pooled content chunk (default 64)")
+    s.add_argument("--routing-chunk-size", type=int, default=None,
+                   help="tokens per pooled routing key (default: the chunk size)")
     s.add_argument("--keep-inputs", action="store_true", help="keep pooled layer inputs (re-keyable memory)")
     s.add_argument("--adapt", action="store_true",
                    help="then adapt the router to the memory's documents (no labels) and re-key it (implies --keep-inputs)")
@@ -432,6 +434,7 @@ def _add_answer_options(s, default_k) -> None:
     s.add_argument("-k", "--k", type=int, default=default_k, help="documents to route to")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("--routing-chunk-size", type=int, default=None)
 
 
 def one_line(e: BaseException) -> str:

@@ -105,6 +105,10 @@ class MSAConfig:
     The fields marked (fingerprinted) change the stored keys: a memory saved under one value does not
     load under another."""
     chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64) (fingerprinted)
+    # P_R: tokens per pooled ROUTING key; None = chunk_size (the paper: one P for both). Content K̄/V̄ stay
+    # pooled at P; only the routing keys (and kept inputs) are finer, so routing can single out a sentence
+    # that a 64-token mean blurs (docs/results/routing_key_chunks.md). (fingerprinted when not P)
+    routing_chunk_size: Optional[int] = None
     routing_layers: Optional[tuple] = None  # None: the router's layers, else the model's upper half (fingerprinted)
     score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (fingerprinted)
     # a document's score from its chunks' (fingerprinted when not the default): "maxmax" (paper: max over
@@ -128,6 +132,7 @@ class MSAConfig:
 
     def __post_init__(self):
         check_int(self.chunk_size, "chunk_size", minimum=1)
+        check_optional_int(self.routing_chunk_size, "routing_chunk_size", minimum=1)
         if self.routing_layers is not None:
             if isinstance(self.routing_layers, (str, bytes)) or not hasattr(self.routing_layers, "__iter__"):
                 raise InvalidTypeError(f"routing_layers must be a list of layer indices, got {self.routing_layers!r}")
@@ -151,6 +156,11 @@ class MSAConfig:
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.answer, AnswerOptions):
             raise InvalidTypeError(f"answer must be an AnswerOptions, got {type(self.answer).__name__}")
+
+    @property
+    def key_chunk_size(self) -> int:
+        """P_R, the tokens pooled into one routing key: `routing_chunk_size`, or `chunk_size` when None."""
+        return self.chunk_size if self.routing_chunk_size is None else self.routing_chunk_size
 
     def with_overrides(self, **overrides) -> "MSAConfig":
         """A copy with build settings and answer defaults replaced: `with_overrides(chunk_size=32, k=8)`.

@@ -56,6 +56,17 @@ def _make_bank(engine: "MSAEngine", max_doc: int):
                       int8_routing_keys=cfg.int8_routing_keys, n_kv_heads=model.n_kv_heads)
 
 
+def _saved_routing_chunk_size(directory: str) -> Optional[int]:
+    """The routing chunk size a saved memory was keyed with (None when its manifest cannot be read: the
+    load itself then reports why)."""
+    try:
+        saved = storage.read_manifest(directory)["fingerprint"]
+    except (MSAError, OSError):
+        return None
+    p_r = saved.get("routing_chunk_size", saved.get("chunk_size"))
+    return p_r if isinstance(p_r, int) and not isinstance(p_r, bool) and p_r >= 1 else None
+
+
 class MSAEngine:
     """A language model holding a document collection as Memory Sparse Attention memory.
 
@@ -86,7 +97,8 @@ class MSAEngine:
         # router that keyed it, also when `set_router` ran after the snapshot was taken
         self._routers = {self.router.fingerprint(): self.router}
         self.encoder = Encoder(model, layers, cfg.chunk_size, self.router, score=cfg.score,
-                               keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens)
+                               keep_inputs=cfg.keep_inputs, batch_tokens=cfg.batch_tokens,
+                               routing_chunk_size=cfg.key_chunk_size)
         self._bank = _make_bank(self, cfg.max_doc_tokens or model.max_positions)
         self._sharded_router = None  # memory-parallel routing (use_sharded_routing); None: this process
 
@@ -134,18 +146,20 @@ class MSAEngine:
             engine.load(memory)
         return engine
 
-    def fingerprint(self) -> dict:
-        """What a saved memory must match to be loaded by this engine (model, tokenizer, router, P, ...)."""
-        m = self.model
+    def fingerprint(self, config: Optional[MSAConfig] = None) -> dict:
+        """What a saved memory must match to be loaded by this engine (model, tokenizer, router, P, ...);
+        `config`: under these settings instead of the engine's."""
+        m, cfg = self.model, config or self.config
         h = hashlib.sha256()
         for t in (m.embed_tokens.weight[:8], m.layers[-1].input_layernorm.weight, m.layers[0].self_attn.q_proj.weight[:8]):
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return {"model": self.name, "config_hash": m.config_hash(), "tokenizer_hash": m.tokenizer_hash(),
-                "weights_hash": h.hexdigest()[:16], "chunk_size": self.config.chunk_size,
+                "weights_hash": h.hexdigest()[:16], "chunk_size": cfg.chunk_size,
                 "routing_layers": list(self.routing_layers), "key_mode": self.router.fingerprint(),
-                "score": self.config.score, "routing_keys": "int8" if self.config.int8_routing_keys else "float",
+                "score": cfg.score, "routing_keys": "int8" if cfg.int8_routing_keys else "float",
                 # only when not the default: memories saved before the setting existed keep loading
-                **({"doc_score": self.config.doc_score} if self.config.doc_score != "maxmax" else {})}
+                **({"doc_score": cfg.doc_score} if cfg.doc_score != "maxmax" else {}),
+                **({"routing_chunk_size": cfg.key_chunk_size} if cfg.key_chunk_size != cfg.chunk_size else {})}
 
     @property
     def answer_defaults(self) -> AnswerOptions:
@@ -222,8 +236,23 @@ class MSAEngine:
 
     def load(self, directory: str, verify: bool = True) -> None:
         """Replace the memory with a saved one (checked against this engine's fingerprint; `verify`
-        checks file checksums and structure)."""
-        self._bank.load(directory, verify=verify)
+        checks file checksums and structure).
+
+        The memory's routing chunk size is adopted, as its keep_inputs is: it describes how the memory's
+        routing keys were pooled (memories saved before `routing_chunk_size` existed pool them over
+        `chunk_size` tokens), and later adds must pool theirs the same way. Every other setting must match."""
+        p_r = _saved_routing_chunk_size(directory)
+        if p_r is not None and p_r != self.config.key_chunk_size:
+            config = self.config.with_overrides(routing_chunk_size=p_r)
+
+            def adopt():  # under the bank's lock, with the new state: writers encode under that lock
+                self.config = config
+                self.encoder.P_R = p_r
+
+            self._bank.load(directory, verify=verify, fingerprint=self.fingerprint(config), on_swap=adopt)
+            logger.info("memory %s pools its routing keys over %d tokens: this engine now does too", directory, p_r)
+        else:
+            self._bank.load(directory, verify=verify)
         if self._bank.keeps_inputs is not None:  # adopt the memory's setting for later adds (None: empty memory)
             self.encoder.keep_inputs = self._bank.keeps_inputs
 
@@ -287,7 +316,8 @@ class MSAEngine:
         snap = self.snapshot()
         return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
                 "documents": len(snap), "chunks": snap.n_chunks, "tokens": snap.n_tokens, "bytes": snap.nbytes,
-                "chunk_size": self.config.chunk_size, "score": self.config.score}
+                "chunk_size": self.config.chunk_size, "routing_chunk_size": self.config.key_chunk_size,
+                "score": self.config.score}
 
     # ------------------------------------------------------------------ routing
     def _allow_ids(self, snap: Snapshot, where: Where, collection: str = DEFAULT_COLLECTION) -> Optional[list]:

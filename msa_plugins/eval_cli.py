@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     s.add_argument("--mode", default=None, choices=["interleave", "sparse"],
                    help="MSA answer mode (default: the engine's, interleave)")
     s.add_argument("-k", "--k", type=int, default=3, help="documents per question, both systems")
+    s.add_argument("--routing-chunk-size", type=int, default=None,
+                   help="tokens per routing key of the MSA memories (default: the engine's)")
     s.add_argument("--rounds", type=int, default=1,
                    help="MSA interleave routing rounds (1 = exactly k documents, as RAG gets)")
     s.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap, both systems")
@@ -95,7 +97,7 @@ def cmd_eval(args) -> int:
                    data_root=args.data_root, docs_path=args.docs,
                    questions_path=args.questions, judge_base_url=args.judge_base_url, judge_model=args.judge_model,
                    ragas_metrics=not args.no_ragas, command=command, progress=not args.quiet,
-                   bank_cache=bank_cache_dir(args))
+                   bank_cache=bank_cache_dir(args), routing_chunk_size=args.routing_chunk_size)
     with open(os.path.join(res.out_dir, "report.md"), encoding="utf-8") as f:
         print(f.read())
     print(f"wrote {res.out_dir}")

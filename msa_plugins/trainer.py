@@ -82,9 +82,17 @@ def _routing_prompt(engine):
 
 
 def _fingerprint(engine) -> dict:
+    """What router features depend on. Their chunks are routing chunks: "chunk_size" is P_R."""
     fp = engine.fingerprint()
-    return {k: fp[k] for k in ("model", "config_hash", "weights_hash", "tokenizer_hash", "chunk_size",
-                               "routing_layers")}
+    return {**{k: fp[k] for k in ("model", "config_hash", "weights_hash", "tokenizer_hash", "routing_layers")},
+            "chunk_size": engine.config.key_chunk_size}
+
+
+def _router_meta(engine) -> dict:
+    """What a trained router records about the engine it was trained for."""
+    return {"model": engine.model_name, "model_config_hash": engine.fingerprint()["config_hash"],
+            "chunk_size": engine.config.chunk_size, "routing_chunk_size": engine.config.key_chunk_size,
+            "score": engine.config.score}
 
 
 def normalise_docs(docs) -> list:
@@ -145,7 +153,7 @@ def build_features(engine, docs=None, questions=(), *, ict_per_doc: int = 2, ict
     if not docs:
         raise InvalidArgumentError("no documents to train on: give docs, or add documents to the engine first")
     cfg = engine.config
-    cache = build_cache(_model(engine), engine.routing_layers, cfg.chunk_size, docs, questions,
+    cache = build_cache(_model(engine), engine.routing_layers, cfg.key_chunk_size, docs, questions,
                         prompt=_routing_prompt(engine), ict_per_doc=ict_per_doc, ict_titles=ict_titles, seed=seed,
                         max_doc_tokens=cfg.max_doc_tokens, batch_tokens=cfg.batch_tokens, progress=progress)
     cache.meta.update({"fingerprint": _fingerprint(engine),
@@ -201,8 +209,7 @@ def train(engine, caches, train_queries: Sequence, dev_queries: Optional[Sequenc
     teacher: `teacher_targets(...)` of cache 0's training queries (distillation, teacher negatives)."""
     model = _model(engine)
     config = config or TrainConfig()
-    meta = {"model": engine.model_name, "model_config_hash": engine.fingerprint()["config_hash"],
-            "chunk_size": engine.config.chunk_size, "score": engine.config.score, **(meta or {})}
+    meta = {**_router_meta(engine), **(meta or {})}
     return _train_on_features(caches, train_queries, dev_queries, model=model, config=config, out_dir=out,
                               resume=resume, init_router=init_router, meta=meta, teacher=teacher)
 
@@ -574,8 +581,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     t0 = time.perf_counter()
     work = os.path.join(out, "train") if out else None
     kw = dict(model=model, config=tcfg, out_dir=work, init_router=init_router, teacher=targets,
-              meta={"model": engine.model_name, "model_config_hash": engine.fingerprint()["config_hash"],
-                    "chunk_size": engine.config.chunk_size, "score": engine.config.score})
+              meta=_router_meta(engine))
     try:
         router, history = _train_on_features(cache, train_q, dev_q, resume=resume, **kw)
     except InvalidArgumentError as e:

@@ -701,6 +701,7 @@ def run_eval(
     progress: bool = True,
     memories: list[EvalSet] | None = None,
     bank_cache: str | os.PathLike | bool | None = None,
+    routing_chunk_size: int | None = None,
 ) -> RunResult:
     """Run the A/B evaluation; returns the harness RunResult (records, summary, out_dir).
 
@@ -714,6 +715,7 @@ def run_eval(
     available, else CPU; $MSA_DEVICE). bank_cache: a folder keeping encoded MSA memories across runs (True:
     `default_bank_cache_dir()`; None / False: encode every memory, the default for this Python API; `msa eval`
     turns it on). summary["bank_cache"] counts hits and misses; summary["machine"] records the load.
+    routing_chunk_size: tokens per routing key of the MSA memories (None: the engine's default).
     """
     from .harness import run_ab_eval, run_retrieval_eval
 
@@ -737,7 +739,8 @@ def run_eval(
             return engine_factory(r)
         from msa_plugins import MSAEngine
 
-        return MSAEngine.from_pretrained(model=model, router=r, device=device, keep_inputs=False)
+        extra = {} if routing_chunk_size is None else {"routing_chunk_size": routing_chunk_size}
+        return MSAEngine.from_pretrained(model=model, router=r, device=device, keep_inputs=False, **extra)
 
     plan = RunPlan.create(specs, build_engine, retrieval_only=retrieval_only, mode=mode, k=k, rounds=rounds,
                           max_new_tokens=max_new_tokens, progress=progress, bank_cache=cache)
@@ -754,6 +757,7 @@ def run_eval(
                              out_dir=None, progress=progress)
     settings = {"limit": limit, "seed": seed, "distractors": distractors, "systems": [s.name for s in specs],
                 "k": k, "rounds": rounds, "max_new_tokens": max_new_tokens, "retrieval_only": retrieval_only,
+                "routing_chunk_size": getattr(getattr(plan.generator, "config", None), "key_chunk_size", None),
                 "device": _engine_device(plan.generator)[0] or device, "niah_sizes": list(niah_sizes) if dataset == "niah" else None,
                 "niah_task": niah_task if dataset == "niah" else None, "judge": judge_model}
     summarize_run(result, plan, dataset, time.perf_counter() - t0, settings)
