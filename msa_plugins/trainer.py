@@ -83,9 +83,9 @@ def _routing_prompt(engine):
 
 def _fingerprint(engine) -> dict:
     """What router features depend on. Their chunks are routing chunks: "chunk_size" is P_R."""
-    fp = engine.fingerprint()
-    return {**{k: fp[k] for k in ("model", "config_hash", "weights_hash", "tokenizer_hash", "routing_layers")},
-            "chunk_size": engine.config.key_chunk_size}
+    fp = {**engine.fingerprint(), "chunk_size": engine.config.key_chunk_size}
+    # this key order is part of the data hash of every cache built so far: keep it
+    return {k: fp[k] for k in ("model", "config_hash", "weights_hash", "tokenizer_hash", "chunk_size", "routing_layers")}
 
 
 def _router_meta(engine) -> dict:

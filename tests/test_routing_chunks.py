@@ -119,3 +119,17 @@ def test_bad_routing_chunk_size_is_refused(tiny_model_dir):
 
     with pytest.raises((InvalidArgumentError, InvalidTypeError), match="routing_chunk_size"):
         MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", routing_chunk_size=0)
+
+
+def test_router_features_are_keyed_by_the_routing_chunk_size_and_old_caches_stay_valid(tiny_model_dir):
+    from msa_plugins.trainer import _fingerprint
+
+    path = tiny_model_dir("llama")
+    plain = MSAEngine.from_pretrained(path, device="cpu", chunk_size=8)
+    fp = plain.fingerprint()
+    # the order and values of caches built before routing_chunk_size existed: their data hash must not move
+    assert list(_fingerprint(plain).items()) == [(k, fp[k]) for k in (
+        "model", "config_hash", "weights_hash", "tokenizer_hash", "chunk_size", "routing_layers")]
+    mixed = MSAEngine.from_pretrained(path, device="cpu", chunk_size=8, routing_chunk_size=2)
+    fine = MSAEngine.from_pretrained(path, device="cpu", chunk_size=2)
+    assert _fingerprint(mixed) == _fingerprint(fine)  # features are routing chunks: P_R is what they depend on
