@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="document ids relative to DIR (default: each file's resolved absolute path)")
     s.add_argument("--chunk-size", type=int, default=None, help="tokens per pooled content chunk (default 64)")
     s.add_argument("--routing-chunk-size", type=int, default=None,
-                   help="tokens per pooled routing key (default: the chunk size)")
+                   help="tokens per pooled routing key (default: 16, or the chunk size when smaller)")
     s.add_argument("--keep-inputs", action="store_true", help="keep pooled layer inputs (re-keyable memory)")
     s.add_argument("--adapt", action="store_true",
                    help="then adapt the router to the memory's documents (no labels) and re-key it (implies --keep-inputs)")

@@ -29,6 +29,9 @@ MODES = ("interleave", "sparse", "protocol")
 # How documents are ranked (`AnswerOptions.routing`): "msa" the router alone (the default), "hybrid" the
 # router's ranking fused with BM25 over the memory's texts (`MSAConfig.hybrid_fusion`), "lexical" BM25 alone.
 ROUTINGS = ("msa", "hybrid", "lexical")
+# routing keys pooled over 16 tokens instead of 64 route better on every corpus measured, for 2x the memory
+# (docs/results/routing_key_chunks.md)
+DEFAULT_ROUTING_CHUNK_SIZE = 16
 DOC_SCORES = ("maxmax", "late")  # how a document's chunk scores become its score (`MSAConfig.doc_score`)
 FUSIONS = ("rrf", "zsum")
 NOT_IN_MEMORY = "Not in memory."  # the answer of an abstained query (`AnswerOptions.abstain`)
@@ -105,9 +108,10 @@ class MSAConfig:
     The fields marked (fingerprinted) change the stored keys: a memory saved under one value does not
     load under another."""
     chunk_size: int = 64  # P: tokens per pooled chunk (paper: 64) (fingerprinted)
-    # P_R: tokens per pooled ROUTING key; None = chunk_size (the paper: one P for both). Content K̄/V̄ stay
-    # pooled at P; only the routing keys (and kept inputs) are finer, so routing can single out a sentence
-    # that a 64-token mean blurs (docs/results/routing_key_chunks.md). (fingerprinted when not P)
+    # P_R: tokens per pooled ROUTING key; None = min(16, chunk_size). Content K̄/V̄ stay pooled at P; only the
+    # routing keys (and kept inputs) are finer, so routing can single out a sentence that a 64-token mean
+    # blurs (docs/results/routing_key_chunks.md). The paper's one P for both: routing_chunk_size=chunk_size.
+    # (fingerprinted when not P; a loaded memory brings its own)
     routing_chunk_size: Optional[int] = None
     routing_layers: Optional[tuple] = None  # None: the router's layers, else the model's upper half (fingerprinted)
     score: str = "cosine"  # routing score: "cosine" (paper, training) or "dot" (fingerprinted)
@@ -159,8 +163,11 @@ class MSAConfig:
 
     @property
     def key_chunk_size(self) -> int:
-        """P_R, the tokens pooled into one routing key: `routing_chunk_size`, or `chunk_size` when None."""
-        return self.chunk_size if self.routing_chunk_size is None else self.routing_chunk_size
+        """P_R, the tokens pooled into one routing key: `routing_chunk_size`, or when None the default
+        (DEFAULT_ROUTING_CHUNK_SIZE, or chunk_size when that is smaller)."""
+        if self.routing_chunk_size is None:
+            return min(self.chunk_size, DEFAULT_ROUTING_CHUNK_SIZE)
+        return self.routing_chunk_size
 
     def with_overrides(self, **overrides) -> "MSAConfig":
         """A copy with build settings and answer defaults replaced: `with_overrides(chunk_size=32, k=8)`.

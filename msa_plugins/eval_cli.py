@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
                    help="MSA answer mode (default: the engine's, interleave)")
     s.add_argument("-k", "--k", type=int, default=3, help="documents per question, both systems")
     s.add_argument("--routing-chunk-size", type=int, default=None,
-                   help="tokens per routing key of the MSA memories (default: the engine's)")
+                   help="tokens per routing key of the MSA memories (default: the engine's, 16)")
     s.add_argument("--rounds", type=int, default=1,
                    help="MSA interleave routing rounds (1 = exactly k documents, as RAG gets)")
     s.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap, both systems")
