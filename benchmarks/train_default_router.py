@@ -54,8 +54,9 @@ def load_dataset(name: str, data_root=None, max_questions=None, seed=0):
 def make_engine(device: str, layers, chunk_size: int = 64, model=None):
     """The engine whose model the router is trained for; fp32 weights everywhere (also on a GPU): the router
     is used on CPU engines that encode in fp32 (the features are fp32 whatever the device)."""
+    # router features are routing chunks: chunk_size here is P_R too (the feature caches are keyed by it)
     engine = MSAEngine.from_pretrained(model=model, router="none", device=device, dtype=torch.float32,
-                                       routing_layers=list(layers), chunk_size=chunk_size,
+                                       routing_layers=list(layers), chunk_size=chunk_size, routing_chunk_size=chunk_size,
                                        batch_tokens=32768 if str(device).startswith("cuda") else 4096)
     print("engine fingerprint:", json.dumps(engine.fingerprint()), flush=True)
     return engine
