@@ -244,13 +244,15 @@ class MemoryBank:
                 self._state = _select_rows(full, [r for r in range(len(full)) if r not in drop])
         return deleted
 
-    def rekey(self, keys_from_inputs: Callable, fingerprint: dict, on_swap: Optional[Callable] = None) -> None:
+    def rekey(self, keys_from_inputs: Callable, fingerprint, on_swap: Optional[Callable] = None) -> None:
         """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs:
         keys_from_inputs(inputs [L, C, hidden]) -> keys_r [L, C, G*D]. Keys are computed first; the state and
         the fingerprint (the engine's, with the new router's key_mode) then change together, and `on_swap()`
         runs under the same lock (the engine swaps its encoder's router there: writers encode under this lock,
         so no document is ever keyed by the old router into the new router's state)."""
         with self._lock:
+            if callable(fingerprint):  # built under the lock: a concurrent load may have changed the settings
+                fingerprint = fingerprint()
             s = self._state
             if s.inputs is None and len(s):
                 raise ModelMismatchError("this memory was built without keep_inputs, so it cannot be re-keyed "
@@ -348,20 +350,25 @@ class MemoryBank:
             storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
                          extra=extra)
 
-    def load(self, directory: str, verify: bool = True, fingerprint: Optional[dict] = None,
+    def load(self, directory: str, verify: bool = True, fingerprint_for: Optional[Callable] = None,
              on_swap: Optional[Callable] = None) -> None:
         """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
-        is read; `verify` also checks the files' sha256 (structure is always checked). `fingerprint`: check
-        against this one instead, and make it the bank's with the new state; `on_swap()` runs under the
-        same lock (the engine adopts the memory's routing chunk size there). A failed load changes nothing."""
-        stored = storage.load(directory, self.fingerprint if fingerprint is None else fingerprint, verify=verify)
+        is read; `verify` also checks the files' sha256 (structure is always checked). A failed load changes
+        nothing.
+
+        fingerprint_for(saved fingerprint) -> the fingerprint to check against, which becomes the bank's with
+        the new state (an engine adopting a stored setting); `on_swap(saved fingerprint)` runs under the same
+        lock, so the state and the settings that key later adds always come from the one manifest read."""
+        stored = storage.load(directory, fingerprint_for or self.fingerprint, verify=verify)
         state = self._state_from(stored)
+        saved = stored.manifest["fingerprint"]
         with self._lock:
             self._state = state
-            if fingerprint is not None:
-                self.fingerprint = dict(fingerprint)
+            if fingerprint_for is not None:
+                provenance = {k: v for k, v in self.fingerprint.items() if k == "router_provenance"}
+                self.fingerprint = {**provenance, **fingerprint_for(saved)}
             if on_swap is not None:
-                on_swap()
+                on_swap(saved)
 
     def _state_from(self, stored: storage.Stored) -> BankState:
         """Routing keys (and chunk_doc) go to the routing device; content K̄/V̄ stays memory-mapped on disk

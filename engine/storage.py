@@ -437,10 +437,14 @@ def check_fingerprint(manifest: dict, fingerprint: dict, directory: str) -> None
     # settings fingerprinted only when not their default are also compared when only the memory names one:
     # a memory keyed with 16-token routing chunks must not load into an engine that keys with 64
     keys = list(fingerprint) + [k for k in OPTIONAL_FINGERPRINT_KEYS if k in saved and k not in fingerprint]
-    mismatch = [k for k in keys if saved.get(k) != fingerprint.get(k)]
+    implied = {"doc_score": lambda fp: "maxmax", "routing_chunk_size": lambda fp: fp.get("chunk_size")}
+
+    def value(fp, k):  # an absent optional setting has its implied value (P_R absent: P_R = P)
+        return fp[k] if k in fp else implied[k](fp) if k in implied else None
+
+    mismatch = [k for k in dict.fromkeys(keys) if value(saved, k) != value(fingerprint, k)]
     if mismatch:
-        details = ", ".join(f"{k}: saved {saved.get(k, 'the default')!r} vs engine "
-                            f"{fingerprint.get(k, 'the default')!r}" for k in mismatch)
+        details = ", ".join(f"{k}: saved {value(saved, k)!r} vs engine {value(fingerprint, k)!r}" for k in mismatch)
         raise ModelMismatchError(
             f"memory {os.fspath(directory)!r} was built with a different model or settings ({details}); load it "
             "with the engine that built it, or re-ingest the documents with this one")
@@ -545,7 +549,10 @@ def read_stored(directory: str, manifest: dict, verify: bool = True) -> Stored:
     if len(set(ids)) != len(ids):
         dup = next(d for i, d in enumerate(ids) if d in ids[:i])
         _fail(dpath, f"holds id {dup!r} more than once")
-    _check_tensors(tpath, tensors, n, c, L)
+    fp = manifest["fingerprint"]
+    P = fp.get("chunk_size")
+    _check_tensors(tpath, tensors, n, c, L, n_tokens=[d["n_tokens"] for d in docs],
+                   chunk_sizes=(fp.get("routing_chunk_size", P), P) if isinstance(P, int) else None)
     lexical = None
     if manifest.get("lexical", {}).get("tokenizer") == TOKENIZER_VERSION:
         try:
@@ -558,7 +565,11 @@ def read_stored(directory: str, manifest: dict, verify: bool = True) -> Stored:
     return Stored(manifest, tensors, docs, lexical)
 
 
-def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:
+def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int, n_tokens: Optional[list] = None,
+                   chunk_sizes: Optional[tuple] = None) -> None:
+    """Shapes and offsets of a memory's tensors. With `n_tokens` (per document) and `chunk_sizes` (P_R, P):
+    each document also owns exactly ceil(n_tokens / P_R) routing and ceil(n_tokens / P) content chunks, as
+    encoding pools them, so no offset table can hand one document's chunks to another."""
     for name, shape in (("doc_start", (n + 1,)), ("chunk_doc", (c,))):
         if name not in t or t[name].dtype != torch.int64 or tuple(t[name].shape) != shape:
             got = (t[name].dtype, tuple(t[name].shape)) if name in t else "nothing"
@@ -576,9 +587,16 @@ def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:
         cs = t["content_start"]
         if cs.dtype != torch.int64 or tuple(cs.shape) != (n + 1,):
             _fail(tpath, f"content_start should be int64 of shape {(n + 1,)}, got {(cs.dtype, tuple(cs.shape))}")
-        if n and (int(cs[0]) != 0 or int((cs[1:] - cs[:-1]).min()) < 1):
+        if int(cs[0]) != 0 or (n and int((cs[1:] - cs[:-1]).min()) < 1):
             _fail(tpath, "content_start is not increasing from 0: the content chunk offsets are damaged")
         c_content = int(cs[-1])
+    if n and n_tokens is not None and chunk_sizes is not None and all(isinstance(x, int) and x > 0 for x in chunk_sizes):
+        tok = torch.tensor(n_tokens, dtype=torch.int64)
+        for name, offsets, size in (("doc_start", doc_start, chunk_sizes[0]),
+                                    ("content_start", t.get("content_start", doc_start), chunk_sizes[1])):
+            if not torch.equal(offsets[1:] - offsets[:-1], (tok + size - 1) // size):
+                _fail(tpath, f"{name} gives documents other chunk counts than their token counts pooled over {size} "
+                             "tokens: the offsets or the document list were altered")
     required = ("keys_r", "keys", "values") if c else ()
     for name in ("keys_r", "keys", "values", "inputs", "keys_r_scale"):
         x = t.get(name)
@@ -603,14 +621,16 @@ def _check_tensors(tpath: str, t: dict, n: int, c: int, L: int) -> None:
                          "silently skip documents")
 
 
-def load(directory: str, fingerprint: Optional[dict] = None, verify: bool = True, attempts: int = 3) -> Stored:
+def load(directory: str, fingerprint=None, verify: bool = True, attempts: int = 3) -> Stored:
     """Read a saved memory (no lock: see the module doc). Checks the fingerprint (when given) before
-    reading any data file."""
+    reading any data file. `fingerprint`: a dict, or a function of the saved fingerprint returning the one
+    to check (an engine that adopts a stored setting checks against the manifest it actually reads)."""
     directory = os.fspath(directory)
     for attempt in range(attempts):
         manifest = read_manifest(directory)
         if fingerprint is not None:
-            check_fingerprint(manifest, fingerprint, directory)
+            check_fingerprint(manifest, fingerprint(manifest["fingerprint"]) if callable(fingerprint) else fingerprint,
+                              directory)
         try:
             return read_stored(directory, manifest, verify=verify)
         except (MemoryFormatError, FileNotFoundError):

@@ -56,17 +56,6 @@ def _make_bank(engine: "MSAEngine", max_doc: int):
                       int8_routing_keys=cfg.int8_routing_keys, n_kv_heads=model.n_kv_heads)
 
 
-def _saved_routing_chunk_size(directory: str) -> Optional[int]:
-    """The routing chunk size a saved memory was keyed with (None when its manifest cannot be read: the
-    load itself then reports why)."""
-    try:
-        saved = storage.read_manifest(directory)["fingerprint"]
-    except (MSAError, OSError):
-        return None
-    p_r = saved.get("routing_chunk_size", saved.get("chunk_size"))
-    return p_r if isinstance(p_r, int) and not isinstance(p_r, bool) and p_r >= 1 else None
-
-
 class MSAEngine:
     """A language model holding a document collection as Memory Sparse Attention memory.
 
@@ -241,18 +230,28 @@ class MSAEngine:
         The memory's routing chunk size is adopted, as its keep_inputs is: it describes how the memory's
         routing keys were pooled (memories saved before `routing_chunk_size` existed pool them over
         `chunk_size` tokens), and later adds must pool theirs the same way. Every other setting must match."""
-        p_r = _saved_routing_chunk_size(directory)
-        if p_r is not None and p_r != self.config.key_chunk_size:
-            config = self.config.with_overrides(routing_chunk_size=p_r)
+        def config_for(saved: dict) -> MSAConfig:  # the engine's settings with the memory's P_R adopted
+            p_r = saved.get("routing_chunk_size", saved.get("chunk_size"))
+            if saved.get("chunk_size") != self.config.chunk_size or not isinstance(p_r, int) or \
+                    isinstance(p_r, bool) or p_r < 1 or p_r == self.config.key_chunk_size:
+                return self.config  # nothing to adopt (or a mismatch the fingerprint check reports)
+            return self.config.with_overrides(routing_chunk_size=p_r)
 
-            def adopt():  # under the bank's lock, with the new state: writers encode under that lock
-                self.config = config
-                self.encoder.P_R = p_r
+        def adopt(saved: dict) -> None:  # under the bank's lock, with the new state: writers encode under it
+            config = config_for(saved)
+            if config is self.config:
+                return
+            if self.config.routing_chunk_size is not None:
+                logger.warning("memory %s pools its routing keys over %d tokens, not the %d this engine was given: "
+                               "using the memory's", directory, config.key_chunk_size, self.config.key_chunk_size)
+            else:
+                logger.info("memory %s pools its routing keys over %d tokens: this engine now does too", directory,
+                            config.key_chunk_size)
+            self.config = config
+            self.encoder.P_R = config.key_chunk_size
 
-            self._bank.load(directory, verify=verify, fingerprint=self.fingerprint(config), on_swap=adopt)
-            logger.info("memory %s pools its routing keys over %d tokens: this engine now does too", directory, p_r)
-        else:
-            self._bank.load(directory, verify=verify)
+        self._bank.load(directory, verify=verify, fingerprint_for=lambda saved: self.fingerprint(config_for(saved)),
+                        on_swap=adopt)
         if self._bank.keeps_inputs is not None:  # adopt the memory's setting for later adds (None: empty memory)
             self.encoder.keep_inputs = self._bank.keeps_inputs
 
@@ -288,8 +287,9 @@ class MSAEngine:
             self.encoder.router = router
 
         self._routers[router.fingerprint()] = router  # before the swap: a reader may see the new state at once
-        self._bank.rekey(keys_for, {**self.fingerprint(), "key_mode": router.fingerprint(),
-                                    "router_provenance": router.meta.get("provenance")}, on_swap=swap)
+        # the fingerprint is built under the bank's lock: a concurrent load may adopt another P_R meanwhile
+        self._bank.rekey(keys_for, lambda: {**self.fingerprint(), "key_mode": router.fingerprint(),
+                                            "router_provenance": router.meta.get("provenance")}, on_swap=swap)
 
     def document_vectors(self, ids, snapshot: Optional[Snapshot] = None) -> torch.Tensor:
         """One unit vector per document, for diversity measures such as MMR: the mean of the document's
@@ -316,6 +316,7 @@ class MSAEngine:
         snap = self.snapshot()
         return {"model": self.name, "routing_layers": self.routing_layers, "router": self.router.fingerprint(),
                 "documents": len(snap), "chunks": snap.n_chunks, "tokens": snap.n_tokens, "bytes": snap.nbytes,
+                "content_chunks": int(snap._state.keys.shape[1]) if snap._state.keys is not None else 0,
                 "chunk_size": self.config.chunk_size, "routing_chunk_size": self.config.key_chunk_size,
                 "score": self.config.score}
 

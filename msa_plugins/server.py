@@ -176,10 +176,11 @@ class Memory:
             return out
 
 
-def sibling_engine(engine: MSAEngine) -> MSAEngine:
-    """Another memory on the same model, router and settings (weights are shared, not copied)."""
+def sibling_engine(engine: MSAEngine, config=None) -> MSAEngine:
+    """Another memory on the same model, router and settings (weights are shared, not copied). `config`:
+    these settings instead of the engine's (which a loaded memory may have changed: its routing chunk size)."""
     router = engine.router if engine.has_trained_router else None
-    return MSAEngine(engine.model, router=router, config=engine.config, name=engine.name)
+    return MSAEngine(engine.model, router=router, config=config or engine.config, name=engine.name)
 
 
 def open_memories(specs: list, model: Optional[str] = None, router: Optional[str] = None,
@@ -189,13 +190,14 @@ def open_memories(specs: list, model: Optional[str] = None, router: Optional[str
     if not specs:
         raise InvalidArgumentError("give at least one memory: --memory DIR or --memory NAME=DIR")
     base = MSAEngine.from_pretrained(model, router=router, device=device, **overrides)
+    config = base.config  # before any load: each memory adopts its own routing chunk size, not the first one's
     memories = {}
     for i, spec in enumerate(specs):
         name, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or os.path.basename(os.path.normpath(directory)) or f"memory{i}"
         if name in memories:
             raise InvalidArgumentError(f"two memories are named {name!r}; name them: --memory NAME=DIR")
-        engine = base if i == 0 else sibling_engine(base)
+        engine = base if i == 0 else sibling_engine(base, config)
         if os.path.exists(os.path.join(directory, "manifest.json")):
             engine.load(directory)
         memories[name] = Memory(name, engine, directory)

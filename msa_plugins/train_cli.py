@@ -123,6 +123,9 @@ def add_parser(sub) -> None:
     s.add_argument("--out", required=True, help="router adapter folder to write")
     s.add_argument("--layers", default=None, help="routing layers, e.g. 15,18,21,24,27 (default: upper half)")
     s.add_argument("--chunk-size", type=int, default=64)
+    s.add_argument("--routing-chunk-size", type=int, default=None,
+                   help="tokens per pooled routing key in the features (default: 16, or --chunk-size when smaller); "
+                        "use the value of the memories the router will key")
     s.add_argument("--ict-per-doc", type=int, default=2, help="inverse-cloze sentences per document (0: none)")
     s.add_argument("--no-titles", action="store_true", help="do not use titles as inverse-cloze queries")
     s.add_argument("--epochs", type=int, default=10)
@@ -159,7 +162,8 @@ def cmd_train_router(args) -> int:
     check_out_dir(args.out)
     # features need no router: the training-free one, on the requested (or the model's upper half) layers
     engine = MSAEngine.from_pretrained(model=args.model, router="none", device=args.device,
-                                       routing_layers=_layers(args.layers), chunk_size=args.chunk_size)
+                                       routing_layers=_layers(args.layers), chunk_size=args.chunk_size,
+                                       routing_chunk_size=args.routing_chunk_size)
     result = train_router_for(engine, docs, pairs, out=args.out, config=config, dev_fraction=args.dev_fraction,
                               ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
                               resume=not args.no_resume, export_msa4b_path=args.export_msa4b)

@@ -5,6 +5,8 @@ hold exactly the routing keys (and route exactly) like a P=2 memory, and exactly
 P=8 memory, through add, delete, upsert, save and load.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -74,7 +76,7 @@ def test_one_chunk_size_keeps_the_papers_layout(tiny_model_dir):
     assert "routing_chunk_size" not in same.fingerprint()  # memories saved before the setting keep loading
 
 
-def test_a_loaded_memory_brings_its_routing_chunk_size_and_other_settings_must_match(tiny_model_dir, tmp_path):
+def test_a_loaded_memory_brings_its_routing_chunk_size_and_other_settings_must_match(tiny_model_dir, tmp_path, caplog):
     path = tiny_model_dir("llama")
     mixed, fine, coarse = engines(tiny_model_dir)
     for e in (mixed, fine, coarse):
@@ -82,7 +84,10 @@ def test_a_loaded_memory_brings_its_routing_chunk_size_and_other_settings_must_m
     mixed.save(tmp_path / "mixed")
     coarse.save(tmp_path / "plain")
     # a memory with one P for both (as saved before routing_chunk_size existed) loads into any engine
-    back = MSAEngine.from_pretrained(path, device="cpu", chunk_size=8, routing_chunk_size=2, memory=str(tmp_path / "plain"))
+    with caplog.at_level(logging.WARNING, logger="msa_plugins.core"):
+        back = MSAEngine.from_pretrained(path, device="cpu", chunk_size=8, routing_chunk_size=2,
+                                         memory=str(tmp_path / "plain"))
+    assert "using the memory's" in caplog.text  # the P_R it was given is not dropped silently
     assert back.config.key_chunk_size == 8 and back._bank.state.content_start is None
     assert back.route(QUESTIONS[0], k=4).ids == coarse.route(QUESTIONS[0], k=4).ids
     # and the other way: an engine pooling routing keys over 8 tokens loads the 2-token memory and keys later
@@ -95,9 +100,14 @@ def test_a_loaded_memory_brings_its_routing_chunk_size_and_other_settings_must_m
     # another content chunk size is refused, and the refused load changes nothing
     other = MSAEngine.from_pretrained(path, device="cpu", chunk_size=4, routing_chunk_size=4)
     other.add(DOCS[:1], ids=["paris"])
-    with pytest.raises(ModelMismatchError, match="chunk_size"):
+    with pytest.raises(ModelMismatchError, match="chunk_size") as err:
         other.load(str(tmp_path / "mixed"))
     assert other.config.key_chunk_size == 4 and len(other) == 1 and "routing_chunk_size" not in other.fingerprint()
+    # an engine whose one P equals the memory's P_R: only the content chunk size differs, and only it is named
+    same_r = MSAEngine.from_pretrained(path, device="cpu", chunk_size=2)
+    with pytest.raises(ModelMismatchError) as err:
+        same_r.load(str(tmp_path / "mixed"))
+    assert "chunk_size: saved 8 vs engine 2" in str(err.value) and "routing_chunk_size" not in str(err.value)
 
 
 def test_damaged_content_offsets_are_refused(tiny_model_dir):
@@ -112,6 +122,18 @@ def test_damaged_content_offsets_are_refused(tiny_model_dir):
                 torch.cat([s.content_start[:-1], s.content_start[-1:] + 1])):
         with pytest.raises(MemoryFormatError):
             storage._check_tensors("t", {**t, "content_start": bad}, n, c, L)
+    # offsets that stay well formed but give one document another's chunk count: only the token counts show it
+    n_tokens = list(s.n_tokens)
+    storage._check_tensors("t", t, n, c, L, n_tokens=n_tokens, chunk_sizes=(2, 8))
+    counts = (s.content_start[1:] - s.content_start[:-1]).tolist()
+    assert counts[1] != counts[2]
+    counts[1], counts[2] = counts[2], counts[1]
+    swapped = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts).cumsum(0)])
+    storage._check_tensors("t", {**t, "content_start": swapped}, n, c, L)  # the shapes alone cannot tell
+    with pytest.raises(MemoryFormatError, match="content_start"):
+        storage._check_tensors("t", {**t, "content_start": swapped}, n, c, L, n_tokens=n_tokens, chunk_sizes=(2, 8))
+    with pytest.raises(MemoryFormatError, match="doc_start"):  # routing keys pooled over another size
+        storage._check_tensors("t", t, n, c, L, n_tokens=n_tokens, chunk_sizes=(4, 8))
 
 
 def test_bad_routing_chunk_size_is_refused(tiny_model_dir):
