@@ -401,14 +401,10 @@ class MemoryBank:
 
 def _select_rows(s: BankState, rows: list) -> BankState:
     """The state restricted to `rows` (kept in order), chunks renumbered."""
-    rows_t = torch.tensor(rows, dtype=torch.long)
-    counts = (s.doc_start[1:] - s.doc_start[:-1])[rows_t] if rows else torch.zeros(0, dtype=torch.long)
-    chunk_idx = torch.cat([torch.arange(*s.chunk_range(r)) for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    doc_start, counts, chunk_idx = _offsets_of_rows(s.doc_start, rows)
     content_start, content_idx = None, chunk_idx
     if s.content_start is not None:  # content chunks have their own offsets (P_R != P)
-        content_counts = (s.content_start[1:] - s.content_start[:-1])[rows_t] if rows else torch.zeros(0, dtype=torch.long)
-        content_start = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(content_counts, 0)])
-        content_idx = torch.cat([torch.arange(*s.content_range(r)) for r in rows]) if rows else chunk_idx
+        content_start, _, content_idx = _offsets_of_rows(s.content_start, rows)
 
     def take(t, idx=chunk_idx):
         return None if t is None else t.index_select(1, idx.to(t.device))
@@ -418,12 +414,21 @@ def _select_rows(s: BankState, rows: list) -> BankState:
     collections = tuple(s.collections[r] for r in rows)
     return BankState(ids=ids, texts=tuple(s.texts[r] for r in rows), metadata=tuple(s.metadata[r] for r in rows),
                      n_tokens=tuple(s.n_tokens[r] for r in rows), parents=parents, collections=collections,
-                     doc_start=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]),
+                     doc_start=doc_start,
                      chunk_doc=torch.repeat_interleave(torch.arange(len(rows)), counts).to(s.chunk_doc.device),
                      keys_r=take(s.keys_r), keys_r_scale=take(s.keys_r_scale), keys=take(s.keys, content_idx),
                      values=take(s.values, content_idx), inputs=take(s.inputs), content_start=content_start,
                      lexical=s.lexical.selected(rows),
                      calibration=s.calibration, key_mode=s.key_mode, **_index(ids, parents, collections))
+
+
+def _offsets_of_rows(starts: torch.Tensor, rows: list) -> tuple:
+    """CSR chunk offsets `starts` [N+1] restricted to `rows` (kept in order) -> (new offsets [len(rows)+1],
+    chunks per kept row, the kept chunks' old indices)."""
+    counts = (starts[1:] - starts[:-1])[torch.tensor(rows, dtype=torch.long)] if rows else torch.zeros(0, dtype=torch.long)
+    idx = torch.cat([torch.arange(int(starts[r]), int(starts[r + 1])) for r in rows]) if rows \
+        else torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]), counts, idx
 
 
 def _content_start(s: BankState, content_counts: torch.Tensor, counts: torch.Tensor) -> Optional[torch.Tensor]:
