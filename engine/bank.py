@@ -353,7 +353,7 @@ class MemoryBank:
     def load(self, directory: str, verify: bool = True, fingerprint_for: Optional[Callable] = None,
              on_swap: Optional[Callable] = None) -> None:
         """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
-        is read; `verify` also checks the files' sha256 (structure is always checked). A failed load changes
+        is read, and again under the lock at the swap; `verify` also checks the files' sha256 (structure is always checked). A failed load changes
         nothing.
 
         fingerprint_for(saved fingerprint) -> the fingerprint to check against, which becomes the bank's with
@@ -363,10 +363,14 @@ class MemoryBank:
         state = self._state_from(stored)
         saved = stored.manifest["fingerprint"]
         with self._lock:
+            # checked again under the lock: a set_router (re-key) between the first check and this swap would
+            # otherwise leave the engine keying later adds with a router the loaded memory was not keyed by
+            expected = fingerprint_for(saved) if fingerprint_for is not None else self.fingerprint
+            storage.check_fingerprint(stored.manifest, expected, directory)
             self._state = state
             if fingerprint_for is not None:
                 provenance = {k: v for k, v in self.fingerprint.items() if k == "router_provenance"}
-                self.fingerprint = {**provenance, **fingerprint_for(saved)}
+                self.fingerprint = {**provenance, **expected}
             if on_swap is not None:
                 on_swap(saved)
 

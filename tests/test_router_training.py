@@ -450,6 +450,38 @@ def test_a_snapshot_taken_before_set_router_routes_with_the_router_that_keyed_it
     assert e.route(q, k=len(IDS)).scores != pytest.approx(before.scores, abs=1e-6)
 
 
+def test_a_set_router_racing_a_load_is_refused_and_changes_nothing(tiny_model_dir, engine, tmp_path, monkeypatch):
+    """A `set_router` landing between a load's fingerprint check and its swap: the load is refused (the memory
+    was keyed by the old router), not swapped in under the new one, and the engine's memory stays as it was."""
+    from msa_plugins.engine import storage
+
+    a, b = _router(engine, "random", seed=21), _router(engine, "random", seed=22)
+    saver = _engine(tiny_model_dir, router="none", keep_inputs=True)
+    saver.set_router(a)
+    saver.add(TEXTS, ids=IDS, progress=False)
+    saver.save(str(tmp_path / "bank"))
+    e = _engine(tiny_model_dir, router="none", keep_inputs=True)
+    e.set_router(a)
+    e.add(["A note kept before the load."], ids=["note"], progress=False)
+    read = storage.load
+
+    def read_then_set_router(*args, **kw):  # the real read and check, then the racing writer
+        stored = read(*args, **kw)
+        e.set_router(b)
+        return stored
+
+    monkeypatch.setattr(storage, "load", read_then_set_router)
+    with pytest.raises(ModelMismatchError, match="key_mode"):
+        e.load(str(tmp_path / "bank"))
+    monkeypatch.undo()
+    assert e.snapshot().ids == ["note"] and e.fingerprint()["key_mode"] == b.fingerprint()
+    # what the engine now holds is keyed by b: equal to a fresh b-keyed memory of the same text
+    fresh = _engine(tiny_model_dir, router="none", keep_inputs=True)
+    fresh.set_router(b)
+    fresh.add(["A note kept before the load."], ids=["note"], progress=False)
+    assert torch.allclose(e.snapshot()._state.keys_r.float(), fresh.snapshot()._state.keys_r.float(), atol=1e-5)
+
+
 def test_concurrent_set_router_and_add_never_mix_routers(tiny_model_dir, engine):
     """Writers encode under the bank's lock and the engine swaps its router there too: whatever the interleaving
     of `add` and `set_router`, every routing key in the memory is the current router's key of its pooled inputs."""
