@@ -100,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--init", default="auto", help=f"one of {INITS}, or 'auto': short run of each, keep the best")
     ap.add_argument("--init-epochs", type=int, default=3)
+    ap.add_argument("--init-router", default=None, help="fine-tune this router folder (e.g. the shipped one, "
+                    "for other routing-key settings) instead of a fresh --init")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teachers", default="", help="distil from these teacher retrievers on every training query "
                     "(comma list of minilm,bm25; default none: InfoNCE only, how the first shipped router was made)")
@@ -135,6 +137,11 @@ def main(argv=None):
               "data": {"train_questions": len(train_q), "dev_questions": len(dev_q), "test_questions": len(te_i),
                        "inverse_cloze_queries": len(ict), "seed": args.seed}, "inits": {}}
     init = args.init
+    init_router = None
+    if args.init_router:  # fine-tune an existing router: no init search
+        from msa_plugins.trainer import Router
+
+        init_router, init = Router.load(args.init_router), f"router {args.init_router}"
     if init == "auto":  # measure every initialisation with a short run, keep the best by dev MRR
         for name in INITS:
             cfg = TrainConfig(epochs=args.init_epochs, batch_size=args.batch_size, lr=args.lr, init=name,
@@ -155,17 +162,20 @@ def main(argv=None):
         scorers = teacher_scorers(teachers, [d.memory_text() for d in evalset.documents], cache.q_text)
         targets = teacher_targets(scorers, cache, train_all)
         report["teachers_s"] = time.perf_counter() - t0
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init=init, seed=args.seed,
-                      device=args.device, negatives=args.negatives)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      init=init if init_router is None else "tied-random", seed=args.seed, device=args.device,
+                      negatives=args.negatives)
     report["train_config"] = {"teachers": teachers, "negatives": args.negatives, "epochs": args.epochs,
                               "init": init, "lr": args.lr, "batch_size": args.batch_size}
     meta = {"trained_on": "PopQA (HippoRAG 2 split) train questions "
             f"(seeded split, seed {args.seed}) + inverse-cloze pairs from the PopQA passages"
-            + (f"; distilled from {'+'.join(teachers)} on those queries" if teachers else ""),
+            + (f"; distilled from {'+'.join(teachers)} on those queries" if teachers else "")
+            + (f"; fine-tuned from the router {args.init_router}" if args.init_router else ""),
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
             "command": command}
     t0 = time.perf_counter()
-    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta, teacher=targets)
+    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta, teacher=targets,
+                         init_router=init_router)
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist

@@ -316,3 +316,29 @@ def test_eval_harness_runs_hybrid_and_rounds_as_their_own_systems(engine):
         [d.id for d in engine.retrieve(q, routing="hybrid")]
     two = msa_retrieve_fn(engine, rounds=2)(q, 4)
     assert [d for d, _ in two] == [d.id for d in engine.retrieve(q, k=4, rounds=2)]
+
+
+def test_retrieval_eval_scores_each_k_of_a_multi_round_system_from_its_own_call(engine):
+    """With rounds, recall@k is k documents split over the rounds (k=5: 3 + 2), not the top k of one deeper
+    call (whose first round alone holds its top 10); single-shot systems keep one deep call and the curve."""
+    from msa_plugins.integrations.ragas.datasets import EvalDoc, EvalQuestion, EvalSet
+    from msa_plugins.integrations.ragas.harness import run_retrieval_eval
+    from msa_plugins.integrations.ragas.msa_system import msa_retrieve_fn
+    from msa_plugins.metrics import retrieval_scores
+
+    q = "Who was born in Lisbon?"
+    gold = [d.id for d in engine.retrieve(q, k=5, rounds=2)][3:]  # the second round's documents
+    es = EvalSet("tiny", [EvalDoc(i, t) for i, t in DOCS.items()], [EvalQuestion("q", q, ["x"], gold)])
+    ks = (1, 3, 5)
+    result = run_retrieval_eval(es, {"two": msa_retrieve_fn(engine, rounds=2), "one": msa_retrieve_fn(engine)},
+                                ks=ks, progress=False)
+    two, one = (next(r for r in result.records if r["system"] == n) for n in ("two", "one"))
+    for k in ks:
+        want = [d.id for d in engine.retrieve(q, k=k, rounds=2)]
+        assert two["retrieved_at_k"][str(k)] == want
+        assert two["scores"][f"recall@{k}"] == retrieval_scores(want, gold, [k])[f"recall@{k}"]
+    assert two["scores"]["recall@5"] == 1.0  # both gold documents come in round 2 of k=5
+    assert "recall_curve" not in two and len(one["recall_curve"]) > 0
+    deep = [d.id for d in engine.retrieve(q, k=len(DOCS))]
+    assert [d["doc_id"] for d in one["retrieved"]] == deep
+    assert one["scores"]["recall@5"] == retrieval_scores(deep, gold, [5])["recall@5"]

@@ -64,28 +64,42 @@ def run_retrieval_eval(
     command: str | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Recall@k / hit@k / all@k / MRR and per-question latency of every system; no generation."""
+    """Recall@k / hit@k / all@k / MRR and per-question latency of every system; no generation.
+
+    A retrieve function whose k documents are not the first k of a deeper ranking (multi-round routing splits
+    k over its rounds) says so with a true `ranking_depends_on_k` attribute: it is then called once per k, each
+    k is scored on its own call (MRR and "retrieved" on the largest k's), and no recall curve is recorded."""
     ks = sorted(set(ks))
     depth = max(max(ks), CURVE_MAX_K)
     records = []
     for es, system_fns in _memories(evalset, systems):
         for name, fn in system_fns.items():
             retrieve = _as_retrieve_fn(fn)
+            per_k = bool(getattr(retrieve, "ranking_depends_on_k", False))
             for q in _progress(es.questions, f"{name} on {es.name}", progress):
                 record = _base_record(es, q, name)
                 try:
-                    t0 = time.perf_counter()
-                    hits = list(retrieve(q.question, depth))
-                    record["latency_s"] = time.perf_counter() - t0
+                    lists = {}
+                    for k in (ks if per_k else [depth]):
+                        t0 = time.perf_counter()
+                        lists[k] = [(str(d), float(s)) for d, s in retrieve(q.question, k)]
+                        record["latency_s"] = time.perf_counter() - t0  # the last (largest) k's call
                 except Exception as e:  # one failing question must not lose a long run
                     record["error"] = f"{type(e).__name__}: {e}"
                     records.append(record)
                     continue
-                ids = [str(doc_id) for doc_id, _ in hits]
-                record["retrieved"] = [{"doc_id": str(d), "score": float(s)} for d, s in hits]
+                hits = lists[max(lists)]
+                ids = [d for d, _ in hits]
+                record["retrieved"] = [{"doc_id": d, "score": s} for d, s in hits]
                 record["scores"] = metrics.retrieval_scores(ids, q.gold_doc_ids, ks)
-                record["recall_curve"] = [metrics.recall_at_k(ids, q.gold_doc_ids, k)
-                                          for k in range(1, CURVE_MAX_K + 1)]
+                if per_k:  # each k from its own call: recall@5 of 2 rounds is 3 + 2 documents, not round 1's top 5
+                    record["retrieved_at_k"] = {str(k): [d for d, _ in lists[k]] for k in ks}
+                    for k in ks:
+                        at_k = metrics.retrieval_scores(record["retrieved_at_k"][str(k)], q.gold_doc_ids, [k])
+                        record["scores"].update({m: v for m, v in at_k.items() if m != "mrr"})
+                else:
+                    record["recall_curve"] = [metrics.recall_at_k(ids, q.gold_doc_ids, k)
+                                              for k in range(1, CURVE_MAX_K + 1)]
                 records.append(record)
     return _finish("retrieval", evalset, records, ks, out_dir, command)
 

@@ -22,6 +22,8 @@ def msa_retrieve_fn(engine: Any, routing: str | None = None, rounds: int = 1) ->
         docs = engine.retrieve(question, k=k, routing=routing, rounds=rounds)
         return [(str(d.id), float(d.score)) for d in docs]
 
+    # in rounds, k documents are k split over the rounds, not the top k of a deeper call: the harness asks each k
+    retrieve.ranking_depends_on_k = rounds > 1
     return retrieve
 
 
