@@ -437,14 +437,15 @@ def test_missing_data_file(tmp_path):
         storage.load(str(tmp_path))
 
 
-def test_memory_keyed_by_an_earlier_shipped_router_loads_with_it(tmp_path):
+@pytest.mark.parametrize("earlier", ["smollm2-135m-v1", "smollm2-135m-v2"])
+def test_memory_keyed_by_an_earlier_shipped_router_loads_with_it(tmp_path, earlier):
     """Upgrading the package (a new default router) never strands a saved memory: a memory keyed by an earlier
     packaged router loads with that router; a new memory uses today's default."""
     from msa_plugins import MSAEngine
     from msa_plugins.engine.router import Router
     from msa_plugins.models import DEFAULT_ROUTER_DIR, ROUTERS_DIR
 
-    v1 = os.path.join(ROUTERS_DIR, "smollm2-135m-v1")
+    v1 = os.path.join(ROUTERS_DIR, earlier)
     old = MSAEngine.from_pretrained(router=v1, device="cpu")
     old.add(["Paris is the capital of France.", "The Nile flows north."], ids=["paris", "nile"], progress=False)
     old.save(str(tmp_path / "m"))
