@@ -146,6 +146,8 @@ def main(argv=None):
         from msa_plugins.trainer import Router
 
         init_router, init = Router.load(args.init_router), f"router {args.init_router}"
+        if sorted(init_router.layers) != sorted(layers):
+            ap.error(f"--init-router {args.init_router} routes layers {init_router.layers}, not --layers {layers}")
     if init == "auto":  # measure every initialisation with a short run, keep the best by dev MRR
         for name in INITS:
             cfg = TrainConfig(epochs=args.init_epochs, batch_size=args.batch_size, lr=args.lr, init=name,

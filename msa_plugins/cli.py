@@ -175,10 +175,8 @@ def _engine(args):
     if getattr(args, "keep_inputs", False):
         overrides["keep_inputs"] = True
     router = args.router
-    if router is None and getattr(args, "memory", None):  # an adapted memory keeps its router beside it
-        from .train_cli import memory_router_dir
-
-        router = memory_router_dir(args.memory)
+    if router is None and getattr(args, "memory", None):  # the router that keyed it (adapted, or an earlier default)
+        router = MSAEngine.router_for_memory(args.memory, args.model or os.environ.get("MSA_MODEL") or None)
     return MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, **overrides)
 
 

@@ -114,8 +114,8 @@ class MSAEngine:
         model = model if model is not None else os.environ.get("MSA_MODEL") or None
         router = router if router is not None else os.environ.get("MSA_ROUTER") or None
         memory = memory if memory is not None else os.environ.get("MSA_MEMORY") or None
-        if router is None and memory is not None and os.path.isfile(os.path.join(memory, MEMORY_ROUTER_DIR, "router.json")):
-            router = os.path.join(memory, MEMORY_ROUTER_DIR)  # the router an adapted memory was keyed with
+        if router is None:  # the router that keyed the memory: an adapted one, or an earlier shipped one
+            router = cls.router_for_memory(memory, model)
         device = device or os.environ.get("MSA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         folder, name = resolve_model(model)
         hf_model, tokenizer = load_hf_model(folder, device=device, dtype=dtype)
@@ -127,13 +127,24 @@ class MSAEngine:
         else:
             router_obj = read_msa4b_router(folder, decoder.n_heads, decoder.n_kv_heads, decoder.head_dim)
             if router_obj is None and (model is None or model == "default"):
-                # the router shipped for the embedded default; a memory keyed by an earlier shipped router
-                # loads with that one (the package keeps them)
-                router_obj = Router.load(_packaged_router_of(memory) or DEFAULT_ROUTER_DIR)
+                router_obj = Router.load(DEFAULT_ROUTER_DIR)  # the router shipped for the embedded default
         engine = cls(decoder, router=router_obj, config=config, name=name)
         if memory is not None:
             engine.load(memory)
         return engine
+
+    @staticmethod
+    def router_for_memory(memory: Optional[str], model: Optional[str] = None) -> Optional[str]:
+        """The router folder that keyed the saved memory `memory`, when the default choice of `from_pretrained`
+        would not be it: `<memory>/router` for an adapted memory, or, on the embedded default model (`model`
+        None or "default"), an earlier router shipped in the package (upgrading never strands a memory). Else
+        None. Every entry point that builds an engine before loading a memory (CLI, server) asks this."""
+        if memory is None:
+            return None
+        adapted = os.path.join(memory, MEMORY_ROUTER_DIR)
+        if os.path.isfile(os.path.join(adapted, "router.json")):
+            return adapted
+        return _packaged_router_of(memory) if model is None or model == "default" else None
 
     def fingerprint(self, config: Optional[MSAConfig] = None) -> dict:
         """What a saved memory must match to be loaded by this engine (model, tokenizer, router, P, ...);

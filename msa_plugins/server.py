@@ -176,10 +176,15 @@ class Memory:
             return out
 
 
-def sibling_engine(engine: MSAEngine, config=None) -> MSAEngine:
+_SAME = object()
+
+
+def sibling_engine(engine: MSAEngine, config=None, router=_SAME) -> MSAEngine:
     """Another memory on the same model, router and settings (weights are shared, not copied). `config`:
-    these settings instead of the engine's (which a loaded memory may have changed: its routing chunk size)."""
-    router = engine.router if engine.has_trained_router else None
+    these settings instead of the engine's (which a loaded memory may have changed: its routing chunk size);
+    `router`: this router instead of the engine's (None: training-free routing)."""
+    if router is _SAME:
+        router = engine.router if engine.has_trained_router else None
     return MSAEngine(engine.model, router=router, config=config or engine.config, name=engine.name)
 
 
@@ -191,14 +196,19 @@ def open_memories(specs: list, model: Optional[str] = None, router: Optional[str
         raise InvalidArgumentError("give at least one memory: --memory DIR or --memory NAME=DIR")
     base = MSAEngine.from_pretrained(model, router=router, device=device, **overrides)
     config = base.config  # before any load: each memory adopts its own routing chunk size, not the first one's
+    default_router = base.router if base.has_trained_router else None  # before any memory's own router
+    model = model or os.environ.get("MSA_MODEL") or None
     memories = {}
     for i, spec in enumerate(specs):
         name, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or os.path.basename(os.path.normpath(directory)) or f"memory{i}"
         if name in memories:
             raise InvalidArgumentError(f"two memories are named {name!r}; name them: --memory NAME=DIR")
-        engine = base if i == 0 else sibling_engine(base, config)
+        engine = base if i == 0 else sibling_engine(base, config, router=default_router)
         if os.path.exists(os.path.join(directory, "manifest.json")):
+            keyed_by = None if router is not None else MSAEngine.router_for_memory(directory, model)
+            if keyed_by is not None:  # an adapted memory, or one keyed by an earlier shipped router
+                engine.set_router(keyed_by)  # the engine's memory is still empty: nothing to re-key
             engine.load(directory)
         memories[name] = Memory(name, engine, directory)
     return memories

@@ -247,7 +247,8 @@ def cmd_adapt(args) -> int:
         what = "does not exist" if not os.path.exists(args.memory) else "holds no memory (manifest.json)"
         raise InvalidArgumentError(f"{args.memory} {what}; create a memory with `msa ingest FILES --memory "
                                    f"{args.memory} --keep-inputs` (or `--adapt`)")
-    router = args.router or memory_router_dir(args.memory)  # the router that keys M now
+    # the router that keys M now: its adapted one, or the (maybe earlier) shipped one
+    router = args.router or MSAEngine.router_for_memory(args.memory, args.model or os.environ.get("MSA_MODEL") or None)
     engine = MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, keep_inputs=True)
     with engine.edit_saved(args.memory):
         line = adapt_engine(engine, args.memory, epochs=args.epochs, teachers=args.teachers, seed=args.seed,

@@ -454,3 +454,38 @@ def test_memory_keyed_by_an_earlier_shipped_router_loads_with_it(tmp_path, earli
     assert [d.id for d in back.retrieve("capital of France", k=2)] == [d.id for d in old.retrieve("capital of France", k=2)]
     fresh = MSAEngine.from_pretrained(device="cpu")
     assert fresh.router.fingerprint() == Router.load(DEFAULT_ROUTER_DIR).fingerprint()
+
+
+def test_cli_and_server_open_a_memory_keyed_by_an_earlier_shipped_router(tmp_path):
+    """Not only `from_pretrained(memory=)`: `msa ingest/ask/adapt` and `msa serve` build their engine first and
+    load the memory after, so they too must pick the router that keyed it (an earlier shipped one here), and a
+    server holding an old and a new memory gives each its own router."""
+    import json as _json
+
+    from msa_plugins import MSAEngine
+    from msa_plugins.cli import main
+    from msa_plugins.engine.router import Router
+    from msa_plugins.models import DEFAULT_ROUTER_DIR, ROUTERS_DIR
+    from msa_plugins.server import open_memories, sibling_engine
+
+    v2_dir = os.path.join(ROUTERS_DIR, "smollm2-135m-v2")
+    v2, today = Router.load(v2_dir).fingerprint(), Router.load(DEFAULT_ROUTER_DIR).fingerprint()
+    assert v2 != today
+    old = MSAEngine.from_pretrained(router=v2_dir, device="cpu")
+    old.add(["Paris is the capital of France."], ids=["paris"], progress=False)
+    old.save(str(tmp_path / "old"))
+    new = sibling_engine(old, router=Router.load(DEFAULT_ROUTER_DIR))
+    new.add(["The Nile flows north through Egypt."], ids=["nile"], progress=False)
+    new.save(str(tmp_path / "new"))
+    doc = tmp_path / "rome.txt"
+    doc.write_text("Rome is the capital of Italy.", encoding="utf-8")
+    assert main(["--device", "cpu", "ingest", str(doc), "--memory", str(tmp_path / "old")]) == 0
+    manifest = _json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["key_mode"] == v2 and manifest["n_documents"] == 2
+    memories = open_memories([str(tmp_path / "old"), str(tmp_path / "new")], device="cpu")
+    assert memories["old"].engine.router.fingerprint() == v2 and memories["new"].engine.router.fingerprint() == today
+    routed = memories["old"].engine.retrieve("capital of France", k=2)
+    assert {d.id for d in routed} == {"paris", str(doc)}
+    assert next(d.score for d in routed if d.id == "paris") == pytest.approx(
+        old.retrieve("capital of France", k=1)[0].score, abs=1e-5)  # scored by v2, as when it was saved
+    assert [d.id for d in memories["new"].engine.retrieve("Egypt", k=1)] == ["nile"]

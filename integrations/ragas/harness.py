@@ -75,7 +75,7 @@ def run_retrieval_eval(
     for es, system_fns in _memories(evalset, systems):
         for name, fn in system_fns.items():
             retrieve = _as_retrieve_fn(fn)
-            per_k = bool(getattr(retrieve, "ranking_depends_on_k", False))
+            per_k = bool(getattr(retrieve, "ranking_depends_on_k", getattr(fn, "ranking_depends_on_k", False)))
             for q in _progress(es.questions, f"{name} on {es.name}", progress):
                 record = _base_record(es, q, name)
                 try:
