@@ -80,6 +80,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache"))
+    ap.add_argument("--chunk-size", type=int, default=64, help="P_R, tokens per routing key; the feature caches in "
+                    "--cache-dir must have been built (or derived, `routing_levers --chunk-size`) at it")
+    ap.add_argument("--shipped", default=SHIPPED_ROUTER, help="the router the 'shipped' rows use")
+    ap.add_argument("--adapted", default=None, help="the adapted router folder (default: routing_levers' "
+                    "runs/levers/routers/<target>-<setting>-s<seed>)")
     ap.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "routing_growth.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -88,7 +93,7 @@ def main(argv=None):
 
     def engine():
         if "e" not in box:
-            box["e"] = make_engine("cpu", DEFAULT_LAYERS)
+            box["e"] = make_engine("cpu", DEFAULT_LAYERS, args.chunk_size)
         return box["e"]
 
     target, tset = get_cache(args.target, args.cache_dir, engine, args.data_root, None, args.seed, 2)
@@ -96,15 +101,17 @@ def main(argv=None):
     golds = [tset.questions[i].gold_doc_ids for i in q_idx]
     questions = [tset.questions[i].question for i in q_idx]
     cq = [target.query_indices(["question"])[i] for i in q_idx]
-    shipped = Router.load(SHIPPED_ROUTER)
-    adapted_dir = os.path.join(ROOT, "runs", "levers", "routers", f"{args.target}-{ADAPTED}-s{args.seed}")
+    shipped = Router.load(args.shipped)
+    adapted_dir = args.adapted or os.path.join(ROOT, "runs", "levers", "routers", f"{args.target}-{ADAPTED}-s{args.seed}")
     if not os.path.isfile(os.path.join(adapted_dir, "router.json")):
         sys.exit(f"no adapted router at {adapted_dir}: run `python -m benchmarks.routing_levers --corpora "
                  f"{args.target} --levers {ADAPTED}` first")
     adapted = Router.load(adapted_dir)
     texts, ids = [d.memory_text() for d in tset.documents], [d.id for d in tset.documents]
     others, prefixes = [], []
-    results = {"target": args.target, "questions": len(q_idx), "command": "python -m benchmarks.routing_growth "
+    results = {"target": args.target, "questions": len(q_idx), "chunk_size": args.chunk_size,
+               "shipped": os.path.relpath(args.shipped, ROOT), "adapted": os.path.relpath(adapted_dir, ROOT),
+               "command": "python -m benchmarks.routing_growth "
                + " ".join(argv if argv is not None else sys.argv[1:]), "banks": []}
     steps = [None] + [d for d in args.distractors.split(",") if d]
     for step in steps:
