@@ -353,8 +353,8 @@ class MemoryBank:
     def load(self, directory: str, verify: bool = True, fingerprint_for: Optional[Callable] = None,
              on_swap: Optional[Callable] = None) -> None:
         """Replace the bank's contents with a saved memory. The fingerprint is checked before any data file
-        is read, and again under the lock at the swap; `verify` also checks the files' sha256 (structure is always checked). A failed load changes
-        nothing.
+        is read, and again under the lock at the swap; `verify` also checks the files' sha256 (structure is
+        always checked). A failed load changes nothing.
 
         fingerprint_for(saved fingerprint) -> the fingerprint to check against, which becomes the bank's with
         the new state (an engine adopting a stored setting); `on_swap(saved fingerprint)` runs under the same

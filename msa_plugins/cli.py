@@ -176,7 +176,7 @@ def _engine(args):
         overrides["keep_inputs"] = True
     router = args.router
     if router is None and getattr(args, "memory", None):  # the router that keyed it (adapted, or an earlier default)
-        router = MSAEngine.router_for_memory(args.memory, args.model or os.environ.get("MSA_MODEL") or None)
+        router = MSAEngine.router_for_memory(args.memory, args.model)
     return MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, **overrides)
 
 

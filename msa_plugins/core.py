@@ -37,7 +37,7 @@ from .validation import check_collection, check_history, check_messages, check_t
 
 logger = logging.getLogger(__name__)
 _UNSET = object()
-MEMORY_ROUTER_DIR = "router"  # an adapted memory keeps the router that keyed it in <memory>/router  # "not computed yet" for the allow-list (None already means "every document")
+MEMORY_ROUTER_DIR = "router"  # an adapted memory keeps the router that keyed it in <memory>/router
 
 
 def _make_bank(engine: "MSAEngine", max_doc: int):
@@ -138,9 +138,11 @@ class MSAEngine:
         """The router folder that keyed the saved memory `memory`, when the default choice of `from_pretrained`
         would not be it: `<memory>/router` for an adapted memory, or, on the embedded default model (`model`
         None or "default"), an earlier router shipped in the package (upgrading never strands a memory). Else
-        None. Every entry point that builds an engine before loading a memory (CLI, server) asks this."""
+        None. Every entry point that builds an engine before loading a memory (CLI, server) asks this.
+        `model` None falls back to $MSA_MODEL, as in `from_pretrained`."""
         if memory is None:
             return None
+        model = model if model is not None else os.environ.get("MSA_MODEL") or None
         adapted = os.path.join(memory, MEMORY_ROUTER_DIR)
         if os.path.isfile(os.path.join(adapted, "router.json")):
             return adapted

@@ -197,7 +197,6 @@ def open_memories(specs: list, model: Optional[str] = None, router: Optional[str
     base = MSAEngine.from_pretrained(model, router=router, device=device, **overrides)
     config = base.config  # before any load: each memory adopts its own routing chunk size, not the first one's
     default_router = base.router if base.has_trained_router else None  # before any memory's own router
-    model = model or os.environ.get("MSA_MODEL") or None
     memories = {}
     for i, spec in enumerate(specs):
         name, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)

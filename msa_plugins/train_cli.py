@@ -209,12 +209,6 @@ def _teachers(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def memory_router_dir(memory: str) -> Optional[str]:
-    """The router an adapted memory was keyed with (<memory>/router), when there is one."""
-    path = os.path.join(memory, ROUTER_SUBDIR)
-    return path if os.path.isfile(os.path.join(path, "router.json")) else None
-
-
 def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int = 0, out=None, resume: bool = True,
                  encoding_s: Optional[float] = None, keep_checkpoints: bool = False, doc2query: bool = False) -> str:
     """Adapt `engine`'s router to its memory (see `trainer.adapt_router_for`), write the router to `out`
@@ -248,7 +242,7 @@ def cmd_adapt(args) -> int:
         raise InvalidArgumentError(f"{args.memory} {what}; create a memory with `msa ingest FILES --memory "
                                    f"{args.memory} --keep-inputs` (or `--adapt`)")
     # the router that keys M now: its adapted one, or the (maybe earlier) shipped one
-    router = args.router or MSAEngine.router_for_memory(args.memory, args.model or os.environ.get("MSA_MODEL") or None)
+    router = args.router or MSAEngine.router_for_memory(args.memory, args.model)
     engine = MSAEngine.from_pretrained(model=args.model, router=router, device=args.device, keep_inputs=True)
     with engine.edit_saved(args.memory):
         line = adapt_engine(engine, args.memory, epochs=args.epochs, teachers=args.teachers, seed=args.seed,

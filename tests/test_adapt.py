@@ -247,7 +247,7 @@ def test_readers_during_adaptation_see_old_or_new_keys_never_a_mix(tiny_model_di
 def test_cli_adapt_rekeys_a_saved_memory_and_keeps_its_router(tiny_model_dir, tmp_path, capsys):
     import argparse
 
-    from msa_plugins.train_cli import add_adapt_parser, cmd_adapt, memory_router_dir
+    from msa_plugins.train_cli import add_adapt_parser, cmd_adapt
 
     mem = str(tmp_path / "m")
     e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", keep_inputs=True)
@@ -262,10 +262,10 @@ def test_cli_adapt_rekeys_a_saved_memory_and_keeps_its_router(tiny_model_dir, tm
                           "--teachers", "none"])
     assert args.fn is cmd_adapt and cmd_adapt(args) == 0
     assert "router adapted (ict-infonce" in capsys.readouterr().out
-    router = Router.load(memory_router_dir(mem))
+    router = Router.load(MSAEngine.router_for_memory(mem))
     assert router.meta["provenance"]["documents"] == len(IDS)
     # the saved memory is keyed by that router: it loads with it, and a second adaptation finds it itself
-    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", router=memory_router_dir(mem), memory=mem)
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", router=MSAEngine.router_for_memory(mem), memory=mem)
     assert e2.fingerprint()["key_mode"] == router.fingerprint() and len(e2) == len(IDS)
     assert not os.path.exists(os.path.join(mem, "router", "train"))  # finished: no checkpoints left behind
     assert cmd_adapt(args) == 0
