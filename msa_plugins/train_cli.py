@@ -128,13 +128,25 @@ def add_parser(sub) -> None:
                         "use the value of the memories the router will key")
     s.add_argument("--ict-per-doc", type=int, default=2, help="inverse-cloze sentences per document (0: none)")
     s.add_argument("--no-titles", action="store_true", help="do not use titles as inverse-cloze queries")
-    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--init", default="current",
+                   help="current: fine-tune the model's trained router (the one shipped for the embedded model, "
+                        "an MSA-4B checkpoint's own, or --router), or start tied-random when it has none; "
+                        "qk, tied-random, identity or random: a new router on --layers")
+    s.add_argument("--teachers", default="auto",
+                   help="teacher retrievers to distil on every training query: auto (those installed), none, "
+                        "or a list such as minilm,bm25")
+    s.add_argument("--negatives", default="mined", choices=("mined", "bank"),
+                   help="mined: the router's and the teachers' hard negatives plus random ones; bank: every "
+                        "other document")
+    s.add_argument("--epochs", type=int, default=None,
+                   help="(default: 4 when fine-tuning a trained router, 10 for a new one)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--tau", type=float, default=0.1)
-    s.add_argument("--init", default="tied-random", help="qk, tied-random, identity or random")
     s.add_argument("--dev-fraction", type=float, default=0.1)
-    s.add_argument("--patience", type=int, default=3)
+    s.add_argument("--patience", type=int, default=None,
+                   help="epochs without a better dev MRR before stopping (default: 2 when fine-tuning, 3 for a "
+                        "new router)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-resume", action="store_true", help="ignore the feature cache and checkpoints in --out")
     s.add_argument("--export-msa4b", default=None, help="also write one safetensors file with MSA-4B names")
@@ -149,26 +161,62 @@ def _layers(text):
 
 
 def cmd_train_router(args) -> int:
+    """`msa train-router`: by default the adaptation setting (`msa adapt`, docs/results/routing_levers.md)
+    on the given corpus: fine-tune the model's trained router, distil the installed teachers, mined
+    negatives; `--init tied-random --teachers none --negatives bank` is the plain InfoNCE recipe."""
     from . import MSAEngine
-    from .trainer import TrainConfig, check_out_dir, train_router_for
+    from .trainer import INITS, TrainConfig, adapt_train_config, check_out_dir, resolve_teachers, train_router_for
 
     docs = read_corpus(args.corpus)
     pairs = read_pairs(args.pairs, docs) if args.pairs else []
     if not docs:
         raise InvalidArgumentError("nothing to train on: give --corpus files and/or --pairs")
-    # settings and the output folder are checked before the model is loaded
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, tau=args.tau, init=args.init,
-                         seed=args.seed, patience=args.patience)
+    if args.init != "current" and args.init not in INITS:
+        raise InvalidArgumentError(f"--init must be 'current' or one of {list(INITS)}, got {args.init!r}")
+    if args.init != "current" and args.router not in (None, "none", "qk"):
+        raise InvalidArgumentError(f"--router names the router to fine-tune, which --init {args.init} does not do; "
+                                   "drop --router, or drop --init to fine-tune it")
+    teachers = resolve_teachers(_teachers(args.teachers))  # an unknown or missing teacher fails here, not later
+    layers = _layers(args.layers)
+
+    def make_config(fine_tune: bool) -> TrainConfig:  # fine-tuning: adaptation's epochs and patience
+        settings = dict(batch_size=args.batch_size, lr=args.lr, tau=args.tau, seed=args.seed, negatives=args.negatives,
+                        epochs=args.epochs if args.epochs is not None else (4 if fine_tune else 10),
+                        patience=args.patience if args.patience is not None else (2 if fine_tune else 3))
+        if fine_tune:
+            return adapt_train_config(**settings)
+        return TrainConfig(init="tied-random" if args.init == "current" else args.init, **settings)
+
+    make_config(False)  # the settings and the output folder are checked before the model is loaded
     check_out_dir(args.out)
-    # features need no router: the training-free one, on the requested (or the model's upper half) layers
-    engine = MSAEngine.from_pretrained(model=args.model, router="none", device=args.device,
-                                       routing_layers=_layers(args.layers), chunk_size=args.chunk_size,
-                                       routing_chunk_size=args.routing_chunk_size)
+    build = dict(model=args.model, device=args.device, chunk_size=args.chunk_size,
+                 routing_chunk_size=args.routing_chunk_size)
+    engine = init_router = None
+    if args.init == "current" and args.router not in ("none", "qk"):
+        engine = MSAEngine.from_pretrained(router=args.router, **build)  # the routing layers are the router's
+        if engine.has_trained_router:
+            init_router = engine.router
+            if layers is not None and sorted(layers) != sorted(engine.routing_layers):
+                raise InvalidArgumentError(
+                    f"--layers {args.layers} differs from the layers of the router being fine-tuned "
+                    f"({','.join(map(str, engine.routing_layers))}): drop --layers, or train a new router on "
+                    "them with --init tied-random")
+        elif layers is not None and sorted(layers) != sorted(engine.routing_layers):
+            engine = None  # no trained router: a new one on the requested layers (loaded once more below)
+    if engine is None:
+        # features need no router: the training-free one, on the requested (or the model's upper half) layers
+        engine = MSAEngine.from_pretrained(router="none", routing_layers=layers, **build)
+    fine_tune = init_router is not None
+    config = make_config(fine_tune)
+    start = f"from the router {init_router.fingerprint()}" if fine_tune else f"a new router ({config.init})"
+    print(f"training {start} on layers {','.join(map(str, engine.routing_layers))}", flush=True)
     result = train_router_for(engine, docs, pairs, out=args.out, config=config, dev_fraction=args.dev_fraction,
                               ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
-                              resume=not args.no_resume, export_msa4b_path=args.export_msa4b)
+                              resume=not args.no_resume, export_msa4b_path=args.export_msa4b,
+                              teachers=teachers, init_router=init_router)
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.dev_metrics.items())
-    print(f"router written to {args.out} ({result.n_train} training queries, {result.n_dev} dev"
+    method = result.router.meta.get("provenance", {}).get("method", "")
+    print(f"router written to {args.out} ({method}; {result.n_train} training queries, {result.n_dev} dev"
           + (f"; {metrics}" if metrics else "") + ")")
     return 0
 

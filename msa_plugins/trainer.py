@@ -51,7 +51,8 @@ __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "
            "load_or_build_features", "train", "split_queries", "split_indices", "evaluate", "rank",
            "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir",
            "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for", "available_teachers", "teacher_scorers", "split_title",
-           "TEACHERS", "query_features", "doc2query_questions", "keep_question", "clean_question"]
+           "TEACHERS", "resolve_teachers", "query_features", "distillation_targets", "training_method",
+           "adapt_train_config", "doc2query_questions", "keep_question", "clean_question"]
 
 
 @dataclass
@@ -275,16 +276,26 @@ def check_out_dir(out: str) -> None:
 def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = None,
                      config: Optional[TrainConfig] = None, dev_fraction: float = 0.1, ict_per_doc: int = 2,
                      ict_titles: bool = True, resume: bool = True, export_msa4b_path: Optional[str] = None,
-                     progress: bool = True) -> TrainingResult:
+                     progress: bool = True, teachers=None, init_router: Optional[Router] = None,
+                     candidates: int = 32) -> TrainingResult:
     """Train a router adapter for `engine`'s model on a corpus (and optional supervised questions).
 
     out: the adapter folder (also keeps `features/` and `train/` checkpoints, reused when `resume` and
     built from the same data and settings); None trains in memory only. config: `TrainConfig` (device:
     the engine's by default; its `progress` is replaced by `progress`). export_msa4b_path: also write one
     safetensors file with MSA-4B weight names. The engine itself is not changed: pass `result.router`
-    to `engine.set_router` to use it."""
+    to `engine.set_router` to use it.
+    teachers: None / "none", "auto" (those installed) or a list of `TEACHERS`: distil their scores over
+    `candidates` candidates per training query (as `adapt_router_for` does). init_router: fine-tune this
+    router (its layers must be the engine's) instead of initialising one by `config.init`.
+    `msa train-router` passes the adaptation setting (`adapt_train_config`, teachers "auto", the engine's
+    trained router); the defaults here train from scratch with InfoNCE only."""
     config = dataclasses.replace(config or TrainConfig(), progress=progress)
     _check_dev_fraction(dev_fraction)
+    names = resolve_teachers(teachers)
+    if init_router is not None and sorted(init_router.layers) != sorted(engine.routing_layers):
+        raise InvalidArgumentError(f"the router to fine-tune routes layers {init_router.layers}, the engine "
+                                   f"{list(engine.routing_layers)}: build the engine on the router's layers")
     if out is not None:
         check_out_dir(out)
     docs = normalise_docs([(d.id, "", d.text) for d in engine.snapshot().documents()] if docs is None else docs)
@@ -296,10 +307,17 @@ def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = No
         cache = build_features(engine, docs, questions, **kw)
     cache.to(config.device or str(_model(engine).device))
     train_q, dev_q = split_queries(cache, dev_fraction, config.seed)
-    meta = {"corpus_documents": len(docs), "questions": len(cache.query_indices(["question"])),
-            "inverse_cloze_queries": len(cache.query_indices(["ict"]))}
+    n_questions = len(cache.query_indices(["question"]))
+    meta = {"corpus_documents": len(docs), "questions": n_questions,
+            "inverse_cloze_queries": len(cache.query_indices(["ict"])),
+            "provenance": {"method": training_method(names, config), "teachers": names,
+                           "init": config.init if init_router is None else f"router {init_router.fingerprint()}",
+                           "labels": f"{n_questions} questions" if n_questions else "none"}}
+    targets = distillation_targets(names, [f"{title}\n{text}" if title else text for _, title, text in docs],
+                                   cache, train_q, candidates)
     router, history = train(engine, cache, train_q, dev_q, config=config,
-                            out=os.path.join(out, "train") if out else None, resume=resume, meta=meta)
+                            out=os.path.join(out, "train") if out else None, resume=resume, meta=meta,
+                            init_router=init_router, teacher=targets)
     if out is not None:
         router.save(out)
     if export_msa4b_path:
@@ -324,14 +342,15 @@ def available_teachers() -> list:
     return found
 
 
-def _resolve_teachers(teachers) -> list:
+def resolve_teachers(teachers) -> list:
+    """None / "none" / "auto" / a name / a list of names -> the teacher names to distil (checked installed)."""
     if teachers in (None, "none", ()):
         return []
     if teachers == "auto":
         found = available_teachers()
         if not found:
             logger.warning("no teacher retriever is installed (pip install 'msa-plugins[eval]' for MiniLM and BM25): "
-                           "adapting with inverse-cloze InfoNCE only")
+                           "training with inverse-cloze InfoNCE only")
         return found
     names = [teachers] if isinstance(teachers, str) else list(teachers)
     unknown = [t for t in names if t not in TEACHERS]
@@ -384,6 +403,29 @@ def teacher_scorers(names: Sequence[str], doc_texts: Sequence[str], query_texts:
         else:
             raise InvalidArgumentError(f"unknown teacher {name!r}; use any of {list(TEACHERS)}")
     return out
+
+
+def distillation_targets(names: Sequence[str], doc_texts: Sequence[str], cache: FeatureCache,
+                         train_q: Sequence[int], candidates: int = 32) -> Optional[TeacherTargets]:
+    """The teachers' listwise targets over `candidates` candidates for the training queries of `cache`
+    (None without teachers). `doc_texts`: the cache's documents, in its order."""
+    if not names:
+        return None
+    scorers = teacher_scorers(names, doc_texts, cache.q_text, progress=False)
+    return teacher_targets(scorers, cache, list(train_q), k=candidates)
+
+
+def training_method(names: Sequence[str], config: TrainConfig, doc2query: bool = False) -> str:
+    """How a router was trained, in one line (its provenance "method")."""
+    return ("ict-infonce" + ("+doc2query" if doc2query else "")
+            + ("+distil-" + "+".join(names) if names and config.distill_weight > 0 else "")
+            + ("+mined-negatives" if config.negatives == "mined" else ""))
+
+
+def adapt_train_config(**overrides) -> TrainConfig:
+    """The training setting of adaptation (`AdaptConfig.train`, measured in docs/results/routing_levers.md):
+    4 epochs, early stopping after 2 without a better held-out MRR, mined negatives."""
+    return dataclasses.replace(TrainConfig(epochs=4, patience=2, negatives="mined"), **overrides)
 
 
 def split_title(text: str, max_chars: int = 100) -> tuple:
@@ -467,8 +509,7 @@ class AdaptConfig:
     doc2query: bool = False
     doc2query_max_new_tokens: int = 32
     # mined negatives: the router's own and the teachers' hard negatives (without teachers: the router's own)
-    train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(epochs=4, patience=2, negatives="mined"))
+    train: TrainConfig = dataclasses.field(default_factory=adapt_train_config)
 
 
 @dataclass
@@ -511,7 +552,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     if cfg.init != "current" and cfg.init not in INITS:
         raise InvalidArgumentError(f"init must be 'current' or one of {INITS}, got {cfg.init!r}")
     _check_dev_fraction(cfg.dev_fraction)
-    names = _resolve_teachers(cfg.teachers)
+    names = resolve_teachers(cfg.teachers)
     if out is not None:
         check_out_dir(out)
     state = engine.snapshot()._state  # one immutable state: concurrent adds do not change what we train on
@@ -558,11 +599,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     train_q = sorted(train_q + cache.query_indices(["d2q"]))
     # teacher targets on the training pseudo-queries
     t0 = time.perf_counter()
-    targets = None
-    if names:
-        scorers = teacher_scorers(names, list(state.texts), cache.q_text, progress=False)
-        targets = teacher_targets(scorers, cache, train_q, k=cfg.candidates)
-        del scorers
+    targets = distillation_targets(names, list(state.texts), cache, train_q, cfg.candidates)
     t_teach = time.perf_counter() - t0
     init_router = None
     init = cfg.init
@@ -570,9 +607,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
         init_router = engine.router if isinstance(engine.router, Router) else None
         init = "current" if init_router is not None else "tied-random"
     tcfg = dataclasses.replace(tcfg, init=init if init in INITS else tcfg.init)
-    method = "ict-infonce" + ("+doc2query" if cfg.doc2query else "") + \
-        ("+distil-" + "+".join(names) if names and tcfg.distill_weight > 0 else "") + \
-        ("+mined-negatives" if tcfg.negatives == "mined" else "")
+    method = training_method(names, tcfg, cfg.doc2query)
     provenance = {"method": method, "teachers": names, "init": init if init_router is None else
                   f"current ({init_router.fingerprint()})", "epochs": tcfg.epochs, "seed": seed,
                   "documents": len(state), "chunks": int(state.n_chunks), "tokens": int(sum(state.n_tokens)),

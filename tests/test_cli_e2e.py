@@ -300,6 +300,6 @@ def test_help_shows_defaults(capsys, tmp_path, monkeypatch):
     # the bank cache folder this run would use (argparse may break the long path at a hyphen)
     assert f"(default:{tmp_path / 'c' / 'eval-banks'})" in text.replace(" ", "")
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert "(default: 10)" in help_of(["train-router"])  # --epochs, an option without help text
+    assert "(default: 64)" in help_of(["train-router"])  # --batch-size, an option without help text
     assert "(default: 64)" in help_of(["ask"])  # --max-new-tokens
     assert "(default: cuda when available)" in help_of([])

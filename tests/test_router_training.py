@@ -15,7 +15,7 @@ from msa_plugins.engine.training import (FeatureCache, TrainableRouter, infonce,
 from msa_plugins.errors import (InvalidArgumentError, MemoryFormatError, ModelMismatchError, PathNotFoundError,
                                 RouterMismatchError)
 from msa_plugins.metrics import retrieval_metrics
-from msa_plugins.trainer import (TrainConfig, build_features, evaluate, train, train_router_for,
+from msa_plugins.trainer import (TrainConfig, build_features, evaluate, split_queries, train, train_router_for,
                                  training_free_router)
 
 LAYERS = [2, 3]
@@ -372,6 +372,65 @@ def test_cli_never_runs_a_planted_checkpoint(tiny_model_dir, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("msa: error")]
     assert len(errors) == 1 and "checkpoint" in errors[0] and "--no-resume" in errors[0]
     assert not marker.exists()
+
+
+def test_cli_train_router_fine_tunes_the_models_trained_router_with_the_adaptation_setting(engine, tiny_model_dir,
+                                                                                              tmp_path, capsys):
+    """`msa train-router` by default does what `msa adapt` does, on a corpus: it starts from the trained router
+    the engine would route with (here --router), on its layers, distils the teachers and mines negatives;
+    its epoch 0 is that router. --layers other than the router's, and --router with a new --init, are errors."""
+    from msa_plugins.cli import main
+
+    corpus, _ = _cli_inputs(tmp_path)
+    start = _router(engine, "random", seed=5)
+    start.save(str(tmp_path / "start"))
+    out = tmp_path / "tuned"
+    common = ["--model", tiny_model_dir("llama"), "--device", "cpu", "--router", str(tmp_path / "start"),
+              "train-router", "--corpus", str(corpus), "--chunk-size", "4", "--teachers", "bm25"]
+    assert main(common + ["--out", str(out)]) == 0
+    tuned = Router.load(str(out))
+    prov = tuned.meta["provenance"]
+    assert prov["init"] == f"router {start.fingerprint()}" and prov["teachers"] == ["bm25"]
+    assert prov["method"] == "ict-infonce+distil-bm25+mined-negatives" and prov["labels"] == "none"
+    cfg = tuned.meta["train_config"]
+    assert (cfg["epochs"], cfg["patience"], cfg["negatives"]) == (4, 2, "mined") and tuned.layers == LAYERS
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x"), "--layers", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "--layers 1,2 differs from the layers of the router being fine-tuned (2,3)" in err
+    assert main(common + ["--out", str(tmp_path / "y"), "--init", "tied-random"]) == 2
+    assert "--router names the router to fine-tune" in capsys.readouterr().err
+    assert main(common[:-1] + ["nope", "--out", str(tmp_path / "z")]) == 2
+    assert "unknown teacher" in capsys.readouterr().err
+
+
+def test_train_router_for_distils_teachers_from_a_given_router(engine, tmp_path):
+    """train_router_for with teachers and init_router: epoch 0 is init_router (same dev MRR on the same
+    features), it trains with the teachers' targets and records how (provenance)."""
+    start = _router(engine, "random", seed=5)
+    result = train_router_for(engine, DOCS, ict_per_doc=2, dev_fraction=0.25, teachers=["bm25"], init_router=start,
+                              out=str(tmp_path / "r"), config=TrainConfig(epochs=1, batch_size=4, negatives="mined"),
+                              progress=False)
+    prov = result.router.meta["provenance"]
+    assert prov["init"] == f"router {start.fingerprint()}" and prov["method"] == "ict-infonce+distil-bm25+mined-negatives"
+    assert result.router.layers == LAYERS and result.n_dev >= 1
+    feats = FeatureCache.load(str(tmp_path / "r" / "features"))
+    dev_q = split_queries(feats, 0.25, 0)[1]
+    assert result.history[0]["dev_mrr"] == pytest.approx(evaluate(start, feats, dev_q)["mrr"])
+    other = _router(engine, "random", seed=6)
+    one_layer = Router({3: other.wq[3]}, {3: other.wk[3]}, other.n_heads, other.n_kv_heads, other.head_dim)
+    with pytest.raises(InvalidArgumentError, match="routes layers"):
+        train_router_for(engine, DOCS, init_router=one_layer, progress=False)
+
+
+def test_engine_train_router_fine_tunes_its_own_router_only_when_it_has_one(engine, tiny_model_dir, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="needs a trained router"):
+        engine.train_router(DOCS, fine_tune=True, progress=False)
+    start = _router(engine, "random", seed=5)
+    start.save(str(tmp_path / "start"))
+    routed = _engine(tiny_model_dir, router=str(tmp_path / "start"))
+    result = routed.train_router(DOCS, fine_tune=True, config=TrainConfig(epochs=1, batch_size=4), progress=False)
+    assert result.router.meta["provenance"]["init"] == f"router {start.fingerprint()}"
 
 
 def test_late_interaction_training_scores_equal_the_naive_reference(engine, cache):
