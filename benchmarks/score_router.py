@@ -1,0 +1,58 @@
+"""Score router folders on the cached features of HotpotQA / MuSiQue (full banks, all questions): pure routing
+(the engine's layer-mean score) and hybrid (fused with BM25 exactly as `routing="hybrid"` fuses them).
+
+Reads feature caches built by `benchmarks.train_default_router.get_cache` (e.g. runs/router_cache-p16 for
+16-token routing keys); it never encodes, so it runs in seconds. Writes --results (JSON). Example:
+
+    msa train-router --corpus hotpotqa.jsonl --out runs/tr-hotpotqa
+    python -m benchmarks.score_router --corpus hotpotqa runs/tr-hotpotqa msa_plugins/routers/smollm2-135m
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from msa_plugins.integrations.ragas import datasets as ds
+from msa_plugins.metrics import retrieval_metrics
+from msa_plugins.trainer import FeatureCache, Router, evaluate, hybrid_rank
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADERS = {"hotpotqa": ds.load_hotpotqa_train100, "musique": ds.load_musique_train100}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("routers", nargs="+", help="router folders")
+    ap.add_argument("--corpus", choices=sorted(LOADERS), default="hotpotqa")
+    ap.add_argument("--cache-dir", default=os.path.join(ROOT, "runs", "router_cache-p16"))
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--results", default=None, help="JSON to write (default: print only)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cache = FeatureCache.load(os.path.join(args.cache_dir, f"{args.corpus}-qall-ict2-s0"))
+    evalset = LOADERS[args.corpus](data_root=args.data_root)
+    if cache.doc_ids != [d.id for d in evalset.documents]:
+        raise SystemExit(f"the feature cache in {args.cache_dir} is not of this {args.corpus} bank")
+    qs = cache.query_indices(["question"])
+    gold = [[cache.doc_ids[p] for p in cache.q_pos[q]] for q in qs]
+    texts = [d.memory_text() for d in evalset.documents]
+    out = {"corpus": args.corpus, "documents": cache.n_docs, "questions": len(qs), "routers": {}}
+    for path in args.routers:
+        router = Router.load(path)
+        hybrid = retrieval_metrics(hybrid_rank(router, cache, qs, [cache.q_text[q] for q in qs], texts, topk=20),
+                                   gold, ks=(1, 5, 10))
+        row = {"pure": evaluate(router, cache, qs), "hybrid": hybrid, "fingerprint": router.fingerprint(),
+               "provenance": router.meta.get("provenance")}
+        out["routers"][path] = row
+        print(f"{path}: R@5 / MRR pure {row['pure']['recall@5']:.3f} / {row['pure']['mrr']:.3f}, "
+              f"hybrid {hybrid['recall@5']:.3f} / {hybrid['mrr']:.3f}", flush=True)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
