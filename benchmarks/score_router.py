@@ -42,6 +42,14 @@ def main(argv=None):
     out = {"corpus": args.corpus, "documents": cache.n_docs, "questions": len(qs), "routers": {}}
     for path in args.routers:
         router = Router.load(path)
+        # scores pair the router's layers with the cache's by position: a router for other layers would be
+        # scored wrongly, not refused, further down. Another routing chunk size is legitimate (keys are linear
+        # in the pooled inputs) but worth seeing.
+        if router.layers != cache.layers:
+            raise SystemExit(f"{path} routes layers {router.layers}; the cache holds layers {cache.layers}")
+        p_r, cache_p = router.meta.get("routing_chunk_size"), cache.meta["fingerprint"]["chunk_size"]
+        if p_r is not None and p_r != cache_p:
+            print(f"note: {path} was trained on {p_r}-token routing keys, scored here on {cache_p}-token ones")
         hybrid = retrieval_metrics(hybrid_rank(router, cache, qs, [cache.q_text[q] for q in qs], texts, topk=20),
                                    gold, ks=(1, 5, 10))
         row = {"pure": evaluate(router, cache, qs), "hybrid": hybrid, "fingerprint": router.fingerprint(),

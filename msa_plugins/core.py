@@ -696,13 +696,16 @@ class MSAEngine:
         """Train a router for this model (see `msa_plugins.trainer.train_router_for`): on `docs`
         ((id, title, text) triples; None: the memory's own documents) with inverse-cloze pairs and optional
         labelled `questions`; `teachers` ("auto", or names such as ["minilm", "bm25"]) are distilled;
-        `fine_tune` starts from this engine's trained router instead of `config.init`. The memory is left
-        unchanged; use `set_router` to adopt the result."""
-        from .trainer import train_router_for
+        `fine_tune` starts from this engine's trained router instead of `config.init` (config None: then
+        adaptation's setting, `trainer.adapt_train_config()`). The memory is left unchanged; use `set_router`
+        to adopt the result."""
+        from .trainer import adapt_train_config, train_router_for
 
         if fine_tune and not self.has_trained_router:
             raise InvalidArgumentError("fine_tune=True needs a trained router to start from; this engine routes "
                                        "with the model's own q/k projections (load one with router=...)")
+        if fine_tune and config is None:
+            config = adapt_train_config()
         return train_router_for(self, docs, questions, out=out, config=config, dev_fraction=dev_fraction,
                                 ict_per_doc=ict_per_doc, ict_titles=ict_titles, resume=resume,
                                 export_msa4b_path=export_msa4b_path, progress=progress, teachers=teachers,

@@ -23,7 +23,7 @@ import json
 import os
 from typing import Optional
 
-from .errors import DuplicateIdError, InvalidArgumentError
+from .errors import DuplicateIdError, InvalidArgumentError, RouterMismatchError
 
 
 def _read_json_records(path: str) -> list:
@@ -121,7 +121,8 @@ def add_parser(sub) -> None:
     s.add_argument("--corpus", nargs="*", default=[], help="corpus files or globs (.txt/.md/.jsonl/.json)")
     s.add_argument("--pairs", default=None, help="JSONL of {question, doc_ids|positives}")
     s.add_argument("--out", required=True, help="router adapter folder to write")
-    s.add_argument("--layers", default=None, help="routing layers, e.g. 15,18,21,24,27 (default: upper half)")
+    s.add_argument("--layers", default=None, help="routing layers of a new router, e.g. 15,18,21,24,27 (default: the "
+                   "fine-tuned router's own, else the model's upper half)")
     s.add_argument("--chunk-size", type=int, default=64)
     s.add_argument("--routing-chunk-size", type=int, default=None,
                    help="tokens per pooled routing key in the features (default: 16, or --chunk-size when smaller); "
@@ -129,8 +130,9 @@ def add_parser(sub) -> None:
     s.add_argument("--ict-per-doc", type=int, default=2, help="inverse-cloze sentences per document (0: none)")
     s.add_argument("--no-titles", action="store_true", help="do not use titles as inverse-cloze queries")
     s.add_argument("--init", default="current",
-                   help="current: fine-tune the model's trained router (the one shipped for the embedded model, "
-                        "an MSA-4B checkpoint's own, or --router), or start tied-random when it has none; "
+                   help="current: fine-tune the model's trained router (--router or $MSA_ROUTER, else an MSA-4B "
+                        "checkpoint's own or the one shipped for the embedded model), or start tied-random when it "
+                        "has none; "
                         "qk, tied-random, identity or random: a new router on --layers")
     s.add_argument("--teachers", default="auto",
                    help="teacher retrievers to distil on every training query: auto (those installed), none, "
@@ -191,24 +193,29 @@ def cmd_train_router(args) -> int:
     check_out_dir(args.out)
     build = dict(model=args.model, device=args.device, chunk_size=args.chunk_size,
                  routing_chunk_size=args.routing_chunk_size)
-    engine = init_router = None
+    init_router = None
     if args.init == "current" and args.router not in ("none", "qk"):
-        engine = MSAEngine.from_pretrained(router=args.router, **build)  # the routing layers are the router's
+        known = _starting_router_layers(args)  # read before the model loads, when the router is a folder
+        if known is not None and layers is not None and sorted(layers) != sorted(known):
+            raise InvalidArgumentError(f"--layers {args.layers} differs from the layers of the router being fine-tuned "
+                                       f"({','.join(map(str, known))}): drop --layers, or train a new router on them "
+                                       "with --init tied-random")
+        try:  # a model without a trained router routes training-free on --layers: one load either way
+            engine = MSAEngine.from_pretrained(router=args.router, routing_layers=layers if known is None else None,
+                                               **build)
+        except RouterMismatchError as e:  # an MSA-4B checkpoint's own router on other layers than --layers
+            if layers is None:
+                raise
+            raise InvalidArgumentError(f"--layers {args.layers} does not fit the model's own router ({e}): drop "
+                                       "--layers, or train a new router on them with --init tied-random") from e
         if engine.has_trained_router:
             init_router = engine.router
-            if layers is not None and sorted(layers) != sorted(engine.routing_layers):
-                raise InvalidArgumentError(
-                    f"--layers {args.layers} differs from the layers of the router being fine-tuned "
-                    f"({','.join(map(str, engine.routing_layers))}): drop --layers, or train a new router on "
-                    "them with --init tied-random")
-        elif layers is not None and sorted(layers) != sorted(engine.routing_layers):
-            engine = None  # no trained router: a new one on the requested layers (loaded once more below)
-    if engine is None:
+    else:
         # features need no router: the training-free one, on the requested (or the model's upper half) layers
         engine = MSAEngine.from_pretrained(router="none", routing_layers=layers, **build)
     fine_tune = init_router is not None
     config = make_config(fine_tune)
-    start = f"from the router {init_router.fingerprint()}" if fine_tune else f"a new router ({config.init})"
+    start = f"from {init_router.fingerprint()}" if fine_tune else f"a new router ({config.init})"
     print(f"training {start} on layers {','.join(map(str, engine.routing_layers))}", flush=True)
     result = train_router_for(engine, docs, pairs, out=args.out, config=config, dev_fraction=args.dev_fraction,
                               ict_per_doc=args.ict_per_doc, ict_titles=not args.no_titles,
@@ -255,6 +262,21 @@ def _teachers(text):
     if text in ("auto", "none"):
         return text
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _starting_router_layers(args) -> Optional[list]:
+    """The layers of the router `msa train-router --init current` fine-tunes, when it is a folder that can be
+    read before the model loads (--router, $MSA_ROUTER, or the router shipped for the embedded model); None
+    when only the loaded model can tell (an MSA-4B checkpoint's own router, or none)."""
+    from .models import DEFAULT_ROUTER_DIR
+    from .trainer import Router
+
+    folder = args.router or os.environ.get("MSA_ROUTER") or None
+    if folder is None and (args.model or os.environ.get("MSA_MODEL") or "default") == "default":
+        folder = DEFAULT_ROUTER_DIR
+    if folder is None or folder in ("none", "qk"):
+        return None
+    return list(Router.load(folder).layers)
 
 
 def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int = 0, out=None, resume: bool = True,

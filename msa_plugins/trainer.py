@@ -190,10 +190,11 @@ def _check_dev_fraction(dev_fraction) -> None:
 
 def split_queries(cache: FeatureCache, dev_fraction: float = 0.1, seed: int = 0) -> tuple:
     """(train, dev) query indices: dev holds out `dev_fraction` of the questions (of the inverse-cloze
-    pairs when there are no questions), and only when there are at least 10 to draw from."""
+    pairs when there are fewer than 10 questions: then every question trains), and only when there are at
+    least 10 to draw from."""
     _check_dev_fraction(dev_fraction)
     q, ict = cache.query_indices(["question"]), cache.query_indices(["ict"])
-    pool = list(q) if q else list(ict)
+    pool = list(q) if len(q) >= 10 or not ict else list(ict)
     random.Random(seed).shuffle(pool)
     n_dev = int(len(pool) * dev_fraction) if len(pool) >= 10 else 0
     dev = sorted(pool[:n_dev])
@@ -310,14 +311,22 @@ def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = No
     n_questions = len(cache.query_indices(["question"]))
     meta = {"corpus_documents": len(docs), "questions": n_questions,
             "inverse_cloze_queries": len(cache.query_indices(["ict"])),
-            "provenance": {"method": training_method(names, config), "teachers": names,
-                           "init": config.init if init_router is None else f"router {init_router.fingerprint()}",
-                           "labels": f"{n_questions} questions" if n_questions else "none"}}
+            "provenance": {"method": ("questions+" if n_questions else "") + training_method(names, config),
+                           "teachers": names, "labels": f"{n_questions} questions" if n_questions else "none",
+                           "init": config.init if init_router is None else init_router.fingerprint()}}
     targets = distillation_targets(names, [f"{title}\n{text}" if title else text for _, title, text in docs],
                                    cache, train_q, candidates)
-    router, history = train(engine, cache, train_q, dev_q, config=config,
-                            out=os.path.join(out, "train") if out else None, resume=resume, meta=meta,
-                            init_router=init_router, teacher=targets)
+    work = os.path.join(out, "train") if out else None
+    kw = dict(config=config, out=work, meta=meta, init_router=init_router, teacher=targets)
+    try:
+        router, history = train(engine, cache, train_q, dev_q, resume=resume, **kw)
+    except InvalidArgumentError as e:
+        if not (resume and work and "other settings" in str(e)):
+            raise
+        # the checkpoint is another training's (other settings, data, teachers or starting router): as in
+        # `adapt_router_for`, there is nothing to resume, and the feature cache above was still reused
+        logger.info("%s holds another training's checkpoint: starting afresh", work)
+        router, history = train(engine, cache, train_q, dev_q, resume=False, **kw)
     if out is not None:
         router.save(out)
     if export_msa4b_path:

@@ -347,6 +347,9 @@ def test_cli_train_router_writes_loadable_adapter(tiny_model_dir, tmp_path):
                "--pairs", str(pairs), "--out", str(out), "--layers", "2,3", "--chunk-size", "4", "--epochs", "2",
                "--export-msa4b", str(tmp_path / "msa4b.safetensors")])
     assert rc == 0
+    # no trained router to start from: a new one, with the teachers and mined negatives
+    cfg = Router.load(str(out)).meta["train_config"]
+    assert (cfg["init"], cfg["epochs"], cfg["patience"], cfg["negatives"]) == ("tied-random", 2, 3, "mined")
     eng = MSAEngine.from_pretrained(tiny_model_dir("llama"), router=str(out), device="cpu", chunk_size=4)
     assert eng.info()["routing_layers"] == LAYERS and eng.has_trained_router
     sd, adapter = load_file(str(tmp_path / "msa4b.safetensors")), load_file(str(out / "router.safetensors"))
@@ -390,10 +393,14 @@ def test_cli_train_router_fine_tunes_the_models_trained_router_with_the_adaptati
     assert main(common + ["--out", str(out)]) == 0
     tuned = Router.load(str(out))
     prov = tuned.meta["provenance"]
-    assert prov["init"] == f"router {start.fingerprint()}" and prov["teachers"] == ["bm25"]
+    assert prov["init"] == start.fingerprint() and prov["teachers"] == ["bm25"]
     assert prov["method"] == "ict-infonce+distil-bm25+mined-negatives" and prov["labels"] == "none"
     cfg = tuned.meta["train_config"]
     assert (cfg["epochs"], cfg["patience"], cfg["negatives"]) == (4, 2, "mined") and tuned.layers == LAYERS
+    # rerun in the same folder with other settings: the features are reused, the other checkpoint is not
+    # resumed (nothing to resume), and it trains afresh instead of failing after the encoding
+    assert main(common[:-1] + ["none", "--negatives", "bank", "--out", str(out)]) == 0
+    assert Router.load(str(out)).meta["provenance"]["method"] == "ict-infonce"
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "x"), "--layers", "1,2"]) == 2
     err = capsys.readouterr().err
@@ -412,11 +419,16 @@ def test_train_router_for_distils_teachers_from_a_given_router(engine, tmp_path)
                               out=str(tmp_path / "r"), config=TrainConfig(epochs=1, batch_size=4, negatives="mined"),
                               progress=False)
     prov = result.router.meta["provenance"]
-    assert prov["init"] == f"router {start.fingerprint()}" and prov["method"] == "ict-infonce+distil-bm25+mined-negatives"
+    assert prov["init"] == start.fingerprint() and prov["method"] == "ict-infonce+distil-bm25+mined-negatives"
     assert result.router.layers == LAYERS and result.n_dev >= 1
     feats = FeatureCache.load(str(tmp_path / "r" / "features"))
     dev_q = split_queries(feats, 0.25, 0)[1]
     assert result.history[0]["dev_mrr"] == pytest.approx(evaluate(start, feats, dev_q)["mrr"])
+    # the teachers' targets reach the loss: the same run without them trains another router
+    plain = train_router_for(engine, DOCS, ict_per_doc=2, dev_fraction=0.25, init_router=start,
+                             out=str(tmp_path / "r"), config=TrainConfig(epochs=1, batch_size=4, negatives="mined"),
+                             progress=False)
+    assert plain.history[1]["loss"] != pytest.approx(result.history[1]["loss"])
     other = _router(engine, "random", seed=6)
     one_layer = Router({3: other.wq[3]}, {3: other.wk[3]}, other.n_heads, other.n_kv_heads, other.head_dim)
     with pytest.raises(InvalidArgumentError, match="routes layers"):
@@ -429,8 +441,18 @@ def test_engine_train_router_fine_tunes_its_own_router_only_when_it_has_one(engi
     start = _router(engine, "random", seed=5)
     start.save(str(tmp_path / "start"))
     routed = _engine(tiny_model_dir, router=str(tmp_path / "start"))
-    result = routed.train_router(DOCS, fine_tune=True, config=TrainConfig(epochs=1, batch_size=4), progress=False)
-    assert result.router.meta["provenance"]["init"] == f"router {start.fingerprint()}"
+    result = routed.train_router(DOCS, fine_tune=True, progress=False)
+    assert result.router.meta["provenance"]["init"] == start.fingerprint()
+    assert result.router.meta["train_config"]["negatives"] == "mined"  # adaptation's setting when config is None
+
+
+def test_dev_split_holds_out_inverse_cloze_queries_when_there_are_few_questions(engine):
+    """With under 10 labelled questions there is still a dev split (of inverse-cloze queries) for early
+    stopping, and every question trains."""
+    feats = build_features(engine, DOCS, [("Where was Alice born?", ["alice"])], ict_per_doc=2, progress=False)
+    train_q, dev_q = split_queries(feats, 0.25, 0)
+    assert dev_q and set(dev_q) <= set(feats.query_indices(["ict"]))
+    assert set(feats.query_indices(["question"])) <= set(train_q)
 
 
 def test_late_interaction_training_scores_equal_the_naive_reference(engine, cache):
