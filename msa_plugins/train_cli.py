@@ -1,8 +1,12 @@
 """`msa train-router`: train a router adapter for any model on any corpus.
 
-    msa train-router --corpus docs/*.txt --out my-router                 # unsupervised (inverse cloze)
+    msa train-router --corpus docs/*.txt --out my-router                 # no labels (as `msa adapt` trains)
     msa train-router --corpus corpus.jsonl --pairs qa.jsonl --out my-router
     msa --model ./my-hf-model train-router --pairs qa.jsonl --out my-router --layers 16,20,24
+
+By default it fine-tunes the model's trained router (the shipped one for the embedded model) on
+inverse-cloze pseudo-queries (and --pairs questions), distilling MiniLM / BM25 when installed, with mined
+negatives; a model with no trained router gets a new one on --layers.
 
 Corpus files: .txt/.md (one document per file), .jsonl / .json (records with "text", optional "id",
 "title"). Pairs JSONL: {"question": ..., "doc_ids": [...]} (ids of corpus documents) or
@@ -10,7 +14,8 @@ Corpus files: .txt/.md (one document per file), .jsonl / .json (records with "te
 Writes ROUTER_DIR/router.safetensors (MSA-4B weight names) + router.json, loadable with
 `MSAEngine.from_pretrained(..., router=ROUTER_DIR)`; the feature cache goes to ROUTER_DIR/features
 (delete it to save space; keep it to retrain without re-encoding) and checkpoints to ROUTER_DIR/train
-(a rerun with the same settings resumes from them; `--no-resume` starts afresh).
+(a rerun with the same settings resumes from them, one with other settings starts afresh; `--no-resume`
+also re-encodes the features).
 
 `cli.main` owns the global options (--model, --device) and turns msa-plugins errors into one-line
 messages; this module adds the sub-command (`add_parser`) and runs it (`cmd_train_router`).
