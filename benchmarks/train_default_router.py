@@ -111,6 +111,9 @@ def main(argv=None):
                     "(comma list of minilm,bm25; default none: InfoNCE only, how the first shipped router was made)")
     ap.add_argument("--negatives", default="bank", help="'bank' (every other passage) or 'mined' (router + teacher "
                     "hard negatives + random)")
+    ap.add_argument("--positives", default="all", choices=("all", "first"),
+                    help="first: a PopQA question's first gold passage only (its subject's page); its second gold "
+                         "passage, the answer entity's page (e.g. 'Politician'), teaches an answer-type prior")
     ap.add_argument("--eval-corpora", default="", help="after training, R@5/MRR of the router on these corpora "
                     "(comma list of hotpotqa,musique: corpora it never saw), against the shipped router")
     ap.add_argument("--threads", type=int, default=None)
@@ -129,6 +132,9 @@ def main(argv=None):
                          args.ict_per_doc)
     cache.to(args.device)
     qidx = cache.query_indices(["question"])
+    if args.positives == "first":  # in memory only: the cache on disk keeps every gold passage
+        for i in qidx:
+            cache.q_pos[i] = cache.q_pos[i][:1]
     tr_i, dev_i, te_i = split_indices(len(qidx), seed=args.seed)
     train_q = [qidx[i] for i in tr_i]
     dev_q = [qidx[i] for i in dev_i]
@@ -176,7 +182,9 @@ def main(argv=None):
     meta = {"trained_on": "PopQA (HippoRAG 2 split) train questions "
             f"(seeded split, seed {args.seed}) + inverse-cloze pairs from the PopQA passages"
             + (f"; distilled from {'+'.join(teachers)} on those queries" if teachers else "")
-            + (f"; fine-tuned from the router {args.init_router}" if args.init_router else ""),
+            + (f"; fine-tuned from the router {args.init_router}" if args.init_router else "")
+            + ("; positives: each question's first gold passage (its subject's page) only"
+               if args.positives == "first" else ""),
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
             "command": command}
     t0 = time.perf_counter()
