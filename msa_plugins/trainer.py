@@ -274,6 +274,18 @@ def check_out_dir(out: str) -> None:
         raise InvalidArgumentError(f"the router folder {out!r} is not writable; choose another")
 
 
+def _resume_or_start_afresh(run, work: Optional[str], resume: bool, what: str) -> tuple:
+    """run(resume) -> (router, history); when the checkpoint in `work` is another run's (other settings, data,
+    teachers or starting router: `train_router` refuses it), there is nothing to resume: start afresh."""
+    try:
+        return run(resume)
+    except InvalidArgumentError as e:
+        if not (resume and work and "other settings" in str(e)):
+            raise
+        logger.info("%s holds another %s's checkpoint: starting afresh", work, what)
+        return run(False)
+
+
 def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = None,
                      config: Optional[TrainConfig] = None, dev_fraction: float = 0.1, ict_per_doc: int = 2,
                      ict_titles: bool = True, resume: bool = True, export_msa4b_path: Optional[str] = None,
@@ -317,16 +329,10 @@ def train_router_for(engine, docs=None, questions=(), *, out: Optional[str] = No
     targets = distillation_targets(names, [f"{title}\n{text}" if title else text for _, title, text in docs],
                                    cache, train_q, candidates)
     work = os.path.join(out, "train") if out else None
-    kw = dict(config=config, out=work, meta=meta, init_router=init_router, teacher=targets)
-    try:
-        router, history = train(engine, cache, train_q, dev_q, resume=resume, **kw)
-    except InvalidArgumentError as e:
-        if not (resume and work and "other settings" in str(e)):
-            raise
-        # the checkpoint is another training's (other settings, data, teachers or starting router): as in
-        # `adapt_router_for`, there is nothing to resume, and the feature cache above was still reused
-        logger.info("%s holds another training's checkpoint: starting afresh", work)
-        router, history = train(engine, cache, train_q, dev_q, resume=False, **kw)
+    # the feature cache above is reused either way; a checkpoint of another training is not resumed
+    router, history = _resume_or_start_afresh(
+        lambda resume: train(engine, cache, train_q, dev_q, resume=resume, config=config, out=work, meta=meta,
+                             init_router=init_router, teacher=targets), work, resume, "training")
     if out is not None:
         router.save(out)
     if export_msa4b_path:
@@ -624,16 +630,10 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
                   "doc2query_questions": len(d2q) if cfg.doc2query else None, "labels": "none"}
     t0 = time.perf_counter()
     work = os.path.join(out, "train") if out else None
-    kw = dict(model=model, config=tcfg, out_dir=work, init_router=init_router, teacher=targets,
-              meta=_router_meta(engine))
-    try:
-        router, history = _train_on_features(cache, train_q, dev_q, resume=resume, **kw)
-    except InvalidArgumentError as e:
-        if not (resume and work and "other settings" in str(e)):
-            raise
-        # the checkpoint is another adaptation's (another memory, router or setting): nothing to resume
-        logger.info("%s holds another adaptation's checkpoint: starting afresh", work)
-        router, history = _train_on_features(cache, train_q, dev_q, resume=False, **kw)
+    router, history = _resume_or_start_afresh(
+        lambda resume: _train_on_features(cache, train_q, dev_q, resume=resume, model=model, config=tcfg,
+                                          out_dir=work, init_router=init_router, teacher=targets,
+                                          meta=_router_meta(engine)), work, resume, "adaptation")
     t_train = time.perf_counter() - t0
     provenance["epochs_run"] = max(0, len(history) - 1)
     router.meta["provenance"] = provenance
