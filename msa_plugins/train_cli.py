@@ -8,7 +8,8 @@ By default it fine-tunes the model's trained router (the shipped one for the emb
 inverse-cloze pseudo-queries (and --pairs questions), distilling MiniLM / BM25 when installed, with mined
 negatives; a model with no trained router gets a new one on --layers.
 
-Corpus files: .txt/.md (one document per file), .jsonl / .json (records with "text", optional "id",
+Corpus files: .txt/.md (one document per file; a short first line followed by more text is its title, as
+`msa adapt` reads a memory document), .jsonl / .json (records with "text", optional "id",
 "title"). Pairs JSONL: {"question": ..., "doc_ids": [...]} (ids of corpus documents) or
 {"question": ..., "positives": ["document text", ...]} (added to the corpus when missing).
 Writes ROUTER_DIR/router.safetensors (MSA-4B weight names) + router.json, loadable with
@@ -48,9 +49,19 @@ def _read_json_records(path: str) -> list:
     return recs
 
 
+def _title_and_text(content: str) -> tuple:
+    """A text file's (title, text): its first line as the title when `msa adapt` would take it as one
+    (`trainer.split_title`: short, followed by more text), so the title is a pseudo-query here too; the
+    document the router is trained on stays the file's exact text ("title\ntext" == content)."""
+    from .trainer import split_title
+
+    title, text = split_title(content)
+    return (title, text) if title and f"{title}\n{text}" == content else ("", content)
+
+
 def read_corpus(patterns) -> list:
     """Corpus files or globs -> list of (id, title, text). Ids: the record's "id", else `<file>#<i>`
-    (JSON) or the file path (text files)."""
+    (JSON) or the file path (text files). A text file's first line is its title when it looks like one."""
     docs = []
     for pattern in patterns or []:
         files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
@@ -72,7 +83,7 @@ def read_corpus(patterns) -> list:
             else:
                 try:
                     with open(path, encoding="utf-8") as f:
-                        docs.append((os.path.relpath(path), "", f.read()))
+                        docs.append((os.path.relpath(path), *_title_and_text(f.read())))
                 except UnicodeDecodeError as e:
                     raise InvalidArgumentError(f"{path} is not UTF-8 text ({e}); convert it and retry") from e
                 except OSError as e:
@@ -86,8 +97,13 @@ def read_corpus(patterns) -> list:
 
 
 def read_pairs(path, docs) -> list:
-    """-> list of (question, [doc ids]); `positives` texts missing from docs are appended to docs."""
-    by_text = {x: d for d, _, x in docs}
+    """-> list of (question, [doc ids]); `positives` texts missing from docs are appended to docs. A positive
+    names a document by its text, or by its title line and text as a file holds them."""
+    by_text = {}
+    for d, t, x in docs:
+        by_text[x] = d
+        if t:
+            by_text.setdefault(f"{t}\n{x}", d)
     known = {d for d, _, _ in docs}
     pairs = []
     try:
