@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT_VERSION = 1
+# Query features are kept in fp16 (the dtype the cache is saved in) and turned into fp32 a batch at a time
+# by `TrainableRouter.scores`. They are one row per query token, so they are most of a cache: HotpotQA's
+# 2,919 pseudo-queries take 431 MB in fp16, about 5 GB in fp32 at 741K corpus tokens. A query whose values do
+# not fit in fp16 (|x| > 65504) keeps the whole cache's queries in fp32 instead.
+QUERY_DTYPE = torch.float16
 CHECKPOINT = "checkpoint.safetensors"  # tensors + the JSON training state in its header metadata
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never loaded
 INITS = ("qk", "tied-random", "identity", "random")
@@ -87,14 +92,21 @@ class FeatureCache:
         return {d: i for i, d in enumerate(self.doc_ids)}
 
     def add_queries(self, texts: list, inputs: list, positives: list, kind: str = "question") -> None:
-        """inputs: per query [L, T, hidden]."""
+        """inputs: per query [L, T, hidden], any float dtype; kept in QUERY_DTYPE (fp32 if a value does
+        not fit in it)."""
         if not (len(texts) == len(inputs) == len(positives)):
             raise InvalidArgumentError(f"texts ({len(texts)}), inputs ({len(inputs)}) and positives "
                                        f"({len(positives)}) must have the same length")
         if not texts:
             return
         lengths = torch.tensor([x.shape[1] for x in inputs], dtype=torch.long)
-        new = torch.cat(inputs, dim=1).to(self.inputs.dtype)  # [L, sum T, hidden]
+        dtype = QUERY_DTYPE if self.q_inputs is None or self.q_inputs.dtype == QUERY_DTYPE else torch.float32
+        if dtype == QUERY_DTYPE and not all(map(_fits, inputs)):
+            logger.info("query features exceed the %s range: the feature cache keeps them in fp32", QUERY_DTYPE)
+            dtype = torch.float32
+        if self.q_inputs is not None and self.q_inputs.dtype != dtype:
+            self.q_inputs = self.q_inputs.to(dtype)
+        new = torch.cat([x.to(dtype) for x in inputs], dim=1)  # [L, sum T, hidden]
         self.q_inputs = new if self.q_inputs is None else torch.cat([self.q_inputs, new], dim=1)
         self.q_start = torch.cat([self.q_start, self.q_start[-1] + lengths.cumsum(0)])
         self.q_text.extend(texts)
@@ -161,10 +173,14 @@ class FeatureCache:
         tmp = f"{directory}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        t = {"inputs": self.inputs.to("cpu", dtype).contiguous(), "doc_start": self.doc_start.cpu().contiguous(),
+        def stored(x):  # features that overflow `dtype` are written in fp32 rather than as inf
+            fits = _fits(x, dtype)
+            return x.to("cpu", dtype if fits else torch.float32).contiguous()
+
+        t = {"inputs": stored(self.inputs), "doc_start": self.doc_start.cpu().contiguous(),
              "chunk_doc": self.chunk_doc.cpu().contiguous(), "q_start": self.q_start.cpu().contiguous()}
         if self.q_inputs is not None:
-            t["q_inputs"] = self.q_inputs.to("cpu", dtype).contiguous()
+            t["q_inputs"] = stored(self.q_inputs)
         save_file(t, os.path.join(tmp, "features.safetensors"))
         with open(os.path.join(tmp, "features.json"), "w", encoding="utf-8") as f:
             json.dump({"format_version": CACHE_FORMAT_VERSION, "layers": self.layers, "doc_ids": self.doc_ids,
@@ -178,7 +194,8 @@ class FeatureCache:
 
     @classmethod
     def load(cls, directory: str, dtype: torch.dtype = torch.float32) -> "FeatureCache":
-        """Read a cache written by `save`; a damaged, foreign or other-version one raises `MemoryFormatError`."""
+        """Read a cache written by `save`; a damaged, foreign or other-version one raises `MemoryFormatError`.
+        `dtype`: the documents' features; query features stay as saved (fp16, or fp32 when written so)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -196,7 +213,7 @@ class FeatureCache:
         try:
             cache = cls(list(m["layers"]), list(m["doc_ids"]), t["doc_start"], t["chunk_doc"], t["inputs"].to(dtype),
                         list(m["q_text"]), list(m["q_kind"]), [list(p) for p in m["q_pos"]], t["q_start"],
-                        t["q_inputs"].to(dtype) if "q_inputs" in t else None, dict(m.get("meta") or {}))
+                        _query_store(t["q_inputs"]) if "q_inputs" in t else None, dict(m.get("meta") or {}))
         except (KeyError, TypeError) as e:
             raise MemoryFormatError(f"{where} lacks {e}; delete it to rebuild the features") from e
         cache.check(where)
@@ -206,6 +223,16 @@ class FeatureCache:
     def exists(directory: str) -> bool:
         return os.path.isfile(os.path.join(directory, "features.json")) and \
             os.path.isfile(os.path.join(directory, "features.safetensors"))
+
+
+def _query_store(x: torch.Tensor) -> torch.Tensor:
+    """Saved query features as the cache keeps them: QUERY_DTYPE or fp32 as they are, anything else as fp32."""
+    return x if x.dtype in (QUERY_DTYPE, torch.float32) else x.to(torch.float32)
+
+
+def _fits(x: torch.Tensor, dtype: torch.dtype = QUERY_DTYPE) -> bool:
+    """True when every value of `x` keeps its magnitude in `dtype` (no overflow to inf)."""
+    return x.dtype == dtype or not x.numel() or float(x.abs().max()) <= torch.finfo(dtype).max
 
 
 # ====================================================================== features from the model
@@ -242,11 +269,14 @@ def question_features(encoder: Encoder, prompts: Sequence[Prompt], progress: boo
 
 
 def batched_question_features(model: DecoderModel, layers: Sequence[int], prompts: Sequence[Prompt],
-                               batch_tokens: int = 4096, progress: bool = True, desc: str = "queries") -> list:
+                               batch_tokens: int = 4096, progress: bool = True, desc: str = "queries",
+                               dtype: torch.dtype = torch.float32) -> list:
     """`question_features` for many prompts at once: right-padded batches of similar length, one forward
     each (a causal mask makes right padding harmless). A prompt is cut after its last question token:
-    the tokens after it cannot change the question tokens' states. -> per prompt [L, Tq, hidden] (fp32, CPU),
-    equal to `question_features` up to float rounding of batched matmuls."""
+    the tokens after it cannot change the question tokens' states. -> per prompt [L, Tq, hidden] (CPU),
+    equal to `question_features` up to float rounding of batched matmuls. `dtype`: what each prompt's
+    features are kept in as they are made (QUERY_DTYPE for a FeatureCache: half the RAM of fp32 while
+    thousands of pseudo-queries accumulate); a prompt whose values overflow it stays fp32."""
     layers = list(layers)
     cut = []
     for p in prompts:
@@ -295,7 +325,8 @@ def batched_question_features(model: DecoderModel, layers: Sequence[int], prompt
             model.forward(ids, positions, cache=cache, capture=capture, last_layer=last)
             for b, i in enumerate(batch):
                 sel = torch.tensor(cut[i][1][M:], dtype=torch.bool)
-                out[i] = torch.stack([hs[l][b, :len(sel)][sel] for l in layers]).clone()  # [L, Tq, hidden]
+                x = torch.stack([hs[l][b, :len(sel)][sel] for l in layers])  # [L, Tq, hidden] fp32
+                out[i] = x.to(dtype) if _fits(x, dtype) else x.clone()
             bar.update(B)
     return out
 
@@ -347,7 +378,8 @@ def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, doc
         empty = [t for t, p in zip(texts, prompts) if not any(p.question_mask)]
         if empty:
             raise InvalidArgumentError(f"question(s) {empty[:3]!r} have no tokens; remove empty questions")
-        return batched_question_features(model, layers, prompts, batch_tokens, progress=progress, desc=desc)
+        return batched_question_features(model, layers, prompts, batch_tokens, progress=progress, desc=desc,
+                                         dtype=QUERY_DTYPE)
 
     if qs:
         cache.add_queries([q for q, _ in qs], features([q for q, _ in qs], "questions"), [p for _, p in qs],
@@ -808,8 +840,10 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     device = cfg.device or (str(model.device) if model is not None else "cpu")
     tr = tr.to(device)
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = dict(meta or {}, train_config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
-                layers=layers, n_train=len(train), n_dev=len(dev))
+    train_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    if init_router is not None:  # cfg.init is not used: the router started from is
+        train_config["init"] = init_router.fingerprint()
+    meta = dict(meta or {}, train_config=train_config, layers=layers, n_train=len(train), n_dev=len(dev))
     # what a checkpoint must share to be resumed: the settings and the data (queries and their caches)
     identity = dict(cfg.identity(), layers=layers, train=[list(x) for x in train], dev=[list(x) for x in dev],
                     data=[c.meta.get("data_hash") for c in caches],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from typing import Optional
 
 from .errors import DuplicateIdError, InvalidArgumentError, RouterMismatchError
@@ -232,6 +233,9 @@ def cmd_train_router(args) -> int:
         if engine.has_trained_router:
             init_router = engine.router
     else:
+        if args.init != "current" and os.environ.get("MSA_ROUTER"):  # a default, not an error as --router is
+            print(f"note: $MSA_ROUTER ({os.environ['MSA_ROUTER']}) is not used: --init {args.init} trains a new "
+                  "router", file=sys.stderr)
         # features need no router: the training-free one, on the requested (or the model's upper half) layers
         engine = MSAEngine.from_pretrained(router="none", routing_layers=layers, **build)
     fine_tune = init_router is not None

@@ -137,11 +137,11 @@ def _data_hash(engine, docs, questions, ict_per_doc, ict_titles, seed) -> str:
 def query_features(engine, texts: Sequence[str], progress: bool = False, desc: str = "queries") -> list:
     """Router features of extra queries (e.g. generated pseudo-questions) under `engine`'s model and routing
     prompt, for `FeatureCache.add_queries`: one batched forward, the features of each query's own tokens."""
-    from .engine.training import batched_question_features
+    from .engine.training import QUERY_DTYPE, batched_question_features
 
     prompts = [_routing_prompt(engine)(t) for t in texts]
     return batched_question_features(_model(engine), engine.routing_layers, prompts, engine.config.batch_tokens,
-                                     progress=progress, desc=desc)
+                                     progress=progress, desc=desc, dtype=QUERY_DTYPE)
 
 
 def build_features(engine, docs=None, questions=(), *, ict_per_doc: int = 2, ict_titles: bool = True,

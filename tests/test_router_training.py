@@ -84,6 +84,48 @@ def test_cache_describes_the_bank_and_roundtrips(engine, cache, tmp_path):
     assert back.q_pos == cache.q_pos and back.q_kind == cache.q_kind and torch.equal(back.q_start, cache.q_start)
 
 
+def test_query_features_are_kept_in_fp16_and_score_as_their_fp32_reference(engine, cache, tmp_path):
+    """Query features (one row per query token: most of a cache) are kept in fp16, half the RAM, and scored in
+    fp32. The reference: the same queries' features kept in fp32 as the model makes them; the scores agree up
+    to fp16 rounding and rank the documents alike. Saved and loaded, they stay fp16."""
+    from msa_plugins.engine.training import batched_question_features
+    from msa_plugins.trainer import _routing_prompt
+
+    assert cache.q_inputs.dtype == torch.float16 and cache.inputs.dtype == torch.float32
+    prompts = [_routing_prompt(engine)(t) for t in cache.q_text]
+    exact = batched_question_features(engine.model, LAYERS, prompts, progress=False, dtype=torch.float32)
+    assert all(x.dtype == torch.float32 for x in exact)
+    ref = FeatureCache(cache.layers, cache.doc_ids, cache.doc_start, cache.chunk_doc, cache.inputs, list(cache.q_text),
+                       list(cache.q_kind), list(cache.q_pos), cache.q_start, torch.cat(exact, dim=1))
+    ref.check()
+    assert ref.q_inputs.dtype == torch.float32 and cache.q_inputs.nbytes * 2 == ref.q_inputs.nbytes
+    tr = TrainableRouter.from_router(_router(engine, "random", seed=5))
+    q = list(range(cache.n_queries))
+    got, want = tr.scores(cache, q).detach(), tr.scores(ref, q).detach()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    assert torch.equal(got.mean(0).argmax(-1), want.mean(0).argmax(-1))
+    cache.save(str(tmp_path / "c"))
+    assert FeatureCache.load(str(tmp_path / "c")).q_inputs.dtype == torch.float16
+
+
+def test_query_features_beyond_the_fp16_range_are_kept_in_fp32(tmp_path):
+    """A query whose values overflow fp16 keeps the cache's queries in fp32 (never inf), saved as fp32 too."""
+    L, N, hid = 1, 2, 4
+    cache = FeatureCache([0], ["a", "b"], torch.arange(N + 1), torch.arange(N), torch.randn(L, N, hid))
+    cache.add_queries(["small"], [torch.randn(L, 2, hid)], [[0]])
+    assert cache.q_inputs.dtype == torch.float16
+    big = torch.randn(L, 3, hid)
+    big[0, 1, 2] = 1e5  # fp16's largest value is 65504
+    cache.add_queries(["big"], [big], [[1]])
+    assert cache.q_inputs.dtype == torch.float32 and float(cache.q_inputs[0, 3, 2]) == 1e5
+    cache.add_queries(["after"], [torch.randn(L, 1, hid).half()], [[0]])
+    assert cache.q_inputs.dtype == torch.float32 and cache.q_inputs.shape[1] == 6
+    cache.check()
+    cache.save(str(tmp_path / "c"))  # the default fp16 would write inf: the queries go in fp32
+    back = FeatureCache.load(str(tmp_path / "c"))
+    assert back.q_inputs.dtype == torch.float32 and float(back.q_inputs[0, 3, 2]) == 1e5
+
+
 def test_building_features_leaves_the_memory_alone(engine):
     before = engine.snapshot().ids
     build_features(engine, [("other", "", "Another document about nothing.")], ict_per_doc=1, progress=False)
@@ -336,6 +378,31 @@ def _cli_inputs(tmp_path):
     return corpus, pairs
 
 
+def test_text_files_give_their_title_line_as_a_pseudo_query_as_adapt_does(tmp_path):
+    """A .txt/.md corpus file whose first line is a title (as `msa adapt` reads one: `split_title`) gives it
+    as the title, so `train-router` makes a title pseudo-query from it; the document stays the file's exact
+    text, and a --pairs positive quoting the whole file names it."""
+    from msa_plugins.train_cli import read_corpus, read_pairs
+    from msa_plugins.trainer import split_title
+
+    files = {"titled.txt": "Lisbon\nLisbon is the capital of Portugal.",
+             "plain.md": "A single paragraph with no title line at all.",
+             "spaced.txt": "  Padded title \nThe first line has spaces around it."}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    docs = {os.path.basename(d): (t, x) for d, t, x in read_corpus([str(tmp_path / "*")])}
+    assert docs["titled.txt"] == split_title(files["titled.txt"]) == ("Lisbon", "Lisbon is the capital of Portugal.")
+    assert docs["plain.md"] == ("", files["plain.md"])
+    assert docs["spaced.txt"] == ("", files["spaced.txt"])  # a stripped title would change the document's text
+    corpus = read_corpus([str(tmp_path / "*")])
+    pairs_file = tmp_path / "qa.jsonl"
+    pairs_file.write_text(json.dumps({"question": "What is Portugal's capital?", "positives": [files["titled.txt"]]}) + "\n"
+                          + json.dumps({"question": "Which title?", "positives": ["Lisbon is the capital of Portugal."]}))
+    n = len(corpus)
+    pairs = read_pairs(str(pairs_file), corpus)
+    assert len(corpus) == n and [ids for _, ids in pairs] == [[d for d, _, _ in corpus if d.endswith("titled.txt")]] * 2
+
+
 def test_cli_train_router_writes_loadable_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -378,7 +445,8 @@ def test_cli_never_runs_a_planted_checkpoint(tiny_model_dir, tmp_path, capsys):
 
 
 def test_cli_train_router_fine_tunes_the_models_trained_router_with_the_adaptation_setting(engine, tiny_model_dir,
-                                                                                              tmp_path, capsys):
+                                                                                              tmp_path, capsys,
+                                                                                              monkeypatch):
     """`msa train-router` by default does what `msa adapt` does, on a corpus: it starts from the trained router
     the engine would route with (here --router), on its layers, distils the teachers and mines negatives;
     its epoch 0 is that router. --layers other than the router's, and --router with a new --init, are errors."""
@@ -397,6 +465,7 @@ def test_cli_train_router_fine_tunes_the_models_trained_router_with_the_adaptati
     assert prov["method"] == "ict-infonce+distil-bm25+mined-negatives" and prov["labels"] == "none"
     cfg = tuned.meta["train_config"]
     assert (cfg["epochs"], cfg["patience"], cfg["negatives"]) == (4, 2, "mined") and tuned.layers == LAYERS
+    assert cfg["init"] == start.fingerprint()  # what it started from, not the unused TrainConfig.init
     # rerun in the same folder with other settings: the features are reused, the other checkpoint is not
     # resumed (nothing to resume), and it trains afresh instead of failing after the encoding
     assert main(common[:-1] + ["none", "--negatives", "bank", "--out", str(out)]) == 0
@@ -407,6 +476,13 @@ def test_cli_train_router_fine_tunes_the_models_trained_router_with_the_adaptati
     assert "--layers 1,2 differs from the layers of the router being fine-tuned (2,3)" in err
     assert main(common + ["--out", str(tmp_path / "y"), "--init", "tied-random"]) == 2
     assert "--router names the router to fine-tune" in capsys.readouterr().err
+    # $MSA_ROUTER is a default, not a request: --init tied-random trains a new router and says it is not used
+    monkeypatch.setenv("MSA_ROUTER", str(tmp_path / "start"))
+    new = [a for a in common if a not in ("--router", str(tmp_path / "start"))]
+    assert main(new + ["--out", str(tmp_path / "w"), "--init", "tied-random", "--epochs", "1"]) == 0
+    assert "$MSA_ROUTER" in capsys.readouterr().err
+    assert Router.load(str(tmp_path / "w")).meta["provenance"]["init"] == "tied-random"
+    monkeypatch.delenv("MSA_ROUTER")
     assert main(common[:-1] + ["nope", "--out", str(tmp_path / "z")]) == 2
     assert "unknown teacher" in capsys.readouterr().err
 
