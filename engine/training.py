@@ -91,26 +91,38 @@ class FeatureCache:
     def row_of(self) -> dict:
         return {d: i for i, d in enumerate(self.doc_ids)}
 
-    def add_queries(self, texts: list, inputs: list, positives: list, kind: str = "question") -> None:
-        """inputs: per query [L, T, hidden], any float dtype; kept in QUERY_DTYPE (fp32 if a value does
-        not fit in it)."""
-        if not (len(texts) == len(inputs) == len(positives)):
-            raise InvalidArgumentError(f"texts ({len(texts)}), inputs ({len(inputs)}) and positives "
-                                       f"({len(positives)}) must have the same length")
+    def add_queries(self, texts: list, inputs, positives: list, kind="question", lengths=None) -> None:
+        """inputs: per query [L, T, hidden] (a list), or all of them one after another [L, sum T, hidden] with
+        `lengths` [Q] (as `packed_question_features` makes them: the first queries of a cache adopt that tensor,
+        no copy). Any float dtype; kept in QUERY_DTYPE (fp32 if a value does not fit in it).
+        kind: one for all the queries, or one per query."""
+        kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
+        if isinstance(inputs, torch.Tensor):
+            lengths = torch.as_tensor(lengths if lengths is not None else [], dtype=torch.long)
+            if inputs.dim() != 3 or lengths.numel() != len(texts) or int(lengths.sum()) != inputs.shape[1] \
+                    or bool((lengths < 1).any()):
+                raise InvalidArgumentError(f"packed inputs of {inputs.shape[-2] if inputs.dim() == 3 else '?'} tokens "
+                                           f"need lengths: one per query ({len(texts)}), each >= 1, adding up to "
+                                           f"the tokens; got {lengths.tolist()}")
+            parts = [inputs]
+        else:
+            parts, lengths = list(inputs), torch.tensor([x.shape[1] for x in inputs], dtype=torch.long)
+        if not (len(texts) == len(lengths) == len(positives) == len(kinds)):
+            raise InvalidArgumentError(f"texts ({len(texts)}), inputs ({len(lengths)}), positives ({len(positives)}) "
+                                       f"and kinds ({len(kinds)}) must have the same length")
         if not texts:
             return
-        lengths = torch.tensor([x.shape[1] for x in inputs], dtype=torch.long)
         dtype = QUERY_DTYPE if self.q_inputs is None or self.q_inputs.dtype == QUERY_DTYPE else torch.float32
-        if dtype == QUERY_DTYPE and not all(map(_fits, inputs)):
+        if dtype == QUERY_DTYPE and not all(map(_fits, parts)):
             logger.info("query features exceed the %s range: the feature cache keeps them in fp32", QUERY_DTYPE)
             dtype = torch.float32
         if self.q_inputs is not None and self.q_inputs.dtype != dtype:
             self.q_inputs = self.q_inputs.to(dtype)
-        new = torch.cat([x.to(dtype) for x in inputs], dim=1)  # [L, sum T, hidden]
+        new = parts[0].to(dtype) if len(parts) == 1 else torch.cat([x.to(dtype) for x in parts], dim=1)  # [L, sum T, hidden]
         self.q_inputs = new if self.q_inputs is None else torch.cat([self.q_inputs, new], dim=1)
         self.q_start = torch.cat([self.q_start, self.q_start[-1] + lengths.cumsum(0)])
         self.q_text.extend(texts)
-        self.q_kind.extend([kind] * len(texts))
+        self.q_kind.extend(kinds)
         self.q_pos.extend([list(map(int, p)) for p in positives])
 
     def query_indices(self, kinds: Optional[Iterable[str]] = None) -> list:
@@ -268,15 +280,17 @@ def question_features(encoder: Encoder, prompts: Sequence[Prompt], progress: boo
     return out
 
 
-def batched_question_features(model: DecoderModel, layers: Sequence[int], prompts: Sequence[Prompt],
-                               batch_tokens: int = 4096, progress: bool = True, desc: str = "queries",
-                               dtype: torch.dtype = torch.float32) -> list:
+def packed_question_features(model: DecoderModel, layers: Sequence[int], prompts: Sequence[Prompt],
+                             batch_tokens: int = 4096, progress: bool = True, desc: str = "queries",
+                             dtype: torch.dtype = torch.float32) -> tuple:
     """`question_features` for many prompts at once: right-padded batches of similar length, one forward
     each (a causal mask makes right padding harmless). A prompt is cut after its last question token:
-    the tokens after it cannot change the question tokens' states. -> per prompt [L, Tq, hidden] (CPU),
-    equal to `question_features` up to float rounding of batched matmuls. `dtype`: what each prompt's
-    features are kept in as they are made (QUERY_DTYPE for a FeatureCache: half the RAM of fp32 while
-    thousands of pseudo-queries accumulate); a prompt whose values overflow it stays fp32."""
+    the tokens after it cannot change the question tokens' states.
+    -> (features [L, sum Tq, hidden] on CPU, the prompts' question tokens one after another, lengths [Q]):
+    equal to `question_features` concatenated, up to float rounding of batched matmuls. The features are
+    written into one tensor of `dtype` as they are made, never held twice (QUERY_DTYPE for a FeatureCache,
+    which adopts the tensor: thousands of pseudo-queries in half the RAM of fp32); when a prompt's values
+    overflow `dtype`, the tensor turns fp32."""
     layers = list(layers)
     cut = []
     for p in prompts:
@@ -284,8 +298,12 @@ def batched_question_features(model: DecoderModel, layers: Sequence[int], prompt
         if last < 0:
             raise InvalidArgumentError("a query has no tokens to route with; remove empty queries")
         cut.append((p.ids[:last + 1], p.question_mask[:last + 1]))
+    lengths = torch.tensor([sum(map(bool, m)) for _, m in cut], dtype=torch.long)  # question tokens per prompt
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).tolist()
+    out = torch.empty(len(layers), offsets[-1], model.hidden_size, dtype=dtype)  # a normal tensor, filled below
+    if not cut:
+        return out, lengths
     batches = length_batches([len(c[0]) for c in cut], batch_tokens)
-    out = [None] * len(cut)
     layer_set = set(layers)
     last = max(layers)
     # The template before the question (system prompt, user header) is the same for every query: run it
@@ -326,9 +344,12 @@ def batched_question_features(model: DecoderModel, layers: Sequence[int], prompt
             for b, i in enumerate(batch):
                 sel = torch.tensor(cut[i][1][M:], dtype=torch.bool)
                 x = torch.stack([hs[l][b, :len(sel)][sel] for l in layers])  # [L, Tq, hidden] fp32
-                out[i] = x.to(dtype) if _fits(x, dtype) else x.clone()
+                if not _fits(x, out.dtype):
+                    logger.info("query features exceed the %s range: they are kept in fp32", out.dtype)
+                    out = out.float()
+                out[:, offsets[i]:offsets[i + 1]] = x
             bar.update(B)
-    return out
+    return out, lengths
 
 
 def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, docs: Sequence,
@@ -373,23 +394,20 @@ def build_cache(model: DecoderModel, layers: Sequence[int], chunk_size: int, doc
         logger.warning("%d question(s) name gold documents that are not in the corpus: those ids are ignored "
                        "(questions left without any are skipped)", dropped)
 
-    def features(texts, desc):
-        prompts = [prompt(t) for t in texts]
-        empty = [t for t, p in zip(texts, prompts) if not any(p.question_mask)]
+    queries = [(q, p, "question") for q, p in qs]
+    if ict_per_doc or ict_titles:
+        queries += in_cache_order(inverse_cloze_pairs([(row[d], t, x) for d, (_, t, x) in zip(ids, docs)], ict_per_doc,
+                                                      ict_titles, seed))
+    if queries:
+        prompts = [prompt(q) for q, _, _ in queries]
+        empty = [q for (q, _, _), p in zip(queries, prompts) if not any(p.question_mask)]
         if empty:
             raise InvalidArgumentError(f"question(s) {empty[:3]!r} have no tokens; remove empty questions")
-        return batched_question_features(model, layers, prompts, batch_tokens, progress=progress, desc=desc,
-                                         dtype=QUERY_DTYPE)
-
-    if qs:
-        cache.add_queries([q for q, _ in qs], features([q for q, _ in qs], "questions"), [p for _, p in qs],
-                          kind="question")
-    if ict_per_doc or ict_titles:
-        pairs = inverse_cloze_pairs([(row[d], t, x) for d, (_, t, x) in zip(ids, docs)], ict_per_doc, ict_titles, seed)
-        feats = features([q for q, _, _ in pairs], "inverse-cloze queries")
-        for kind in ("ict-title", "ict-sentence"):
-            sel = [i for i, p in enumerate(pairs) if p[2] == kind]
-            cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
+        # one batched pass over every query, written straight into the tensor the cache keeps
+        feats, lengths = packed_question_features(model, layers, prompts, batch_tokens, progress=progress,
+                                                  desc="queries", dtype=QUERY_DTYPE)
+        cache.add_queries([q for q, _, _ in queries], feats, [p for _, p, _ in queries],
+                          kind=[k for _, _, k in queries], lengths=lengths)
     cache.meta.update({"ict_per_doc": ict_per_doc, "ict_titles": ict_titles, "seed": seed})
     return cache
 
@@ -419,6 +437,15 @@ def inverse_cloze_pairs(docs: Sequence, per_doc: int = 2, titles: bool = True, s
         for s in rng.sample(sents, min(per_doc, len(sents))):
             pairs.append((s[:max_chars], [row], "ict-sentence"))
     return pairs
+
+
+ICT_KINDS = ("ict-title", "ict-sentence")
+
+
+def in_cache_order(pairs: Sequence) -> list:
+    """Inverse-cloze pairs in the order a feature cache holds them: every title, then every sentence (each
+    kind in its own order). Which queries a seeded dev split holds out depends on it."""
+    return [p for kind in ICT_KINDS for p in pairs if p[2] == kind]
 
 
 # ====================================================================== the trainable router

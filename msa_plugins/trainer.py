@@ -37,9 +37,10 @@ import torch
 from .engine.lexical import LexicalIndex
 from .engine.router import Router
 from .engine.routing import FUSION_DEPTH, fuse
-from .engine.training import (INITS, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig, build_cache,
-                              evaluate, export_msa4b, init_router_weights, rank_documents, remove_checkpoints,
-                              split_indices, teacher_targets)
+from .engine.training import (INITS, QUERY_DTYPE, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig,
+                              build_cache, evaluate, export_msa4b, in_cache_order, init_router_weights,
+                              packed_question_features, rank_documents, remove_checkpoints, split_indices,
+                              teacher_targets)
 from .engine.training import train_router as _train_on_features
 from .errors import InvalidArgumentError, InvalidTypeError
 from .kernels.routing import topk_docs
@@ -50,9 +51,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "train_router_for", "build_features",
            "load_or_build_features", "train", "split_queries", "split_indices", "evaluate", "rank",
            "training_free_router", "export_msa4b", "retrieval_metrics", "normalise_docs", "check_out_dir",
-           "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for", "available_teachers", "teacher_scorers", "split_title",
-           "TEACHERS", "resolve_teachers", "query_features", "distillation_targets", "training_method",
-           "adapt_train_config", "doc2query_questions", "keep_question", "clean_question"]
+           "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for",
+           "available_teachers", "teacher_scorers", "split_title", "TEACHERS", "resolve_teachers", "query_features",
+           "packed_query_features", "QUERY_DTYPE", "distillation_targets", "training_method", "adapt_train_config",
+           "doc2query_questions", "keep_question", "clean_question"]
 
 
 @dataclass
@@ -134,14 +136,22 @@ def _data_hash(engine, docs, questions, ict_per_doc, ict_titles, seed) -> str:
 
 
 # ---------------------------------------------------------------------- features
-def query_features(engine, texts: Sequence[str], progress: bool = False, desc: str = "queries") -> list:
-    """Router features of extra queries (e.g. generated pseudo-questions) under `engine`'s model and routing
-    prompt, for `FeatureCache.add_queries`: one batched forward, the features of each query's own tokens."""
-    from .engine.training import QUERY_DTYPE, batched_question_features
-
+def packed_query_features(engine, texts: Sequence[str], progress: bool = False, desc: str = "queries",
+                          dtype: torch.dtype = QUERY_DTYPE) -> tuple:
+    """Router features of queries under `engine`'s model and routing prompt, as a feature cache keeps them:
+    (features [L, sum T, hidden] in `dtype`, each query's tokens one after another, lengths [Q]), for
+    `FeatureCache.add_queries(texts, features, positives, lengths=lengths)`. One batched forward pass; the
+    features of each query's own tokens, written into one tensor (held once)."""
     prompts = [_routing_prompt(engine)(t) for t in texts]
-    return batched_question_features(_model(engine), engine.routing_layers, prompts, engine.config.batch_tokens,
-                                     progress=progress, desc=desc, dtype=QUERY_DTYPE)
+    return packed_question_features(_model(engine), engine.routing_layers, prompts, engine.config.batch_tokens,
+                                    progress=progress, desc=desc, dtype=dtype)
+
+
+def query_features(engine, texts: Sequence[str], progress: bool = False, desc: str = "queries",
+                   dtype: torch.dtype = QUERY_DTYPE) -> list:
+    """`packed_query_features` per query: [L, T, hidden] each (views of one tensor)."""
+    feats, lengths = packed_query_features(engine, texts, progress, desc, dtype)
+    return list(feats.split(lengths.tolist(), dim=1))
 
 
 def build_features(engine, docs=None, questions=(), *, ict_per_doc: int = 2, ict_titles: bool = True,
@@ -580,7 +590,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
     cache = FeatureCache(list(engine.routing_layers), list(state.ids), state.doc_start.cpu(),
                          state.chunk_doc.cpu(), inputs if inputs.dtype == torch.float32 else inputs.float())
     docs = [(row, *split_title(text)) for row, text in enumerate(state.texts)]
-    pairs = inverse_cloze_pairs(docs, cfg.ict_per_doc, True, seed)
+    pairs = in_cache_order(inverse_cloze_pairs(docs, cfg.ict_per_doc, True, seed))  # [(query, [row], kind)]
     if not pairs:
         raise InvalidArgumentError("the memory's documents give no pseudo-queries (no title line and no sentence "
                                    "of 20+ characters): there is nothing to adapt the router on")
@@ -589,25 +599,23 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
                                            cfg.doc2query_max_new_tokens],
                                           ensure_ascii=False).encode()).hexdigest()[:16]
     cache.meta.update({"data_hash": data_hash, "n_tokens": int(sum(state.n_tokens))})
-    # pseudo-query features: one batched forward pass over all of them
-    t0 = time.perf_counter()
-    feats = query_features(engine, [q for q, _, _ in pairs], progress=progress, desc="pseudo-queries")
-    for kind in ("ict-title", "ict-sentence"):
-        sel = [i for i, p in enumerate(pairs) if p[2] == kind]
-        cache.add_queries([pairs[i][0] for i in sel], [feats[i] for i in sel], [pairs[i][1] for i in sel], kind)
-    del feats
-    t_feat = time.perf_counter() - t0
     t0 = time.perf_counter()
     d2q = []
     if cfg.doc2query:  # generated questions: training queries only (dev stays inverse-cloze, as measured)
         asked = doc2query_questions(engine, list(state.texts), max_new_tokens=cfg.doc2query_max_new_tokens,
                                     progress=progress)
-        d2q = [(q, row) for row, q in enumerate(asked) if q]
-        if d2q:
-            cache.add_queries([q for q, _ in d2q], query_features(engine, [q for q, _ in d2q]),
-                              [[row] for _, row in d2q], kind="d2q")
+        d2q = [(q, [row], "d2q") for row, q in enumerate(asked) if q]
         logger.info("doc2query: %d of %d documents gave a usable question", len(d2q), len(state))
     t_d2q = time.perf_counter() - t0
+    # pseudo-query features: one batched forward pass over all of them, written into the tensor the cache
+    # adopts (held once); the cache order is the inverse-cloze pairs', then the generated questions
+    t0 = time.perf_counter()
+    queries = pairs + d2q
+    feats, lengths = packed_query_features(engine, [q for q, _, _ in queries], progress=progress, desc="pseudo-queries")
+    cache.add_queries([q for q, _, _ in queries], feats, [p for _, p, _ in queries],
+                      kind=[k for _, _, k in queries], lengths=lengths)
+    del feats
+    t_feat = time.perf_counter() - t0
     device = tcfg.device or str(model.device)
     cache.to(device)
     train_q, dev_q = split_queries(cache, cfg.dev_fraction, seed)

@@ -13,7 +13,7 @@ import torch
 from msa_plugins import MSAEngine
 from msa_plugins.engine.generation import build_prompt
 from msa_plugins.engine.router import Router
-from msa_plugins.engine.training import (FeatureCache, TrainConfig, _negative_exclusions, batched_question_features,
+from msa_plugins.engine.training import (FeatureCache, TrainConfig, _negative_exclusions, packed_question_features,
                                          distill_kl, distill_loss, feature_encoder, question_features,
                                          teacher_targets)
 from msa_plugins.errors import EmptyMemoryError, ModelMismatchError
@@ -108,14 +108,19 @@ def test_mined_negatives_keep_router_and_teacher_hard_ones_and_drop_false_negati
 
 
 # ---------------------------------------------------------------------- pseudo-query features
-def test_batched_query_features_equal_one_at_a_time(tiny_model_dir):
+def test_packed_query_features_equal_one_at_a_time(tiny_model_dir):
     e = _engine(tiny_model_dir, keep_inputs=False)
     qs = ["Where was Alice born?", "capital", "The quick brown fox jumps over the lazy dog."]
     prompts = [build_prompt(e.model, q) for q in qs]
     one = question_features(feature_encoder(e.model, LAYERS, 4), prompts, progress=False)
-    batched = batched_question_features(e.model, LAYERS, prompts, batch_tokens=4096, progress=False)
-    for a, b in zip(one, batched):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # packed: every prompt's question tokens one after another in one tensor, in the kept dtype; batches
+    # of any size (4096 tokens: one batch, 16: several)
+    for dtype, batch_tokens in ((torch.float32, 4096), (torch.float32, 16), (torch.float16, 16)):
+        feats, lengths = packed_question_features(e.model, LAYERS, prompts, batch_tokens=batch_tokens, progress=False,
+                                                  dtype=dtype)
+        assert feats.dtype == dtype and lengths.tolist() == [x.shape[1] for x in one]
+        rtol = 1e-5 if dtype == torch.float32 else 1e-3  # fp16 keeps 11 significant bits
+        torch.testing.assert_close(feats, torch.cat(one, dim=1).to(dtype), atol=1e-5, rtol=rtol)
 
 
 def test_split_title():

@@ -76,6 +76,8 @@ def test_cache_describes_the_bank_and_roundtrips(engine, cache, tmp_path):
     assert cache.doc_start.diff().tolist() == [math.ceil(n / 4) for n in n_tokens]  # chunks of 4 tokens
     assert cache.meta["n_tokens"] == sum(n_tokens)
     assert cache.query_indices(["question"]) == [0, 1]
+    kinds = cache.q_kind  # questions, then every title, then every sentence: the order seeded splits rely on
+    assert kinds == sorted(kinds, key=["question", "ict-title", "ict-sentence"].index) and "ict-title" in kinds
     assert cache.q_pos[0] == [0] and cache.q_pos[1] == [1]
     assert len(cache.query_indices(["ict"])) >= len(DOCS)
     cache.save(str(tmp_path / "c"), dtype=torch.float32)
@@ -88,12 +90,10 @@ def test_query_features_are_kept_in_fp16_and_score_as_their_fp32_reference(engin
     """Query features (one row per query token: most of a cache) are kept in fp16, half the RAM, and scored in
     fp32. The reference: the same queries' features kept in fp32 as the model makes them; the scores agree up
     to fp16 rounding and rank the documents alike. Saved and loaded, they stay fp16."""
-    from msa_plugins.engine.training import batched_question_features
-    from msa_plugins.trainer import _routing_prompt
+    from msa_plugins.trainer import query_features
 
     assert cache.q_inputs.dtype == torch.float16 and cache.inputs.dtype == torch.float32
-    prompts = [_routing_prompt(engine)(t) for t in cache.q_text]
-    exact = batched_question_features(engine.model, LAYERS, prompts, progress=False, dtype=torch.float32)
+    exact = query_features(engine, cache.q_text, dtype=torch.float32)
     assert all(x.dtype == torch.float32 for x in exact)
     ref = FeatureCache(cache.layers, cache.doc_ids, cache.doc_start, cache.chunk_doc, cache.inputs, list(cache.q_text),
                        list(cache.q_kind), list(cache.q_pos), cache.q_start, torch.cat(exact, dim=1))
@@ -106,6 +106,25 @@ def test_query_features_are_kept_in_fp16_and_score_as_their_fp32_reference(engin
     assert torch.equal(got.mean(0).argmax(-1), want.mean(0).argmax(-1))
     cache.save(str(tmp_path / "c"))
     assert FeatureCache.load(str(tmp_path / "c")).q_inputs.dtype == torch.float16
+
+
+def test_packed_query_features_are_adopted_by_an_empty_cache_and_checked(tmp_path):
+    """The first packed features a cache gets are kept as they are (no second copy of the largest tensor);
+    lengths that do not add up to the tokens are refused; later ones are appended after them."""
+    L, hid = 1, 4
+    cache = FeatureCache([0], ["a", "b"], torch.arange(3), torch.arange(2), torch.randn(L, 2, hid))
+    feats = torch.randn(L, 5, hid).half()
+    with pytest.raises(InvalidArgumentError, match="lengths"):
+        cache.add_queries(["q1", "q2"], feats, [[0], [1]], lengths=[2, 2])
+    with pytest.raises(InvalidArgumentError, match="lengths"):
+        cache.add_queries(["q1", "q2"], feats, [[0], [1]])
+    assert cache.n_queries == 0 and cache.q_inputs is None  # a refused add changes nothing
+    cache.add_queries(["q1", "q2"], feats, [[0], [1]], kind=["ict-title", "ict-sentence"], lengths=[2, 3])
+    assert cache.q_inputs.data_ptr() == feats.data_ptr() and cache.q_start.tolist() == [0, 2, 5]
+    assert cache.q_kind == ["ict-title", "ict-sentence"]
+    cache.add_queries(["q3"], [torch.ones(L, 1, hid)], [[0]], kind="d2q")
+    assert cache.q_start.tolist() == [0, 2, 5, 6] and torch.equal(cache.q_inputs[:, :5], feats)
+    cache.check()
 
 
 def test_query_features_beyond_the_fp16_range_are_kept_in_fp32(tmp_path):
