@@ -94,8 +94,8 @@ class FeatureCache:
     def add_queries(self, texts: list, inputs, positives: list, kind="question", lengths=None) -> None:
         """inputs: per query [L, T, hidden] (a list), or all of them one after another [L, sum T, hidden] with
         `lengths` [Q] (as `packed_question_features` makes them: the first queries of a cache adopt that tensor,
-        no copy). Any float dtype; kept in QUERY_DTYPE (fp32 if a value does not fit in it).
-        kind: one for all the queries, or one per query."""
+        no copy; do not modify it afterwards). Any float dtype; kept in QUERY_DTYPE (fp32 if a value does not
+        fit in it). kind: one for all the queries, or one per query."""
         kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
         if isinstance(inputs, torch.Tensor):
             lengths = torch.as_tensor(lengths if lengths is not None else [], dtype=torch.long)
@@ -114,12 +114,18 @@ class FeatureCache:
             return
         dtype = QUERY_DTYPE if self.q_inputs is None or self.q_inputs.dtype == QUERY_DTYPE else torch.float32
         if dtype == QUERY_DTYPE and not all(map(_fits, parts)):
-            logger.info("query features exceed the %s range: the feature cache keeps them in fp32", QUERY_DTYPE)
+            logger.info("query features exceed the %s range (or are not finite): the feature cache keeps them in "
+                        "fp32", QUERY_DTYPE)
             dtype = torch.float32
         if self.q_inputs is not None and self.q_inputs.dtype != dtype:
             self.q_inputs = self.q_inputs.to(dtype)
-        new = parts[0].to(dtype) if len(parts) == 1 else torch.cat([x.to(dtype) for x in parts], dim=1)  # [L, sum T, hidden]
-        self.q_inputs = new if self.q_inputs is None else torch.cat([self.q_inputs, new], dim=1)
+        # [L, sum T, hidden]. A packed tensor of their own (not a view of a larger one) in the kept dtype is
+        # adopted as is: the caller hands it over. Anything else is copied, never aliased.
+        own = isinstance(inputs, torch.Tensor) and inputs._base is None and inputs.dtype == dtype
+        new = inputs if own else torch.cat([x.to(dtype) for x in parts], dim=1)
+        if self.q_inputs is not None:
+            new = torch.cat([self.q_inputs, new.to(self.q_inputs.device)], dim=1)
+        self.q_inputs = new
         self.q_start = torch.cat([self.q_start, self.q_start[-1] + lengths.cumsum(0)])
         self.q_text.extend(texts)
         self.q_kind.extend(kinds)
@@ -243,8 +249,11 @@ def _query_store(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fits(x: torch.Tensor, dtype: torch.dtype = QUERY_DTYPE) -> bool:
-    """True when every value of `x` keeps its magnitude in `dtype` (no overflow to inf)."""
-    return x.dtype == dtype or not x.numel() or float(x.abs().max()) <= torch.finfo(dtype).max
+    """True when every value of `x` keeps its magnitude in `dtype` (no overflow to inf; NaN never fits)."""
+    if x.dtype == dtype or not x.numel():
+        return True
+    lo, hi = torch.aminmax(x)  # no full-size temporary, unlike x.abs().max()
+    return max(-float(lo), float(hi)) <= torch.finfo(dtype).max
 
 
 # ====================================================================== features from the model
@@ -345,8 +354,10 @@ def packed_question_features(model: DecoderModel, layers: Sequence[int], prompts
                 sel = torch.tensor(cut[i][1][M:], dtype=torch.bool)
                 x = torch.stack([hs[l][b, :len(sel)][sel] for l in layers])  # [L, Tq, hidden] fp32
                 if not _fits(x, out.dtype):
-                    logger.info("query features exceed the %s range: they are kept in fp32", out.dtype)
-                    out = out.float()
+                    logger.info("query features exceed the %s range (or are not finite): they are kept in fp32",
+                                out.dtype)
+                    with torch.inference_mode(False):  # a normal tensor, as the one it replaces
+                        out = out.float()
                 out[:, offsets[i]:offsets[i + 1]] = x
             bar.update(B)
     return out, lengths

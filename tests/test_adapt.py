@@ -123,6 +123,30 @@ def test_packed_query_features_equal_one_at_a_time(tiny_model_dir):
         torch.testing.assert_close(feats, torch.cat(one, dim=1).to(dtype), atol=1e-5, rtol=rtol)
 
 
+def test_packed_query_features_beyond_fp16_turn_fp32_and_stay_normal_tensors(tiny_model_dir):
+    """A query whose routing-layer inputs overflow fp16 turns the packed tensor fp32 (never inf), and it is a
+    normal tensor (not an inference-mode one): a cache that adopts it can be trained on and modified."""
+    e = _engine(tiny_model_dir, keep_inputs=False)
+    prompts = [build_prompt(e.model, q) for q in ("Where was Alice born?", "capital")]
+    norm = e.model.layers[LAYERS[-1]].input_layernorm.weight
+    before = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.mul_(1e6)  # that routing layer's normalised input: far beyond fp16's 65504
+        feats, lengths = packed_question_features(e.model, LAYERS, prompts, batch_tokens=16, progress=False,
+                                                  dtype=torch.float16)
+    finally:
+        with torch.no_grad():
+            norm.copy_(before)
+    assert feats.dtype == torch.float32 and not feats.is_inference()
+    assert bool(torch.isfinite(feats).all()) and float(feats.abs().max()) > 65504
+    cache = FeatureCache(LAYERS, ["a"], torch.arange(2), torch.zeros(1, dtype=torch.long), torch.zeros(2, 1, feats.shape[2]))
+    cache.add_queries(["q1", "q2"], feats, [[0], [0]], lengths=lengths)
+    assert cache.q_inputs.dtype == torch.float32 and cache.q_inputs.data_ptr() == feats.data_ptr()
+    cache.q_inputs.mul_(1.0)  # raises on an inference tensor
+    cache.check()
+
+
 def test_split_title():
     assert split_title("Paris\nParis is big.") == ("Paris", "Paris is big.")
     assert split_title("no title line") == ("", "no title line")

@@ -125,6 +125,12 @@ def test_packed_query_features_are_adopted_by_an_empty_cache_and_checked(tmp_pat
     cache.add_queries(["q3"], [torch.ones(L, 1, hid)], [[0]], kind="d2q")
     assert cache.q_start.tolist() == [0, 2, 5, 6] and torch.equal(cache.q_inputs[:, :5], feats)
     cache.check()
+    # anything else is copied, never aliased: a list of one tensor, a view of a larger packed tensor
+    for given in ([feats.clone()], feats.clone()[:, 1:3]):
+        c = FeatureCache([0], ["a", "b"], torch.arange(3), torch.arange(2), torch.randn(L, 2, hid))
+        c.add_queries(["q"], given, [[0]], lengths=[2])
+        src = given[0] if isinstance(given, list) else given
+        assert torch.equal(c.q_inputs, src) and c.q_inputs.data_ptr() != src.data_ptr() and c.q_inputs._base is None
 
 
 def test_query_features_beyond_the_fp16_range_are_kept_in_fp32(tmp_path):
