@@ -547,46 +547,17 @@ class AdaptResult:
     directory: Optional[str] = None  # where the router was written, when `out` was given
 
 
-def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, resume: bool = True,
-                     progress: bool = True, out: Optional[str] = None, teachers=None,
-                     config: Optional[AdaptConfig] = None, keep_checkpoints: bool = False) -> AdaptResult:
-    """Adapt the router to the documents the engine's memory holds, with no labels, then re-key the memory
-    with it in place (one atomic swap, `engine.set_router`).
-
-    Reads the memory's kept pooled layer inputs (the engine needs keep_inputs=True: no document is
-    re-encoded); builds inverse-cloze pseudo-queries from the memory's texts (title + `ict_per_doc`
-    sentences per document), one batched forward for their features (with `AdaptConfig.doc2query`, also one
-    question per document written by the engine's own model); distils teacher retrievers'
-    scores over candidate sets (MiniLM / BM25, when installed: see `AdaptConfig.teachers`) beside the
-    inverse-cloze InfoNCE; trains `epochs` epochs (early stopping on held-out pseudo-queries).
-    Writes nothing unless `out` is given: then the router goes to `out` and checkpoints to `out/train`
-    while it trains (an interrupted run, rerun with the same settings, resumes from them when `resume`).
-    A finished run removes those checkpoints (about 5x the router's size) unless `keep_checkpoints` (to
-    train on later with more epochs). epochs / seed / teachers override `config`."""
+def _memory_features(engine, state, cfg: "AdaptConfig", seed: int = 0, progress: bool = False) -> tuple:
+    """The feature cache adaptation trains on, from one memory state: the memory's kept pooled inputs (shared,
+    not copied) and its pseudo-queries, in the cache's order (every inverse-cloze title, every sentence, then
+    the doc2query questions with `cfg.doc2query`; a seeded dev split depends on it), their features in one
+    pass. -> (cache, doc2query questions kept, doc2query seconds, feature seconds)."""
     import time
 
     from .engine.bank import MemoryBank
-    from .engine.training import inverse_cloze_pairs, teacher_targets
+    from .engine.training import inverse_cloze_pairs
 
-    t_start = time.perf_counter()
-    cfg = config or AdaptConfig()
-    tcfg = dataclasses.replace(cfg.train, seed=seed, progress=progress,
-                               **({"epochs": epochs} if epochs is not None else {}))
-    if teachers is not None:
-        cfg = dataclasses.replace(cfg, teachers=teachers)
-    if cfg.init != "current" and cfg.init not in INITS:
-        raise InvalidArgumentError(f"init must be 'current' or one of {INITS}, got {cfg.init!r}")
-    _check_dev_fraction(cfg.dev_fraction)
-    names = resolve_teachers(cfg.teachers)
-    if out is not None:
-        check_out_dir(out)
-    state = engine.snapshot()._state  # one immutable state: concurrent adds do not change what we train on
-    if not len(state):
-        from .errors import EmptyMemoryError
-
-        raise EmptyMemoryError("the memory is empty: add documents before adapting the router to them")
     inputs = MemoryBank.pooled_inputs(state)  # [L, C, hidden], shared with the memory (never modified)
-    model = _model(engine)
     cache = FeatureCache(list(engine.routing_layers), list(state.ids), state.doc_start.cpu(),
                          state.chunk_doc.cpu(), inputs if inputs.dtype == torch.float32 else inputs.float())
     docs = [(row, *split_title(text)) for row, text in enumerate(state.texts)]
@@ -616,6 +587,46 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
                       kind=[k for _, _, k in queries], lengths=lengths)
     del feats
     t_feat = time.perf_counter() - t0
+    return cache, len(d2q), t_d2q, t_feat
+
+
+def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, resume: bool = True,
+                     progress: bool = True, out: Optional[str] = None, teachers=None,
+                     config: Optional[AdaptConfig] = None, keep_checkpoints: bool = False) -> AdaptResult:
+    """Adapt the router to the documents the engine's memory holds, with no labels, then re-key the memory
+    with it in place (one atomic swap, `engine.set_router`).
+
+    Reads the memory's kept pooled layer inputs (the engine needs keep_inputs=True: no document is
+    re-encoded); builds inverse-cloze pseudo-queries from the memory's texts (title + `ict_per_doc`
+    sentences per document), one batched forward for their features (with `AdaptConfig.doc2query`, also one
+    question per document written by the engine's own model); distils teacher retrievers'
+    scores over candidate sets (MiniLM / BM25, when installed: see `AdaptConfig.teachers`) beside the
+    inverse-cloze InfoNCE; trains `epochs` epochs (early stopping on held-out pseudo-queries).
+    Writes nothing unless `out` is given: then the router goes to `out` and checkpoints to `out/train`
+    while it trains (an interrupted run, rerun with the same settings, resumes from them when `resume`).
+    A finished run removes those checkpoints (about 5x the router's size) unless `keep_checkpoints` (to
+    train on later with more epochs). epochs / seed / teachers override `config`."""
+    import time
+
+    t_start = time.perf_counter()
+    cfg = config or AdaptConfig()
+    tcfg = dataclasses.replace(cfg.train, seed=seed, progress=progress,
+                               **({"epochs": epochs} if epochs is not None else {}))
+    if teachers is not None:
+        cfg = dataclasses.replace(cfg, teachers=teachers)
+    if cfg.init != "current" and cfg.init not in INITS:
+        raise InvalidArgumentError(f"init must be 'current' or one of {INITS}, got {cfg.init!r}")
+    _check_dev_fraction(cfg.dev_fraction)
+    names = resolve_teachers(cfg.teachers)
+    if out is not None:
+        check_out_dir(out)
+    state = engine.snapshot()._state  # one immutable state: concurrent adds do not change what we train on
+    if not len(state):
+        from .errors import EmptyMemoryError
+
+        raise EmptyMemoryError("the memory is empty: add documents before adapting the router to them")
+    model = _model(engine)
+    cache, n_d2q, t_d2q, t_feat = _memory_features(engine, state, cfg, seed, progress)
     device = tcfg.device or str(model.device)
     cache.to(device)
     train_q, dev_q = split_queries(cache, cfg.dev_fraction, seed)
@@ -635,7 +646,7 @@ def adapt_router_for(engine, *, epochs: Optional[int] = None, seed: int = 0, res
                   f"current ({init_router.fingerprint()})", "epochs": tcfg.epochs, "seed": seed,
                   "documents": len(state), "chunks": int(state.n_chunks), "tokens": int(sum(state.n_tokens)),
                   "pseudo_queries": cache.n_queries, "train_queries": len(train_q), "dev_queries": len(dev_q),
-                  "doc2query_questions": len(d2q) if cfg.doc2query else None, "labels": "none"}
+                  "doc2query_questions": n_d2q if cfg.doc2query else None, "labels": "none"}
     t0 = time.perf_counter()
     work = os.path.join(out, "train") if out else None
     router, history = _resume_or_start_afresh(

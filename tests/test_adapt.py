@@ -147,6 +147,27 @@ def test_packed_query_features_beyond_fp16_turn_fp32_and_stay_normal_tensors(tin
     cache.check()
 
 
+def test_adaptation_features_hold_the_pseudo_queries_in_cache_order(tiny_model_dir):
+    """Adaptation's feature cache: the memory's documents and their inverse-cloze
+    pseudo-queries, every title then every sentence, each kind in the order the pairs are drawn (a seeded
+    dev split depends on this order), their features as the engine routes them (fp16)."""
+    from msa_plugins.engine.training import in_cache_order, inverse_cloze_pairs
+
+    e = _engine(tiny_model_dir)
+    state = e.snapshot()._state
+    cache, n_d2q, _, _ = trainer._memory_features(e, state, trainer.AdaptConfig(), seed=3)
+    docs = [(row, *trainer.split_title(t)) for row, t in enumerate(state.texts)]
+    pairs = inverse_cloze_pairs(docs, trainer.AdaptConfig().ict_per_doc, True, 3)
+    expected = [p for p in pairs if p[2] == "ict-title"] + [p for p in pairs if p[2] == "ict-sentence"]
+    assert expected == in_cache_order(pairs) and n_d2q == 0
+    assert [(q, p, k) for q, p, k in zip(cache.q_text, cache.q_pos, cache.q_kind)] == expected
+    assert cache.q_inputs.dtype == torch.float16 and cache.doc_ids == list(state.ids)
+    got = trainer.query_features(e, cache.q_text[:2], dtype=torch.float16)
+    for j in range(2):
+        a, b = int(cache.q_start[j]), int(cache.q_start[j + 1])
+        torch.testing.assert_close(got[j], cache.q_inputs[:, a:b])
+
+
 def test_split_title():
     assert split_title("Paris\nParis is big.") == ("Paris", "Paris is big.")
     assert split_title("no title line") == ("", "no title line")
