@@ -11,6 +11,12 @@ MiniLM, BM25 and hybrid (adapted router + BM25, the engine's zsum fusion).
 
     python -m benchmarks.routing_growth --target hotpotqa --distractors musique,popqa
 
+A distractor written NAME:N adds a seeded sample of N of that corpus's passages, encoded as a bank alone (no
+questions, no pseudo-queries: cached as <cache-dir>/NAME-bankN-s<seed>). NarrativeQA (4,111 passages of 10 books
+and scripts) has no passage labels, so it can only ever be a distractor:
+
+    python -m benchmarks.routing_growth --target hotpotqa --distractors musique,popqa,narrativeqa:1760
+
 Results: docs/results/routing_growth.json and a Markdown table beside it.
 """
 
@@ -49,6 +55,29 @@ def union(target: FeatureCache, others: list, prefixes: list) -> FeatureCache:
                      dict(target.meta))
     u.check("union of feature caches")
     return u
+
+
+def sampled_bank(spec: str, cache_dir: str, engine, data_root=None, seed: int = 0):
+    """Distractor "NAME:N": a seeded sample of N of NAME's passages (in corpus order), their bank features
+    alone -> (FeatureCache without queries, the sampled documents)."""
+    import random
+
+    from msa_plugins.integrations.ragas import datasets as ds
+    from msa_plugins.trainer import load_or_build_features
+
+    name, _, n = spec.partition(":")
+    loaders = {"narrativeqa": ds.load_narrativeqa, "popqa": ds.load_popqa, "musique": ds.load_musique_train100,
+               "hotpotqa": ds.load_hotpotqa_train100}
+    if name not in loaders or not n.isdigit() or int(n) < 1:
+        sys.exit(f"--distractors {spec!r}: use NAME or NAME:N with NAME one of {sorted(loaders)} and N >= 1")
+    documents = loaders[name](data_root=data_root).documents
+    keep = sorted(random.Random(seed).sample(range(len(documents)), min(int(n), len(documents))))
+    docs = [documents[i] for i in keep]
+    engine = engine if not callable(engine) else engine()
+    cache = load_or_build_features(engine, os.path.join(cache_dir, f"{name}-bank{n}-s{seed}"),
+                                   [(d.id, d.title, d.text) for d in docs], (), ict_per_doc=0, ict_titles=False,
+                                   seed=seed)
+    return cache, docs
 
 
 def minilm_rank(texts, questions, ids, k=10):
@@ -116,12 +145,16 @@ def main(argv=None):
     steps = [None] + [d for d in args.distractors.split(",") if d]
     for step in steps:
         if step is not None:
-            c, es = get_cache(step, args.cache_dir, engine, args.data_root, None, args.seed, 2)
+            if ":" in step:
+                c, step_docs = sampled_bank(step, args.cache_dir, engine, args.data_root, args.seed)
+            else:
+                c, es = get_cache(step, args.cache_dir, engine, args.data_root, None, args.seed, 2)
+                step_docs = es.documents
             c.q_inputs, c.q_text = None, []  # only the bank is needed
             others.append(c)
             prefixes.append(step)
-            texts += [d.memory_text() for d in es.documents]
-            ids += [f"{step}:{d.id}" for d in es.documents]
+            texts += [d.memory_text() for d in step_docs]
+            ids += [f"{step}:{d.id}" for d in step_docs]
         bank = union(target, others, prefixes) if others else target
         assert bank.doc_ids == ids
         row = {"corpora": [args.target] + prefixes, "passages": bank.n_docs, "chunks": int(bank.inputs.shape[1]),

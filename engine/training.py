@@ -54,8 +54,9 @@ CACHE_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT_VERSION = 1
 # Query features are kept in fp16 (the dtype the cache is saved in) and turned into fp32 a batch at a time
 # by `TrainableRouter.scores`. They are one row per query token, so they are most of a cache: HotpotQA's
-# 2,919 pseudo-queries take 431 MB in fp16, about 5 GB in fp32 at 741K corpus tokens. A query whose values do
-# not fit in fp16 (|x| > 65504) keeps the whole cache's queries in fp32 instead.
+# 3,019 queries take 391 MiB in fp16; a 6,119-passage corpus's pseudo-queries about 4.8 GB in fp32
+# (benchmarks/query_feature_memory.py). A query whose values do not fit in fp16 (|x| > 65504) keeps the whole
+# cache's queries in fp32 instead.
 QUERY_DTYPE = torch.float16
 CHECKPOINT = "checkpoint.safetensors"  # tensors + the JSON training state in its header metadata
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never loaded
