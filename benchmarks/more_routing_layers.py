@@ -25,16 +25,9 @@ import torch
 from benchmarks.routing_levers import adapt_on_cache
 from benchmarks.train_default_router import ROOT, get_cache, make_engine
 from msa_plugins.models import DEFAULT_ROUTER_DIR
-from msa_plugins.trainer import FeatureCache, Router, evaluate, init_router_weights
+from msa_plugins.trainer import Router, evaluate, init_router_weights
 
 LEVER = "distil-both+teacher-negatives"  # the default adaptation (routing_levers.md)
-
-
-def layer_subset(cache: FeatureCache, layers: list) -> FeatureCache:
-    """The cache on some of its routing layers (views, nothing copied)."""
-    idx = [cache.layers.index(layer) for layer in layers]
-    return FeatureCache(list(layers), cache.doc_ids, cache.doc_start, cache.chunk_doc, cache.inputs[idx], cache.q_text,
-                        cache.q_kind, cache.q_pos, cache.q_start, cache.q_inputs[idx], cache.meta)
 
 
 def main(argv=None):
@@ -63,7 +56,7 @@ def main(argv=None):
     v4 = Router.load(DEFAULT_ROUTER_DIR)
     if not set(v4.layers) <= set(layers):
         raise SystemExit(f"the shipped router's layers {v4.layers} are not all among {layers}")
-    five = layer_subset(cache, v4.layers)
+    five = cache.on_layers(v4.layers)
     rows = {}
 
     def report(name, router, c, info=None):

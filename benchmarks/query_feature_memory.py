@@ -50,16 +50,16 @@ def make_features(arm: str, texts: list, kinds: list, threads: int, out_path: st
     engine = MSAEngine.from_pretrained(device="cpu")
     t0 = time.perf_counter()
     groups = [[i for i, k in enumerate(kinds) if k == kind] for kind in dict.fromkeys(kinds)]
-    L = len(engine.routing_layers)
+    # the queries' features go into a cache with a one-document stand-in bank: only q_inputs is measured
+    holder = FeatureCache(list(engine.routing_layers), ["d"], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.long),
+                          torch.zeros(len(engine.routing_layers), 1, engine.model.hidden_size))
     if arm == "fp16-packed":
         order = [i for sel in groups for i in sel]  # the cache's order: grouped by kind
         feats, n_tok = packed_query_features(engine, [texts[i] for i in order])
-        cache = FeatureCache(list(engine.routing_layers), ["d"], torch.tensor([0, 1]), torch.zeros(1, dtype=torch.long),
-                             torch.zeros(L, 1, feats.shape[2]))
-        cache.add_queries([texts[i] for i in order], feats, [[0]] * len(order), kind=[kinds[i] for i in order],
-                          lengths=n_tok)
+        holder.add_queries([texts[i] for i in order], feats, [[0]] * len(order), kind=[kinds[i] for i in order],
+                           lengths=n_tok)
         del feats
-        q, lengths = cache.q_inputs, dict(zip(order, n_tok.tolist()))
+        q, lengths = holder.q_inputs, dict(zip(order, n_tok.tolist()))
     else:
         # one tensor per query, as the features were made before (64 queries at a time, so that the packed
         # tensor query_features now splits is never more than 64 queries' worth)
@@ -74,11 +74,9 @@ def make_features(arm: str, texts: list, kinds: list, threads: int, out_path: st
                 new = torch.cat([feats[i] for i in sel], dim=1)  # [L, sum T, hidden]
                 q = new if q is None else torch.cat([q, new], dim=1)
         else:
-            cache = FeatureCache(list(engine.routing_layers), ["d"], torch.tensor([0, 1]),
-                                 torch.zeros(1, dtype=torch.long), torch.zeros(L, 1, feats[0].shape[2]))
             for sel in groups:
-                cache.add_queries([texts[i] for i in sel], [feats[i] for i in sel], [[0]] * len(sel))
-            q = cache.q_inputs
+                holder.add_queries([texts[i] for i in sel], [feats[i] for i in sel], [[0]] * len(sel))
+            q = holder.q_inputs
         lengths = {i: x.shape[1] for i, x in enumerate(feats)}
         del feats
     seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ import time
 import torch
 
 from benchmarks.router_eval import eval_questions
-from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, make_engine
+from benchmarks.train_default_router import DEFAULT_LAYERS, ROOT, SHIPPED_ROUTER, get_cache, load_dataset, make_engine
 from msa_plugins.metrics import retrieval_metrics
 from msa_plugins.trainer import FeatureCache, Router, hybrid_rank, rank
 
@@ -62,15 +62,13 @@ def sampled_bank(spec: str, cache_dir: str, engine, data_root=None, seed: int = 
     alone -> (FeatureCache without queries, the sampled documents)."""
     import random
 
-    from msa_plugins.integrations.ragas import datasets as ds
     from msa_plugins.trainer import load_or_build_features
 
     name, _, n = spec.partition(":")
-    loaders = {"narrativeqa": ds.load_narrativeqa, "popqa": ds.load_popqa, "musique": ds.load_musique_train100,
-               "hotpotqa": ds.load_hotpotqa_train100}
-    if name not in loaders or not n.isdigit() or int(n) < 1:
-        sys.exit(f"--distractors {spec!r}: use NAME or NAME:N with NAME one of {sorted(loaders)} and N >= 1")
-    documents = loaders[name](data_root=data_root).documents
+    names = ("hotpotqa", "musique", "narrativeqa", "popqa")  # what load_dataset reads
+    if name not in names or not n.isdigit() or int(n) < 1:
+        sys.exit(f"--distractors {spec!r}: use NAME or NAME:N with NAME one of {list(names)} and N >= 1")
+    documents = load_dataset(name, data_root).documents
     keep = sorted(random.Random(seed).sample(range(len(documents)), min(int(n), len(documents))))
     docs = [documents[i] for i in keep]
     engine = engine if not callable(engine) else engine()

@@ -31,8 +31,8 @@ def per_layer(router: Router, cache: FeatureCache, qs: list) -> dict:
     document scores than their mean (the engine's): z-scored mean, max, reciprocal rank fusion (k = 60)."""
     scores = torch.stack([layer_mean_scores(Router({l: router.wq[l]}, {l: router.wk[l]}, router.n_heads,
                                                    router.n_kv_heads, router.head_dim, dict(router.meta)),
-                                            _layers(cache, [i]), qs)
-                          for i, l in enumerate(cache.layers)])  # [L, B, N]: each layer's document scores
+                                            cache.on_layers([l]), qs)
+                          for l in cache.layers])  # [L, B, N]: each layer's document scores
     gold = [[cache.doc_ids[p] for p in cache.q_pos[q]] for q in qs]
 
     def metrics(agg):  # agg [B, N] -> retrieval metrics of its top 10
@@ -47,13 +47,6 @@ def per_layer(router: Router, cache: FeatureCache, qs: list) -> dict:
     out.update({"all layers, mean (the engine's)": metrics(scores.mean(0)), "all layers, z-scored mean": metrics(z.mean(0)),
                 "all layers, max": metrics(scores.max(0).values), "all layers, RRF": metrics((1 / (60 + ranks)).sum(0))})
     return out
-
-
-def _layers(cache: FeatureCache, idx: list) -> FeatureCache:
-    """The cache restricted to the routing layers at positions `idx` (tensors are views, nothing copied)."""
-    return FeatureCache([cache.layers[i] for i in idx], cache.doc_ids, cache.doc_start, cache.chunk_doc,
-                        cache.inputs[idx], cache.q_text, cache.q_kind, cache.q_pos, cache.q_start, cache.q_inputs[idx],
-                        cache.meta)
 
 
 def main(argv=None):

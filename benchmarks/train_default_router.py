@@ -54,7 +54,7 @@ def load_dataset(name: str, data_root=None, max_questions=None, seed=0):
     from msa_plugins.integrations.ragas import datasets as ds
 
     loader = {"popqa": ds.load_popqa, "musique": ds.load_musique_train100,
-              "hotpotqa": ds.load_hotpotqa_train100}[name]
+              "hotpotqa": ds.load_hotpotqa_train100, "narrativeqa": ds.load_narrativeqa}[name]
     # max_questions: a seeded question subset with only their gold passages as the bank (small CPU runs)
     return loader(data_root=data_root, limit=max_questions, seed=seed if max_questions else None,
                   distractors=0 if max_questions else None)

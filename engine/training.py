@@ -132,6 +132,14 @@ class FeatureCache:
         self.q_kind.extend(kinds)
         self.q_pos.extend([list(map(int, p)) for p in positives])
 
+    def on_layers(self, layers: Sequence[int]) -> "FeatureCache":
+        """This cache on some of its routing layers, in the order given: those layers' features are copied out,
+        everything else (documents, queries, offsets) is shared."""
+        idx = [self.layers.index(layer) for layer in layers]
+        return FeatureCache(list(layers), self.doc_ids, self.doc_start, self.chunk_doc, self.inputs[idx], self.q_text,
+                            self.q_kind, self.q_pos, self.q_start,
+                            None if self.q_inputs is None else self.q_inputs[idx], self.meta)
+
     def query_indices(self, kinds: Optional[Iterable[str]] = None) -> list:
         """Indices of the queries of these kinds ("ict" matches "ict-title" and "ict-sentence"); all when None."""
         if kinds is None:

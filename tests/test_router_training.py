@@ -151,6 +151,23 @@ def test_query_features_beyond_the_fp16_range_are_kept_in_fp32(tmp_path):
     assert back.q_inputs.dtype == torch.float32 and float(back.q_inputs[0, 3, 2]) == 1e5
 
 
+def test_cache_on_some_of_its_layers(engine, cache):
+    """on_layers: the same documents and queries on the layers asked for, in that order; a router on those
+    layers scores it as the same layers of the whole cache."""
+    one = cache.on_layers([3])
+    assert one.layers == [3] and one.doc_ids == cache.doc_ids and one.q_text == cache.q_text
+    assert torch.equal(one.inputs[0], cache.inputs[1]) and torch.equal(one.q_inputs[0], cache.q_inputs[1])
+    swapped = cache.on_layers([3, 2])
+    assert torch.equal(swapped.inputs[1], cache.inputs[0]) and torch.equal(swapped.q_inputs[1], cache.q_inputs[0])
+    r = _router(engine, "random", seed=2)
+    q = cache.query_indices(["question"])
+    both = TrainableRouter.from_router(r).scores(cache, q).detach()  # [L, B, N]
+    last = Router({3: r.wq[3]}, {3: r.wk[3]}, r.n_heads, r.n_kv_heads, r.head_dim)
+    torch.testing.assert_close(TrainableRouter.from_router(last).scores(one, q).detach()[0], both[1])
+    with pytest.raises(ValueError):
+        cache.on_layers([7])
+
+
 def test_building_features_leaves_the_memory_alone(engine):
     before = engine.snapshot().ids
     build_features(engine, [("other", "", "Another document about nothing.")], ict_per_doc=1, progress=False)
