@@ -107,6 +107,9 @@ class FeatureCache:
                                            f"the tokens; got {lengths.tolist()}")
             parts = [inputs]
         else:
+            if lengths is not None:  # a list carries its own lengths: a second, maybe different, set is refused
+                raise InvalidArgumentError("lengths go with packed inputs (one [L, sum T, hidden] tensor); a list of "
+                                           "per-query tensors has its own: drop lengths")
             parts, lengths = list(inputs), torch.tensor([x.shape[1] for x in inputs], dtype=torch.long)
         if not (len(texts) == len(lengths) == len(positives) == len(kinds)):
             raise InvalidArgumentError(f"texts ({len(texts)}), inputs ({len(lengths)}), positives ({len(positives)}) "

@@ -118,6 +118,8 @@ def test_packed_query_features_are_adopted_by_an_empty_cache_and_checked(tmp_pat
         cache.add_queries(["q1", "q2"], feats, [[0], [1]], lengths=[2, 2])
     with pytest.raises(InvalidArgumentError, match="lengths"):
         cache.add_queries(["q1", "q2"], feats, [[0], [1]])
+    with pytest.raises(InvalidArgumentError, match="drop lengths"):
+        cache.add_queries(["q1"], [feats[:, :2]], [[0]], lengths=[3])
     assert cache.n_queries == 0 and cache.q_inputs is None  # a refused add changes nothing
     cache.add_queries(["q1", "q2"], feats, [[0], [1]], kind=["ict-title", "ict-sentence"], lengths=[2, 3])
     assert cache.q_inputs.data_ptr() == feats.data_ptr() and cache.q_start.tolist() == [0, 2, 5]
@@ -126,9 +128,9 @@ def test_packed_query_features_are_adopted_by_an_empty_cache_and_checked(tmp_pat
     assert cache.q_start.tolist() == [0, 2, 5, 6] and torch.equal(cache.q_inputs[:, :5], feats)
     cache.check()
     # anything else is copied, never aliased: a list of one tensor, a view of a larger packed tensor
-    for given in ([feats.clone()], feats.clone()[:, 1:3]):
+    for given in ([feats[:, :2].clone()], feats.clone()[:, 1:3]):
         c = FeatureCache([0], ["a", "b"], torch.arange(3), torch.arange(2), torch.randn(L, 2, hid))
-        c.add_queries(["q"], given, [[0]], lengths=[2])
+        c.add_queries(["q"], given, [[0]], lengths=None if isinstance(given, list) else [2])
         src = given[0] if isinstance(given, list) else given
         assert torch.equal(c.q_inputs, src) and c.q_inputs.data_ptr() != src.data_ptr() and c.q_inputs._base is None
 
