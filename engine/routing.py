@@ -15,6 +15,15 @@ lexical index (`lexical.py`), both restricted to the same allow-list before fusi
 "rrf", then fixed for every corpus (docs/results/hybrid_routing.md). Each ranking contributes its top
 `max(k, FUSION_DEPTH)` candidates; BM25 candidates must share a term
 with the question (score > 0). Ties break by the lower bank row, as everywhere in routing.
+
+Routing in rounds (multi-hop) reads what earlier rounds found (`MSAConfig.round_routing`):
+    "chain"   a beam over document chains (MDR, Xiong et al. 2021): each document found in the last round
+              routes the question with its chain's texts as context; a candidate's chain score is its parent's
+              chain score plus its own z-normalised score in the parent's ranking, and its best parent counts
+              (`extend_chains`). A round-1 document's chain score is its z-score in the question's ranking.
+    "concat"  one routing of the question with the text of every document found so far as context.
+"chain" is the default: the bridge passage of a 2-hop question is found from the one passage that names it,
+which the other found passages only dilute (docs/results/hybrid_routing.md).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from .bank import BankState
 
 FUSIONS = ("rrf", "zsum")
 RRF_K = 60  # the constant of Cormack et al. (2009); not tuned
-FUSION_DEPTH = 100  # candidates each ranking contributes to a fusion
+FUSION_DEPTH = 100  # candidates each ranking contributes to a fusion (and to a chain's z-scores)
+ROUND_ROUTINGS = ("chain", "concat")
 
 
 @dataclass
@@ -106,15 +116,47 @@ def fuse(rankings: list, k: int, fusion: str = "rrf") -> tuple:
         for rows, scores in rankings:
             if not rows:
                 continue
-            t = torch.tensor(scores, dtype=torch.float64)
-            z = (t - t.mean()) / t.std(unbiased=False).clamp_min(1e-12) if len(rows) > 1 else torch.zeros(1)
-            normed.append((dict(zip(rows, z.tolist())), float(z.min())))
+            z = zscores(scores)
+            normed.append((dict(zip(rows, z)), min(z)))
         for r in {r for rows, _ in rankings for r in rows}:
             fused[r] = sum(z.get(r, floor) for z, floor in normed)
     else:
         raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
     best = sorted(fused.items(), key=lambda x: (-x[1], x[0]))[:k]
     return [r for r, _ in best], [s for _, s in best]
+
+
+def zscores(scores) -> list:
+    """Scores z-normalised over their own list (mean 0, population std 1; a single score is 0)."""
+    t = torch.tensor(list(scores), dtype=torch.float64)
+    if len(t) < 2:
+        return [0.0] * len(t)
+    return ((t - t.mean()) / t.std(unbiased=False).clamp_min(1e-12)).tolist()
+
+
+@dataclass
+class ChainLink:
+    """A document a routing round added to a chain: its bank row, its score in the ranking that found it
+    (routed with its parent's texts), its chain score, and the index of its parent among that round's parents."""
+    row: int
+    score: float
+    chain: float
+    parent: int
+
+
+def extend_chains(parents: list, k: int) -> list:
+    """The next round of a beam over document chains. `parents`: one (chain score, rows, scores) per document
+    found in the last round, rows/scores being the ranking routed with that document's chain as context
+    (best first). A candidate's chain score through a parent = the parent's chain score + the candidate's
+    z-score within that parent's ranking; the best parent counts (ties: the earlier parent). Returns the top k
+    `ChainLink`s, best chain first, ties by the lower bank row."""
+    best: dict = {}
+    for p, (chain, rows, scores) in enumerate(parents):
+        for row, score, z in zip(rows, scores, zscores(scores)):
+            link = ChainLink(int(row), float(score), float(chain) + z, p)
+            if row not in best or link.chain > best[row].chain:
+                best[row] = link
+    return sorted(best.values(), key=lambda x: (-x.chain, x.row))[:k]
 
 
 def hybrid_route(q_fold: torch.Tensor, state: BankState, routing_layers: list, question: str, k: int,

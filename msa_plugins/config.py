@@ -34,6 +34,7 @@ ROUTINGS = ("msa", "hybrid", "lexical")
 DEFAULT_ROUTING_CHUNK_SIZE = 16
 DOC_SCORES = ("maxmax", "late")  # how a document's chunk scores become its score (`MSAConfig.doc_score`)
 FUSIONS = ("rrf", "zsum")
+ROUND_ROUTINGS = ("chain", "concat")  # how routing rounds after the first read what earlier rounds found
 NOT_IN_MEMORY = "Not in memory."  # the answer of an abstained query (`AnswerOptions.abstain`)
 
 # Every memory document belongs to one collection (Chroma's shape: a tenant, a store, an app's namespace).
@@ -121,6 +122,9 @@ class MSAConfig:
     # routing="hybrid": "zsum" (z-normalised score sum) or "rrf" (reciprocal rank fusion); zsum was chosen
     # once on HotpotQA's dev questions (docs/results/hybrid_routing.md) and is fixed for every corpus
     hybrid_fusion: str = "zsum"
+    # rounds > 1 (multi-hop): "chain" (each found document routes the question with its own chain of texts,
+    # chains scored as a beam; MDR) or "concat" (one routing with every found text); engine/routing.py says more
+    round_routing: str = "chain"
     int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
     keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
@@ -149,6 +153,7 @@ class MSAConfig:
         check_choice(self.score, ("cosine", "dot"), "score")
         check_choice(self.doc_score, DOC_SCORES, "doc_score")
         check_choice(self.hybrid_fusion, FUSIONS, "hybrid_fusion")
+        check_choice(self.round_routing, ROUND_ROUTINGS, "round_routing")
         check_choice(self.content_tier, ("device", "host"), "content_tier")
         check_choice(self.routing_backend, ("auto", "torch", "triton"), "routing_backend")
         check_optional_int(self.max_doc_tokens, "max_doc_tokens", minimum=1)

@@ -27,7 +27,7 @@ from .engine.generation import (GenerationStats, build_prompt, context_prompt, d
                                 sparse_memory)
 from .engine.model import DecoderModel, load_hf_model
 from .engine.router import QKRouter, Router, read_msa4b_router
-from .engine.routing import Routing, hybrid_route, lexical_topk, route
+from .engine.routing import FUSION_DEPTH, Routing, extend_chains, hybrid_route, lexical_topk, route, zscores
 from .engine import storage
 from .errors import (EmptyMemoryError, InputTooLongError, InvalidArgumentError, InvalidTypeError, MSAError,
                      RouterMismatchError)
@@ -412,9 +412,11 @@ class MSAEngine:
         `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
         `collection` ("*": every collection). `routing`: "msa" (default: `config.answer.routing`),
         "hybrid" (router + BM25 fused) or "lexical" (BM25). `rounds` > 1 (multi-hop): the same total k
-        split over rounds (round r gets ceil of what is left / rounds left), each round routing the
-        question together with the text found so far, among the documents not found yet; the documents
-        come round by round (`RoutedDocument.round`). Returns [] when the memory is empty or nothing passes."""
+        split over rounds (round r gets ceil of what is left / rounds left); each later round routes the
+        question with the text found so far as context, among the documents not found yet: by default once per
+        document of the last round, chains of documents scored as a beam (`MSAConfig.round_routing`); the
+        documents come round by round (`RoutedDocument.round`). Returns [] when the memory is empty or
+        nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
         rounds = AnswerOptions(rounds=rounds).rounds  # validated like the answer option
@@ -422,23 +424,57 @@ class MSAEngine:
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
-        found: list = []
-        for r in range(min(rounds, k)):
-            share = -(-(k - len(found)) // (min(rounds, k) - r))  # ceil: the first rounds get the remainder
-            if found:  # later rounds: only documents not found yet, routed with the text found so far
-                seen = {d.id for d in found}
-                allow_r = [d for d in (allow if allow is not None else snap.ids) if d not in seen]
-                if not allow_r:
-                    break
-                context = "\n\n".join(d.text for d in found)
+        n_rounds = min(rounds, k)
+
+        def share(r: int, found: int) -> int:  # ceil: the first rounds get the remainder of k
+            return -(-(k - found) // (n_rounds - r))
+
+        return [d for docs in self._route_rounds(question, n_rounds, share, snap, routing, allow) for d in docs]
+
+    def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
+                      allow) -> list:
+        """Documents found in up to `n_rounds` routing rounds, one list per round (rounds that find nothing
+        end it). `share(r, found)`: how many documents round r adds, `found` being how many earlier rounds
+        found. Later rounds route among the documents not found yet, as `config.round_routing` says: "chain"
+        routes the question once per document of the last round, with that document's chain of texts as
+        context, and keeps the best chains (`engine.routing.extend_chains`); "concat" routes it once with the
+        text of every document found so far. A chain-found document's `score` is its routing score given its
+        parent's chain; the round lists documents best chain first."""
+        chain = self.config.round_routing == "chain" and n_rounds > 1
+        n = share(0, 0)
+        # chain scores are z-scores within a ranking, so each ranking is read FUSION_DEPTH deep
+        got = self.route(question, k=max(n, FUSION_DEPTH) if chain else n, snapshot=snap, routing=routing,
+                         _allow=allow)
+        rows, scores = got.rows[:n], got.scores[:n]
+        rounds = [_routed_documents(snap, rows, scores, 0)]
+        texts = snap._state.texts
+        # the last round's documents as chain ends: (chain score, the chain's texts, root first)
+        ends = [(z, (texts[row],)) for z, row in zip(zscores(got.scores)[:n], rows)]
+        found = len(rows)
+        for r in range(1, n_rounds):
+            seen = {d.id for docs in rounds for d in docs}
+            allow_r = [d for d in (allow if allow is not None else snap.ids) if d not in seen]
+            n = share(r, found)
+            if not allow_r or not rounds[-1] or n < 1:
+                break
+            if chain:
+                parents = []
+                for chain_score, path in ends:
+                    got = self.route(question, k=max(n, FUSION_DEPTH), context="\n\n".join(path), snapshot=snap,
+                                     routing=routing, _allow=allow_r)
+                    parents.append((chain_score, got.rows, got.scores))
+                links = extend_chains(parents, n)
+                new = _routed_documents(snap, [x.row for x in links], [x.score for x in links], r)
+                ends = [(x.chain, ends[x.parent][1] + (texts[x.row],)) for x in links]
             else:
-                allow_r, context = allow, ""
-            got = self.route(question, k=share, context=context, snapshot=snap, routing=routing, _allow=allow_r)
-            new = _routed_documents(snap, got.rows, got.scores, r)
+                context = "\n\n".join(d.text for docs in rounds for d in docs)
+                got = self.route(question, k=n, context=context, snapshot=snap, routing=routing, _allow=allow_r)
+                new = _routed_documents(snap, got.rows, got.scores, r)
             if not new:
                 break
-            found += new
-        return found
+            rounds.append(new)
+            found += len(new)
+        return rounds
 
     # ------------------------------------------------------------------ answering
     def query(self, question: str, options: Optional[AnswerOptions] = None, **kw) -> QueryResult:
@@ -487,15 +523,9 @@ class MSAEngine:
             return self._abstained(opts, t0, routing)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
-            for r in range(1, min(opts.rounds, self.config.max_rounds)):
-                seen = {d.id for docs in rounds for d in docs}
-                injected = "\n\n".join(d.text for docs in rounds for d in docs)
-                again = self.route(question, k=opts.k, context=injected, snapshot=snap, routing=opts.routing,
-                                   _allow=allow)
-                new = [(row, s) for row, s in zip(again.rows, again.scores) if snap._state.ids[row] not in seen]
-                if not new:
-                    break
-                rounds.append(_routed_documents(snap, [x[0] for x in new], [x[1] for x in new], r))
+            n_rounds = min(opts.rounds, self.config.max_rounds)
+            if n_rounds > 1:  # each round adds up to k documents; the first is `routing`'s top k again
+                rounds = self._route_rounds(question, n_rounds, lambda r, found: opts.k, snap, opts.routing, allow)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
         # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄

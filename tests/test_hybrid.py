@@ -270,24 +270,93 @@ def test_rrf_fusion_is_a_config_choice(tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------------------------- rounds
-def test_two_round_retrieval_splits_k_and_routes_with_the_first_rounds_text(engine):
+def zscores_reference(scores):
+    n = len(scores)
+    if n < 2:
+        return [0.0] * n
+    mean = sum(scores) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in scores) / n)
+    return [(x - mean) / max(std, 1e-12) for x in scores]
+
+
+def chain_round_reference(engine, q, first, n, routing=None):
+    """Round 2 by its definition, through the public API: each round-1 document routes the question with its
+    text as context over the documents not found yet; a candidate's chain score = its parent's z-score in
+    the question's ranking + its own z-score in the parent's ranking, best parent; top n, ties by bank order."""
+    whole = engine.route(q, k=len(DOCS), routing=routing)
+    z1 = dict(zip(whole.ids, zscores_reference(whole.scores)))
+    rest = [d for d in DOCS if d not in {x.id for x in first}]
+    best = {}
+    for parent in first:
+        got = engine.route(q, k=len(DOCS), context=parent.text, where=rest, routing=routing)
+        for doc, z in zip(got.ids, zscores_reference(got.scores)):
+            best[doc] = max(best.get(doc, -math.inf), z1[parent.id] + z)
+    order = list(DOCS)  # the bank's rows: documents were added in this order
+    return sorted(best, key=lambda d: (-best[d], order.index(d)))[:n]
+
+
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+def test_two_round_retrieval_splits_k_and_extends_each_first_round_document_as_a_chain(engine, routing):
     q = "Who was born in Lisbon?"
-    got = engine.retrieve(q, k=5, rounds=2)
+    got = engine.retrieve(q, k=5, rounds=2, routing=routing)
     assert [d.round for d in got] == [0, 0, 0, 1, 1]
     assert len({d.id for d in got}) == 5
-    first = engine.retrieve(q, k=3)
+    first = engine.retrieve(q, k=3, routing=routing)
     assert [d.id for d in got[:3]] == [d.id for d in first]
-    # round 2 = routing the question with round 1's text, among the documents not found yet
-    again = engine.route(q, k=2, context="\n\n".join(d.text for d in first),
-                         where=[d for d in DOCS if d not in {x.id for x in first}])
-    assert [d.id for d in got[3:]] == again.ids
+    assert [d.id for d in got[3:]] == chain_round_reference(engine, q, first, 2, routing)
     assert [d.id for d in engine.retrieve(q, k=5, rounds=1)] == [d.id for d in engine.retrieve(q, k=5)]
     assert len(engine.retrieve(q, k=2, rounds=4)) == 2  # never more rounds than documents
-    assert len(engine.retrieve(q, k=6, rounds=2, routing="hybrid")) == 6
+    assert len(engine.retrieve(q, k=6, rounds=2, routing=routing)) == 6
     assert [d.id for d in engine.retrieve(q, k=6, rounds=3, where=["paris", "tower"])] in (["paris", "tower"],
                                                                                           ["tower", "paris"])
     with pytest.raises(InvalidArgumentError):
         engine.retrieve(q, rounds=0)
+
+
+def test_concat_round_routing_routes_once_with_every_found_text(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=3, round_routing="concat")
+    e.add(list(DOCS.values()), ids=list(DOCS), progress=False)
+    q = "Who was born in Lisbon?"
+    got = e.retrieve(q, k=5, rounds=2)
+    first = e.retrieve(q, k=3)
+    assert [d.id for d in got[:3]] == [d.id for d in first] and [d.round for d in got] == [0, 0, 0, 1, 1]
+    again = e.route(q, k=2, context="\n\n".join(d.text for d in first),
+                    where=[d for d in DOCS if d not in {x.id for x in first}])
+    assert [d.id for d in got[3:]] == again.ids and [d.score for d in got[3:]] == again.scores
+    with pytest.raises(InvalidArgumentError, match="round_routing"):
+        MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", round_routing="joint")
+
+
+def test_extend_chains_against_hand_computed_beams():
+    from msa_plugins.engine.routing import extend_chains, zscores
+
+    assert zscores([3.0]) == [0.0] and zscores([]) == []
+    assert zscores([1.0, 3.0]) == pytest.approx([-1.0, 1.0])
+    # parent 0 (chain 1.0) ranks rows 7, 5; parent 1 (chain 0.0) ranks rows 5, 9, 2
+    z1 = zscores_reference([2.0, 1.0, 0.0])
+    links = extend_chains([(1.0, [7, 5], [0.9, 0.1]), (0.0, [5, 9, 2], [2.0, 1.0, 0.0])], 3)
+    # row 7: 1 + 1 = 2; row 5: max(1 - 1, 0 + z1[0]) = 1.22; row 9: 0 + 0 = 0; row 2: -1.22
+    assert [x.row for x in links] == [7, 5, 9]
+    assert [x.parent for x in links] == [0, 1, 1]
+    assert [x.chain for x in links] == pytest.approx([2.0, z1[0], 0.0])
+    assert [x.score for x in links] == [0.9, 2.0, 1.0]  # a link keeps its score in the ranking that found it
+    tie = extend_chains([(0.0, [4, 3], [1.0, 1.0])], 2)  # equal chains: the lower row first
+    assert [x.row for x in tie] == [3, 4]
+    assert extend_chains([], 2) == []
+
+
+def test_routing_choices_of_the_config_match_the_engine():
+    from msa_plugins import config
+    from msa_plugins.engine import routing
+
+    assert config.FUSIONS == routing.FUSIONS and config.ROUND_ROUTINGS == routing.ROUND_ROUTINGS
+
+
+def test_interleave_rounds_route_like_retrieve_with_k_per_round(engine):
+    q = "Who was born in Lisbon?"
+    res = engine.query(q, k=2, rounds=2, mode="interleave", max_new_tokens=1)
+    assert [(d.id, d.round) for d in res.documents] == \
+        [(d.id, d.round) for d in engine.retrieve(q, k=4, rounds=2)]
 
 
 # ---------------------------------------------------------------------------------------------- late scoring
