@@ -123,7 +123,8 @@ class MSAConfig:
     # once on HotpotQA's dev questions (docs/results/hybrid_routing.md) and is fixed for every corpus
     hybrid_fusion: str = "zsum"
     # rounds > 1 (multi-hop): "chain" (each found document routes the question with its own chain of texts,
-    # chains scored as a beam; MDR) or "concat" (one routing with every found text); engine/routing.py says more
+    # chains scored as a beam; MDR) or "concat" (one routing with every found text); engine/routing.py says more.
+    # Either way later rounds route among the documents not found yet.
     round_routing: str = "chain"
     int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
     keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router

@@ -524,7 +524,7 @@ class MSAEngine:
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
             n_rounds = min(opts.rounds, self.config.max_rounds)
-            if n_rounds > 1:  # each round adds up to k documents; the first is `routing`'s top k again
+            if n_rounds > 1:  # each later round adds k documents not found yet; the first is `routing`'s top k again
                 rounds = self._route_rounds(question, n_rounds, lambda r, found: opts.k, snap, opts.routing, allow)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)

@@ -279,38 +279,75 @@ def zscores_reference(scores):
     return [(x - mean) / max(std, 1e-12) for x in scores]
 
 
-def chain_round_reference(engine, q, first, n, routing=None):
-    """Round 2 by its definition, through the public API: each round-1 document routes the question with its
-    text as context over the documents not found yet; a candidate's chain score = its parent's z-score in
-    the question's ranking + its own z-score in the parent's ranking, best parent; top n, ties by bank order."""
-    whole = engine.route(q, k=len(DOCS), routing=routing)
-    z1 = dict(zip(whole.ids, zscores_reference(whole.scores)))
-    rest = [d for d in DOCS if d not in {x.id for x in first}]
-    best = {}
-    for parent in first:
-        got = engine.route(q, k=len(DOCS), context=parent.text, where=rest, routing=routing)
-        for doc, z in zip(got.ids, zscores_reference(got.scores)):
-            best[doc] = max(best.get(doc, -math.inf), z1[parent.id] + z)
-    order = list(DOCS)  # the bank's rows: documents were added in this order
-    return sorted(best, key=lambda d: (-best[d], order.index(d)))[:n]
+CHAIN_DOCS = {**DOCS,
+              "porto": "Porto is a city in Portugal on the Douro river, famous for its wine.",
+              "douro": "The Douro river flows from Spain through northern Portugal to the Atlantic.",
+              "keeper": "Alice became a lighthouse keeper on an island near Porto.",
+              "wine": "Port wine is aged in cellars along the river in Porto.",
+              "louvre": "The Louvre in Paris is the world's most visited museum.",
+              "bank": "The bank on the river in Lisbon opened in 1920.",
+              "atlantic": "The Atlantic island was reached by rowing boat in winter."}
 
 
-@pytest.mark.parametrize("routing", ["msa", "hybrid"])
-def test_two_round_retrieval_splits_k_and_extends_each_first_round_document_as_a_chain(engine, routing):
-    q = "Who was born in Lisbon?"
-    got = engine.retrieve(q, k=5, rounds=2, routing=routing)
-    assert [d.round for d in got] == [0, 0, 0, 1, 1]
-    assert len({d.id for d in got}) == 5
-    first = engine.retrieve(q, k=3, routing=routing)
-    assert [d.id for d in got[:3]] == [d.id for d in first]
-    assert [d.id for d in got[3:]] == chain_round_reference(engine, q, first, 2, routing)
-    assert [d.id for d in engine.retrieve(q, k=5, rounds=1)] == [d.id for d in engine.retrieve(q, k=5)]
-    assert len(engine.retrieve(q, k=2, rounds=4)) == 2  # never more rounds than documents
-    assert len(engine.retrieve(q, k=6, rounds=2, routing=routing)) == 6
-    assert [d.id for d in engine.retrieve(q, k=6, rounds=3, where=["paris", "tower"])] in (["paris", "tower"],
-                                                                                          ["tower", "paris"])
-    with pytest.raises(InvalidArgumentError):
-        engine.retrieve(q, rounds=0)
+def chain_rounds_reference(engine, q, k, rounds, routing=None, depth=100):
+    """Rounds by their definition, through the public API: round r routes the question with each chain's
+    texts (root first) as context over the documents not found yet, reading each ranking `depth` deep; a
+    candidate's chain score = its parent chain's score + its own z-score in that ranking (round 1: its z-score
+    in the question's ranking), best parent; the round keeps its share of k, best chain first, ties by bank
+    order. -> [[(id, score), ...] per round]."""
+    order = [d.id for d in engine.snapshot().documents()]
+    text = {d.id: d.text for d in engine.snapshot().documents()}
+    n_rounds = min(rounds, k)
+
+    def share(r, found):
+        return math.ceil((k - found) / (n_rounds - r))
+
+    n = share(0, 0)
+    whole = engine.route(q, k=max(n, depth), routing=routing)
+    z = zscores_reference(whole.scores)
+    out = [list(zip(whole.ids[:n], whole.scores[:n]))]
+    ends = [(z[i], [whole.ids[i]]) for i in range(len(out[0]))]
+    found = len(out[0])
+    for r in range(1, n_rounds):
+        seen = {d for docs in out for d, _ in docs}
+        rest = [d for d in order if d not in seen]
+        n = share(r, found)
+        if not rest:
+            break
+        best = {}
+        for p, (parent_chain, path) in enumerate(ends):
+            got = engine.route(q, k=max(n, depth), context="\n\n".join(text[d] for d in path), where=rest,
+                               routing=routing)
+            for d, score, zz in zip(got.ids, got.scores, zscores_reference(got.scores)):
+                if d not in best or parent_chain + zz > best[d][0]:
+                    best[d] = (parent_chain + zz, score, p)
+        chosen = sorted(best, key=lambda d: (-best[d][0], order.index(d)))[:n]
+        out.append([(d, best[d][1]) for d in chosen])
+        ends = [(best[d][0], ends[best[d][2]][1] + [d]) for d in chosen]
+        found += len(chosen)
+    return out
+
+
+@pytest.fixture()
+def chain_engine(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=3, max_new_tokens=2)
+    e.add(list(CHAIN_DOCS.values()), ids=list(CHAIN_DOCS), progress=False)
+    return e
+
+
+@pytest.mark.parametrize("routing", ["msa", "hybrid", "lexical"])
+@pytest.mark.parametrize("k,rounds,depth", [(5, 2, None), (7, 3, None), (7, 3, 4), (6, 4, 3)])
+def test_chain_rounds_equal_their_definition(chain_engine, monkeypatch, routing, k, rounds, depth):
+    """Against the reference above on 13 documents: deeper chains (rounds 3 and 4: each chain's texts, root
+    first, route the next round), and rankings read only `depth` deep (the engine's FUSION_DEPTH patched)."""
+    if depth is not None:
+        monkeypatch.setattr("msa_plugins.core.FUSION_DEPTH", depth)
+    q = "Where was the lighthouse keeper born?"
+    want = chain_rounds_reference(chain_engine, q, k, rounds, routing, depth or 100)
+    got = chain_engine.retrieve(q, k=k, rounds=rounds, routing=routing)
+    assert [(d.id, d.round) for d in got] == [(d, r) for r, docs in enumerate(want) for d, _ in docs]
+    assert [d.score for d in got] == pytest.approx([s for docs in want for _, s in docs])
+    assert len(got) == k and len({d.id for d in got}) == k
 
 
 def test_concat_round_routing_routes_once_with_every_found_text(tiny_model_dir):
@@ -332,13 +369,14 @@ def test_extend_chains_against_hand_computed_beams():
 
     assert zscores([3.0]) == [0.0] and zscores([]) == []
     assert zscores([1.0, 3.0]) == pytest.approx([-1.0, 1.0])
-    # parent 0 (chain 1.0) ranks rows 7, 5; parent 1 (chain 0.0) ranks rows 5, 9, 2
+    # parent 0 (chain 1.5) ranks rows 7, 5; parent 1 (chain 0.0) ranks rows 5, 9, 2
     z1 = zscores_reference([2.0, 1.0, 0.0])
-    links = extend_chains([(1.0, [7, 5], [0.9, 0.1]), (0.0, [5, 9, 2], [2.0, 1.0, 0.0])], 3)
-    # row 7: 1 + 1 = 2; row 5: max(1 - 1, 0 + z1[0]) = 1.22; row 9: 0 + 0 = 0; row 2: -1.22
+    links = extend_chains([(1.5, [7, 5], [0.9, 0.1]), (0.0, [5, 9, 2], [2.0, 1.0, 0.0])], 3)
+    # row 7: 1.5 + 1 = 2.5; row 5: the better of 1.5 - 1 = 0.5 and 0 + z1[0] = 1.22 (not their sum);
+    # row 9: 0 + 0 = 0; row 2: -1.22
     assert [x.row for x in links] == [7, 5, 9]
     assert [x.parent for x in links] == [0, 1, 1]
-    assert [x.chain for x in links] == pytest.approx([2.0, z1[0], 0.0])
+    assert [x.chain for x in links] == pytest.approx([2.5, z1[0], 0.0])
     assert [x.score for x in links] == [0.9, 2.0, 1.0]  # a link keeps its score in the ranking that found it
     tie = extend_chains([(0.0, [4, 3], [1.0, 1.0])], 2)  # equal chains: the lower row first
     assert [x.row for x in tie] == [3, 4]
