@@ -56,6 +56,14 @@ class Routing:
         if self.router_scores is None:
             self.router_scores = list(self.scores)
 
+    def top(self, k: int) -> "Routing":
+        """This routing cut to its best k: what routing with k gives (every ranking, the aggregated one and each
+        layer's, is best first, ties by the lower row), without routing again."""
+        return Routing(self.ids[:k], self.scores[:k], self.rows[:k],
+                       {layer: (ids[:k], scores[:k]) for layer, (ids, scores) in self.per_layer.items()},
+                       None if self.per_layer_rows is None else self.per_layer_rows[:, :k].contiguous(),
+                       self.router_scores[:k])
+
 
 def allow_mask(state: BankState, allow_ids) -> Optional[torch.Tensor]:
     if allow_ids is None:

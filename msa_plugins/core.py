@@ -432,19 +432,19 @@ class MSAEngine:
         return [d for docs in self._route_rounds(question, n_rounds, share, snap, routing, allow) for d in docs]
 
     def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
-                      allow) -> list:
+                      allow, first: Optional[Routing] = None) -> list:
         """Documents found in up to `n_rounds` routing rounds, one list per round (rounds that find nothing
         end it). `share(r, found)`: how many documents round r adds, `found` being how many earlier rounds
         found. Later rounds route among the documents not found yet, as `config.round_routing` says: "chain"
         routes the question once per document of the last round, with that document's chain of texts as
         context, and keeps the best chains (`engine.routing.extend_chains`); "concat" routes it once with the
         text of every document found so far. A chain-found document's `score` is its routing score given its
-        parent's chain; the round lists documents best chain first."""
+        parent's chain; the round lists documents best chain first. `first`: the question's own routing when
+        the caller has it, `_first_round_depth` deep (else it is routed here)."""
         chain = self.config.round_routing == "chain" and n_rounds > 1
         n = share(0, 0)
-        # chain scores are z-scores within a ranking, so each ranking is read FUSION_DEPTH deep
-        got = self.route(question, k=max(n, FUSION_DEPTH) if chain else n, snapshot=snap, routing=routing,
-                         _allow=allow)
+        got = first if first is not None else self.route(question, k=self._first_round_depth(n, n_rounds),
+                                                          snapshot=snap, routing=routing, _allow=allow)
         rows, scores = got.rows[:n], got.scores[:n]
         rounds = [_routed_documents(snap, rows, scores, 0)]
         texts = snap._state.texts
@@ -475,6 +475,11 @@ class MSAEngine:
             rounds.append(new)
             found += len(new)
         return rounds
+
+    def _first_round_depth(self, n: int, n_rounds: int) -> int:
+        """How deep round 1 is routed: chain scores are z-scores within a ranking, so with chained rounds
+        every ranking is read FUSION_DEPTH deep; otherwise its n documents are all it needs."""
+        return max(n, FUSION_DEPTH) if self.config.round_routing == "chain" and n_rounds > 1 else n
 
     # ------------------------------------------------------------------ answering
     def query(self, question: str, options: Optional[AnswerOptions] = None, **kw) -> QueryResult:
@@ -518,14 +523,18 @@ class MSAEngine:
             logger.warning("no memory document to route to (%s): answering from the model alone",
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
-        routing = self.route(question, k=opts.k, snapshot=snap, routing=opts.routing, _allow=allow)
+        n_rounds = min(opts.rounds, self.config.max_rounds) if opts.mode == "interleave" else 1
+        # routed once, as deep as the rounds need; abstention and `per_layer` read its top k
+        deep = self.route(question, k=self._first_round_depth(opts.k, n_rounds), snapshot=snap,
+                          routing=opts.routing, _allow=allow)
+        routing = deep.top(opts.k)
         if opts.abstain and not self._in_memory(snap, routing):
             return self._abstained(opts, t0, routing)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
-            n_rounds = min(opts.rounds, self.config.max_rounds)
-            if n_rounds > 1:  # each later round adds k documents not found yet; the first is `routing`'s top k again
-                rounds = self._route_rounds(question, n_rounds, lambda r, found: opts.k, snap, opts.routing, allow)
+            if n_rounds > 1:  # each later round adds k documents not found yet
+                rounds = self._route_rounds(question, n_rounds, lambda r, found: opts.k, snap, opts.routing, allow,
+                                            first=deep)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
         # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄

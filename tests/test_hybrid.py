@@ -390,6 +390,25 @@ def test_routing_choices_of_the_config_match_the_engine():
     assert config.FUSIONS == routing.FUSIONS and config.ROUND_ROUTINGS == routing.ROUND_ROUTINGS
 
 
+@pytest.mark.parametrize("routing", ["msa", "hybrid", "lexical"])
+def test_a_deep_routing_cut_to_k_is_routing_with_k(chain_engine, routing):
+    q = "Where was the lighthouse keeper born?"
+    want = chain_engine.route(q, k=3, routing=routing)
+    got = chain_engine.route(q, k=len(CHAIN_DOCS), routing=routing).top(3)
+    assert (got.ids, got.scores, got.rows, got.router_scores) == (want.ids, want.scores, want.rows, want.router_scores)
+    assert got.per_layer == want.per_layer
+    assert torch.equal(got.per_layer_rows, want.per_layer_rows)
+
+
+def test_interleave_routes_the_question_alone_once(engine, monkeypatch):
+    calls = []
+    route = engine.route
+    monkeypatch.setattr(engine, "route", lambda *a, **kw: calls.append(kw.get("context", "")) or route(*a, **kw))
+    res = engine.query("Who was born in Lisbon?", k=2, rounds=2, mode="interleave", max_new_tokens=1)
+    assert calls.count("") == 1 and len(calls) == 3  # the question, then one routing per round-1 document
+    assert len(res.documents) == 4
+
+
 def test_interleave_rounds_route_like_retrieve_with_k_per_round(engine):
     q = "Who was born in Lisbon?"
     res = engine.query(q, k=2, rounds=2, mode="interleave", max_new_tokens=1)
