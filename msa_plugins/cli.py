@@ -249,12 +249,13 @@ def print_result(res, out=None) -> None:
 def cmd_ask(args) -> int:
     # the question and options are checked before the model loads: a mistake costs no time
     check_text(args.question)
-    AnswerOptions().merged(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, rounds=args.rounds)
+    options = dict(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
+                   k_per_round=args.k_per_round)
+    AnswerOptions().merged(**options)
     require_memory(args.memory)
     engine = _engine(args)
     engine.load(args.memory)
-    res = engine.query(args.question, mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens,
-                       rounds=args.rounds)
+    res = engine.query(args.question, **options)
     if args.json:
         print(json.dumps({"answer": res.answer, "documents": [dataclasses.asdict(d) for d in res.documents],
                           "timings": res.timings, "usage": res.usage}, indent=1))
@@ -399,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("question")
     s.add_argument("--memory", required=True)
     s.add_argument("--json", action="store_true")
-    s.add_argument("--rounds", type=int, default=None)
+    s.add_argument("--rounds", type=int, default=None, help="interleave routing rounds (multi-hop)")
+    s.add_argument("--k-per-round", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --rounds > 1: every round adds k documents (default), or with --no-k-per-round k is "
+                        "the total, split over the rounds")
     _add_answer_options(s, default_k=None)
     s.set_defaults(fn=cmd_ask)
 

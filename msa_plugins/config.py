@@ -61,6 +61,9 @@ class AnswerOptions:
     mode: str = "interleave"  # "interleave" (documents' text in the prompt), "sparse" (pooled K/V), "protocol"
     k: int = 5  # documents per question (paper: 16)
     rounds: int = 1  # interleave: routing rounds (re-route on question + injected text)
+    # interleave with rounds > 1: True, every round adds k documents (k x rounds in the prompt); False, k is
+    # the total, split over the rounds as `retrieve(rounds=)` splits it (the same k a single-shot retriever gets)
+    k_per_round: bool = True
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
     system: Optional[str] = None  # None: the prompt style's / chat template's default system prompt
@@ -74,8 +77,9 @@ class AnswerOptions:
     def __post_init__(self):
         check_choice(self.mode, MODES, "mode")
         check_choice(self.routing, ROUTINGS, "routing")
-        if not isinstance(self.abstain, bool):
-            raise InvalidTypeError(f"abstain must be True or False, got {self.abstain!r}")
+        for name in ("abstain", "k_per_round"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int(self.k, "k", minimum=1)
         check_int(self.rounds, "rounds", minimum=1)
         check_int(self.max_new_tokens, "max_new_tokens", minimum=1)

@@ -425,10 +425,7 @@ class MSAEngine:
         if len(snap) == 0 or allow == []:
             return []
         n_rounds = min(rounds, k)
-
-        def share(r: int, found: int) -> int:  # ceil: the first rounds get the remainder of k
-            return -(-(k - found) // (n_rounds - r))
-
+        share = _split_k(k, n_rounds)
         return [d for docs in self._route_rounds(question, n_rounds, share, snap, routing, allow) for d in docs]
 
     def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
@@ -493,7 +490,8 @@ class MSAEngine:
 
         Args:
             options: an `AnswerOptions` (default: `config.answer`); `overrides` replace single fields
-                (k=3, mode="sparse", max_new_tokens=32, temperature, seed, stop, system, prompt_style, rounds).
+                (k=3, mode="sparse", max_new_tokens=32, temperature, seed, stop, system, prompt_style, rounds,
+                k_per_round).
             where: restrict routing to these documents (predicate on `MemoryDocument`, or ids).
             collection: route within this collection ("*": all; default "default").
             history: earlier chat turns [{"role", "content"}], placed before the question.
@@ -524,6 +522,8 @@ class MSAEngine:
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
         n_rounds = min(opts.rounds, self.config.max_rounds) if opts.mode == "interleave" else 1
+        if not opts.k_per_round:  # k in all: at least one document per round
+            n_rounds = min(n_rounds, opts.k)
         # routed once, as deep as the rounds need; abstention and `per_layer` read its top k
         deep = self.route(question, k=self._first_round_depth(opts.k, n_rounds), snapshot=snap,
                           routing=opts.routing, _allow=allow)
@@ -532,9 +532,9 @@ class MSAEngine:
             return self._abstained(opts, t0, routing)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
-            if n_rounds > 1:  # each later round adds k documents not found yet
-                rounds = self._route_rounds(question, n_rounds, lambda r, found: opts.k, snap, opts.routing, allow,
-                                            first=deep)
+            if n_rounds > 1:  # each later round adds k documents not found yet, or its share of k in all
+                share = (lambda r, found: opts.k) if opts.k_per_round else _split_k(opts.k, n_rounds)
+                rounds = self._route_rounds(question, n_rounds, share, snap, opts.routing, allow, first=deep)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
         # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
@@ -825,6 +825,14 @@ def _best_threshold(answerable: list, removed: list) -> tuple:
     key, t, tp, fp = best
     return float(t), {"dev_balanced_accuracy": key / (2 * na * nr), "dev_precision": tp / (tp + fp) if tp + fp else 0.0,
                       "dev_recall": tp / nr}
+
+
+def _split_k(k: int, n_rounds: int):
+    """`share(r, found)` for k documents in all over `n_rounds` rounds: round r adds the ceiling of what is
+    left over the rounds left, so the first rounds get the remainder (k=5 in 2 rounds: 3 + 2)."""
+    def share(r: int, found: int) -> int:
+        return -(-(k - found) // (n_rounds - r))
+    return share
 
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:

@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     s.add_argument("--routing-chunk-size", type=int, default=None,
                    help="tokens per routing key of the MSA memories (default: the engine's, 16)")
     s.add_argument("--rounds", type=int, default=1,
-                   help="MSA interleave routing rounds (1 = exactly k documents, as RAG gets)")
+                   help="MSA interleave routing rounds (multi-hop); the same k documents in all, split over "
+                        "the rounds (k=5 in 2 rounds: 3 + 2), as RAG gets k")
     s.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap, both systems")
     s.add_argument("--out", default=None, help="run folder (default runs/eval-DATASET-TIME)")
     s.add_argument("--niah-sizes", default="32768", help="NIAH memory sizes in tokens, comma separated")

@@ -7,7 +7,8 @@ curl) talks to it; each memory is a "model" (`GET /v1/models`), so `model="docs"
                                   of the response, and of the first SSE chunk (before any token).
                                   MSA options as extra body fields: k, mode, collection ("*": all),
                                   filters, ids,
-                                  memory, use_memory (False: plain chat with the model), rounds, prompt_style
+                                  memory, use_memory (False: plain chat with the model), rounds, k_per_round,
+                                  prompt_style
     GET  /v1/models               one entry per memory the caller's key may use
     GET  /v1/memories             the memories, with sizes
     POST /v1/memories/{m}/documents           add ({"documents": [{"id", "text", "metadata"}], "collection",
@@ -527,7 +528,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
                 if body[key] not in choices:
                     raise APIError(422, f"{key} must be one of {list(choices)}", param=key)
                 opts[key] = body[key]
-        for key in ("k", "rounds"):
+        for key in ("k", "rounds", "k_per_round"):
             if body.get(key) is not None:
                 opts[key] = body[key]
         AnswerOptions().merged(**opts)  # every option checked before any model work (422 on a bad one)

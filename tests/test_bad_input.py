@@ -141,6 +141,7 @@ ASK_CASES = [
     _case("mode-int", lambda e, d: e.query(QUESTION, mode=1), InvalidArgumentError, "mode"),
     _case("mode-protocol-untrained", lambda e, d: e.query(QUESTION, mode="protocol"), InvalidArgumentError, "protocol"),
     _case("rounds-zero", lambda e, d: e.query(QUESTION, rounds=0), InvalidArgumentError, "rounds"),
+    _case("k-per-round-string", lambda e, d: e.query(QUESTION, k_per_round="no"), InvalidTypeError, "k_per_round"),
     _case("seed-string", lambda e, d: e.query(QUESTION, seed="x"), InvalidTypeError, "seed"),
     _case("stop-empty-string", lambda e, d: e.query(QUESTION, stop=[""]), InvalidArgumentError, "stop"),
     _case("stop-int", lambda e, d: e.query(QUESTION, stop=5), InvalidTypeError, "stop"),

@@ -52,6 +52,10 @@ def test_cli_ingest_ask_info_with_a_tiny_model(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["documents"]) == 2 and set(out["timings"]) >= {"routing_s", "first_token_s", "total_s"}
+    r = run(model + ["ask", "Who built the lighthouse?", "--memory", mem, "--json", "--max-new-tokens", "1", "-k", "3",
+                     "--rounds", "2", "--no-k-per-round"])
+    assert r.returncode == 0, r.stderr
+    assert [d["round"] for d in json.loads(r.stdout)["documents"]] == [0, 0, 1]  # k=3 in all: 2 + 1
     r = run(["info", mem])
     info = json.loads(r.stdout)
     assert info["n_documents"] == 3 and info["fingerprint"]["chunk_size"] == 64

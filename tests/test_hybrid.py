@@ -416,6 +416,30 @@ def test_interleave_rounds_route_like_retrieve_with_k_per_round(engine):
         [(d.id, d.round) for d in engine.retrieve(q, k=4, rounds=2)]
 
 
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+@pytest.mark.parametrize("k,rounds", [(1, 2), (3, 2), (5, 2), (4, 3), (2, 4)])
+def test_interleave_with_k_in_all_routes_like_retrieve(chain_engine, routing, k, rounds):
+    """k_per_round=False: k documents in all, split over the rounds exactly as retrieve(rounds=) splits them
+    (k=5 in 2 rounds: 3 + 2; fewer documents than rounds: one round per document)."""
+    q = "Where was the lighthouse keeper born?"
+    res = chain_engine.query(q, k=k, rounds=rounds, k_per_round=False, routing=routing, mode="interleave",
+                             max_new_tokens=1)
+    want = chain_engine.retrieve(q, k=k, rounds=rounds, routing=routing)
+    assert [(d.id, d.round, d.score) for d in res.documents] == [(d.id, d.round, d.score) for d in want]
+    assert len(res.documents) == k and len(res.rounds) == min(k, rounds)
+
+
+def test_the_eval_answers_from_k_documents_in_all_rounds(engine):
+    from types import SimpleNamespace
+
+    from msa_plugins.integrations.ragas.ab import EngineMemory, SystemSpec, msa_system_fn
+
+    q = "Who was born in Lisbon?"
+    plan = SimpleNamespace(retrieval_only=False, mode="interleave", k=4, rounds=2, max_new_tokens=1)
+    answer = msa_system_fn(EngineMemory(engine), SystemSpec("msa", "msa", None), plan)
+    assert [c.doc_id for c in answer(q).contexts] == [d.id for d in engine.retrieve(q, k=4, rounds=2)]
+
+
 # ---------------------------------------------------------------------------------------------- late scoring
 def test_late_interaction_is_fingerprinted_and_routes(engine, tiny_model_dir, tmp_path):
     late = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=3, doc_score="late")

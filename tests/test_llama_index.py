@@ -134,6 +134,10 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
     assert u["completion_tokens"] >= 1 and u["prompt_tokens"] > 0
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert str(resp) == engine.query("Where was Alice born?", k=2, **GEN).answer
+    # multi-hop: k_per_round=False gives k documents in all, split over the rounds as engine.retrieve splits them
+    hops = index.as_query_engine(similarity_top_k=3, rounds=2, k_per_round=False, **RETRIEVER_FREE)
+    assert [n.node_id for n in hops.query("Where was Alice born?").source_nodes] == \
+        [d.id for d in engine.retrieve("Where was Alice born?", k=3, rounds=2)]
 
 
 def test_streaming_and_async_match_sync(index):

@@ -41,7 +41,7 @@ from .vector_stores import MEMORY_DIR, MSAVectorStore, NoEmbedding, check_query
 __all__ = ["MSAIndex", "load_msa_index", "MEMORY_DIR"]
 
 # MSAQueryEngine's own arguments: asking for one of them (with mode=) selects retriever-free answering
-_MSA_ANSWER_ARGS = ("mode", "rounds", "system_prompt")
+_MSA_ANSWER_ARGS = ("mode", "rounds", "k_per_round", "system_prompt")
 _GENERATION_ARGS = ("max_new_tokens", "temperature", "seed")  # set on the default MSALLM
 
 

@@ -36,8 +36,8 @@ class MSAQueryEngine(BaseQueryEngine):
     give, and nothing is generated.
 
     Only MSA's own knobs are accepted (unknown ones raise): `similarity_top_k` (LlamaIndex's default, 2),
-    `filters`, `streaming`, `mode`, `max_new_tokens`, `temperature`, `rounds`, `system_prompt`, `seed`,
-    `collection_name`. Response synthesis, postprocessors and prompt templates belong to LlamaIndex's
+    `filters`, `streaming`, `mode`, `max_new_tokens`, `temperature`, `rounds`, `k_per_round`, `system_prompt`,
+    `seed`, `collection_name`. Response synthesis, postprocessors and prompt templates belong to LlamaIndex's
     `RetrieverQueryEngine` (`MSAIndex.as_query_engine()` without `mode=`).
     """
 
@@ -45,14 +45,15 @@ class MSAQueryEngine(BaseQueryEngine):
                  similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K, mode: Optional[str] = None,
                  max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  rounds: Optional[int] = None, system_prompt: Optional[str] = None, seed: Optional[int] = None,
-                 collection_name: str = DEFAULT_COLLECTION, callback_manager: Optional[CallbackManager] = None):
+                 collection_name: str = DEFAULT_COLLECTION, callback_manager: Optional[CallbackManager] = None,
+                 k_per_round: Optional[bool] = None):
         self._engine, self._streaming = engine, streaming
         self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
         self._where = filters_to_predicate(filters)  # checked now, not at the first query
         # LlamaIndex's names -> the engine's per-call options, checked now (not at the first query)
         self._options = engine.answer_defaults.merged(
             mode=mode, k=similarity_top_k, max_new_tokens=max_new_tokens, temperature=temperature, rounds=rounds,
-            system=system_prompt, seed=seed)
+            system=system_prompt, seed=seed, k_per_round=k_per_round)
         # retrieve(): the same documents query() answers from
         self._retriever = MSARetriever(engine, similarity_top_k=self._options.k, filters=filters,
                                        collection_name=collection_name, callback_manager=callback_manager)

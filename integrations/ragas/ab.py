@@ -426,11 +426,13 @@ def msa_system_fn(em: EngineMemory, spec: SystemSpec, plan: "RunPlan") -> Callab
     from .msa_system import msa_answer_fn, msa_retrieve_fn
 
     routing = _ROUTING_OF.get(spec.base)  # None: the engine's default (pure MSA routing)
-    if plan.retrieval_only:  # with rounds > 1: the same k split over the rounds, recall over all of them
+    # with rounds > 1 both paths split the same k over the rounds: recall over all of them, and answers from
+    # k documents in all, the k the RAG side retrieves
+    if plan.retrieval_only:
         return msa_retrieve_fn(em.engine, routing=routing, rounds=plan.rounds)
     style = {"prompt_style": spec.style} if spec.style else {}
-    return msa_answer_fn(em.engine, mode=plan.mode, k=plan.k, rounds=plan.rounds, routing=routing,
-                         max_new_tokens=plan.max_new_tokens, temperature=0.0, **style)
+    return msa_answer_fn(em.engine, mode=plan.mode, k=plan.k, rounds=plan.rounds, k_per_round=False,
+                         routing=routing, max_new_tokens=plan.max_new_tokens, temperature=0.0, **style)
 
 
 # ---------------------------------------------------------------- RAG side
@@ -705,8 +707,8 @@ def run_eval(
 ) -> RunResult:
     """Run the A/B evaluation; returns the harness RunResult (records, summary, out_dir).
 
-    rounds: MSA interleave routing rounds; 1 (default) = exactly k routed documents, the same k the RAG
-    side retrieves (more rounds add up to k documents each, a bigger context than RAG's).
+    rounds: MSA interleave routing rounds (multi-hop); the k routed documents are split over them (k=5 in
+    2 rounds: 3 + 2), so MSA answers from the same k documents the RAG side retrieves once.
     systems: any of rag-minilm, rag-bm25, msa, msa-training-free; the first is the baseline A of the
     report's ratio columns. engine_factory(router) -> MSAEngine overrides how engines are built
     (router is None for `msa`, "none" for `msa-training-free`). memories: pre-built EvalSets instead of
