@@ -433,7 +433,8 @@ def _add_answer_options(s, default_k) -> None:
     from .config import MODES
 
     s.add_argument("--mode", default=None, choices=MODES)
-    s.add_argument("-k", "--k", type=int, default=default_k, help="documents to route to")
+    s.add_argument("-k", "--k", type=int, default=default_k,
+                   help="documents to route to (per round with --rounds, unless --no-k-per-round)")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--chunk-size", type=int, default=None)
     s.add_argument("--routing-chunk-size", type=int, default=None)

@@ -59,7 +59,7 @@ class AnswerOptions:
     """How one question is answered. Every field is checked here, once, for every surface (engine, CLI,
     LlamaIndex, LangChain): a bad value raises `InvalidArgumentError` / `InvalidTypeError` naming it."""
     mode: str = "interleave"  # "interleave" (documents' text in the prompt), "sparse" (pooled K/V), "protocol"
-    k: int = 5  # documents per question (paper: 16)
+    k: int = 5  # documents per question (paper: 16); per round when rounds > 1 and k_per_round
     rounds: int = 1  # interleave: routing rounds (re-route on question + injected text)
     # interleave with rounds > 1: True, every round adds k documents (k x rounds in the prompt); False, k is
     # the total, split over the rounds as `retrieve(rounds=)` splits it (the same k a single-shot retriever gets)
@@ -82,6 +82,9 @@ class AnswerOptions:
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int(self.k, "k", minimum=1)
         check_int(self.rounds, "rounds", minimum=1)
+        if self.rounds > 1 and self.mode != "interleave":  # sparse and protocol route once
+            raise InvalidArgumentError(f"rounds={self.rounds} is interleave's multi-hop routing, and mode "
+                                       f"{self.mode!r} routes once; use mode='interleave' or rounds=1")
         check_int(self.max_new_tokens, "max_new_tokens", minimum=1)
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         if self.system is not None and not isinstance(self.system, str):

@@ -411,37 +411,47 @@ class MSAEngine:
 
         `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
         `collection` ("*": every collection). `routing`: "msa" (default: `config.answer.routing`),
-        "hybrid" (router + BM25 fused) or "lexical" (BM25). `rounds` > 1 (multi-hop): the same total k
-        split over rounds (round r gets ceil of what is left / rounds left); each later round routes the
-        question with the text found so far as context, among the documents not found yet: by default once per
+        "hybrid" (router + BM25 fused) or "lexical" (BM25). `rounds` > 1 (multi-hop; at most
+        `config.max_rounds`, and no more than k are used): the same total k split over rounds (round r gets
+        ceil of what is left / rounds left); each later round routes the question with the text found so far
+        as context, among the documents not found yet: by default once per
         document of the last round, chains of documents scored as a beam (`MSAConfig.round_routing`); the
         documents come round by round (`RoutedDocument.round`). Returns [] when the memory is empty or
         nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
-        rounds = AnswerOptions(rounds=rounds).rounds  # validated like the answer option
+        rounds = self._check_rounds(AnswerOptions(rounds=rounds).rounds)  # validated like the answer option
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
         n_rounds = min(rounds, k)
-        share = _split_k(k, n_rounds)
-        return [d for docs in self._route_rounds(question, n_rounds, share, snap, routing, allow) for d in docs]
+        # routed as deep as `stream` routes it, so query(k_per_round=False) answers from these documents
+        first = self.route(question, k=self._first_round_depth(k, n_rounds), snapshot=snap, routing=routing,
+                           _allow=allow)
+        rounds = self._route_rounds(question, n_rounds, _split_k(k, n_rounds), snap, routing, allow, first=first)
+        return [d for docs in rounds for d in docs]
+
+    def _check_rounds(self, rounds: int) -> int:
+        if rounds > self.config.max_rounds:
+            raise InvalidArgumentError(f"rounds={rounds} is more than this engine's max_rounds="
+                                       f"{self.config.max_rounds}; ask for fewer rounds, or build the engine "
+                                       f"with MSAEngine.from_pretrained(..., max_rounds={rounds})")
+        return rounds
 
     def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
-                      allow, first: Optional[Routing] = None) -> list:
+                      allow, first: Routing) -> list:
         """Documents found in up to `n_rounds` routing rounds, one list per round (rounds that find nothing
         end it). `share(r, found)`: how many documents round r adds, `found` being how many earlier rounds
         found. Later rounds route among the documents not found yet, as `config.round_routing` says: "chain"
         routes the question once per document of the last round, with that document's chain of texts as
         context, and keeps the best chains (`engine.routing.extend_chains`); "concat" routes it once with the
         text of every document found so far. A chain-found document's `score` is its routing score given its
-        parent's chain; the round lists documents best chain first. `first`: the question's own routing when
-        the caller has it, `_first_round_depth` deep (else it is routed here)."""
+        parent's chain; the round lists documents best chain first. `first`: the question's own routing,
+        `_first_round_depth` deep."""
         chain = self.config.round_routing == "chain" and n_rounds > 1
         n = share(0, 0)
-        got = first if first is not None else self.route(question, k=self._first_round_depth(n, n_rounds),
-                                                          snapshot=snap, routing=routing, _allow=allow)
+        got = first
         rows, scores = got.rows[:n], got.scores[:n]
         rounds = [_routed_documents(snap, rows, scores, 0)]
         texts = snap._state.texts
@@ -500,6 +510,9 @@ class MSAEngine:
             a `Stream`: `.documents` before the first piece, `.result` (`QueryResult`) after the last.
             With no document to route to (empty memory, or `where` admits none) interleave answers from
             the model alone and logs a warning; `.documents` is then [].
+            With rounds > 1 (interleave only, at most `config.max_rounds`) each round adds k documents, or
+            with k_per_round=False k in all, exactly `retrieve(question, k, rounds=)`'s. Abstention and
+            `per_layer` read the question's own top k either way.
         """
         t0 = time.perf_counter()
         opts = _merge_options(options, self.config.answer, overrides)
@@ -521,7 +534,7 @@ class MSAEngine:
             logger.warning("no memory document to route to (%s): answering from the model alone",
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
-        n_rounds = min(opts.rounds, self.config.max_rounds) if opts.mode == "interleave" else 1
+        n_rounds = self._check_rounds(opts.rounds)  # > 1 only in interleave (AnswerOptions checks)
         if not opts.k_per_round:  # k in all: at least one document per round
             n_rounds = min(n_rounds, opts.k)
         # routed once, as deep as the rounds need; abstention and `per_layer` read its top k

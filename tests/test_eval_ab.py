@@ -129,6 +129,9 @@ def test_run_eval_rejects_unknown_system():
 
     with pytest.raises(ValueError, match="unknown systems"):
         run_eval("popqa", systems=["rag-colbert"])
+    # sparse mode routes once: rounds are refused before any model loads or memory is encoded
+    with pytest.raises(ValueError, match="rounds=2 is interleave's"):
+        run_eval("popqa", systems=["rag-minilm", "msa"], mode="sparse", rounds=2)
 
 
 def test_llamaindex_prompt_style_is_llamaindex_chat_qa_prompt_token_for_token(tiny_model):

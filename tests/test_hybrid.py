@@ -291,7 +291,8 @@ CHAIN_DOCS = {**DOCS,
 
 def chain_rounds_reference(engine, q, k, rounds, routing=None, depth=100):
     """Rounds by their definition, through the public API: round r routes the question with each chain's
-    texts (root first) as context over the documents not found yet, reading each ranking `depth` deep; a
+    texts (root first) as context over the documents not found yet, reading each ranking `depth` deep (the
+    question's own at least k deep: `query` reads its top k for abstention, and `retrieve` routes alike); a
     candidate's chain score = its parent chain's score + its own z-score in that ranking (round 1: its z-score
     in the question's ranking), best parent; the round keeps its share of k, best chain first, ties by bank
     order. -> [[(id, score), ...] per round]."""
@@ -303,7 +304,7 @@ def chain_rounds_reference(engine, q, k, rounds, routing=None, depth=100):
         return math.ceil((k - found) / (n_rounds - r))
 
     n = share(0, 0)
-    whole = engine.route(q, k=max(n, depth), routing=routing)
+    whole = engine.route(q, k=max(k, depth), routing=routing)
     z = zscores_reference(whole.scores)
     out = [list(zip(whole.ids[:n], whole.scores[:n]))]
     ends = [(z[i], [whole.ids[i]]) for i in range(len(out[0]))]
@@ -417,16 +418,23 @@ def test_interleave_rounds_route_like_retrieve_with_k_per_round(engine):
 
 
 @pytest.mark.parametrize("routing", ["msa", "hybrid"])
-@pytest.mark.parametrize("k,rounds", [(1, 2), (3, 2), (5, 2), (4, 3), (2, 4)])
-def test_interleave_with_k_in_all_routes_like_retrieve(chain_engine, routing, k, rounds):
+@pytest.mark.parametrize("k,rounds,depth,where", [(1, 2, None, None), (3, 2, None, None), (5, 2, None, None),
+                                                  (4, 3, None, None), (2, 4, None, None), (8, 2, 3, None),
+                                                  (5, 2, None, 6)])
+def test_interleave_with_k_in_all_routes_like_retrieve(chain_engine, monkeypatch, routing, k, rounds, depth, where):
     """k_per_round=False: k documents in all, split over the rounds exactly as retrieve(rounds=) splits them
-    (k=5 in 2 rounds: 3 + 2; fewer documents than rounds: one round per document)."""
+    (k=5 in 2 rounds: 3 + 2; fewer documents than rounds: one round per document), also with k deeper than
+    the rankings are read (FUSION_DEPTH patched) and with a filter."""
+    if depth is not None:
+        monkeypatch.setattr("msa_plugins.core.FUSION_DEPTH", depth)
+    allowed = list(CHAIN_DOCS)[-where:] if where else None
     q = "Where was the lighthouse keeper born?"
     res = chain_engine.query(q, k=k, rounds=rounds, k_per_round=False, routing=routing, mode="interleave",
-                             max_new_tokens=1)
-    want = chain_engine.retrieve(q, k=k, rounds=rounds, routing=routing)
+                             max_new_tokens=1, where=allowed)
+    want = chain_engine.retrieve(q, k=k, rounds=rounds, routing=routing, where=allowed)
     assert [(d.id, d.round, d.score) for d in res.documents] == [(d.id, d.round, d.score) for d in want]
     assert len(res.documents) == k and len(res.rounds) == min(k, rounds)
+    assert allowed is None or {d.id for d in res.documents} <= set(allowed)
 
 
 def test_the_eval_answers_from_k_documents_in_all_rounds(engine):

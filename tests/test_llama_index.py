@@ -135,9 +135,11 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert str(resp) == engine.query("Where was Alice born?", k=2, **GEN).answer
     # multi-hop: k_per_round=False gives k documents in all, split over the rounds as engine.retrieve splits them
-    hops = index.as_query_engine(similarity_top_k=3, rounds=2, k_per_round=False, **RETRIEVER_FREE)
-    assert [n.node_id for n in hops.query("Where was Alice born?").source_nodes] == \
-        [d.id for d in engine.retrieve("Where was Alice born?", k=3, rounds=2)]
+    hops = index.as_query_engine(similarity_top_k=2, rounds=2, k_per_round=False, **RETRIEVER_FREE)
+    resp = hops.query("Where was Alice born?")
+    assert [(n.node_id, r["round"]) for n, r in zip(resp.source_nodes, resp.metadata["routed"])] == \
+        [(d.id, d.round) for d in engine.retrieve("Where was Alice born?", k=2, rounds=2)] == \
+        [(resp.source_nodes[0].node_id, 0), (resp.source_nodes[1].node_id, 1)]
 
 
 def test_streaming_and_async_match_sync(index):

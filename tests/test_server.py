@@ -61,8 +61,8 @@ def test_chat_answers_with_sources_and_usage_as_the_engine_does_alone(served):
     # MSA's multi-hop options as extra body fields: 3 documents in all, over 2 rounds, as the engine routes them
     hops = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": q}], max_tokens=1,
                                      extra_body={"k": 3, "rounds": 2, "k_per_round": False})
-    assert [s["id"] for s in hops.model_extra["sources"]] == \
-        [d.id for d in served["engine"].retrieve(q, k=3, rounds=2)]
+    assert [(s["id"], s["round"]) for s in hops.model_extra["sources"]] == \
+        [(d.id, d.round) for d in served["engine"].retrieve(q, k=3, rounds=2)]
 
 
 def test_streaming_sends_sources_first_then_tokens_then_usage(served):

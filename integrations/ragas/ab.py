@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from msa_plugins.config import DEFAULT_PROMPT_STYLE
+from msa_plugins.config import DEFAULT_PROMPT_STYLE, AnswerOptions
 from msa_plugins.errors import InvalidArgumentError
 
 from . import metrics
@@ -723,6 +723,8 @@ def run_eval(
 
     load_avg_start = machine_load()
     specs = parse_systems(systems)
+    if not retrieval_only:  # the MSA answer options (sparse mode routes once: no rounds), before any encoding
+        AnswerOptions().merged(mode=mode, k=k, rounds=rounds, max_new_tokens=max_new_tokens)
     judge = make_judge(judge_base_url, judge_model, judge_api_key)
     if bank_cache is True:
         bank_cache = default_bank_cache_dir()
