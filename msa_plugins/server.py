@@ -6,9 +6,9 @@ curl) talks to it; each memory is a "model" (`GET /v1/models`), so `model="docs"
     POST /v1/chat/completions     stream (SSE) or not; the routed documents come back as `sources`: a field
                                   of the response, and of the first SSE chunk (before any token).
                                   MSA options as extra body fields: k, mode, collection ("*": all),
-                                  filters, ids,
-                                  memory, use_memory (False: plain chat with the model), rounds, k_per_round,
-                                  prompt_style
+                                  filters, ids, rounds, k_per_round, prompt_style, memory,
+                                  use_memory (False: plain chat with the model; the memory options
+                                  are then refused, 422)
     GET  /v1/models               one entry per memory the caller's key may use
     GET  /v1/memories             the memories, with sizes
     POST /v1/memories/{m}/documents           add ({"documents": [{"id", "text", "metadata"}], "collection",
@@ -237,6 +237,10 @@ def _where(body: dict):
         return True
 
     return admits
+
+
+# request fields that only answers from memory read (a plain chat, use_memory false, has no routing)
+_MEMORY_FIELDS = ("k", "mode", "rounds", "k_per_round", "prompt_style", "collection", "filters", "ids")
 
 
 def _collection(body: dict) -> dict:
@@ -539,6 +543,11 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
                 raise APIError(422, f"the messages have {n_prompt} tokens, more than this server's limit of {limit}",
                                code="context_length_exceeded", param="messages")
         use_memory = body.get("use_memory", True) is not False
+        if not use_memory:  # a memory option on a plain chat would be dropped: say so instead
+            for key in _MEMORY_FIELDS:
+                if body.get(key) is not None:
+                    raise APIError(422, f"{key} applies to answers from memory, and use_memory is false: drop "
+                                        f"{key} or set use_memory to true", param=key)
         where, collection = _where(body), _collection(body)
         slot = slots.take(settings.retry_after_s)
         try:

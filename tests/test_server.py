@@ -223,3 +223,7 @@ def test_plain_chat_without_memory_and_history(served):
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Where is Paris?"}])
     assert r.model_extra["sources"] == [] and r.usage.completion_tokens <= 4
     json.dumps(r.model_dump())
+    # a memory option on a plain chat would be dropped: refused, naming it
+    with pytest.raises(openai.UnprocessableEntityError, match="k applies to answers from memory"):
+        c.chat.completions.create(model="docs", max_tokens=4, extra_body={"use_memory": False, "k": 2},
+                                  messages=[{"role": "user", "content": "Where is Paris?"}])
