@@ -521,6 +521,7 @@ class MSAEngine:
         if opts.mode == "protocol" and not self.has_trained_router:
             raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
                                        "use 'interleave' or 'sparse' with this model")
+        self._check_rounds(opts.rounds)
         if opts.abstain and opts.routing == "lexical":
             raise InvalidArgumentError("abstain=True decides on the router's scores, which routing='lexical' does not "
                                        "compute; use routing 'msa' or 'hybrid'")
@@ -534,7 +535,7 @@ class MSAEngine:
             logger.warning("no memory document to route to (%s): answering from the model alone",
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
-        n_rounds = self._check_rounds(opts.rounds)  # > 1 only in interleave (AnswerOptions checks)
+        n_rounds = opts.rounds  # > 1 only in interleave (AnswerOptions checks), <= max_rounds (checked above)
         if not opts.k_per_round:  # k in all: at least one document per round
             n_rounds = min(n_rounds, opts.k)
         # routed once, as deep as the rounds need; abstention and `per_layer` read its top k
