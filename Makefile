@@ -7,7 +7,7 @@ EXTRAS := llama-index,langchain,eval,triton,serve,dev
 # pip retries a refused connection but not a download that breaks off mid-file (a CI run failed on a
 # urllib3 read error from PyPI), so each install is run up to 3 times; what already arrived comes from
 # pip's cache the next time
-PIP_INSTALL := retry() { for try in 1 2 3; do "$$@" && return 0; echo "pip install failed (try $$try of 3)" >&2; \
+PIP_INSTALL := @retry() { echo "$$*"; for try in 1 2 3; do "$$@" && return 0; echo "pip install failed (try $$try of 3)" >&2; \
 	[ $$try = 3 ] || sleep $${PIP_RETRY_SLEEP:-15}; done; return 1; }; retry $(BIN)/pip install -q --retries 10
 
 .PHONY: install demo test bench clean
