@@ -406,38 +406,39 @@ class MSAEngine:
 
     def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
                  snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
-                 routing: Optional[str] = None, rounds: int = 1) -> list:
+                 routing: Optional[str] = None, rounds: int = 1, k_per_round: bool = False) -> list:
         """The documents the router selects for `question`, best first (layer-mean ranking).
 
         `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
         `collection` ("*": every collection). `routing`: "msa" (default: `config.answer.routing`),
         "hybrid" (router + BM25 fused) or "lexical" (BM25). `rounds` > 1 (multi-hop; at most
-        `config.max_rounds`, and no more than k are used): the same total k split over rounds (round r gets
-        ceil of what is left / rounds left); each later round routes the question with the text found so far
-        as context, among the documents not found yet: by default once per
-        document of the last round, chains of documents scored as a beam (`MSAConfig.round_routing`); the
-        documents come round by round (`RoutedDocument.round`). Returns [] when the memory is empty or
+        `config.max_rounds`): the same total k split over rounds (round r gets ceil of what is left / rounds
+        left; no more rounds than k), or with `k_per_round=True` k documents per round; each later round routes
+        the question with the text found so far as context, among the documents not found yet: by default once
+        per document of the last round, chains of documents scored as a beam (`MSAConfig.round_routing`); the
+        documents come round by round (`RoutedDocument.round`). These are exactly the documents
+        `query(mode="interleave", rounds=, k_per_round=)` answers from. Returns [] when the memory is empty or
         nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
-        rounds = self._check_rounds(AnswerOptions(rounds=rounds).rounds)  # validated like the answer option
+        checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round)  # validated like the answer options
+        self._check_rounds(checked.rounds)
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
-        n_rounds = min(rounds, k)
-        # routed as deep as `stream` routes it, so query(k_per_round=False) answers from these documents
+        n_rounds, share = _round_shares(k, checked.rounds, checked.k_per_round)
+        # routed as deep as `stream` routes it, so query answers from these documents
         first = self.route(question, k=self._first_round_depth(k, n_rounds), snapshot=snap, routing=routing,
                            _allow=allow)
-        rounds = self._route_rounds(question, n_rounds, _split_k(k, n_rounds), snap, routing, allow, first=first)
+        rounds = self._route_rounds(question, n_rounds, share, snap, routing, allow, first=first)
         return [d for docs in rounds for d in docs]
 
-    def _check_rounds(self, rounds: int) -> int:
+    def _check_rounds(self, rounds: int) -> None:
         if rounds > self.config.max_rounds:
             raise InvalidArgumentError(f"rounds={rounds} is more than this engine's max_rounds="
                                        f"{self.config.max_rounds}; ask for fewer rounds, or build the engine "
                                        f"with MSAEngine.from_pretrained(..., max_rounds={rounds})")
-        return rounds
 
     def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
                       allow, first: Routing) -> list:
@@ -511,8 +512,8 @@ class MSAEngine:
             With no document to route to (empty memory, or `where` admits none) interleave answers from
             the model alone and logs a warning; `.documents` is then [].
             With rounds > 1 (interleave only, at most `config.max_rounds`) each round adds k documents, or
-            with k_per_round=False k in all, exactly `retrieve(question, k, rounds=)`'s. Abstention and
-            `per_layer` read the question's own top k either way.
+            with k_per_round=False k in all: exactly `retrieve(question, k, rounds=, k_per_round=)`'s documents.
+            Abstention and `per_layer` read the question's own top k either way.
         """
         t0 = time.perf_counter()
         opts = _merge_options(options, self.config.answer, overrides)
@@ -535,9 +536,8 @@ class MSAEngine:
             logger.warning("no memory document to route to (%s): answering from the model alone",
                            "the memory is empty" if len(snap) == 0 else "the filter admits none")
             return self._answer_texts(question, [], [], opts, history, t0, per_layer={})
-        n_rounds = opts.rounds  # > 1 only in interleave (AnswerOptions checks), <= max_rounds (checked above)
-        if not opts.k_per_round:  # k in all: at least one document per round
-            n_rounds = min(n_rounds, opts.k)
+        # rounds > 1 only in interleave (AnswerOptions checks), <= max_rounds (checked above)
+        n_rounds, share = _round_shares(opts.k, opts.rounds, opts.k_per_round)
         # routed once, as deep as the rounds need; abstention and `per_layer` read its top k
         deep = self.route(question, k=self._first_round_depth(opts.k, n_rounds), snapshot=snap,
                           routing=opts.routing, _allow=allow)
@@ -547,7 +547,6 @@ class MSAEngine:
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
             if n_rounds > 1:  # each later round adds k documents not found yet, or its share of k in all
-                share = (lambda r, found: opts.k) if opts.k_per_round else _split_k(opts.k, n_rounds)
                 rounds = self._route_rounds(question, n_rounds, share, snap, opts.routing, allow, first=deep)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
@@ -841,12 +840,15 @@ def _best_threshold(answerable: list, removed: list) -> tuple:
                       "dev_recall": tp / nr}
 
 
-def _split_k(k: int, n_rounds: int):
-    """`share(r, found)` for k documents in all over `n_rounds` rounds: round r adds the ceiling of what is
-    left over the rounds left, so the first rounds get the remainder (k=5 in 2 rounds: 3 + 2)."""
-    def share(r: int, found: int) -> int:
-        return -(-(k - found) // (n_rounds - r))
-    return share
+def _round_shares(k: int, rounds: int, k_per_round: bool) -> tuple:
+    """(n_rounds, share): `share(r, found)` is how many documents round r adds, `found` being how many the
+    earlier rounds found. k per round, or k in all: then round r adds the ceiling of what is left over the
+    rounds left, so the first rounds get the remainder (k=5 in 2 rounds: 3 + 2), and there are no more
+    rounds than k."""
+    if k_per_round:
+        return rounds, lambda r, found: k
+    n_rounds = min(rounds, k)
+    return n_rounds, lambda r, found: -(-(k - found) // (n_rounds - r))
 
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:

@@ -408,6 +408,9 @@ def _meta_filters(key, value, operator="=="):
 LLAMA_INDEX_CASES = [
     _case("li-retriever-k-zero", _li_retriever(similarity_top_k=0), InvalidArgumentError, "k must be >= 1"),
     _case("li-retriever-k-string", _li_retriever(similarity_top_k="3"), InvalidTypeError, "k must be an int"),
+    _case("li-retriever-rounds-zero", _li_retriever(rounds=0), InvalidArgumentError, "rounds must be >= 1"),
+    _case("li-retriever-k-per-round-string", _li_retriever(rounds=2, k_per_round="yes"), InvalidTypeError,
+          "k_per_round must be True or False"),
     _case("li-filters-in-scalar", lambda e, d: _li_filters(_meta_filters("topic", "people", "in"))(e, d),
           InvalidTypeError, "in"),
     _case("li-filters-not-filters", _li_filters(5), InvalidTypeError, "filters"),

@@ -410,11 +410,14 @@ def test_interleave_routes_the_question_alone_once(engine, monkeypatch):
     assert len(res.documents) == 4
 
 
-def test_interleave_rounds_route_like_retrieve_with_k_per_round(engine):
-    q = "Who was born in Lisbon?"
-    res = engine.query(q, k=2, rounds=2, mode="interleave", max_new_tokens=1)
-    assert [(d.id, d.round) for d in res.documents] == \
-        [(d.id, d.round) for d in engine.retrieve(q, k=4, rounds=2)]
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+@pytest.mark.parametrize("k,rounds", [(2, 2), (3, 2), (2, 3)])
+def test_interleave_rounds_route_like_retrieve_with_k_per_round(chain_engine, routing, k, rounds):
+    q = "Where was the lighthouse keeper born?"
+    res = chain_engine.query(q, k=k, rounds=rounds, routing=routing, mode="interleave", max_new_tokens=1)
+    want = chain_engine.retrieve(q, k=k, rounds=rounds, routing=routing, k_per_round=True)
+    assert [(d.id, d.round, d.score) for d in res.documents] == [(d.id, d.round, d.score) for d in want]
+    assert len(want) == k * rounds and [d.round for d in want] == [r for r in range(rounds) for _ in range(k)]
 
 
 @pytest.mark.parametrize("routing", ["msa", "hybrid"])

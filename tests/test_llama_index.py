@@ -140,6 +140,23 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
     assert [(n.node_id, r["round"]) for n, r in zip(resp.source_nodes, resp.metadata["routed"])] == \
         [(d.id, d.round) for d in engine.retrieve("Where was Alice born?", k=2, rounds=2)] == \
         [(resp.source_nodes[0].node_id, 0), (resp.source_nodes[1].node_id, 1)]
+    # MSARetriever routes multi-hop too: k nodes in all over the rounds, as the engine splits them, also inside
+    # LlamaIndex's own RetrieverQueryEngine
+    from llama_index.core.query_engine import RetrieverQueryEngine
+
+    from msa_plugins.integrations.llama_index import MSARetriever
+
+    two_hop = MSARetriever(engine, similarity_top_k=3, rounds=2)
+    want = [d.id for d in engine.retrieve("Where was Alice born?", k=3, rounds=2)]
+    assert [n.node_id for n in two_hop.retrieve("Where was Alice born?")] == want
+    synthesized = RetrieverQueryEngine.from_args(two_hop, llm=MSALLM(engine=engine, **GEN))
+    assert [n.node_id for n in synthesized.query("Where was Alice born?").source_nodes] == want
+    # retrieve() gives the documents query() answers from, rounds included (k in all, or k per round)
+    for qe in (hops, index.as_query_engine(similarity_top_k=1, rounds=2, **RETRIEVER_FREE)):
+        answered = qe.query("Where was Alice born?")
+        assert [n.node_id for n in qe.retrieve("Where was Alice born?")] == \
+            [n.node_id for n in answered.source_nodes]
+        assert [r["round"] for r in answered.metadata["routed"]] == [0, 1]
 
 
 def test_streaming_and_async_match_sync(index):

@@ -54,18 +54,18 @@ class MSAQueryEngine(BaseQueryEngine):
         self._options = engine.answer_defaults.merged(
             mode=mode, k=similarity_top_k, max_new_tokens=max_new_tokens, temperature=temperature, rounds=rounds,
             system=system_prompt, seed=seed, k_per_round=k_per_round)
-        # retrieve(): the question's own routing, the documents query() answers from (its first round with rounds > 1)
+        # retrieve(): the documents query() answers from, rounds included
         self._retriever = MSARetriever(engine, similarity_top_k=self._options.k, filters=filters,
-                                       collection_name=collection_name, callback_manager=callback_manager)
+                                       collection_name=collection_name, callback_manager=callback_manager,
+                                       rounds=self._options.rounds, k_per_round=self._options.k_per_round)
         super().__init__(callback_manager=callback_manager)
 
     def _get_prompt_modules(self) -> Dict[str, Any]:
         return {}
 
     def retrieve(self, query_bundle) -> List[NodeWithScore]:
-        """The routed documents alone (what `query` would answer from), without generating. With `rounds` > 1
-        this is the question's own routing only: `query` routes its later rounds from the documents it finds
-        (all of them are in `Response.source_nodes` and `metadata["routed"]`)."""
+        """The routed documents alone (what `query` would answer from, every round), without generating. In
+        protocol mode the documents the model asks for while it writes are not known before it writes."""
         if not isinstance(query_bundle, QueryBundle):
             query_bundle = QueryBundle(query_text(query_bundle))
         return self._retriever.retrieve(query_bundle)

@@ -13,7 +13,7 @@ from llama_index.core.constants import DEFAULT_SIMILARITY_TOP_K
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters
 
-from msa_plugins import MSAEngine, RoutedDocument
+from msa_plugins import AnswerOptions, MSAEngine, RoutedDocument
 from msa_plugins.validation import check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection
@@ -29,22 +29,30 @@ class MSARetriever(BaseRetriever):
     Nodes come back best first with their routing scores (layer-mean cosine). A document stored through
     `MSAVectorStore` comes back as the node it was stored from (ids, relationships, metadata), any other
     as a `TextNode`. `filters` restrict the documents before routing. `similarity_top_k` defaults to
-    LlamaIndex's 2.
+    LlamaIndex's 2. `rounds` > 1 routes multi-hop (`MSAEngine.retrieve(..., rounds=)`): `similarity_top_k`
+    nodes in all, split over the rounds (each later round routes the question with the text found so far),
+    or with `k_per_round=True` that many per round; a node's `metadata` is the document's own, and its round
+    is not added to it.
     """
 
     def __init__(self, engine: MSAEngine, similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
                  filters: Optional[MetadataFilters] = None, collection_name: str = DEFAULT_COLLECTION,
-                 callback_manager: Optional[CallbackManager] = None, verbose: bool = False):
+                 callback_manager: Optional[CallbackManager] = None, verbose: bool = False, rounds: int = 1,
+                 k_per_round: bool = False):
         self._engine = engine
-        # AnswerOptions checks k once for every surface (k=0, k="3" and k=2.5 raise here, not at the first query)
-        self._k = engine.answer_defaults.merged(k=similarity_top_k).k
+        # AnswerOptions checks k, rounds and k_per_round once for every surface (k=0, k="3" and k=2.5 raise here,
+        # not at the first query)
+        checked = AnswerOptions(k=engine.answer_defaults.merged(k=similarity_top_k).k, rounds=rounds,
+                                k_per_round=k_per_round)
+        self._k, self._rounds, self._k_per_round = checked.k, checked.rounds, checked.k_per_round
         self._where = filters_to_predicate(filters)
         self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
         documents = self._engine.retrieve(query_text(query_bundle), k=self._k, where=self._where,
-                                           collection=self._collection)
+                                           collection=self._collection, rounds=self._rounds,
+                                           k_per_round=self._k_per_round)
         return to_nodes(documents)
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
