@@ -161,6 +161,13 @@ def test_retriever_routes_with_k_and_filter(engine):
         r.invoke("")
     with pytest.raises(ValueError, match="operator"):
         r.invoke("Alice?", filter={"year": {"$near": 3}})
+    # multi-hop: k documents in all over the rounds, as the engine splits them, each with its round
+    two_hop = MSARetriever(engine=engine, k=3, rounds=2).invoke("Where was Alice born?")
+    want = engine.retrieve("Where was Alice born?", k=3, rounds=2)
+    assert [(d.id, d.metadata["routing_round"]) for d in two_hop] == [(d.id, d.round) for d in want]
+    assert [d.metadata["routing_round"] for d in two_hop] == [0, 0, 1]
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        MSARetriever(engine=engine, rounds=0)
 
 
 def test_vector_store_mechanics(model_dir):

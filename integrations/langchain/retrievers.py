@@ -7,9 +7,9 @@ from typing import Any, List, Optional
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from msa_plugins import InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
+from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
 from msa_plugins.validation import check_int, check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs
@@ -32,15 +32,22 @@ def refuse_unknown(kwargs: dict, where: str, hints: Optional[dict] = None) -> No
 
 
 def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
-                    collection: str = DEFAULT_COLLECTION, snapshot: Optional[Snapshot] = None) -> List[tuple]:
+                    collection: str = DEFAULT_COLLECTION, snapshot: Optional[Snapshot] = None,
+                    rounds: int = 1, k_per_round: bool = False) -> List[tuple]:
     """[(Document, routing score)], best first, over the documents of `collection` that `flt` admits; [] on an
     empty collection or when the filter admits nothing. The shared search of `MSARetriever` and `MSAVectorStore`.
-    `snapshot`: route over this view of the memory (None: the memory now)."""
+    `snapshot`: route over this view of the memory (None: the memory now). `rounds` > 1: multi-hop routing
+    (`MSAEngine.retrieve(..., rounds=, k_per_round=)`), each document's round in `metadata["routing_round"]`."""
     query = check_text(query, "query")
     k = check_int(k, "k", minimum=1)  # checked here too: the engine skips routing (and its checks) on an empty memory
     where = filter_to_predicate(flt)
-    docs = engine.retrieve(query, k=k, where=where, snapshot=snapshot, **collection_kwargs(engine, collection))
-    return [(to_document(d), float(d.score)) for d in docs]
+    docs = engine.retrieve(query, k=k, where=where, snapshot=snapshot, rounds=rounds, k_per_round=k_per_round,
+                           **collection_kwargs(engine, collection))
+    pairs = [(to_document(d), float(d.score)) for d in docs]
+    if rounds > 1:
+        for (doc, _), d in zip(pairs, docs):
+            doc.metadata["routing_round"] = d.round
+    return pairs
 
 
 class MSARetriever(BaseRetriever):
@@ -52,13 +59,23 @@ class MSARetriever(BaseRetriever):
         retriever = MSARetriever(engine=engine, k=4, filter={"topic": "geo"}, collection="default")
     Use:
         retriever.invoke("question", k=2, filter={"year": {"$gte": 2001}})   # per-call k / filter
+    Multi-hop: `rounds=2` returns k documents in all, split over 2 routing rounds (the second routes the
+    question with the text the first found), each with `metadata["routing_round"]`; `k_per_round=True`: k per
+    round.
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine whose memory is searched")
     k: int = Field(default=4, description="documents returned per query")
     filter: Any = Field(default=None, description="metadata filter (dict, or a callable taking a Document)")
     collection: str = Field(default=DEFAULT_COLLECTION, description="the collection searched ('*': all of them)")
+    rounds: int = Field(default=1, description="routing rounds (multi-hop): later ones route with the text found")
+    k_per_round: bool = Field(default=False, description="with rounds > 1: k documents per round, not k in all")
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="after")
+    def _check_rounds(self):
+        AnswerOptions(rounds=self.rounds, k_per_round=self.k_per_round)  # the error every surface gives
+        return self
 
     @field_validator("collection")
     @classmethod
@@ -69,7 +86,8 @@ class MSARetriever(BaseRetriever):
                                 k: Optional[int] = None, filter: Any = None, **kwargs: Any) -> List[Document]:
         refuse_unknown(kwargs, "MSARetriever.invoke")
         pairs = route_documents(self.engine, query, self.k if k is None else k,
-                                self.filter if filter is None else filter, self.collection)
+                                self.filter if filter is None else filter, self.collection, rounds=self.rounds,
+                                k_per_round=self.k_per_round)
         for doc, score in pairs:
             doc.metadata["routing_score"] = score
         return [doc for doc, _ in pairs]
