@@ -417,12 +417,14 @@ class MSAEngine:
         the question with the text found so far as context, among the documents not found yet: by default once
         per document of the last round, chains of documents scored as a beam (`MSAConfig.round_routing`); the
         documents come round by round (`RoutedDocument.round`). These are exactly the documents
-        `query(mode="interleave", rounds=, k_per_round=)` answers from. Returns [] when the memory is empty or
-        nothing passes."""
+        `query(mode="interleave", k=, rounds=, k_per_round=)` answers from when given the same values (retrieve's
+        own defaults are one round and k in all, not `config.answer`'s; and `query` with abstain may answer
+        "not in memory" instead). Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
-        checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round)  # validated like the answer options
-        self._check_rounds(checked.rounds)
+        # validated like the answer options, routing too, before an empty memory returns []
+        checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round, routing=routing or self.config.answer.routing)
+        self.check_rounds(checked.rounds)
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
@@ -434,7 +436,9 @@ class MSAEngine:
         rounds = self._route_rounds(question, n_rounds, share, snap, routing, allow, first=first)
         return [d for docs in rounds for d in docs]
 
-    def _check_rounds(self, rounds: int) -> None:
+    def check_rounds(self, rounds: int) -> None:
+        """Raise `InvalidArgumentError` when `rounds` is more than this engine routes (`config.max_rounds`):
+        what `query` and `retrieve` check, for surfaces that take rounds before their first question."""
         if rounds > self.config.max_rounds:
             raise InvalidArgumentError(f"rounds={rounds} is more than this engine's max_rounds="
                                        f"{self.config.max_rounds}; ask for fewer rounds, or build the engine "
@@ -522,7 +526,7 @@ class MSAEngine:
         if opts.mode == "protocol" and not self.has_trained_router:
             raise InvalidArgumentError("mode 'protocol' needs a checkpoint or adapter with trained router projectors; "
                                        "use 'interleave' or 'sparse' with this model")
-        self._check_rounds(opts.rounds)
+        self.check_rounds(opts.rounds)
         if opts.abstain and opts.routing == "lexical":
             raise InvalidArgumentError("abstain=True decides on the router's scores, which routing='lexical' does not "
                                        "compute; use routing 'msa' or 'hybrid'")

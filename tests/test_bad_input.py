@@ -143,6 +143,10 @@ ASK_CASES = [
     _case("rounds-zero", lambda e, d: e.query(QUESTION, rounds=0), InvalidArgumentError, "rounds"),
     _case("k-per-round-string", lambda e, d: e.query(QUESTION, k_per_round="no"), InvalidTypeError, "k_per_round"),
     _case("rounds-over-max-rounds", lambda e, d: e.query(QUESTION, rounds=5), InvalidArgumentError, "max_rounds=4"),
+    _case("retrieve-k-per-round-string", lambda e, d: e.retrieve(QUESTION, rounds=2, k_per_round="yes"),
+          InvalidTypeError, "k_per_round"),
+    _case("retrieve-routing-unknown", lambda e, d: e.retrieve(QUESTION, routing="dense"), InvalidArgumentError,
+          "routing"),
     _case("retrieve-rounds-over-max-rounds", lambda e, d: e.retrieve(QUESTION, rounds=5), InvalidArgumentError,
           "max_rounds=4"),
     _case("rounds-in-sparse-mode", lambda e, d: e.query(QUESTION, rounds=2, mode="sparse"), InvalidArgumentError,
@@ -258,6 +262,11 @@ def test_empty_memory_route_is_an_error_but_retrieve_is_empty(engine_and_dir):
     with pytest.raises(EmptyMemoryError, match="empty"):
         engine.route(QUESTION)
     assert engine.retrieve(QUESTION) == []
+    # nothing to route to is no reason to skip the checks a full memory makes
+    with pytest.raises(InvalidArgumentError, match="routing"):
+        engine.retrieve(QUESTION, routing="dense")
+    with pytest.raises(InvalidArgumentError, match="max_rounds"):
+        engine.retrieve(QUESTION, rounds=5)
     assert engine.add([]) == []
     assert len(engine) == 0
 

@@ -166,8 +166,24 @@ def test_retriever_routes_with_k_and_filter(engine):
     want = engine.retrieve("Where was Alice born?", k=3, rounds=2)
     assert [(d.id, d.metadata["routing_round"]) for d in two_hop] == [(d.id, d.round) for d in want]
     assert [d.metadata["routing_round"] for d in two_hop] == [0, 0, 1]
+    per_round = MSARetriever(engine=engine, k=1, rounds=2, k_per_round=True).invoke("Where was Alice born?")
+    assert [(d.id, d.metadata["routing_round"]) for d in per_round] == \
+        [(d.id, d.round) for d in engine.retrieve("Where was Alice born?", k=1, rounds=2, k_per_round=True)]
+    assert len(per_round) == 2
+    assert "routing_round" not in r.invoke("Where was Alice born?")[0].metadata  # one round: nothing added
+    # async passes per-call arguments on (BaseRetriever's default dropped them)
+    assert [d.id for d in asyncio.run(r.ainvoke("Where was Alice born?", k=1))] == routing.ids[:1]
+    # checked at construction as every surface checks them, before pydantic would coerce "2" or 1
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         MSARetriever(engine=engine, rounds=0)
+    with pytest.raises(InvalidTypeError, match="rounds"):
+        MSARetriever(engine=engine, rounds="2")
+    with pytest.raises(InvalidTypeError, match="k_per_round must be True or False"):
+        MSARetriever(engine=engine, rounds=2, k_per_round=1)
+    with pytest.raises(ValueError, match="max_rounds=4"):
+        MSARetriever(engine=engine, rounds=5)
+    with pytest.raises(ValueError, match="set on the retriever"):
+        r.invoke("Where was Alice born?", rounds=2)
 
 
 def test_vector_store_mechanics(model_dir):

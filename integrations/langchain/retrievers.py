@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
@@ -65,16 +66,22 @@ class MSARetriever(BaseRetriever):
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine whose memory is searched")
-    k: int = Field(default=4, description="documents returned per query")
+    k: int = Field(default=4, description="documents returned per query (per round with k_per_round=True)")
     filter: Any = Field(default=None, description="metadata filter (dict, or a callable taking a Document)")
     collection: str = Field(default=DEFAULT_COLLECTION, description="the collection searched ('*': all of them)")
     rounds: int = Field(default=1, description="routing rounds (multi-hop): later ones route with the text found")
     k_per_round: bool = Field(default=False, description="with rounds > 1: k documents per round, not k in all")
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
+    @field_validator("rounds", "k_per_round", mode="before")
+    @classmethod
+    def _check_round_option(cls, v, info):
+        # before pydantic's lax coercion ("2" -> 2, 1 -> True): the error every surface gives
+        return getattr(AnswerOptions(**{info.field_name: v}), info.field_name)
+
     @model_validator(mode="after")
-    def _check_rounds(self):
-        AnswerOptions(rounds=self.rounds, k_per_round=self.k_per_round)  # the error every surface gives
+    def _check_max_rounds(self):
+        self.engine.check_rounds(self.rounds)  # at construction, not at the first query
         return self
 
     @field_validator("collection")
@@ -84,13 +91,21 @@ class MSARetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: Optional[int] = None, filter: Any = None, **kwargs: Any) -> List[Document]:
-        refuse_unknown(kwargs, "MSARetriever.invoke")
+        refuse_unknown(kwargs, "MSARetriever.invoke",
+                       {"rounds": "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)",
+                        "k_per_round": "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)"})
         pairs = route_documents(self.engine, query, self.k if k is None else k,
                                 self.filter if filter is None else filter, self.collection, rounds=self.rounds,
                                 k_per_round=self.k_per_round)
         for doc, score in pairs:
             doc.metadata["routing_score"] = score
         return [doc for doc, _ in pairs]
+
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       **kwargs: Any) -> List[Document]:
+        # BaseRetriever's default drops per-call arguments (ainvoke(q, k=2) raised TypeError): pass them on
+        return await run_in_executor(None, self._get_relevant_documents, query, run_manager=run_manager.get_sync(),
+                                     **kwargs)
 
 
 __all__ = ["MSARetriever", "route_documents", "to_document", "refuse_unknown"]

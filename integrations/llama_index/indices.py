@@ -152,7 +152,9 @@ class MSAIndex(VectorStoreIndex):
         misplaced = [k for k in _MSA_ANSWER_ARGS if k in kwargs]
         if misplaced:
             raise InvalidArgumentError(f"{misplaced} apply to MSA's retriever-free answering: pass mode= too "
-                                       "(as_query_engine(mode='interleave', ...))")
+                                       "(as_query_engine(mode='interleave', ...)); to keep LlamaIndex's synthesis "
+                                       "over multi-hop routing, use RetrieverQueryEngine.from_args("
+                                       "MSARetriever(engine, rounds=2), llm=...)")
         generation = {k: kwargs.pop(k) for k in _GENERATION_ARGS if k in kwargs}
         if self._checking():
             _check_kwargs("as_query_engine", kwargs, _QUERY_ENGINE_ARGS)

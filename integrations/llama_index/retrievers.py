@@ -44,6 +44,7 @@ class MSARetriever(BaseRetriever):
         # not at the first query)
         checked = AnswerOptions(k=engine.answer_defaults.merged(k=similarity_top_k).k, rounds=rounds,
                                 k_per_round=k_per_round)
+        engine.check_rounds(checked.rounds)
         self._k, self._rounds, self._k_per_round = checked.k, checked.rounds, checked.k_per_round
         self._where = filters_to_predicate(filters)
         self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
