@@ -17,7 +17,8 @@ curl) talks to it; each memory is a "model" (`GET /v1/models`), so `model="docs"
     GET  /v1/memories/{m}/documents/{id}      one document (a split long one: its parts)
     DELETE /v1/memories/{m}/documents/{id}    delete one
     POST /v1/memories/{m}/documents/delete    delete by ids, or by filters / collection
-    POST /v1/memories/{m}/search              route only: {"query", "k", "collection", "filters", "ids"}
+    POST /v1/memories/{m}/search              route only: {"query", "k", "collection", "filters", "ids",
+                                              "rounds", "k_per_round"} (other fields: 422)
     GET  /health, GET /metrics (Prometheus text)
 
 Collections are the engine's (a question routes within one, "default" unless named; "*" reads all);
@@ -239,6 +240,8 @@ def _where(body: dict):
     return admits
 
 
+# what /v1/memories/{m}/search reads (rounds, k_per_round: MSAEngine.retrieve's, k in all by default)
+_SEARCH_FIELDS = {"query", "k", "collection", "filters", "ids", "rounds", "k_per_round"}
 # request fields that only answers from memory read (a plain chat, use_memory false, has no routing)
 _MEMORY_FIELDS = ("k", "mode", "rounds", "k_per_round", "prompt_style", "collection", "filters", "ids")
 
@@ -714,7 +717,13 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
         query = body.get("query")
         if not isinstance(query, str):
             raise APIError(422, "query must be a string", param="query")
-        docs = await run(memory.engine.retrieve, query, k=body.get("k"), where=_where(body), **_collection(body))
+        unknown = sorted(set(body) - _SEARCH_FIELDS)
+        if unknown:
+            raise APIError(422, f"unknown search field(s) {unknown}; the fields are {sorted(_SEARCH_FIELDS)}",
+                           param=unknown[0])
+        rounds = {key: body[key] for key in ("rounds", "k_per_round") if body.get(key) is not None}
+        docs = await run(memory.engine.retrieve, query, k=body.get("k"), where=_where(body), **_collection(body),
+                         **rounds)
         return {"object": "list", "data": _sources(docs)}
 
     return app

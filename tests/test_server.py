@@ -124,6 +124,14 @@ def test_memory_add_search_get_delete_then_query(served):
         assert doc["collection"] == "news" and doc["parts"][0]["metadata"] == {"lang": "en"}
         hits = http.post("/v1/memories/docs/search", json={"query": "stripes", "collection": "news"}).json()["data"]
         assert [d["id"] for d in hits] == ["zebra"]  # the collection admits only it
+        # multi-hop search: what engine.retrieve(rounds=) routes, rounds in each hit; an unknown field is refused
+        q = QUESTIONS[0]
+        hops = http.post("/v1/memories/docs/search", json={"query": q, "k": 3, "rounds": 2}).json()["data"]
+        assert [(d["id"], d["round"]) for d in hops] == \
+            [(d.id, d.round) for d in served["engine"].retrieve(q, k=3, rounds=2)]
+        r = http.post("/v1/memories/docs/search", json={"query": q, "top_k": 3})
+        assert r.status_code == 422 and "top_k" in r.text
+        assert http.post("/v1/memories/docs/search", json={"query": q, "rounds": 9}).status_code == 422
         listed = http.get("/v1/memories/docs/documents", params={"collection": "news"}).json()
         assert listed["total"] == 1
         c = client(served)
