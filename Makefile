@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 EXTRAS := llama-index,langchain,eval,triton,serve,dev
 # pip retries a refused connection but not a download that breaks off mid-file (a CI run failed on a
-# urllib3 read error from PyPI), so each install is run up to 3 times; what already arrived comes from
-# pip's cache the next time
+# urllib3 read error from PyPI), so each install is run up to 3 times; packages that finished downloading
+# come from pip's cache the next time (a broken-off one starts again)
 PIP_INSTALL := @retry() { echo "$$*"; for try in 1 2 3; do "$$@" && return 0; echo "pip install failed (try $$try of 3)" >&2; \
 	[ $$try = 3 ] || sleep $${PIP_RETRY_SLEEP:-15}; done; return 1; }; retry $(BIN)/pip install -q --retries 10
 

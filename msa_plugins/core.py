@@ -456,12 +456,11 @@ class MSAEngine:
         `_first_round_depth` deep."""
         chain = self.config.round_routing == "chain" and n_rounds > 1
         n = share(0, 0)
-        got = first
-        rows, scores = got.rows[:n], got.scores[:n]
+        rows, scores = first.rows[:n], first.scores[:n]
         rounds = [_routed_documents(snap, rows, scores, 0)]
         texts = snap._state.texts
         # the last round's documents as chain ends: (chain score, the chain's texts, root first)
-        ends = [(z, (texts[row],)) for z, row in zip(zscores(got.scores)[:n], rows)]
+        ends = [(z, (texts[row],)) for z, row in zip(zscores(first.scores)[:n], rows)]
         found = len(rows)
         for r in range(1, n_rounds):
             seen = {d.id for docs in rounds for d in docs}

@@ -91,9 +91,8 @@ class MSARetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: Optional[int] = None, filter: Any = None, **kwargs: Any) -> List[Document]:
-        refuse_unknown(kwargs, "MSARetriever.invoke",
-                       {"rounds": "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)",
-                        "k_per_round": "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)"})
+        refuse_unknown(kwargs, "MSARetriever.invoke", dict.fromkeys(
+            ("rounds", "k_per_round"), "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)"))
         pairs = route_documents(self.engine, query, self.k if k is None else k,
                                 self.filter if filter is None else filter, self.collection, rounds=self.rounds,
                                 k_per_round=self.k_per_round)
