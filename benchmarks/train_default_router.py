@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 import time
 from importlib import resources
@@ -119,6 +120,11 @@ def main(argv=None):
     ap.add_argument("--positives", default="all", choices=("all", "first"),
                     help="first: a PopQA question's first gold passage only (its subject's page); its second gold "
                          "passage, the answer entity's page (e.g. 'Politician'), teaches an answer-type prior")
+    ap.add_argument("--extra-corpora", default="", help="also train on these corpora (comma list of hotpotqa,musique): "
+                    "their passages' inverse-cloze pairs and questions (a seeded --extra-dev share of the questions "
+                    "joins the dev split), each against its own bank and distilled from the teachers. A corpus "
+                    "trained on is no longer an unseen one: it cannot be in --eval-corpora")
+    ap.add_argument("--extra-dev", type=float, default=0.2, help="share of each extra corpus's questions kept for dev")
     ap.add_argument("--eval-corpora", default="", help="after training, R@5/MRR of the router on these corpora "
                     "(comma list of hotpotqa,musique: corpora it never saw), against the shipped router")
     ap.add_argument("--threads", type=int, default=None)
@@ -132,6 +138,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     layers = [int(x) for x in args.layers.split(",")]
+    extra = [c for c in args.extra_corpora.split(",") if c]
+    unseen = [c for c in args.eval_corpora.split(",") if c]
+    if set(extra) & set(unseen):
+        ap.error(f"--eval-corpora {sorted(set(extra) & set(unseen))} would be trained on (--extra-corpora): "
+                 "a router is measured only on corpora it never saw")
+    if not 0 <= args.extra_dev < 1:
+        ap.error(f"--extra-dev must be in [0, 1), got {args.extra_dev}")
     engine = make_engine(args.device, layers, args.chunk_size, args.model)
     cache, _ = get_cache("popqa", args.cache_dir, engine, args.data_root, args.max_questions, args.seed,
                          args.ict_per_doc)
@@ -145,12 +158,27 @@ def main(argv=None):
     dev_q = [qidx[i] for i in dev_i]
     ict = cache.query_indices(["ict"])
     train_all = train_q + ict
+    # extra corpora: cache i + 1 of the training; their (cache, query) pairs
+    caches, extra_train, extra_dev, extra_report = [cache], [], [], {}
+    for ci, name in enumerate(extra, start=1):
+        c, _ = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc)
+        c.to(args.device)
+        q = c.query_indices(["question"])
+        order = random.Random(args.seed).sample(q, len(q))
+        n_dev = round(args.extra_dev * len(q))
+        dev_c, train_c = sorted(order[:n_dev]), sorted(order[n_dev:]) + c.query_indices(["ict"])
+        caches.append(c)
+        extra_train.append(train_c)
+        extra_dev += [(ci, i) for i in dev_c]
+        extra_report[name] = {"documents": c.n_docs, "train_questions": len(q) - n_dev, "dev_questions": n_dev,
+                              "inverse_cloze_queries": len(train_c) - (len(q) - n_dev)}
     command = "python benchmarks/train_default_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": command,
               "bank": {"dataset": "popqa", "documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
                        "layers": layers, "chunk_size": args.chunk_size},
               "data": {"train_questions": len(train_q), "dev_questions": len(dev_q), "test_questions": len(te_i),
-                       "inverse_cloze_queries": len(ict), "seed": args.seed}, "inits": {}}
+                       "inverse_cloze_queries": len(ict), "seed": args.seed, "extra_corpora": extra_report},
+              "inits": {}}
     init = args.init
     init_router = None
     if args.init_router:  # fine-tune an existing router: no init search
@@ -178,6 +206,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         scorers = teacher_scorers(teachers, [d.memory_text() for d in evalset.documents], cache.q_text)
         targets = teacher_targets(scorers, cache, train_all)
+        if extra:  # one set of targets per cache, each over its own bank
+            targets = [targets]
+            for name, c, train_c in zip(extra, caches[1:], extra_train):
+                _, ev = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc,
+                                  log=lambda *_: None)
+                targets.append(teacher_targets(teacher_scorers(teachers, [d.memory_text() for d in ev.documents],
+                                                               c.q_text), c, train_c))
         report["teachers_s"] = time.perf_counter() - t0
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       init=init if init_router is None else "tied-random", seed=args.seed, device=args.device,
@@ -189,23 +224,31 @@ def main(argv=None):
             + (f"; distilled from {'+'.join(teachers)} on those queries" if teachers else "")
             + (f"; fine-tuned from the router {args.init_router}" if args.init_router else "")
             + ("; positives: each question's first gold passage (its subject's page) only"
-               if args.positives == "first" else ""),
+               if args.positives == "first" else "")
+            + "".join(f"; {name}: inverse-cloze pairs from its passages and {r['train_questions']} of its questions "
+                      f"({r['dev_questions']} more for dev)" for name, r in extra_report.items()),
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
             "command": command}
     t0 = time.perf_counter()
-    router, hist = train(engine, cache, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta, teacher=targets,
-                         init_router=init_router)
+    if extra:  # (cache, query) pairs over every cache
+        train_all = [(0, q) for q in train_all] + [(ci, q) for ci, qs in enumerate(extra_train, 1) for q in qs]
+        dev_q = [(0, q) for q in dev_q] + extra_dev
+    router, hist = train(engine, caches, train_all, dev_q, config=cfg, out=args.work_dir, meta=meta,
+                         teacher=targets, init_router=init_router)
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist
-    report["dev"] = evaluate(router, cache, dev_q) if dev_q else None
+    report["dev"] = evaluate(router, cache, [q for c, q in dev_q if c == 0] if extra else dev_q) if dev_q else None
+    if extra:  # report["dev"] is PopQA's dev; each extra corpus's dev questions apart
+        report["dev_extra"] = {name: evaluate(router, c, [q for cj, q in extra_dev if cj == ci])
+                               for ci, (name, c) in enumerate(zip(extra, caches[1:]), 1) if args.extra_dev}
     router.save(args.out)
     if args.eval_corpora:  # generalisation: corpora whose passages and questions the router never saw
         from msa_plugins.trainer import Router
 
         report["unseen"] = {}
         shipped = Router.load(SHIPPED_ROUTER)
-        for name in [c for c in args.eval_corpora.split(",") if c]:
+        for name in unseen:
             c2, _ = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc)
             qs = c2.query_indices(["question"])
             report["unseen"][name] = {"trained": evaluate(router, c2, qs), "shipped": evaluate(shipped, c2, qs)}

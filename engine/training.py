@@ -863,8 +863,9 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     out_dir: checkpoint folder (`checkpoint.safetensors` each epoch, `best/` the best router so far); with
     resume=True a checkpoint written with the same settings and data continues where it stopped.
     log: progress lines (default: this module's logger, INFO).
-    teacher: `TeacherTargets` for queries of cache 0: adds the listwise distillation term (`distill_weight`)
-    and, with negatives="mined", the teachers' hard negatives.
+    teacher: `TeacherTargets` for queries of cache 0, or a list of them, one per cache (None where a cache has
+    none): adds the listwise distillation term (`distill_weight`) and, with negatives="mined", the teachers'
+    hard negatives.
     Returns (best Router, history list of per-epoch dicts). Training that diverges (NaN/inf loss or
     weights) raises `InvalidArgumentError` and saves nothing of the diverged epoch."""
     log = log or logger.info
@@ -878,6 +879,11 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     bad_q = [(c, q) for c, q in train + dev if not 0 <= c < len(caches) or not 0 <= q < caches[c].n_queries]
     if bad_q:
         raise InvalidArgumentError(f"training/dev queries {bad_q[:3]} are not (cache, query) indices of the caches")
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    if len(teachers) > len(caches):
+        raise InvalidArgumentError(f"{len(teachers)} teacher targets for {len(caches)} feature caches: give at most "
+                                   "one per cache, in the caches' order (None where a cache has none)")
+    teachers += [None] * (len(caches) - len(teachers))
     layers = caches[0].layers
     torch.manual_seed(cfg.seed)
     if init_router is not None:
@@ -897,7 +903,7 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     # what a checkpoint must share to be resumed: the settings and the data (queries and their caches)
     identity = dict(cfg.identity(), layers=layers, train=[list(x) for x in train], dev=[list(x) for x in dev],
                     data=[c.meta.get("data_hash") for c in caches],
-                    teacher=None if teacher is None else teacher.fingerprint())
+                    teacher=_teacher_fingerprint(teachers))
     if init_router is not None:
         identity["init_router"] = init_router.fingerprint()
     history, start_epoch, best, best_state, bad = [], 0, float("-inf"), None, 0
@@ -951,8 +957,8 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
         for ci, qb in bar:
             c = caches[ci]
             t_has = t_cand = t_score = t_fneg = None
-            if teacher is not None and ci == 0:
-                t_has, t_cand, t_score, t_fneg = teacher.select(qb)
+            if teachers[ci] is not None:
+                t_has, t_cand, t_score, t_fneg = teachers[ci].select(qb)
             doc_rows = None
             if c.n_docs > cfg.max_negatives:
                 extra = t_cand[t_has].flatten().tolist() if t_has is not None else []
@@ -999,6 +1005,13 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
     if out_dir:
         router.save(os.path.join(out_dir, "best"))
     return router, history
+
+
+def _teacher_fingerprint(teachers: list) -> Optional[object]:
+    """What a checkpoint records of the teacher targets: one cache's fingerprint as before (older checkpoints
+    still resume), else one fingerprint (or None) per cache."""
+    prints = [None if t is None else t.fingerprint() for t in teachers]
+    return prints[0] if not any(prints[1:]) else prints
 
 
 @torch.no_grad()

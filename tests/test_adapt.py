@@ -16,7 +16,7 @@ from msa_plugins.engine.router import Router
 from msa_plugins.engine.training import (FeatureCache, TrainConfig, _negative_exclusions, packed_question_features,
                                          distill_kl, distill_loss, feature_encoder, question_features,
                                          teacher_targets)
-from msa_plugins.errors import EmptyMemoryError, ModelMismatchError
+from msa_plugins.errors import EmptyMemoryError, InvalidArgumentError, ModelMismatchError
 from msa_plugins import trainer
 from msa_plugins.engine import training
 from msa_plugins.trainer import AdaptConfig, adapt_router_for, split_title
@@ -105,6 +105,39 @@ def test_mined_negatives_keep_router_and_teacher_hard_ones_and_drop_false_negati
     # negatives: the router's top (doc 1) and the teachers' candidate 4; 5 is a teacher false negative
     assert (~ex[0]).nonzero().flatten().tolist() == [0, 1, 4]
     assert _negative_exclusions(scores, pos, None, None, None, None, TrainConfig(), random.Random(0)) is None
+
+
+def _toy_router(hid=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return Router({0: torch.randn(8, hid, generator=gen)}, {0: torch.randn(4, hid, generator=gen)}, 2, 1, 4)
+
+
+def test_teacher_targets_per_cache_distil_each_cache_as_alone():
+    """A list of teacher targets, one per cache: each cache's queries distil from their own targets. Training on
+    cache 1's queries with targets [None, t1] equals training on that cache alone with t1 (the reference), and
+    differs from training without them; a single TeacherTargets still means cache 0's."""
+    from msa_plugins.engine.training import train_router
+
+    torch.manual_seed(0)
+    c0, c1 = _toy_cache(6, 3), _toy_cache(7, 4)
+    scores = torch.randn(4, 7, generator=torch.Generator().manual_seed(2))
+    t1 = teacher_targets({"a": lambda qb: scores[qb]}, c1, [0, 1, 2, 3], k=4)
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, seed=0, progress=False, patience=99, negatives="mined",
+                      hard_negatives=2, random_negatives=1)
+    quiet = dict(log=lambda *_: None, config=cfg)
+
+    def weights(*args, **kw):
+        return _weights(train_router(*args, init_router=_toy_router(), **quiet, **kw)[0])
+
+    alone = weights(c1, [0, 1, 2, 3], teacher=t1)
+    both = weights([c0, c1], [(1, q) for q in range(4)], teacher=[None, t1])
+    torch.testing.assert_close(both, alone)
+    assert not torch.allclose(both, weights([c0, c1], [(1, q) for q in range(4)], teacher=[None, None]))
+    # the single-targets form is the one-element list
+    t0 = teacher_targets({"a": lambda qb: scores[qb, :6]}, c0, [0, 1, 2], k=3)
+    torch.testing.assert_close(weights([c0, c1], [0, 1, 2], teacher=t0), weights([c0, c1], [0, 1, 2], teacher=[t0]))
+    with pytest.raises(InvalidArgumentError, match="one per cache"):
+        train_router([c0], [0], init_router=_toy_router(), teacher=[t0, t1], **quiet)
 
 
 # ---------------------------------------------------------------------- pseudo-query features
