@@ -124,6 +124,11 @@ def main(argv=None):
                     "their passages' inverse-cloze pairs and questions (a seeded --extra-dev share of the questions "
                     "joins the dev split), each against its own bank and distilled from the teachers. A corpus "
                     "trained on is no longer an unseen one: it cannot be in --eval-corpora")
+    ap.add_argument("--d2q", action="store_true", help="also train on the model's own doc2query questions of the "
+                    "PopQA passages (runs/d2q/popqa.jsonl, from `python -m benchmarks.doc2query --corpus popqa`); a "
+                    "seeded --d2q-dev share of them joins the dev split (PopQA's dev questions alone are saturated "
+                    "from v4 on: early stopping needs another signal)")
+    ap.add_argument("--d2q-dev", type=float, default=0.1, help="share of the doc2query questions kept for dev")
     ap.add_argument("--extra-dev", type=float, default=0.2, help="share of each extra corpus's questions kept for dev")
     ap.add_argument("--eval-corpora", default="", help="after training, R@5/MRR of the router on these corpora "
                     "(comma list of hotpotqa,musique: corpora it never saw), against the shipped router")
@@ -158,6 +163,16 @@ def main(argv=None):
     dev_q = [qidx[i] for i in dev_i]
     ict = cache.query_indices(["ict"])
     train_all = train_q + ict
+    d2q_report = None
+    if args.d2q:  # pseudo-questions the model wrote from the PopQA passages (training data: no test question)
+        from benchmarks.routing_levers import add_d2q_queries
+
+        d2q = add_d2q_queries(cache, "popqa", engine)
+        order = random.Random(args.seed).sample(d2q, len(d2q))
+        n_dev = round(args.d2q_dev * len(d2q))
+        dev_q = dev_q + sorted(order[:n_dev])
+        train_all = train_all + sorted(order[n_dev:])
+        d2q_report = {"train": len(d2q) - n_dev, "dev": n_dev}
     # extra corpora: cache i + 1 of the training; their (cache, query) pairs
     caches, extra_train, extra_dev, extra_report = [cache], [], [], {}
     for ci, name in enumerate(extra, start=1):
@@ -177,7 +192,8 @@ def main(argv=None):
               "bank": {"dataset": "popqa", "documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
                        "layers": layers, "chunk_size": args.chunk_size},
               "data": {"train_questions": len(train_q), "dev_questions": len(dev_q), "test_questions": len(te_i),
-                       "inverse_cloze_queries": len(ict), "seed": args.seed, "extra_corpora": extra_report},
+                       "inverse_cloze_queries": len(ict), "seed": args.seed, "extra_corpora": extra_report,
+                       "doc2query_questions": d2q_report},
               "inits": {}}
     init = args.init
     init_router = None
@@ -225,6 +241,8 @@ def main(argv=None):
             + (f"; fine-tuned from the router {args.init_router}" if args.init_router else "")
             + ("; positives: each question's first gold passage (its subject's page) only"
                if args.positives == "first" else "")
+            + (f"; {d2q_report['train']} doc2query questions the model wrote from the PopQA passages "
+               f"({d2q_report['dev']} more for dev)" if d2q_report else "")
             + "".join(f"; {name}: inverse-cloze pairs from its passages and {r['train_questions']} of its questions "
                       f"({r['dev_questions']} more for dev)" for name, r in extra_report.items()),
             "licences": "PopQA file: MIT (HippoRAG fork packaging); upstream PopQA licence not verified",
@@ -238,7 +256,11 @@ def main(argv=None):
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist
-    report["dev"] = evaluate(router, cache, [q for c, q in dev_q if c == 0] if extra else dev_q) if dev_q else None
+    dev_questions = [qidx[i] for i in dev_i]  # report["dev"]: PopQA's dev questions; pseudo-questions apart
+    report["dev"] = evaluate(router, cache, dev_questions) if dev_questions else None
+    if d2q_report and d2q_report["dev"]:
+        report["dev_d2q"] = evaluate(router, cache, sorted(set(q for c, q in dev_q if c == 0) - set(dev_questions))
+                                     if extra else sorted(set(dev_q) - set(dev_questions)))
     if extra:  # report["dev"] is PopQA's dev; each extra corpus's dev questions apart
         report["dev_extra"] = {name: evaluate(router, c, [q for cj, q in extra_dev if cj == ci])
                                for ci, (name, c) in enumerate(zip(extra, caches[1:]), 1) if args.extra_dev}

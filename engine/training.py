@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DuplicateIdError, InvalidArgumentError, MemoryFormatError
+from ..errors import DuplicateIdError, InvalidArgumentError, MemoryFormatError, PathNotFoundError
 from ..metrics import retrieval_metrics
 from ..validation import check_choice, check_int
 from .encoding import Encoder, length_batches
@@ -849,6 +849,19 @@ def load_checkpoint(path: str, tr: "TrainableRouter", opt: torch.optim.Optimizer
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise MemoryFormatError(f"training checkpoint {path!r} does not fit this router or is damaged ({e}); {fix}") from e
     return state, best
+
+
+def last_epoch_router(out_dir: str, like: Router) -> Router:
+    """The router of the last epoch `train_router` wrote to `out_dir`'s checkpoint (it returns the epoch with the
+    best dev MRR instead). `like`: a router of the same shapes (the one training started from); its meta is
+    kept, with `weights` saying where these came from and the training `history`."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise PathNotFoundError(f"no training checkpoint {path!r}: give the folder train_router wrote (its out_dir)")
+    tr = TrainableRouter.from_router(like)
+    state, _ = load_checkpoint(path, tr, torch.optim.AdamW(tr.parameters()))
+    return tr.to_router(meta=dict(like.meta, weights=f"epoch {state['epoch'] + 1} of {path}",
+                                  history=state["history"]))
 
 
 def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model: Optional[DecoderModel] = None,

@@ -39,6 +39,7 @@ from .engine.router import Router
 from .engine.routing import FUSION_DEPTH, fuse
 from .engine.training import (INITS, QUERY_DTYPE, FeatureCache, TeacherTargets, TrainableRouter, TrainConfig,
                               build_cache, evaluate, export_msa4b, in_cache_order, init_router_weights,
+                              last_epoch_router,
                               packed_question_features, rank_documents, remove_checkpoints, split_indices,
                               teacher_targets)
 from .engine.training import train_router as _train_on_features
@@ -54,7 +55,7 @@ __all__ = ["TrainConfig", "TrainingResult", "FeatureCache", "Router", "INITS", "
            "AdaptConfig", "AdaptResult", "TeacherTargets", "teacher_targets", "adapt_router_for",
            "available_teachers", "teacher_scorers", "split_title", "TEACHERS", "resolve_teachers", "query_features",
            "packed_query_features", "QUERY_DTYPE", "distillation_targets", "training_method", "adapt_train_config",
-           "doc2query_questions", "keep_question", "clean_question"]
+           "doc2query_questions", "keep_question", "clean_question", "last_epoch_router"]
 
 
 @dataclass

@@ -213,6 +213,40 @@ def test_loss_falls_on_separable_toy_set():
     assert evaluate(trained, cache, list(range(cache.n_queries)))["recall@1"] == 1.0
 
 
+def test_last_epoch_router_is_the_epoch_training_stopped_at(tmp_path):
+    """train_router returns the best dev epoch; last_epoch_router reads the last one from the checkpoint. The
+    reference: the same training without a dev split (dev never changes the trajectory), whose falling loss
+    makes its last epoch its best."""
+    from msa_plugins.engine.training import train_router
+    from msa_plugins.trainer import last_epoch_router
+
+    torch.manual_seed(0)
+    L, N, hid, H, G, D = 2, 6, 16, 2, 1, 8
+    centers = torch.randn(N, hid)
+    cache = FeatureCache([0, 1], [f"d{i}" for i in range(N)], torch.arange(N + 1), torch.arange(N),
+                         (centers[None].expand(L, N, hid) + 0.05 * torch.randn(L, N, hid)).clone())
+    qin = [(centers[i] + 0.3 * torch.randn(hid))[None, None].expand(L, 2, hid).clone() for i in range(N)]
+    cache.add_queries([f"q{i}" for i in range(N)] + ["mislabeled"], qin + [qin[0].clone()],
+                      [[i] for i in range(N)] + [[1]])
+    gen = torch.Generator().manual_seed(1)
+    router = Router({l: torch.randn(H * D, hid, generator=gen) for l in (0, 1)},
+                    {l: torch.randn(G * D, hid, generator=gen) for l in (0, 1)}, H, G, D, meta={"from": "init"})
+    cfg = TrainConfig(epochs=3, batch_size=3, lr=3e-2, seed=0, progress=False, patience=100)
+    best, hist = train_router(cache, list(range(N)), [N], init_router=router, config=cfg, out_dir=str(tmp_path),
+                              **QUIET)
+    ref, ref_hist = train_router(cache, list(range(N)), None, init_router=router, config=cfg, **QUIET)
+    losses = [h["loss"] for h in ref_hist]
+    assert losses == sorted(losses, reverse=True) and [h["loss"] for h in hist[1:]] == pytest.approx(losses)
+    last = last_epoch_router(str(tmp_path), router)
+    for l in (0, 1):
+        torch.testing.assert_close(last.wq[l], ref.wq[l])
+        torch.testing.assert_close(last.wk[l], ref.wk[l])
+    assert last.meta["from"] == "init" and last.meta["weights"].startswith("epoch 3 of ")
+    assert [h["epoch"] for h in last.meta["history"]] == [0, 1, 2, 3]
+    with pytest.raises(PathNotFoundError, match="no training checkpoint"):
+        last_epoch_router(str(tmp_path / "nothing"), router)
+
+
 def test_only_router_parameters_get_gradients(engine, cache):
     tr = TrainableRouter.from_router(_router(engine))
     backbone = list(engine.model.hf_model.parameters()) if hasattr(engine.model, "hf_model") else []
