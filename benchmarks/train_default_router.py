@@ -165,6 +165,8 @@ def main(argv=None):
     train_all = train_q + ict
     d2q_report = None
     if args.d2q:  # pseudo-questions the model wrote from the PopQA passages (training data: no test question)
+        if ROOT not in sys.path:  # run as a file (python benchmarks/train_default_router.py): the repo is not on it
+            sys.path.insert(0, ROOT)
         from benchmarks.routing_levers import add_d2q_queries
 
         d2q = add_d2q_queries(cache, "popqa", engine)
