@@ -7,7 +7,9 @@ Training material (training splits only):
     benchmarks/router_eval.py.
   - unsupervised inverse-cloze pairs from the PopQA passages (title + 2 sentences per passage as queries,
     the passage as positive). No question text of the test split is ever seen.
-  - never MuSiQue / HotpotQA train100 (our evaluation sets).
+  - never MuSiQue / HotpotQA train100 (our evaluation sets), except with --extra-corpora, which trains on one
+    to measure the recipe on the other (leave one corpus out); such a router is never shipped.
+  - with --d2q: the questions the model itself wrote from the PopQA passages (benchmarks/doc2query.py).
 
 The router is written to --out (default runs/router-smollm2-135m), never into the package by default.
 The router shipped in msa_plugins/routers/smollm2-135m (v4) is v3 fine-tuned with each question's subject
@@ -148,8 +150,13 @@ def main(argv=None):
     if set(extra) & set(unseen):
         ap.error(f"--eval-corpora {sorted(set(extra) & set(unseen))} would be trained on (--extra-corpora): "
                  "a router is measured only on corpora it never saw")
-    if not 0 <= args.extra_dev < 1:
-        ap.error(f"--extra-dev must be in [0, 1), got {args.extra_dev}")
+    unknown = sorted(set(extra) - {"hotpotqa", "musique"})
+    if unknown:
+        ap.error(f"--extra-corpora {unknown}: choose from hotpotqa, musique (PopQA is the main corpus: its test "
+                 "questions must stay unseen)")
+    for name in ("extra_dev", "d2q_dev"):
+        if not 0 <= getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     engine = make_engine(args.device, layers, args.chunk_size, args.model)
     cache, _ = get_cache("popqa", args.cache_dir, engine, args.data_root, args.max_questions, args.seed,
                          args.ict_per_doc)
@@ -176,9 +183,10 @@ def main(argv=None):
         train_all = train_all + sorted(order[n_dev:])
         d2q_report = {"train": len(d2q) - n_dev, "dev": n_dev}
     # extra corpora: cache i + 1 of the training; their (cache, query) pairs
-    caches, extra_train, extra_dev, extra_report = [cache], [], [], {}
+    caches, extra_train, extra_dev, extra_report, extra_sets = [cache], [], [], {}, []
     for ci, name in enumerate(extra, start=1):
-        c, _ = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc)
+        c, ev = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc)
+        extra_sets.append(ev)
         c.to(args.device)
         q = c.query_indices(["question"])
         order = random.Random(args.seed).sample(q, len(q))
@@ -193,7 +201,7 @@ def main(argv=None):
     report = {"command": command,
               "bank": {"dataset": "popqa", "documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
                        "layers": layers, "chunk_size": args.chunk_size},
-              "data": {"train_questions": len(train_q), "dev_questions": len(dev_q), "test_questions": len(te_i),
+              "data": {"train_questions": len(train_q), "dev_questions": len(dev_i), "test_questions": len(te_i),
                        "inverse_cloze_queries": len(ict), "seed": args.seed, "extra_corpora": extra_report,
                        "doc2query_questions": d2q_report},
               "inits": {}}
@@ -226,9 +234,7 @@ def main(argv=None):
         targets = teacher_targets(scorers, cache, train_all)
         if extra:  # one set of targets per cache, each over its own bank
             targets = [targets]
-            for name, c, train_c in zip(extra, caches[1:], extra_train):
-                _, ev = get_cache(name, args.cache_dir, engine, args.data_root, None, args.seed, args.ict_per_doc,
-                                  log=lambda *_: None)
+            for ev, c, train_c in zip(extra_sets, caches[1:], extra_train):
                 targets.append(teacher_targets(teacher_scorers(teachers, [d.memory_text() for d in ev.documents],
                                                                c.q_text), c, train_c))
         report["teachers_s"] = time.perf_counter() - t0
@@ -258,14 +264,17 @@ def main(argv=None):
     report["train_s"] = time.perf_counter() - t0
     report["init"] = init
     report["history"] = hist
+    scored = [h for h in hist if h.get("dev_mrr") is not None]
+    # the epoch the router is from (0: the starting router); --d2q / --extra-corpora dev queries count too
+    report["best_epoch"] = max(scored, key=lambda h: h["dev_mrr"])["epoch"] if scored else None
     dev_questions = [qidx[i] for i in dev_i]  # report["dev"]: PopQA's dev questions; pseudo-questions apart
     report["dev"] = evaluate(router, cache, dev_questions) if dev_questions else None
     if d2q_report and d2q_report["dev"]:
         report["dev_d2q"] = evaluate(router, cache, sorted(set(q for c, q in dev_q if c == 0) - set(dev_questions))
                                      if extra else sorted(set(dev_q) - set(dev_questions)))
     if extra:  # report["dev"] is PopQA's dev; each extra corpus's dev questions apart
-        report["dev_extra"] = {name: evaluate(router, c, [q for cj, q in extra_dev if cj == ci])
-                               for ci, (name, c) in enumerate(zip(extra, caches[1:]), 1) if args.extra_dev}
+        report["dev_extra"] = {name: evaluate(router, c, qs) for ci, (name, c) in enumerate(zip(extra, caches[1:]), 1)
+                               if (qs := [q for cj, q in extra_dev if cj == ci])}
     router.save(args.out)
     if args.eval_corpora:  # generalisation: corpora whose passages and questions the router never saw
         from msa_plugins.trainer import Router

@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -853,21 +853,44 @@ def load_checkpoint(path: str, tr: "TrainableRouter", opt: torch.optim.Optimizer
 
 def last_epoch_router(out_dir: str, like: Router) -> Router:
     """The router of the last epoch `train_router` wrote to `out_dir`'s checkpoint (it returns the epoch with the
-    best dev MRR instead). `like`: a router of the same shapes (the one training started from); its meta is
-    kept, with `weights` saying where these came from and the training `history`."""
+    best dev MRR instead). `like`: a router of the same layers and shapes (the one training started from). The
+    router's meta is `like`'s description of the model (not of its training), the run's `train_config` and
+    `history`, and `weights`: which epoch of which checkpoint."""
     path = os.path.join(out_dir, CHECKPOINT)
     if not os.path.isfile(path):
-        raise PathNotFoundError(f"no training checkpoint {path!r}: give the folder train_router wrote (its out_dir)")
+        raise PathNotFoundError(f"no training checkpoint {path!r}: give the folder train_router wrote (its out_dir; "
+                                "`train_default_router.py --work-dir`)")
     tr = TrainableRouter.from_router(like)
-    state, _ = load_checkpoint(path, tr, torch.optim.AdamW(tr.parameters()))
-    return tr.to_router(meta=dict(like.meta, weights=f"epoch {state['epoch'] + 1} of {path}",
+    try:
+        state, _ = load_checkpoint(path, tr, torch.optim.AdamW(tr.parameters()))
+    except MemoryFormatError as e:
+        raise MemoryFormatError(f"{e}. If the checkpoint is whole, `like` does not fit it: pass the router training "
+                                "started from (the same layers and shapes)") from e
+    identity = state["identity"]
+    tr.doc_score = identity.get("doc_score", "maxmax")  # identity() leaves the default out
+    settings = {k: v for k, v in identity.items() if k not in ("train", "dev", "data", "teacher", "layers")}
+    training = ("trained_on", "train_config", "n_train", "n_dev", "history", "command", "provenance", "weights")
+    meta = {k: v for k, v in like.meta.items() if k not in training}
+    return tr.to_router(meta=dict(meta, weights=f"epoch {state['epoch'] + 1} of {path}", train_config=settings,
                                   history=state["history"]))
+
+
+def _check_teachers(teachers: list, caches: list) -> None:
+    """Teacher targets made for another cache (or given out of the caches' order) would index the wrong rows."""
+    for ci, (t, c) in enumerate(zip(teachers, caches)):
+        if t is None:
+            continue
+        if (t.cand.numel() and int(t.cand.max()) >= c.n_docs) or any(q >= c.n_queries for q in t.q_index):
+            raise InvalidArgumentError(f"teacher targets {ci} were made for another feature cache (their rows do not "
+                                       f"fit cache {ci}: {c.n_docs} documents, {c.n_queries} queries); give one "
+                                       "per cache, in the caches' order")
 
 
 def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model: Optional[DecoderModel] = None,
                  config: Optional[TrainConfig] = None, out_dir: Optional[str] = None, resume: bool = True,
                  init_router: Optional[Router] = None, meta: Optional[dict] = None,
-                 log: Optional[Callable[[str], None]] = None, teacher: Optional[TeacherTargets] = None) -> tuple:
+                 log: Optional[Callable[[str], None]] = None,
+                 teacher: Union[TeacherTargets, Sequence[Optional[TeacherTargets]], None] = None) -> tuple:
     """Train a router on cached features.
 
     caches: a FeatureCache or a list of them (each query scores against its own cache's bank).
@@ -897,6 +920,7 @@ def train_router(caches, train: Sequence, dev: Optional[Sequence] = None, model:
         raise InvalidArgumentError(f"{len(teachers)} teacher targets for {len(caches)} feature caches: give at most "
                                    "one per cache, in the caches' order (None where a cache has none)")
     teachers += [None] * (len(caches) - len(teachers))
+    _check_teachers(teachers, caches)
     layers = caches[0].layers
     torch.manual_seed(cfg.seed)
     if init_router is not None:

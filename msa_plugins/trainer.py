@@ -30,7 +30,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -216,7 +216,7 @@ def split_queries(cache: FeatureCache, dev_fraction: float = 0.1, seed: int = 0)
 def train(engine, caches, train_queries: Sequence, dev_queries: Optional[Sequence] = None, *,
           config: Optional[TrainConfig] = None, out: Optional[str] = None, resume: bool = True,
           meta: Optional[dict] = None, init_router: Optional[Router] = None,
-          teacher=None) -> tuple:
+          teacher: Union[TeacherTargets, Sequence[Optional[TeacherTargets]], None] = None) -> tuple:
     """Train on feature caches (see `engine.training.train_router` for the query index formats) with the
     engine's model for shapes and the `qk` init -> (Router, history). `out`: checkpoint folder.
     teacher: `teacher_targets(...)` of cache 0's training queries, or a list of them, one per cache (None

@@ -133,11 +133,18 @@ def test_teacher_targets_per_cache_distil_each_cache_as_alone():
     both = weights([c0, c1], [(1, q) for q in range(4)], teacher=[None, t1])
     torch.testing.assert_close(both, alone)
     assert not torch.allclose(both, weights([c0, c1], [(1, q) for q in range(4)], teacher=[None, None]))
-    # the single-targets form is the one-element list
+    # the single-targets form is the one-element list, and it is used
     t0 = teacher_targets({"a": lambda qb: scores[qb, :6]}, c0, [0, 1, 2], k=3)
-    torch.testing.assert_close(weights([c0, c1], [0, 1, 2], teacher=t0), weights([c0, c1], [0, 1, 2], teacher=[t0]))
+    single = weights([c0, c1], [0, 1, 2], teacher=t0)
+    torch.testing.assert_close(single, weights([c0, c1], [0, 1, 2], teacher=[t0]))
+    assert not torch.allclose(single, weights([c0, c1], [0, 1, 2], teacher=None))
+    # a checkpoint of one cache's targets records what it always did: a resumed run still matches
+    assert training._teacher_fingerprint([t0, None]) == t0.fingerprint()
+    assert training._teacher_fingerprint([None, None]) is None
     with pytest.raises(InvalidArgumentError, match="one per cache"):
         train_router([c0], [0], init_router=_toy_router(), teacher=[t0, t1], **quiet)
+    with pytest.raises(InvalidArgumentError, match="made for another feature cache"):  # t1 indexes 7 documents
+        train_router([c0, c1], [0], init_router=_toy_router(), teacher=[t1, None], **quiet)
 
 
 # ---------------------------------------------------------------------- pseudo-query features

@@ -231,20 +231,28 @@ def test_last_epoch_router_is_the_epoch_training_stopped_at(tmp_path):
     gen = torch.Generator().manual_seed(1)
     router = Router({l: torch.randn(H * D, hid, generator=gen) for l in (0, 1)},
                     {l: torch.randn(G * D, hid, generator=gen) for l in (0, 1)}, H, G, D, meta={"from": "init"})
-    cfg = TrainConfig(epochs=3, batch_size=3, lr=3e-2, seed=0, progress=False, patience=100)
-    best, hist = train_router(cache, list(range(N)), [N], init_router=router, config=cfg, out_dir=str(tmp_path),
-                              **QUIET)
-    ref, ref_hist = train_router(cache, list(range(N)), None, init_router=router, config=cfg, **QUIET)
-    losses = [h["loss"] for h in ref_hist]
-    assert losses == sorted(losses, reverse=True) and [h["loss"] for h in hist[1:]] == pytest.approx(losses)
-    last = last_epoch_router(str(tmp_path), router)
-    for l in (0, 1):
-        torch.testing.assert_close(last.wq[l], ref.wq[l])
-        torch.testing.assert_close(last.wk[l], ref.wk[l])
-    assert last.meta["from"] == "init" and last.meta["weights"].startswith("epoch 3 of ")
-    assert [h["epoch"] for h in last.meta["history"]] == [0, 1, 2, 3]
+    for doc_score in ("maxmax", "late"):
+        cfg = TrainConfig(epochs=3, batch_size=3, lr=3e-2, seed=0, progress=False, patience=100, doc_score=doc_score)
+        out = tmp_path / doc_score
+        best, hist = train_router(cache, list(range(N)), [N], init_router=router, config=cfg, out_dir=str(out),
+                                  **QUIET)
+        ref, ref_hist = train_router(cache, list(range(N)), None, init_router=router, config=cfg, **QUIET)
+        losses = [h["loss"] for h in ref_hist]
+        assert losses == sorted(losses, reverse=True) and [h["loss"] for h in hist[1:]] == pytest.approx(losses)
+        last = last_epoch_router(str(out), router)
+        assert not torch.equal(best.wq[0], last.wq[0])  # early stopping kept another epoch: the test tells them apart
+        for l in (0, 1):
+            torch.testing.assert_close(last.wq[l], ref.wq[l])
+            torch.testing.assert_close(last.wk[l], ref.wk[l])
+        assert last.meta["doc_score"] == doc_score == ref.meta["doc_score"]  # scored as it was trained
+        assert last.meta["from"] == "init" and last.meta["weights"].startswith("epoch 3 of ")
+        assert last.meta["train_config"]["lr"] == 3e-2
+        assert [h["epoch"] for h in last.meta["history"]] == [0, 1, 2, 3]
     with pytest.raises(PathNotFoundError, match="no training checkpoint"):
         last_epoch_router(str(tmp_path / "nothing"), router)
+    other = Router({0: router.wq[0]}, {0: router.wk[0]}, H, G, D)  # one layer of two
+    with pytest.raises(MemoryFormatError, match="pass the router training started from"):
+        last_epoch_router(str(tmp_path / "late"), other)
 
 
 def test_only_router_parameters_get_gradients(engine, cache):
