@@ -114,7 +114,10 @@ def main(argv=None):
     ap.add_argument("--init-epochs", type=int, default=3)
     ap.add_argument("--init-router", default=None, help="fine-tune this router folder (e.g. the shipped one, "
                     "for other routing-key settings) instead of a fresh --init")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the data: PopQA's train / dev / test split, the inverse-cloze "
+                    "pairs, the dev shares (another seed puts other test questions in training)")
+    ap.add_argument("--train-seed", type=int, default=None, help="the training alone: initialisation, batch order, "
+                    "sampled negatives (default --seed); the spread of a recipe over training seeds, on the same data")
     ap.add_argument("--teachers", default="", help="distil from these teacher retrievers on every training query "
                     "(comma list of minilm,bm25; default none: InfoNCE only, how the first shipped router was made)")
     ap.add_argument("--negatives", default="bank", help="'bank' (every other passage) or 'mined' (router + teacher "
@@ -143,7 +146,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the training's per-epoch lines
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    torch.manual_seed(train_seed)
     layers = [int(x) for x in args.layers.split(",")]
     extra = [c for c in args.extra_corpora.split(",") if c]
     unseen = [c for c in args.eval_corpora.split(",") if c]
@@ -202,7 +206,8 @@ def main(argv=None):
               "bank": {"dataset": "popqa", "documents": cache.n_docs, "tokens": cache.meta.get("n_tokens"),
                        "layers": layers, "chunk_size": args.chunk_size},
               "data": {"train_questions": len(train_q), "dev_questions": len(dev_i), "test_questions": len(te_i),
-                       "inverse_cloze_queries": len(ict), "seed": args.seed, "extra_corpora": extra_report,
+                       "inverse_cloze_queries": len(ict), "seed": args.seed, "train_seed": train_seed,
+                       "extra_corpora": extra_report,
                        "doc2query_questions": d2q_report},
               "inits": {}}
     init = args.init
@@ -216,7 +221,7 @@ def main(argv=None):
     if init == "auto":  # measure every initialisation with a short run, keep the best by dev MRR
         for name in INITS:
             cfg = TrainConfig(epochs=args.init_epochs, batch_size=args.batch_size, lr=args.lr, init=name,
-                              seed=args.seed, device=args.device, patience=99)
+                              seed=train_seed, device=args.device, patience=99)
             _, hist = train(engine, cache, train_all, dev_q, config=cfg)
             report["inits"][name] = hist
             print(f"init {name}: dev MRR {_score(hist[0]):.3f} -> {max(_score(h) for h in hist):.3f}")
@@ -239,7 +244,7 @@ def main(argv=None):
                                                                c.q_text), c, train_c))
         report["teachers_s"] = time.perf_counter() - t0
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      init=init if init_router is None else "tied-random", seed=args.seed, device=args.device,
+                      init=init if init_router is None else "tied-random", seed=train_seed, device=args.device,
                       negatives=args.negatives)
     report["train_config"] = {"teachers": teachers, "negatives": args.negatives, "epochs": args.epochs,
                               "init": init, "lr": args.lr, "batch_size": args.batch_size}
