@@ -12,8 +12,14 @@ Training material (training splits only):
   - with --d2q: the questions the model itself wrote from the PopQA passages (benchmarks/doc2query.py).
 
 The router is written to --out (default runs/router-smollm2-135m), never into the package by default.
-The router shipped in msa_plugins/routers/smollm2-135m (v4) is v3 fine-tuned with each question's subject
-page as its only positive (PopQA's second gold passage, the answer entity's page, teaches an answer-type prior):
+The router shipped in msa_plugins/routers/smollm2-135m (v5) is v4 fine-tuned with the model's own doc2query
+questions of the PopQA passages beside v4's data (a tenth of them held out for early stopping):
+    python -m benchmarks.doc2query --corpus popqa
+    python benchmarks/train_default_router.py --init-router msa_plugins/routers/smollm2-135m-v4 --epochs 3 \
+        --teachers minilm,bm25 --negatives mined --positives first --d2q --chunk-size 16 \
+        --cache-dir runs/router_cache-p16 --eval-corpora hotpotqa,musique --out runs/router-v5 --results runs/router-v5.json
+v4 (kept as routers/smollm2-135m-v4) is v3 fine-tuned with each question's subject page as its only positive
+(PopQA's second gold passage, the answer entity's page, teaches an answer-type prior):
     python benchmarks/train_default_router.py --init-router msa_plugins/routers/smollm2-135m-v3 --epochs 4 \
         --teachers minilm,bm25 --negatives mined --eval-corpora hotpotqa,musique --chunk-size 16 \
         --cache-dir runs/router_cache-p16 --out runs/router-v4 --results runs/router-v4.json --positives first
@@ -27,7 +33,7 @@ MiniLM and BM25:
         --negatives mined --eval-corpora hotpotqa,musique --out runs/router-v2 --results runs/router-v2.json
 The first one (v1, kept as routers/smollm2-135m-v1 so that memories keyed by it still load) on a GPU:
     python benchmarks/train_default_router.py --device cuda --epochs 30
-(docs/results/router_training.md is the record of all four.) A small CPU run is the same command with smaller numbers:
+(docs/results/router_training.md is the record of all five.) A small CPU run is the same command with smaller numbers:
     python benchmarks/train_default_router.py --max-questions 150 --epochs 4 --out runs/router-small
 """
 

@@ -437,7 +437,7 @@ def test_missing_data_file(tmp_path):
         storage.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("earlier", ["smollm2-135m-v1", "smollm2-135m-v2", "smollm2-135m-v3"])
+@pytest.mark.parametrize("earlier", ["smollm2-135m-v1", "smollm2-135m-v2", "smollm2-135m-v3", "smollm2-135m-v4"])
 def test_memory_keyed_by_an_earlier_shipped_router_loads_with_it(tmp_path, earlier):
     """Upgrading the package (a new default router) never strands a saved memory: a memory keyed by an earlier
     packaged router loads with that router; a new memory uses today's default."""
