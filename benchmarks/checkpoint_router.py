@@ -4,7 +4,7 @@
 e.g. to measure what training did when early stopping kept the starting router:
 
     python -m benchmarks.checkpoint_router runs/stop17/router-pq-hotpotqa-train runs/stop17/router-pq-hotpotqa-ep2 \
-        --like msa_plugins/routers/smollm2-135m
+        --like msa_plugins/routers/smollm2-135m-v4
 """
 
 from __future__ import annotations
