@@ -98,6 +98,14 @@ def get_cache(name: str, cache_dir: str, engine, data_root=None, max_questions=N
     return cache, evalset
 
 
+def _hold_out(queries: list, share: float, seed: int) -> tuple:
+    """A seeded `share` of `queries` for dev -> (dev, train), each sorted. (Not `trainer.split_queries`, whose
+    rounding and shuffle differ: this is the split v5 was trained with.)"""
+    order = random.Random(seed).sample(queries, len(queries))
+    n_dev = round(share * len(queries))
+    return sorted(order[:n_dev]), sorted(order[n_dev:])
+
+
 def _score(h):  # dev MRR, or minus the training loss when there is no dev split (tiny runs)
     if "dev_mrr" in h:
         return h["dev_mrr"]
@@ -187,11 +195,9 @@ def main(argv=None):
         from benchmarks.routing_levers import add_d2q_queries
 
         d2q = add_d2q_queries(cache, "popqa", engine)
-        order = random.Random(args.seed).sample(d2q, len(d2q))
-        n_dev = round(args.d2q_dev * len(d2q))
-        dev_q = dev_q + sorted(order[:n_dev])
-        train_all = train_all + sorted(order[n_dev:])
-        d2q_report = {"train": len(d2q) - n_dev, "dev": n_dev}
+        d2q_dev, d2q_train = _hold_out(d2q, args.d2q_dev, args.seed)
+        dev_q, train_all = dev_q + d2q_dev, train_all + d2q_train
+        d2q_report = {"train": len(d2q_train), "dev": len(d2q_dev)}
     # extra corpora: cache i + 1 of the training; their (cache, query) pairs
     caches, extra_train, extra_dev, extra_report, extra_sets = [cache], [], [], {}, []
     for ci, name in enumerate(extra, start=1):
@@ -199,9 +205,9 @@ def main(argv=None):
         extra_sets.append(ev)
         c.to(args.device)
         q = c.query_indices(["question"])
-        order = random.Random(args.seed).sample(q, len(q))
-        n_dev = round(args.extra_dev * len(q))
-        dev_c, train_c = sorted(order[:n_dev]), sorted(order[n_dev:]) + c.query_indices(["ict"])
+        dev_c, train_c = _hold_out(q, args.extra_dev, args.seed)
+        n_dev = len(dev_c)
+        train_c = train_c + c.query_indices(["ict"])
         caches.append(c)
         extra_train.append(train_c)
         extra_dev += [(ci, i) for i in dev_c]
