@@ -322,6 +322,43 @@ def test_memory_block_inside_memory(engine):
     assert other_text == ""  # another scope sees nothing
 
 
+def test_memory_block_keeps_sessions_apart_like_vector_memory_block(engine):
+    """LlamaIndex's Memory passes its session_id to every block; a memory put under one session must not be
+    recalled under another (VectorMemoryBlock filters on it: leaking it would show one user another's turns)."""
+    from llama_index.core.memory import Memory, VectorMemoryBlock
+
+    vector = VectorMemoryBlock(name="vec", vector_store=MSAVectorStore(engine, collection_name="vec"),
+                               embed_model=NoEmbedding())
+    block = MSAMemoryBlock(name="msa", engine=engine, k=3)
+    secret = ChatMessage(role="user", content="My bank PIN is 4921.")
+    ask = [ChatMessage(role="user", content="What is my bank PIN?")]
+
+    async def recall(b):
+        await b.aput([secret.model_copy(deep=True)], from_short_term_memory=True, session_id="alice")
+        return (await b.aget(ask, session_id="bob"), await b.aget(ask, session_id="alice"), await b.aget(ask))
+
+    assert asyncio.run(recall(vector))[0] == ""  # the framework's own block: bob sees nothing
+    bob, alice, unscoped = asyncio.run(recall(block))
+    assert bob == ""
+    assert alice == unscoped == "user: My bank PIN is 4921."
+    [doc] = [d for d in all_documents(engine) if d.metadata.get("msa_memory_scope") == "default"]
+    assert doc.metadata["session_id"] == "alice"
+
+    # through Memory itself: its session_id reaches the block on both put (flush) and get
+    memory = Memory.from_defaults(session_id="carol", token_limit=40, chat_history_token_ratio=0.5,
+                                  token_flush_size=10, memory_blocks=[block])
+
+    async def chat():
+        for role, text in [("user", "My cat is called Biscuit."), ("assistant", "Nice name!"),
+                           ("user", "I live in Lisbon near the river."), ("assistant", "Lisbon is lovely.")]:
+            await memory.aput(ChatMessage(role=role, content=text))
+
+    asyncio.run(chat())
+    assert {d.metadata.get("session_id") for d in all_documents(engine)
+            if d.metadata.get("msa_memory_scope") == "default"} == {"alice", "carol"}
+    assert asyncio.run(block.aget([ChatMessage(role="user", content="cat?")], session_id="bob")) == ""
+
+
 def test_memory_block_inside_function_agent_run(engine):
     """The agent's LLM here is LlamaIndex's MockFunctionCallingLLM recording what it is shown (a random model
     cannot be relied on to answer); the thing under test, MSAMemoryBlock inside the agent's Memory, is real."""

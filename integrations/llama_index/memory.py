@@ -14,6 +14,9 @@ from msa_plugins import InvalidTypeError, MemoryDocument, MSAEngine
 from ._collections import MEMORY_BLOCK_COLLECTION, check_collection
 
 SCOPE_KEY = "msa_memory_scope"  # metadata key that keeps blocks with different scopes apart
+# LlamaIndex's `Memory` tags each flushed message with its session (`additional_kwargs["session_id"]`) and asks
+# every block with `session_id=`; `VectorMemoryBlock` keeps sessions apart by this metadata key, and so do we
+SESSION_KEY = "session_id"
 
 __all__ = ["MSAMemoryBlock"]
 
@@ -24,7 +27,9 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
 
     The memories live in their own collection (`collection_name`, default "llama_index_memory"), so they
     never surface in document search, a query engine or `ChatMSA` routing over another collection; within
-    it, `scope` keeps users apart (filtered before routing).
+    it, `scope` keeps users apart (filtered before routing), and so does the `Memory`'s `session_id`, as in
+    LlamaIndex's own `VectorMemoryBlock`: a memory put under one session is recalled only under that session
+    (memories put with no session are recalled only when asked with none).
 
         block = MSAMemoryBlock(name="long_term", engine=engine, scope="user-1", k=3)
         memory = Memory.from_defaults(session_id="s1", memory_blocks=[block])
@@ -47,19 +52,23 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
     def engine(self) -> MSAEngine:
         return self._engine
 
-    def _in_scope(self, doc: MemoryDocument) -> bool:
-        return doc.metadata.get(SCOPE_KEY) == self.scope
+    def _in_scope(self, doc: MemoryDocument, session_id: Optional[str] = None) -> bool:
+        return doc.metadata.get(SCOPE_KEY) == self.scope and (session_id is None
+                                                              or doc.metadata.get(SESSION_KEY) == session_id)
 
-    def _get_sync(self, messages: Optional[List[ChatMessage]]) -> str:
+    def _get_sync(self, messages: Optional[List[ChatMessage]], session_id: Optional[str] = None) -> str:
         question = next((m.content for m in reversed(messages or [])
                          if m.role == MessageRole.USER and isinstance(m.content, str) and m.content.strip()), None)
         if question is None:
             return ""
-        return "\n".join(d.text for d in self._engine.retrieve(question, k=self.k, where=self._in_scope,
-                                                             collection=self.collection_name))
+        docs = self._engine.retrieve(question, k=self.k, where=lambda d: self._in_scope(d, session_id),
+                                     collection=self.collection_name)
+        return "\n".join(d.text for d in docs)
 
     async def _aget(self, messages: Optional[List[ChatMessage]] = None, **block_kwargs: Any) -> str:
-        return await asyncio.to_thread(self._get_sync, messages)
+        # `Memory.aget` passes its session_id and the caller's block_kwargs to every block; like LlamaIndex's
+        # own blocks, this one reads session_id and leaves kwargs meant for other blocks alone
+        return await asyncio.to_thread(self._get_sync, messages, block_kwargs.get("session_id"))
 
     def _put_sync(self, messages: List[ChatMessage]) -> None:
         texts, metadata = [], []
@@ -68,7 +77,11 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
                 continue  # tool calls and images carry no text to remember
             role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
             texts.append(f"{role}: {m.content}")
-            metadata.append({SCOPE_KEY: self.scope, "role": role})
+            meta = {SCOPE_KEY: self.scope, "role": role}
+            session_id = (m.additional_kwargs or {}).get(SESSION_KEY)  # set by BaseMemoryBlock.aput(session_id=)
+            if session_id is not None:
+                meta[SESSION_KEY] = session_id
+            metadata.append(meta)
         if texts:
             self._engine.add(texts, metadata=metadata, progress=False,
                              collection=self.collection_name)
