@@ -147,7 +147,10 @@ class MSAVectorStore(BasePydanticVectorStore):
     def _where(node_ids=None, doc_ids=None, filters: Optional[MetadataFilters] = None):
         """One predicate for node ids, ref-doc ids and metadata filters (None when nothing restricts)."""
         match = filters_to_predicate(filters)
-        node_ids = set(node_ids) if node_ids else None  # LlamaIndex: an empty list restricts nothing
+        # an empty list restricts nothing: LlamaIndex's own retriever (VectorStoreIndex.as_retriever) passes
+        # node_ids=[] for every store that keeps its text (its index_struct lists no node); callers that mean
+        # "these ids and no others" get [] from get_nodes/delete_nodes, which treat [] as no node
+        node_ids = set(node_ids) if node_ids else None
         doc_ids = set(doc_ids) if doc_ids else None
         if match is None and node_ids is None and doc_ids is None:
             return None
@@ -211,6 +214,8 @@ class MSAVectorStore(BasePydanticVectorStore):
     def get_nodes(self, node_ids: Optional[List[str]] = None,
                   filters: Optional[MetadataFilters] = None) -> List[BaseNode]:
         """This collection's nodes by id (in the order asked) and/or filters (in storage order)."""
+        if node_ids is not None and not node_ids:
+            return []  # no ids asked for: no node (as delete_nodes([]) deletes none)
         snap = self._engine.snapshot()
         ids = self._select(self._where(node_ids=node_ids, filters=filters))
         if node_ids:
