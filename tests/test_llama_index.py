@@ -443,6 +443,22 @@ def test_nothing_to_answer_from_gives_empty_response_without_generating(engine):
     assert empty.as_retriever().retrieve("Where was Alice born?") == []
 
 
+def test_llm_refuses_knobs_it_does_not_read(engine):
+    """Code written for another LlamaIndex LLM passes its own knobs (OpenAI's max_tokens): a drop-in must not
+    generate 128 tokens while the caller asked for 3."""
+    from msa_plugins import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        MSALLM(engine=engine, max_tokens=3)
+    llm = MSALLM(engine=engine, max_new_tokens=3, system_prompt="Be brief.")  # LlamaIndex's own LLM fields pass
+    msg = [ChatMessage(role=MessageRole.USER, content="Hi")]
+    for call in (lambda: llm.chat(msg, max_tokens=3), lambda: llm.complete("Hi", top_p=0.1),
+                 lambda: asyncio.run(llm.achat(msg, bogus=1)), lambda: llm.stream_chat(msg, max_tokens=3)):
+        with pytest.raises(InvalidArgumentError, match="does not support"):
+            call()
+    assert llm.chat(msg, max_new_tokens=2).raw["usage"]["completion_tokens"] <= 2
+
+
 def test_llm_options_stop_early_close_and_serialization(engine):
     llm = MSALLM(engine=engine, max_new_tokens=6)
     direct = engine.generate("Where is Paris?", max_new_tokens=6)

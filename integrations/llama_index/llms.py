@@ -35,7 +35,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from pydantic import Field, PrivateAttr, ValidationError
 
-from msa_plugins import AnswerOptions, GenerationResult, InvalidTypeError, MSAEngine, ToolCallError
+from msa_plugins import (AnswerOptions, GenerationResult, InvalidArgumentError, InvalidTypeError, MSAEngine,
+                         ToolCallError)
 from msa_plugins.validation import check_text
 
 from .._aio import aiter_in_thread
@@ -46,6 +47,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["MSALLM", "ToolCallError", "parse_tool_calls"]
+
+# what one call reads (the generation knobs, and what LlamaIndex's tool calling passes); anything else is refused,
+# never ignored: code written for another LLM passes its own knobs, and they must not silently do nothing
+CALL_KWARGS = ("max_new_tokens", "temperature", "stop", "seed", "tools", "tool_required", "allow_parallel_tool_calls")
+KNOB_HINTS = {"max_tokens": "MSALLM's name for max_tokens is max_new_tokens",
+              "num_output": "MSALLM's name for num_output is max_new_tokens",
+              "top_p": "MSALLM samples from the full distribution at `temperature`; top_p is not supported",
+              "top_k": "MSALLM samples from the full distribution at `temperature`; top_k is not supported"}
+
+
+def _refuse_unknown(names, where: str) -> None:
+    if names:
+        notes = "; ".join(KNOB_HINTS[k] for k in names if k in KNOB_HINTS)
+        raise InvalidArgumentError(f"{where} got argument(s) it does not support: {sorted(names)}"
+                                   + (f" ({notes})" if notes else "") + f"; a call takes {', '.join(CALL_KWARGS)}")
 
 
 class MSALLM(FunctionCallingLLM):
@@ -71,6 +87,8 @@ class MSALLM(FunctionCallingLLM):
     def __init__(self, engine: Optional[MSAEngine] = None, **kwargs: Any):
         if not isinstance(engine, MSAEngine):
             raise InvalidTypeError(f"MSALLM needs engine=MSAEngine.from_pretrained(...), got {type(engine).__name__}")
+        # pydantic would drop an unknown field without a word (MSALLM(max_tokens=3) generating 128 tokens)
+        _refuse_unknown([k for k in kwargs if k not in type(self).model_fields], "MSALLM()")
         super().__init__(**kwargs)
         self._engine = engine
         self._options({})  # max_new_tokens=-1, temperature=nan, ... fail here, not at the first call
@@ -94,6 +112,7 @@ class MSALLM(FunctionCallingLLM):
 
     def _options(self, kwargs: dict) -> AnswerOptions:
         """This LLM's fields and one call's kwargs -> the engine's options (None keeps the engine's default)."""
+        _refuse_unknown([k for k in kwargs if k not in CALL_KWARGS], "MSALLM chat/complete")
         return self._engine.answer_defaults.merged(
             max_new_tokens=kwargs.get("max_new_tokens", self.max_new_tokens),
             temperature=kwargs.get("temperature", self.temperature), stop=kwargs.get("stop"),
