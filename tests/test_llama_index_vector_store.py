@@ -2,6 +2,8 @@
 add / query / delete / filters / get_nodes / clear), plus what MSA adds: collections, refused knobs, persistence.
 llama-index-core ships no reusable vector-store test suite. Tiny random model: mechanics, never ranking quality."""
 
+import os
+
 import pytest
 
 pytest.importorskip("llama_index.core")
@@ -243,6 +245,26 @@ def test_persist_and_from_persist_dir(store, nodes, engine, engine_dir, tmp_path
     assert loaded.query(_query(similarity_top_k=2)).ids == store.query(_query(similarity_top_k=2)).ids
     with pytest.raises(FileNotFoundError):
         MSAVectorStore.from_persist_dir(str(tmp_path / "nothing"), fresh)
+
+
+def test_storage_context_namespaces_persist_their_own_memories(nodes, engine_dir, tmp_path):
+    """Two stores in one StorageContext (add_vector_store(namespace=...)) each persist their own memory, as
+    LlamaIndex gives each namespace its own file; one saving over the other would lose a memory in silence."""
+    from llama_index.core import StorageContext
+
+    ea, eb = (MSAEngine.from_pretrained(engine_dir, device="cpu") for _ in range(2))
+    a, b = MSAVectorStore(ea), MSAVectorStore(eb, collection_name="other")
+    a.add(nodes[:2])
+    b.add(nodes[2:])
+    ctx = StorageContext.from_defaults(vector_store=a)
+    ctx.add_vector_store(b, namespace="second")
+    ctx.persist(str(tmp_path))
+    assert {"msa_memory", "second__msa_memory"} <= set(os.listdir(tmp_path))
+    fa, fb = (MSAEngine.from_pretrained(engine_dir, device="cpu") for _ in range(2))
+    la = MSAVectorStore.from_persist_dir(str(tmp_path), fa)
+    lb = MSAVectorStore.from_persist_dir(str(tmp_path), fb, namespace="second")
+    assert fa.snapshot().ids == ["n1", "n2"] and fb.snapshot().ids == ["n3", "n4"]
+    assert (la.collection_name, lb.collection_name) == ("default", "other")
 
 
 def test_collections_are_isolated(engine, nodes):

@@ -276,16 +276,16 @@ class MSAVectorStore(BasePydanticVectorStore):
     # ------------------------------------------------------------------ persistence
     def persist(self, persist_path: str, fs: Any = None) -> None:
         """`storage_context.persist(persist_dir)` calls this: the engine's memory goes to
-        `<persist_dir>/msa_memory/`, and `persist_path` gets a marker that makes LlamaIndex's own loader
+        `<persist_dir>/msa_memory/` (`<namespace>__msa_memory/` for a namespace other than "default"), and `persist_path` gets a marker that makes LlamaIndex's own loader
         fail with a message naming `load_msa_index` (it cannot know the engine)."""
         if fs is not None and getattr(fs, "protocol", "file") not in ("file", ("file", "local"), "local"):
             raise NotImplementedError("MSA memory persists to a local folder only; persist without fs=")
-        folder = Path(persist_path).parent
-        self._engine.save(str(folder / MEMORY_DIR))
+        folder, memory_dir = Path(persist_path).parent, memory_dir_for(persist_path)
+        self._engine.save(str(folder / memory_dir))
         # SimpleVectorStoreData.from_dict turns each listed value into a float: LlamaIndex's loader then raises
         # ValueError("could not convert string to float: '<LOAD_HINT>'"), so the hint reaches the user.
         marker = {"embedding_dict": {"__msa_memory__": [LOAD_HINT]},
-                  MARKER_KEY: {"format": 1, "memory_dir": MEMORY_DIR, "collection_name": self.collection_name}}
+                  MARKER_KEY: {"format": 1, "memory_dir": memory_dir, "collection_name": self.collection_name}}
         with open(persist_path, "w", encoding="utf-8") as f:
             json.dump(marker, f)
 
@@ -318,6 +318,16 @@ class MSAVectorStore(BasePydanticVectorStore):
                 f"{info['collection_name']!r})")
         engine.load(memory_dir)
         return cls(engine, collection_name=info["collection_name"])
+
+
+def memory_dir_for(persist_path: str) -> str:
+    """The memory's folder beside `persist_path`: `msa_memory` for LlamaIndex's default namespace
+    (`default__vector_store.json`), `<namespace>__msa_memory` for another one, so that the stores of one
+    StorageContext (`add_vector_store(store, namespace=...)`) never save over each other's memory."""
+    name = Path(persist_path).name
+    suffix = "__vector_store.json"  # llama_index.core.storage: f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}"
+    namespace = name[:-len(suffix)] if name.endswith(suffix) else Path(name).stem
+    return MEMORY_DIR if namespace == "default" else f"{namespace}__{MEMORY_DIR}"
 
 
 def check_query(mode: Any, kwargs: dict, mmr_threshold: Optional[float] = None):
