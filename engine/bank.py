@@ -22,6 +22,7 @@ half-added document. Ingestion (tokenize, split, encode) is the injected `Ingest
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -243,6 +244,18 @@ class MemoryBank:
             if drop:
                 self._state = _select_rows(full, [r for r in range(len(full)) if r not in drop])
         return deleted
+
+    @contextlib.contextmanager
+    def reverting(self):
+        """Writes made in the block are undone when it raises: the state goes back to the one it started from.
+        The bank's lock is held throughout, so no other writer's change can be undone with them."""
+        with self._lock:
+            before = self._state
+            try:
+                yield
+            except BaseException:
+                self._state = before
+                raise
 
     def rekey(self, keys_from_inputs: Callable, fingerprint, on_swap: Optional[Callable] = None) -> None:
         """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs:

@@ -279,6 +279,17 @@ class MSAEngine:
             yield self
             self._bank.save(directory, lock=held)
 
+    @contextlib.contextmanager
+    def saving_to(self, directory: str, timeout: float = 300.0):
+        """Changes made in the block are saved to `directory` when it ends, or not kept at all: when the block or
+        the save raises (a full disk, say), the memory goes back to what it was, and the folder keeps its last
+        good copy. The folder's writer lock and the memory's are held throughout (other writers wait; readers
+        do not). A server saves every change this way, so its live memory never drifts from its folder."""
+        with self._bank.locked(directory, timeout=timeout) as held:
+            with self._bank.reverting():
+                yield self
+                self._bank.save(directory, lock=held)
+
     def use_sharded_routing(self, router=None) -> None:
         """Route memory-parallel through `router` (a `ShardedRouter` of `msa_plugins.engine.sharding`, used by
         `msa serve --nproc N`): every rank of its process group scores a shard of the memory; the selections

@@ -171,11 +171,12 @@ class Memory:
         self.write_lock = threading.Lock()
 
     def write(self, fn):
+        """Run the change `fn` and save the memory: both, or (when either fails) neither."""
         with self.write_lock:
-            out = fn()
-            if self.directory:
-                self.engine.save(self.directory)
-            return out
+            if not self.directory:
+                return fn()
+            with self.engine.saving_to(self.directory):
+                return fn()
 
 
 _SAME = object()

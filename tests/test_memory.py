@@ -321,3 +321,37 @@ def test_two_engines_read_modify_write_one_folder_lose_nothing(tiny_model_dir, t
     assert not errors
     final = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, memory=d)
     assert sorted(final.snapshot().ids) == sorted(acked) and len(acked) == 6
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")  # what a full disk makes storage.save raise
+
+
+def test_saving_to_keeps_the_memory_and_the_folder_together(engine, tmp_path, monkeypatch):
+    """A change made under `saving_to` is saved, or (when the save or the change fails) not kept: the live memory
+    never drifts from its folder, so a client told 'failed' is right after a restart too."""
+    from msa_plugins.engine import storage
+
+    folder = str(tmp_path / "mem")
+    with engine.saving_to(folder):
+        engine.add(["Oslo is the capital of Norway."], ids=["oslo"])
+    before = snapshot(engine)
+    with monkeypatch.context() as m:
+        m.setattr(storage, "save", _disk_full)
+        with pytest.raises(OSError, match="No space"):
+            with engine.saving_to(folder):
+                engine.add(["Bob lives in Oslo."], ids=["bob"])
+                engine.delete(["paris"])
+    assert_same(snapshot(engine), before)  # both changes undone
+    with pytest.raises(DuplicateIdError):
+        with engine.saving_to(folder):
+            engine.delete(["fox"])
+            engine.add(["again"], ids=["alice"])  # the block itself fails: the delete before it is undone too
+    assert_same(snapshot(engine), before)
+    reloaded = MSAEngine(engine.model, config=engine.config, name=engine.name)
+    reloaded.load(folder)
+    assert reloaded.snapshot().ids == engine.snapshot().ids  # the folder holds the last good copy
+    with engine.saving_to(folder):  # the disk has room again: the same change goes through
+        engine.add(["Bob lives in Oslo."], ids=["bob"])
+    reloaded.load(folder)
+    assert "bob" in reloaded and "bob" in engine

@@ -235,3 +235,43 @@ def test_plain_chat_without_memory_and_history(served):
     with pytest.raises(openai.UnprocessableEntityError, match="k applies to answers from memory"):
         c.chat.completions.create(model="docs", max_tokens=4, extra_body={"use_memory": False, "k": 2},
                                   messages=[{"role": "user", "content": "Where is Paris?"}])
+
+
+def test_a_failed_save_leaves_the_served_memory_as_it_was(tiny_model_dir, tmp_path, monkeypatch):
+    """The server saves each change to the memory's folder; when that save fails (a full disk), the request
+    fails AND the live memory is unchanged: a retry is not refused as a duplicate, and a restart from the
+    folder serves what clients were told was stored."""
+    import asyncio
+
+    from msa_plugins.engine import storage
+    from msa_plugins.server import Memory
+
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    engine.add(DOCS, ids=[f"d{i}" for i in range(len(DOCS))], progress=False)
+    folder = str(tmp_path / "docs")
+    engine.save(folder)
+    app = create_app({"docs": Memory("docs", engine, folder)})
+    body = {"documents": [{"id": "bob", "text": "Bob lives in Oslo."}]}
+    real_save = storage.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    async def run():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            monkeypatch.setattr(storage, "save", disk_full)
+            failed = [(await http.post("/v1/memories/docs/documents", json=body)).status_code,
+                      (await http.delete("/v1/memories/docs/documents/d0")).status_code]
+            live = engine.snapshot().ids
+            monkeypatch.setattr(storage, "save", real_save)
+            retry = await http.post("/v1/memories/docs/documents", json=body)
+            return failed, live, retry.status_code
+
+    failed, live, retry = asyncio.run(run())
+    assert all(code >= 500 for code in failed)
+    assert live == [f"d{i}" for i in range(len(DOCS))]  # neither the add nor the delete was kept
+    assert retry == 200
+    restarted = sibling_engine(engine)
+    restarted.load(folder)
+    assert restarted.snapshot().ids == engine.snapshot().ids == [f"d{i}" for i in range(len(DOCS))] + ["bob"]
