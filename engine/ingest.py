@@ -4,7 +4,8 @@ The bank never touches the tokenizer or the encoder: the engine injects them her
 so the bank can be tested, and the model swapped, without either knowing the other.
 
 A text longer than `max_doc_tokens` (the model's window unless configured) becomes several memory
-documents `<id>#<part>` (part = 0, 1, ...), each cut on a token boundary and decoded back to text; the
+documents `<id>#<part>` (part = 0, 1, ...), each cut on a token boundary; a part's text is its exact piece
+of the original (never a cut through a character), so the parts join to the text given. The
 parts keep their parent id in `PreparedDocument.parent` (which the bank stores in a column of its own,
 never read back from metadata) and, for the reader's convenience, in their metadata as `parent_id` /
 `part`. Ids may not contain '#', so a user id can never be taken for a part.
@@ -19,6 +20,9 @@ from typing import Callable, Container, Optional
 
 from ..errors import DuplicateIdError, InputTooLongError, InvalidArgumentError
 from ..validation import check_ids, check_metadata, check_texts
+
+PART_KEYS = ("parent_id", "part")  # the metadata a split document's parts carry
+MAX_CUT_BACKOFF = 8  # tokens a part's cut may move back to land between characters (a character is <= 4 bytes)
 
 
 @dataclass(frozen=True)
@@ -77,26 +81,57 @@ class Ingestor:
             if len(toks) <= self.max_doc_tokens:
                 documents.append(PreparedDocument(doc_id, text, meta, toks, collection=collection))
                 continue
-            documents.extend(self._split(doc_id, toks, meta, collection))
+            documents.extend(self._split(doc_id, text, toks, meta, collection))
         return Prepared(ids, documents)
 
-    def _split(self, doc_id: str, toks: list, meta: dict, collection: str = "default") -> list:
-        """A text over the window -> parts `<id>#<p>` of at most max_doc_tokens tokens: never silently cut."""
+    def _split(self, doc_id: str, text: str, toks: list, meta: dict, collection: str = "default") -> list:
+        """A text over the window -> parts `<id>#<p>` of at most max_doc_tokens tokens: never silently cut.
+        The parts' texts put together are the text itself (see `_part_starts`)."""
         n, w = len(toks), self.max_doc_tokens
         if not self.split_long:
             raise InputTooLongError(f"document {doc_id!r} has {n} tokens, more than the window of {w}; split it "
                                     "or enable split_long_documents")
-        n_parts = -(-n // w)
+        taken = [k for k in PART_KEYS if k in meta]
+        if taken:  # the parts' own keys would overwrite the caller's, and readers strip them from the whole
+            raise InvalidArgumentError(f"document {doc_id!r} is longer than the window ({n} > {w} tokens), so it is "
+                                       f"stored in parts that carry metadata {list(PART_KEYS)}; its metadata already "
+                                       f"has {taken}: rename those keys, or split the text yourself")
+        starts, chars = self._part_starts(text, toks)
+        n_parts = len(starts) - 1
         # A UserWarning (not only a log line): the caller asked for one document and gets several ids.
         warnings.warn(f"document {doc_id!r} has {n} tokens > window {w}: stored as {n_parts} memory documents "
                       f"{doc_id}#0..{n_parts - 1} with parent_id {doc_id!r}", stacklevel=5)
         parts = []
         for p in range(n_parts):
-            part = toks[p * w:(p + 1) * w]
-            parts.append(PreparedDocument(f"{doc_id}#{p}", self.detokenize(part),
-                                          {**meta, "parent_id": doc_id, "part": p}, part, parent=doc_id,
-                                          collection=collection))
+            part = toks[starts[p]:starts[p + 1]]
+            part_text = text[chars[p]:chars[p + 1]] if chars else self.detokenize(part)
+            parts.append(PreparedDocument(f"{doc_id}#{p}", part_text, {**meta, "parent_id": doc_id, "part": p},
+                                          part, parent=doc_id, collection=collection))
         return parts
+
+    def _part_starts(self, text: str, toks: list) -> tuple:
+        """(token offsets where the parts start, then n; the matching character offsets in `text`, or [] when the
+        tokenizer does not give the text back). Each part has at most max_doc_tokens tokens. A cut that would
+        fall inside a character (a multi-byte one spread over several byte-level tokens, whose halves decode to
+        U+FFFD) moves back to a token where the decoded prefix is a prefix of the text, so every part is an
+        exact piece of the text and the pieces join to it."""
+        n, w = len(toks), self.max_doc_tokens
+        exact = self.detokenize(toks) == text  # byte-level BPE (Llama 3, Qwen, SmolLM) gives text back exactly
+        starts, chars = [0], [0]
+        while n - starts[-1] > w:
+            cut = starts[-1] + w
+            if exact:
+                for c in range(cut, max(starts[-1], cut - MAX_CUT_BACKOFF), -1):
+                    prefix = self.detokenize(toks[:c])
+                    if text.startswith(prefix):
+                        cut = c
+                        chars.append(len(prefix))
+                        break
+                else:  # no clean boundary near the cut: cut by tokens (parts decoded one by one)
+                    exact = False
+            starts.append(cut)
+        starts.append(n)
+        return starts, (chars + [len(text)] if exact else [])
 
     def encode(self, prepared: Prepared, progress: bool = True) -> list:
         """The memory documents' encodings (EncodedDocument), in order."""

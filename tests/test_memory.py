@@ -225,6 +225,27 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir, tmp_path):
     assert len(e2) == 0
 
 
+def test_split_parts_join_to_the_text_given_and_keep_the_callers_metadata(tiny_model_dir):
+    """A part boundary inside a multi-byte character (byte-level tokens) used to decode each half to U+FFFD: the
+    memory then held, and gave back, a text the user never wrote. Parts are now exact pieces of the text."""
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, max_doc_tokens=15)
+    text = "Tokyo 東京 is big. Café crème brûlée 😀😀 résumé naïve. " * 3
+    with pytest.warns(UserWarning, match="parent_id"):
+        e.add([text], ids=["long"], metadata=[{"src": "a"}])
+    parts = e.get(["long"])
+    assert len(parts) > 2 and "".join(d.text for d in parts) == text
+    assert "\ufffd" not in "".join(d.text for d in parts)
+    assert all(d.n_tokens <= 15 for d in parts) and sum(d.n_tokens for d in parts) == e.count_tokens(text)
+    assert all(d.metadata == {"src": "a", "parent_id": "long", "part": i} for i, d in enumerate(parts))
+    before = e.snapshot().ids
+    for meta in ({"parent_id": "my-own"}, {"part": "intro"}):  # the parts' own keys would overwrite the caller's
+        with pytest.raises(InvalidArgumentError, match="rename those keys"):
+            e.add([text], ids=["other"], metadata=[meta])
+    assert e.snapshot().ids == before  # refused before anything changed
+    e.add(["short"], ids=["s"], metadata=[{"parent_id": "my-own", "part": "intro"}])  # an unsplit text keeps them
+    assert e.get(["s"])[0].metadata == {"parent_id": "my-own", "part": "intro"}
+
+
 def test_replace_swaps_in_one_step_and_failed_replace_changes_nothing(engine):
     before = snapshot(engine)
     with pytest.raises(ValueError, match="empty"):
