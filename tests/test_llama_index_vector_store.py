@@ -267,6 +267,25 @@ def test_storage_context_namespaces_persist_their_own_memories(nodes, engine_dir
     assert (la.collection_name, lb.collection_name) == ("default", "other")
 
 
+def test_a_node_stored_in_parts_comes_back_once(engine_dir):
+    """A node longer than the window is stored in parts, each carrying the whole node: a query returns the node
+    once (at its best part) and still fills similarity_top_k with other nodes."""
+    import warnings
+
+    e = MSAEngine.from_pretrained(engine_dir, device="cpu", max_doc_tokens=15)
+    store = MSAVectorStore(e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the split's own warning
+        store.add([TextNode(id_="long", text="Paris is the capital of France. " * 6),
+                   TextNode(id_="short", text="Alice was born in Lisbon."), TextNode(id_="fox", text="A fox.")])
+    assert len(e) > 3  # "long" is in parts
+    res = store.query(_query("capital of France", similarity_top_k=3))
+    assert sorted(res.ids) == ["fox", "long", "short"] and [n.node_id for n in res.nodes] == res.ids
+    assert len(res.similarities) == 3 and res.similarities == sorted(res.similarities, reverse=True)
+    mmr = store.query(_query("capital of France", similarity_top_k=3, mode="mmr"))
+    assert len(set(mmr.ids)) == len(mmr.ids)
+
+
 def test_collections_are_isolated(engine, nodes):
     a = MSAVectorStore(engine, collection_name="tenant-a")
     b = MSAVectorStore(engine, collection_name="tenant-b")

@@ -238,12 +238,20 @@ class MSAVectorStore(BasePydanticVectorStore):
         check_text(query.query_str, "query")
         where = self._where(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters)
         if mmr is None:
-            routed = self._engine.retrieve(query.query_str, k=query.similarity_top_k, where=where, **self._coll())
+            k = self._engine.answer_defaults.merged(k=query.similarity_top_k).k
+            snap = self._engine.snapshot()  # one view while routing deeper
+            ask = k
+            while True:  # a node longer than the window is stored in parts: each node once, at its best part
+                routed = self._engine.retrieve(query.query_str, k=ask, where=where, snapshot=snap, **self._coll())
+                hits = _best_part_per_node(routed)
+                if len(hits) >= k or len(routed) < ask:
+                    break
+                ask *= 2
+            hits = hits[:k]
         else:
-            routed = self._mmr(query, where, *mmr)
-        nodes = [node_from_document(d) for d in routed]
-        return VectorStoreQueryResult(nodes=nodes, similarities=[float(d.score) for d in routed],
-                                      ids=[d.id for d in routed])
+            hits = _best_part_per_node(self._mmr(query, where, *mmr))
+        return VectorStoreQueryResult(nodes=[n for n, _ in hits], similarities=[float(d.score) for _, d in hits],
+                                      ids=[n.node_id for n, _ in hits])
 
     def _mmr(self, query: VectorStoreQuery, where, threshold: Optional[float], prefetch_k: Optional[int],
              prefetch_factor: float) -> list:
@@ -373,6 +381,18 @@ def _no_kwargs(method: str, kwargs: dict) -> None:
     if kwargs:
         raise InvalidArgumentError(f"MSAVectorStore.{method} got unsupported arguments {sorted(kwargs)}; "
                                    "nothing was done")
+
+
+def _best_part_per_node(routed: list) -> list:
+    """[(node, routed document)] in routing order, each node once: the parts of a node stored in parts (it was
+    longer than the window) all carry the whole node, so its first (best) part stands for it."""
+    out, seen = [], set()
+    for d in routed:
+        node = node_from_document(d)
+        if node.node_id not in seen:
+            seen.add(node.node_id)
+            out.append((node, d))
+    return out
 
 
 def node_from_document(doc) -> BaseNode:
