@@ -23,6 +23,7 @@ half-added document. Ingestion (tokenize, split, encode) is the injected `Ingest
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -183,7 +184,7 @@ class MemoryBank:
         missing = [d for d in ids if d not in s]
         if missing:
             raise DocumentNotFoundError(f"unknown document id(s) {missing[:5]}; the memory holds {len(s)} documents")
-        return [MemoryDocument(s.ids[r], s.texts[r], dict(s.metadata[r]), s.n_tokens[r], s.collections[r])
+        return [MemoryDocument(s.ids[r], s.texts[r], copy.deepcopy(s.metadata[r]), s.n_tokens[r], s.collections[r])
                 for d in ids for r in s.rows_for(d)]
 
     # ------------------------------------------------------------------ writing

@@ -11,6 +11,7 @@ A question flows route -> select -> answer:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -867,7 +868,7 @@ def _round_shares(k: int, rounds: int, k_per_round: bool) -> tuple:
 
 def _routed_documents(snap: Snapshot, rows, scores, round_: int) -> list:
     s = snap._state
-    return [RoutedDocument(s.ids[r], s.texts[r], float(score), dict(s.metadata[r]), round_, i, s.collections[r])
+    return [RoutedDocument(s.ids[r], s.texts[r], float(score), copy.deepcopy(s.metadata[r]), round_, i, s.collections[r])
             for i, (r, score) in enumerate(zip(rows, scores))]
 
 

@@ -10,6 +10,7 @@ This module imports nothing else from the package, so every layer may use it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -159,7 +160,7 @@ class Snapshot:
 
     def _doc(self, row: int) -> MemoryDocument:
         s = self._state
-        return MemoryDocument(s.ids[row], s.texts[row], dict(s.metadata[row]), int(s.n_tokens[row]),
+        return MemoryDocument(s.ids[row], s.texts[row], copy.deepcopy(s.metadata[row]), int(s.n_tokens[row]),
                               s.collections[row])
 
     def collections(self) -> list:

@@ -376,3 +376,20 @@ def test_saving_to_keeps_the_memory_and_the_folder_together(engine, tmp_path, mo
         engine.add(["Bob lives in Oslo."], ids=["bob"])
     reloaded.load(folder)
     assert "bob" in reloaded and "bob" in engine
+
+
+def test_documents_handed_out_share_no_metadata_with_the_memory(engine, tmp_path):
+    """A caller annotating a returned document's nested metadata (a list of tags) must not edit the memory, an
+    older snapshot (which 'later writes do not change') or the next save."""
+    engine.add(["Lisbon is the capital of Portugal."], ids=["lisbon"], metadata=[{"tags": ["geo"], "a": {"b": 1}}])
+    snap = engine.snapshot()
+    handed = [engine.get(["lisbon"])[0], snap.get(["lisbon"])[0],
+              next(d for d in engine.retrieve("capital of Portugal", k=5) if d.id == "lisbon")]
+    for d in handed:
+        d.metadata["tags"].append("edited")
+        d.metadata["a"]["b"] = 2
+    engine.save(str(tmp_path))
+    reloaded = MSAEngine(engine.model, config=engine.config, name=engine.name)
+    reloaded.load(str(tmp_path))
+    for source in (engine, snap, reloaded):
+        assert source.get(["lisbon"])[0].metadata == {"tags": ["geo"], "a": {"b": 1}}
