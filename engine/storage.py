@@ -271,7 +271,13 @@ def _lock_held(directory: str) -> bool:
 
 
 def remove_file(path: str) -> int:
-    """Delete one file -> the bytes freed (0 when it is already gone)."""
+    """Delete one file -> the bytes freed (0 when it is already gone). A folder under one of our file names was
+    not made by a save (saves write files only) and may hold someone's files: it is left where it is, with a
+    warning, so that it cannot block every later save."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        logger.warning("%s is a folder under a name memory saves use for their files; left in place (not a save's "
+                       "leftover): move it out of the memory folder", path)
+        return 0
     try:
         size = os.path.getsize(path)
         os.remove(path)

@@ -102,6 +102,21 @@ def test_save_keeps_files_it_does_not_own(tmp_path):
     assert len(storage.load(str(tmp_path), FP).docs) == 5
 
 
+def test_a_folder_under_an_owned_name_neither_blocks_saves_nor_is_deleted(tmp_path, caplog):
+    """Saves write files only; a folder named like a crashed save's temp or data file is not one (it may hold
+    someone's files). It used to make every later save fail (IsADirectoryError while cleaning leftovers)."""
+    save(tmp_path)
+    planted = [tmp_path / ".msa-tmp-0123456789abcdef-docs.jsonl", tmp_path / "tensors-0123456789abcdef.safetensors"]
+    for folder in planted:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("the user's own file")
+    with caplog.at_level("WARNING"):
+        save(tmp_path, n_docs=3)
+    assert len(storage.load(str(tmp_path), FP).docs) == 3
+    assert all((folder / "keep.txt").read_text() == "the user's own file" for folder in planted)
+    assert "left in place" in caplog.text
+
+
 def test_save_refuses_a_folder_that_is_not_a_memory(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
