@@ -569,6 +569,37 @@ def test_function_calling_llm_without_a_valid_call(engine):
     assert llm.count_tokens("Where is Paris?") == engine.count_tokens("Where is Paris?") > 0
 
 
+def test_tool_choice_follows_openai_semantics(engine):
+    """LlamaIndex passes OpenAI's tool_choice (structured_predict always does, FunctionAgent with
+    initial_tool_choice): a tool's name offers that tool alone and requires a call, "required" requires one,
+    "none" is a plain chat, a name that is no tool is refused."""
+    from llama_index.core.tools import FunctionTool
+
+    from msa_plugins import InvalidArgumentError
+    from msa_plugins.integrations.llama_index import ToolCallError
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    tools = [FunctionTool.from_defaults(add), _weather_tool()]
+    llm = MSALLM(engine=engine, max_new_tokens=3, max_retries=0)
+    for choice in ("get_weather", {"type": "function", "function": {"name": "get_weather"}}):
+        prepared = llm._prepare_chat_with_tools(tools, user_msg="Weather in Rome?", tool_choice=choice)
+        assert [t.metadata.name for t in prepared["tools"]] == ["get_weather"] and prepared["tool_required"]
+        assert "get_weather" in prepared["messages"][0].content and "add" not in prepared["messages"][0].content
+        assert "tool_choice" not in prepared
+    assert llm._prepare_chat_with_tools(tools, user_msg="2 + 3?", tool_choice="required")["tool_required"]
+    with pytest.raises(ToolCallError, match="1 attempts"):  # a random model never calls: required fails loudly
+        llm.chat_with_tools(tools, user_msg="Weather in Rome?", tool_choice="get_weather")
+    plain = llm.chat_with_tools(tools, user_msg="Weather in Rome?", tool_choice="none")
+    assert "tool_format" not in plain.raw  # no tool shown: exactly a plain chat
+    assert plain.raw["usage"]["prompt_tokens"] == llm.chat(
+        [ChatMessage(role=MessageRole.USER, content="Weather in Rome?")]).raw["usage"]["prompt_tokens"]
+    with pytest.raises(InvalidArgumentError, match="names no tool"):
+        llm.chat_with_tools(tools, user_msg="2 + 3?", tool_choice="multiply")
+
+
 # a Qwen2/Qwen3-style chat template, cut down: a tools block in the system turn, calls in <tool_call> tags
 QWEN_TOOLS_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"

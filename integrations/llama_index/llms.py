@@ -50,7 +50,8 @@ __all__ = ["MSALLM", "ToolCallError", "parse_tool_calls"]
 
 # what one call reads (the generation knobs, and what LlamaIndex's tool calling passes); anything else is refused,
 # never ignored: code written for another LLM passes its own knobs, and they must not silently do nothing
-CALL_KWARGS = ("max_new_tokens", "temperature", "stop", "seed", "tools", "tool_required", "allow_parallel_tool_calls")
+CALL_KWARGS = ("max_new_tokens", "temperature", "stop", "seed", "tools", "tool_required", "tool_choice",
+               "allow_parallel_tool_calls")
 KNOB_HINTS = {"max_tokens": "MSALLM's name for max_tokens is max_new_tokens",
               "num_output": "MSALLM's name for num_output is max_new_tokens",
               "top_p": "MSALLM samples from the full distribution at `temperature`; top_p is not supported",
@@ -139,13 +140,13 @@ class MSALLM(FunctionCallingLLM):
         return aiter_in_thread(lambda: chunks)
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponse:
-        if kwargs.get("tools"):
+        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             return self._chat_with_tool_protocol(messages, kwargs)
         result = self._engine.generate(_to_engine_messages(messages), self._options(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponseGen:
-        if kwargs.get("tools"):
+        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
             # a tool call is known only once the reply is complete and valid: one chunk with all of it
             response = self._chat_with_tool_protocol(messages, kwargs)
             return iter([ChatResponse(message=response.message, delta=response.message.content or "",
@@ -189,13 +190,18 @@ class MSALLM(FunctionCallingLLM):
                                  chat_history: Optional[List[ChatMessage]] = None, verbose: bool = False,
                                  allow_parallel_tool_calls: bool = False, tool_required: bool = False,
                                  **kwargs: Any) -> Dict[str, Any]:
+        choice = kwargs.pop("tool_choice", None)
+        # "none": a plain chat, no tool shown (the returned kwargs carry no tools)
+        tools, tool_required = ([], False) if choice == "none" else _apply_tool_choice(tools, tool_required, choice)
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
                             else user_msg)
         # the tool instructions go into the messages here, so tracing shows what the model is shown (with a
         # template that renders tools, the template shows them: the prompt says only whether a call is required)
-        if self._engine.supports_tools:
+        if not tools:
+            prompt = None
+        elif self._engine.supports_tools:
             prompt = REQUIRED_NOTE if tool_required else None
         else:
             prompt = _tool_prompt(tools, tool_required)
@@ -218,8 +224,8 @@ class MSALLM(FunctionCallingLLM):
         """Show the tools (through the chat template when it renders them, else the JSON protocol in the
         system message), parse the reply, validate it against the tools' schemas; re-ask with the error (at
         most `max_retries` times). A reply with no call is a plain answer unless a tool is required."""
-        tools = list(kwargs["tools"])
-        required = bool(kwargs.get("tool_required"))
+        tools, required = _apply_tool_choice(kwargs["tools"], bool(kwargs.get("tool_required")),
+                                             kwargs.get("tool_choice"))
         parallel = bool(kwargs.get("allow_parallel_tool_calls"))
         options = self._options(kwargs)
         native = self._engine.supports_tools
@@ -276,6 +282,25 @@ TOOL_PROMPT_HEAD = "You can call tools. To call one, reply with only a JSON obje
 REQUIRED_NOTE = "You must call one of the tools."  # with a template that renders tools, the only instruction
 # a chat template's tool call (Qwen2/Qwen3): <tool_call>{...}</tool_call>; a block cut off by the token limit counts
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?=</tool_call>|<tool_call>|\Z)", re.S)
+
+
+def _apply_tool_choice(tools: Sequence["BaseTool"], required: bool, choice: Any):
+    """OpenAI's `tool_choice` (what LlamaIndex's FunctionCallingProgram and FunctionAgent pass) -> the tools
+    offered and whether a call is required: None/"auto" keep both; "required"/"any" require a call; "none"
+    offers no tool (handled by the caller: a plain chat); a tool's name, or {"type": "function", "function":
+    {"name": ...}}, offers that tool alone and requires it."""
+    tools = list(tools)
+    if choice is None or choice in ("auto", "none"):
+        return tools, required
+    if choice in ("required", "any"):
+        return tools, True
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else choice
+    chosen = [t for t in tools if t.metadata.name == name]
+    if not isinstance(name, str) or not chosen:
+        raise InvalidArgumentError(f"tool_choice={choice!r} names no tool given ({[t.metadata.name for t in tools]}); "
+                                   f"pass 'auto', 'required', 'none', a tool's name or "
+                                   f"{{'type': 'function', 'function': {{'name': ...}}}}")
+    return chosen, True
 
 
 def _openai_tool(tool: "BaseTool") -> dict:
