@@ -282,8 +282,17 @@ def test_a_node_stored_in_parts_comes_back_once(engine_dir):
     res = store.query(_query("capital of France", similarity_top_k=3))
     assert sorted(res.ids) == ["fox", "long", "short"] and [n.node_id for n in res.nodes] == res.ids
     assert len(res.similarities) == 3 and res.similarities == sorted(res.similarities, reverse=True)
-    mmr = store.query(_query("capital of France", similarity_top_k=3, mode="mmr"))
-    assert len(set(mmr.ids)) == len(mmr.ids)
+    for threshold in (None, 1.0, 0.0):  # MMR picks among distinct nodes: it fills top_k too
+        mmr = store.query(_query("capital of France", similarity_top_k=3, mode="mmr", mmr_threshold=threshold))
+        assert sorted(mmr.ids) == ["fox", "long", "short"]
+    # by its node id the node is found, fetched and deleted whole, once
+    assert store.query(_query("capital of France", similarity_top_k=3, node_ids=["long"])).ids == ["long"]
+    assert [n.node_id for n in store.get_nodes(node_ids=["short", "long"])] == ["short", "long"]
+    assert sorted(n.node_id for n in store.get_nodes()) == ["fox", "long", "short"]
+    whole = store.get_nodes(node_ids=["long"])[0]
+    assert whole.get_content() == "Paris is the capital of France. " * 6
+    store.delete_nodes(node_ids=["long"])
+    assert len(e) == 2 and sorted(n.node_id for n in store.get_nodes()) == ["fox", "short"]
 
 
 def test_collections_are_isolated(engine, nodes):

@@ -156,7 +156,7 @@ class MSAVectorStore(BasePydanticVectorStore):
             return None
 
         def where(doc: MemoryDocument) -> bool:
-            return ((node_ids is None or doc.id in node_ids)
+            return ((node_ids is None or _node_id(doc) in node_ids)
                     and (doc_ids is None or doc.metadata.get("ref_doc_id") in doc_ids)
                     and (match is None or match(doc)))
 
@@ -217,11 +217,12 @@ class MSAVectorStore(BasePydanticVectorStore):
         if node_ids is not None and not node_ids:
             return []  # no ids asked for: no node (as delete_nodes([]) deletes none)
         snap = self._engine.snapshot()
-        ids = self._select(self._where(node_ids=node_ids, filters=filters))
-        if node_ids:
-            wanted = set(ids)
-            ids = [i for i in dict.fromkeys(node_ids) if i in wanted]
-        return [node_from_document(d) for d in snap.get(ids)] if ids else []
+        ids = snap.select(self._where(node_ids=node_ids, filters=filters), collection=self.collection_name)
+        first_part = {}  # node id -> its document (a node stored in parts: its first part, which carries it whole)
+        for d in snap.get(ids) if ids else []:
+            first_part.setdefault(_node_id(d), d)
+        order = [i for i in dict.fromkeys(node_ids) if i in first_part] if node_ids else list(first_part)
+        return [node_from_document(first_part[i]) for i in order]
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """Route `query.query_str` to the `similarity_top_k` best nodes of this collection that the
@@ -239,19 +240,26 @@ class MSAVectorStore(BasePydanticVectorStore):
         where = self._where(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters)
         if mmr is None:
             k = self._engine.answer_defaults.merged(k=query.similarity_top_k).k
-            snap = self._engine.snapshot()  # one view while routing deeper
-            ask = k
-            while True:  # a node longer than the window is stored in parts: each node once, at its best part
-                routed = self._engine.retrieve(query.query_str, k=ask, where=where, snapshot=snap, **self._coll())
-                hits = _best_part_per_node(routed)
-                if len(hits) >= k or len(routed) < ask:
-                    break
-                ask *= 2
-            hits = hits[:k]
+            hits = _best_part_per_node(self._route_nodes(query.query_str, k, where, self._engine.snapshot()))
         else:
             hits = _best_part_per_node(self._mmr(query, where, *mmr))
         return VectorStoreQueryResult(nodes=[n for n, _ in hits], similarities=[float(d.score) for _, d in hits],
                                       ids=[n.node_id for n, _ in hits])
+
+    def _route_nodes(self, query_str: str, k: int, where, snap) -> list:
+        """The routed documents of the k best nodes, each node once at its best part (a node longer than the
+        window is stored in parts): routing goes deeper until k distinct nodes are found or the memory ends."""
+        ask = k
+        while True:
+            routed = self._engine.retrieve(query_str, k=ask, where=where, snapshot=snap, **self._coll())
+            best, seen = [], set()
+            for d in routed:
+                if _node_id(d) not in seen:
+                    seen.add(_node_id(d))
+                    best.append(d)
+            if len(best) >= k or len(routed) < ask:
+                return best[:k]
+            ask *= 2
 
     def _mmr(self, query: VectorStoreQuery, where, threshold: Optional[float], prefetch_k: Optional[int],
              prefetch_factor: float) -> list:
@@ -261,7 +269,7 @@ class MSAVectorStore(BasePydanticVectorStore):
         top_k = self._engine.answer_defaults.merged(k=query.similarity_top_k).k
         fetch_k = max(prefetch_k if prefetch_k is not None else int(top_k * prefetch_factor), top_k)
         snap = self._engine.snapshot()  # one view: a concurrent delete cannot drop a candidate's vector
-        candidates = self._engine.retrieve(query.query_str, k=fetch_k, where=where, snapshot=snap, **self._coll())
+        candidates = self._route_nodes(query.query_str, fetch_k, where, snap)  # distinct nodes: MMR fills top_k
         if not candidates:
             return []
         scores = [float(d.score) for d in candidates]
@@ -388,11 +396,18 @@ def _best_part_per_node(routed: list) -> list:
     longer than the window) all carry the whole node, so its first (best) part stands for it."""
     out, seen = [], set()
     for d in routed:
-        node = node_from_document(d)
-        if node.node_id not in seen:
-            seen.add(node.node_id)
-            out.append((node, d))
+        node_id = _node_id(d)
+        if node_id not in seen:  # before parsing: each part holds the whole node's JSON
+            seen.add(node_id)
+            out.append((node_from_document(d), d))
     return out
+
+
+def _node_id(doc) -> str:
+    """The id of the node a memory document holds: a part `<id>#<p>` of a node longer than the window (its
+    metadata says parent_id <id>, part <p>) holds node <id>."""
+    parent, part = doc.metadata.get("parent_id"), doc.metadata.get("part")
+    return parent if parent is not None and doc.id == f"{parent}#{part}" else doc.id
 
 
 def node_from_document(doc) -> BaseNode:
