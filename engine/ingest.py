@@ -22,6 +22,7 @@ from ..errors import DuplicateIdError, InputTooLongError, InvalidArgumentError
 from ..validation import check_ids, check_metadata, check_texts
 
 PART_KEYS = ("parent_id", "part")  # the metadata a split document's parts carry
+CONTEXT_TOKENS = 4  # left context a part's piece is decoded after (see Ingestor._piece_end)
 MAX_CUT_BACKOFF = 8  # tokens a part's cut may move back to land between characters (a character is <= 4 bytes)
 
 
@@ -122,16 +123,30 @@ class Ingestor:
             cut = starts[-1] + w
             if exact:
                 for c in range(cut, max(starts[-1], cut - MAX_CUT_BACKOFF), -1):
-                    prefix = self.detokenize(toks[:c])
-                    if text.startswith(prefix):
+                    end = self._piece_end(text, toks, starts[-1], chars[-1], c)
+                    if end is not None:
                         cut = c
-                        chars.append(len(prefix))
+                        chars.append(end)
                         break
                 else:  # no clean boundary near the cut: cut by tokens (parts decoded one by one)
                     exact = False
             starts.append(cut)
         starts.append(n)
         return starts, (chars + [len(text)] if exact else [])
+
+    def _piece_end(self, text: str, toks: list, start: int, char_start: int, cut: int) -> Optional[int]:
+        """Where in `text` the tokens start:cut end, when they decode to exactly the text from `char_start`
+        (`start` is a clean boundary at `char_start`); None when the cut falls inside a character.
+
+        Only the piece is decoded, after a few tokens of left context (a SentencePiece decoder drops the
+        leading space of a text's first token; with context the piece keeps it): decoding the whole prefix at
+        every cut made splitting quadratic in the text's length."""
+        left = max(0, start - CONTEXT_TOKENS)
+        head, whole = self.detokenize(toks[left:start]), self.detokenize(toks[left:cut])
+        if not whole.startswith(head):
+            return None
+        piece = whole[len(head):]
+        return char_start + len(piece) if text.startswith(piece, char_start) else None
 
     def encode(self, prepared: Prepared, progress: bool = True) -> list:
         """The memory documents' encodings (EncodedDocument), in order."""

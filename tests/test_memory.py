@@ -4,6 +4,8 @@ input that changes nothing. Storage details (locks, checksums, damaged files) ar
 import json
 import os
 
+import warnings
+
 import pytest
 import torch
 
@@ -244,6 +246,50 @@ def test_split_parts_join_to_the_text_given_and_keep_the_callers_metadata(tiny_m
     assert e.snapshot().ids == before  # refused before anything changed
     e.add(["short"], ids=["s"], metadata=[{"parent_id": "my-own", "part": "intro"}])  # an unsplit text keeps them
     assert e.get(["s"])[0].metadata == {"parent_id": "my-own", "part": "intro"}
+
+
+def _split(tokenize, detokenize, text, window):
+    from msa_plugins.engine.ingest import Ingestor
+
+    ingest = Ingestor(tokenize, detokenize, encode=None, max_doc_tokens=window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the split's own warning
+        return ingest.prepare([text], ids=["long"]).documents
+
+
+def test_splitting_a_long_text_decodes_each_token_a_bounded_number_of_times(tiny_model_dir):
+    """Splitting decoded the whole prefix at every cut (quadratic: a 118K-token text took 7.5 s inside the
+    writer lock); each cut now decodes its own piece after a few tokens of context."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    decoded = []
+
+    def detokenize(ids):
+        decoded.append(len(ids))
+        return tok.decode(ids)
+
+    text = "Tokyo 東京 is big. Café crème brûlée 😀 résumé. " * 150
+    toks = tok(text, add_special_tokens=False)["input_ids"]
+    parts = _split(lambda t: tok(t, add_special_tokens=False)["input_ids"], detokenize, text, 15)
+    assert "".join(d.text for d in parts) == text and all(tok.decode(d.tokens) == d.text for d in parts)
+    assert sum(decoded) < 12 * len(toks)  # whole-prefix decoding: ~len(toks)**2 / (2 * 15), about 70x this
+
+
+def test_a_sentencepiece_style_decoder_keeps_parts_exact():
+    """A SentencePiece (Metaspace) decoder drops the leading space of the first token it decodes: a part decoded
+    on its own loses the space between it and the previous part. Parts are still exact pieces of the text."""
+    words = ("the quick brown fox jumps over a lazy dog " * 20).split()
+    text = " ".join(words)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys("▁" + w for w in words))}
+    inverse = {i: w for w, i in vocab.items()}
+
+    def detokenize(ids):  # Metaspace: "▁" -> " ", then the leading space of the text is dropped
+        return "".join(inverse[i] for i in ids).replace("▁", " ")[1:]
+
+    parts = _split(lambda t: [vocab["▁" + w] for w in t.split()], detokenize, text, 7)
+    assert len(parts) > 10 and "".join(d.text for d in parts) == text
+    assert all(d.text.startswith(" ") for d in parts[1:])  # each part keeps the space that begins it
 
 
 def test_replace_swaps_in_one_step_and_failed_replace_changes_nothing(engine):
