@@ -136,6 +136,7 @@ class MemoryBank:
         self.n_kv_heads = n_kv_heads
         self._state = BankState()
         self._lock = threading.RLock()  # the one lock: writers to this bank (readers take snapshots)
+        self._reverting = 0  # depth of reverting() blocks open (on the thread holding the lock)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -252,11 +253,21 @@ class MemoryBank:
         The bank's lock is held throughout, so no other writer's change can be undone with them."""
         with self._lock:
             before = self._state
+            self._reverting += 1
             try:
                 yield
             except BaseException:
                 self._state = before
                 raise
+            finally:
+                self._reverting -= 1
+
+    def _not_reverting(self, what: str) -> None:
+        """rekey and load also change the settings later adds are keyed with (the router, the fingerprint),
+        which reverting() does not put back: refused inside its block rather than half undone."""
+        if self._reverting:
+            raise InvalidArgumentError(f"{what} inside a saving_to() block could not be undone if the block failed; "
+                                       "do it before or after the block")
 
     def rekey(self, keys_from_inputs: Callable, fingerprint, on_swap: Optional[Callable] = None) -> None:
         """Recompute the routing keys for a new (trained, linear) router from the kept pooled inputs:
@@ -265,6 +276,7 @@ class MemoryBank:
         runs under the same lock (the engine swaps its encoder's router there: writers encode under this lock,
         so no document is ever keyed by the old router into the new router's state)."""
         with self._lock:
+            self._not_reverting("set_router (re-keying the memory)")
             if callable(fingerprint):  # built under the lock: a concurrent load may have changed the settings
                 fingerprint = fingerprint()
             s = self._state
@@ -373,10 +385,13 @@ class MemoryBank:
         fingerprint_for(saved fingerprint) -> the fingerprint to check against, which becomes the bank's with
         the new state (an engine adopting a stored setting); `on_swap(saved fingerprint)` runs under the same
         lock, so the state and the settings that key later adds always come from the one manifest read."""
+        with self._lock:  # before reading: an RLock, so the same thread's swap below re-enters it
+            self._not_reverting("load")
         stored = storage.load(directory, fingerprint_for or self.fingerprint, verify=verify)
         state = self._state_from(stored)
         saved = stored.manifest["fingerprint"]
         with self._lock:
+            self._not_reverting("load")
             # checked again under the lock: a set_router (re-key) between the first check and this swap would
             # otherwise leave the engine keying later adds with a router the loaded memory was not keyed by
             expected = fingerprint_for(saved) if fingerprint_for is not None else self.fingerprint

@@ -373,8 +373,12 @@ def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict, e
     os.rename(tmp["tensors.safetensors"], os.path.join(directory, tensors_name))
     os.rename(tmp["docs.jsonl"], os.path.join(directory, docs_name))
     os.replace(tmp["manifest.json"], os.path.join(directory, MANIFEST))  # the commit point
-    fsync_dir(directory)
-    clean_orphans(directory)  # the previous generation (named by the new manifest) and any other leftovers
+    try:  # the save has happened: a failure from here on must not tell the caller it did not
+        fsync_dir(directory)
+        clean_orphans(directory)  # the previous generation (named by the new manifest) and any other leftovers
+    except OSError as e:
+        logger.warning("saved generation %s to %s, but cleaning up after it failed (%s); the next save removes "
+                       "the previous generation's files", gen, directory, e)
     return manifest
 
 

@@ -422,6 +422,24 @@ def test_saving_to_keeps_the_memory_and_the_folder_together(engine, tmp_path, mo
         engine.add(["Bob lives in Oslo."], ids=["bob"])
     reloaded.load(folder)
     assert "bob" in reloaded and "bob" in engine
+    # after the commit point the save has happened: a failing clean-up (the previous generation's files still
+    # open elsewhere, say) is logged, and must not roll the memory back while the folder holds the change
+    with monkeypatch.context() as m:
+        with engine.saving_to(folder):
+            engine.add(["Carol lives in Bergen."], ids=["carol"])
+            m.setattr(storage, "clean_orphans", _permission_denied)
+    reloaded.load(folder)
+    assert "carol" in engine and "carol" in reloaded
+    # a load (or re-keying) inside the block changes settings the revert could not put back: refused
+    before = snapshot(engine)
+    with pytest.raises(InvalidArgumentError, match="saving_to"):
+        with engine.saving_to(folder):
+            engine.load(folder)
+    assert_same(snapshot(engine), before)
+
+
+def _permission_denied(directory):
+    raise PermissionError(13, "Permission denied", directory)
 
 
 def test_documents_handed_out_share_no_metadata_with_the_memory(engine, tmp_path):
