@@ -158,10 +158,12 @@ class Snapshot:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def _doc(self, row: int) -> MemoryDocument:
+    def _doc(self, row: int, deep: bool = True) -> MemoryDocument:
+        """Row -> the document handed out, its metadata a deep copy (a caller editing a nested list must not edit
+        the memory); deep=False (a shallow copy, 50x cheaper) for documents only shown to a `where` predicate."""
         s = self._state
-        return MemoryDocument(s.ids[row], s.texts[row], copy.deepcopy(s.metadata[row]), int(s.n_tokens[row]),
-                              s.collections[row])
+        metadata = copy.deepcopy(s.metadata[row]) if deep else dict(s.metadata[row])
+        return MemoryDocument(s.ids[row], s.texts[row], metadata, int(s.n_tokens[row]), s.collections[row])
 
     def collections(self) -> list:
         """The collections that hold documents, sorted."""
@@ -194,8 +196,8 @@ class Snapshot:
             return [d for d in inside if cols[self._state.row_of[d]] == collection]
         if where is None:
             return self.ids
-        if callable(where):
-            return [d.id for d in self.documents() if where(d)]
+        if callable(where):  # run on every document of a filtered query: a predicate reads, it does not keep
+            return [self._state.ids[r] for r in range(len(self)) if where(self._doc(r, deep=False))]
         if isinstance(where, (str, bytes)) or not isinstance(where, Iterable):
             raise InvalidTypeError(f"where must be a predicate on MemoryDocument or a collection of ids, got "
                                    f"{type(where).__name__}; for one id pass [{where!r}]")
