@@ -449,14 +449,38 @@ def test_llm_refuses_knobs_it_does_not_read(engine):
     from msa_plugins import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
-        MSALLM(engine=engine, max_tokens=3)
+        MSALLM(engine=engine, num_output=3)
     llm = MSALLM(engine=engine, max_new_tokens=3, system_prompt="Be brief.")  # LlamaIndex's own LLM fields pass
     msg = [ChatMessage(role=MessageRole.USER, content="Hi")]
-    for call in (lambda: llm.chat(msg, max_tokens=3), lambda: llm.complete("Hi", top_p=0.1),
-                 lambda: asyncio.run(llm.achat(msg, bogus=1)), lambda: llm.stream_chat(msg, max_tokens=3)):
+    for call in (lambda: llm.complete("Hi", top_p=0.1), lambda: asyncio.run(llm.achat(msg, bogus=1)),
+                 lambda: llm.stream_chat(msg, top_k=3), lambda: llm.chat(msg, extra_body={"max_tokens": 1})):
         with pytest.raises(InvalidArgumentError, match="does not support"):
             call()
     assert llm.chat(msg, max_new_tokens=2).raw["usage"]["completion_tokens"] <= 2
+    # OpenAI's max_tokens is honoured as max_new_tokens (per call and as a field), never ignored
+    assert MSALLM(engine=engine, max_tokens=2).max_new_tokens == 2
+    assert llm.chat(msg, max_tokens=1, temperature=0).raw["usage"]["completion_tokens"] <= 1
+    with pytest.raises(InvalidArgumentError, match="disagree"):
+        llm.chat(msg, max_tokens=1, max_new_tokens=5)
+
+
+def test_document_context_extractor_runs_on_msa_llm(engine):
+    """LlamaIndex's DocumentContextExtractor calls achat(max_tokens=..., extra_headers=...) and turns any error
+    into a warning and a node without context: refusing those knobs made it a silent no-op."""
+    from llama_index.core import Document
+    from llama_index.core.extractors import DocumentContextExtractor
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+
+    doc = Document(text="Alice was born in Lisbon. She studied in Porto. " * 4, id_="bio")
+    docstore = SimpleDocumentStore()
+    docstore.add_documents([doc])
+    nodes = SentenceSplitter(chunk_size=32, chunk_overlap=0)([doc])
+    extractor = DocumentContextExtractor(docstore=docstore, llm=MSALLM(engine=engine), max_output_tokens=3,
+                                         max_context_length=2000)
+    extracted = asyncio.run(extractor.aextract(nodes))
+    assert len(nodes) > 1 and all("context" in m for m in extracted)
+    assert all(engine.count_tokens(m["context"]) <= 4 for m in extracted)
 
 
 def test_llm_options_stop_early_close_and_serialization(engine):

@@ -50,10 +50,11 @@ __all__ = ["MSALLM", "ToolCallError", "parse_tool_calls"]
 
 # what one call reads (the generation knobs, and what LlamaIndex's tool calling passes); anything else is refused,
 # never ignored: code written for another LLM passes its own knobs, and they must not silently do nothing
-CALL_KWARGS = ("max_new_tokens", "temperature", "stop", "seed", "tools", "tool_required", "tool_choice",
-               "allow_parallel_tool_calls")
-KNOB_HINTS = {"max_tokens": "MSALLM's name for max_tokens is max_new_tokens",
-              "num_output": "MSALLM's name for num_output is max_new_tokens",
+CALL_KWARGS = ("max_new_tokens", "max_tokens", "temperature", "stop", "seed", "tools", "tool_required", "tool_choice",
+               "allow_parallel_tool_calls", "extra_headers")
+# max_tokens (OpenAI's name, which LlamaIndex's own DocumentContextExtractor passes) is max_new_tokens;
+# extra_headers are HTTP headers for a hosted API: a local model has no request to put them on
+KNOB_HINTS = {"num_output": "MSALLM's name for num_output is max_new_tokens",
               "top_p": "MSALLM samples from the full distribution at `temperature`; top_p is not supported",
               "top_k": "MSALLM samples from the full distribution at `temperature`; top_k is not supported"}
 
@@ -63,6 +64,14 @@ def _refuse_unknown(names, where: str) -> None:
         notes = "; ".join(KNOB_HINTS[k] for k in names if k in KNOB_HINTS)
         raise InvalidArgumentError(f"{where} got argument(s) it does not support: {sorted(names)}"
                                    + (f" ({notes})" if notes else "") + f"; a call takes {', '.join(CALL_KWARGS)}")
+
+
+def _max_new_tokens(kwargs: dict, default: Optional[int]) -> Optional[int]:
+    """max_new_tokens, or OpenAI's max_tokens for it; both, disagreeing, is refused."""
+    new, openai = kwargs.get("max_new_tokens"), kwargs.get("max_tokens")
+    if new is not None and openai is not None and new != openai:
+        raise InvalidArgumentError(f"max_new_tokens={new} and max_tokens={openai} disagree; pass one of them")
+    return new if new is not None else openai if openai is not None else default
 
 
 class MSALLM(FunctionCallingLLM):
@@ -89,6 +98,9 @@ class MSALLM(FunctionCallingLLM):
         if not isinstance(engine, MSAEngine):
             raise InvalidTypeError(f"MSALLM needs engine=MSAEngine.from_pretrained(...), got {type(engine).__name__}")
         # pydantic would drop an unknown field without a word (MSALLM(max_tokens=3) generating 128 tokens)
+        if "max_tokens" in kwargs:  # OpenAI's name for it
+            kwargs["max_new_tokens"] = _max_new_tokens(kwargs, None)
+            del kwargs["max_tokens"]
         _refuse_unknown([k for k in kwargs if k not in type(self).model_fields], "MSALLM()")
         super().__init__(**kwargs)
         self._engine = engine
@@ -115,7 +127,7 @@ class MSALLM(FunctionCallingLLM):
         """This LLM's fields and one call's kwargs -> the engine's options (None keeps the engine's default)."""
         _refuse_unknown([k for k in kwargs if k not in CALL_KWARGS], "MSALLM chat/complete")
         return self._engine.answer_defaults.merged(
-            max_new_tokens=kwargs.get("max_new_tokens", self.max_new_tokens),
+            max_new_tokens=_max_new_tokens(kwargs, self.max_new_tokens),
             temperature=kwargs.get("temperature", self.temperature), stop=kwargs.get("stop"),
             seed=kwargs.get("seed", self.seed))
 
