@@ -285,7 +285,10 @@ class MSAEngine:
         """Changes made in the block are saved to `directory` when it ends, or not kept at all: when the block or
         the save raises (a full disk, say), the memory goes back to what it was, and the folder keeps its last
         good copy. The folder's writer lock and the memory's are held throughout (other writers wait; readers
-        do not). A server saves every change this way, so its live memory never drifts from its folder."""
+        do not). A server saves every change this way, so its live memory never drifts from its folder.
+        Inside the block, change the memory only: saving it to another folder there takes that folder's lock
+        after the memory's, the reverse of every other save (a save elsewhere would wait out its timeout), and
+        load / set_router are refused (their settings could not be put back)."""
         with self._bank.locked(directory, timeout=timeout) as held:
             with self._bank.reverting():
                 yield self
