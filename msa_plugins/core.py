@@ -421,8 +421,13 @@ class MSAEngine:
 
     def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
                  snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
-                 routing: Optional[str] = None, rounds: int = 1, k_per_round: bool = False) -> list:
+                 routing: Optional[str] = None, rounds: int = 1, k_per_round: bool = False,
+                 whole_texts: bool = False) -> list:
         """The documents the router selects for `question`, best first (layer-mean ranking).
+
+        `whole_texts=True`: a text longer than the window (stored in parts `<id>#<p>`) counts once, as its
+        best-routed part (`doc.whole_id` names the text): routing goes deeper until k distinct texts are found
+        or the memory runs out. What a vector store's "top k" means to its caller.
 
         `where`: a predicate on `MemoryDocument`, or a collection of ids; applied before top-k, within
         `collection` ("*": every collection). `routing`: "msa" (default: `config.answer.routing`),
@@ -437,6 +442,21 @@ class MSAEngine:
         "not in memory" instead). Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
+        if whole_texts:
+            snap = snapshot if snapshot is not None else self.snapshot()  # one view while routing deeper
+            want = k * rounds if k_per_round else k
+            ask = k
+            while True:
+                routed = self.retrieve(question, k=ask, where=where, snapshot=snap, collection=collection,
+                                       routing=routing, rounds=rounds, k_per_round=k_per_round)
+                best, seen = [], set()
+                for d in routed:  # each text at its first (best) part
+                    if d.whole_id not in seen:
+                        seen.add(d.whole_id)
+                        best.append(d)
+                if len(best) >= want or len(routed) < ask * (rounds if k_per_round else 1):
+                    return best[:want]
+                ask *= 2
         # validated like the answer options, routing too, before an empty memory returns []
         checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round, routing=routing or self.config.answer.routing)
         self.check_rounds(checked.rounds)

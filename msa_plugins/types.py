@@ -17,6 +17,11 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 from .errors import DocumentNotFoundError, InvalidTypeError
 
 
+def _whole_id(doc_id: str, metadata: dict) -> str:
+    parent, part = metadata.get("parent_id"), metadata.get("part")
+    return parent if parent is not None and doc_id == f"{parent}#{part}" else doc_id
+
+
 @dataclass(frozen=True)
 class MemoryDocument:
     """One document as the memory holds it (a long document's parts are documents `<id>#<part>`)."""
@@ -25,6 +30,11 @@ class MemoryDocument:
     metadata: dict
     n_tokens: int
     collection: str = "default"
+
+    @property
+    def whole_id(self) -> str:
+        """The id the text was added under: `<id>` for a part `<id>#<p>` of a text longer than the window."""
+        return _whole_id(self.id, self.metadata)
 
 
 @dataclass
@@ -37,6 +47,11 @@ class RoutedDocument:
     round: int = 0  # routing round (interleave re-routing) or protocol step that found it
     rank: int = 0  # position within its round, best first
     collection: str = "default"
+
+    @property
+    def whole_id(self) -> str:
+        """The id the text was added under: `<id>` for a part `<id>#<p>` of a text longer than the window."""
+        return _whole_id(self.id, self.metadata)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

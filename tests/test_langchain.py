@@ -302,8 +302,45 @@ def test_vector_store_long_text_is_one_document_by_id(tiny_model_dir):
     (doc,) = store.get_by_ids(["long"])
     assert doc.id == "long" and doc.metadata == {"src": "a"}
     assert doc.page_content.split() == long_text.split()
+    # every search sees documents, not parts: k distinct ones, the long one whole under its id, with the caller's
+    # metadata (as InMemoryVectorStore, which holds one vector per document)
+    store.add_texts(["Rome is in Italy.", "Madrid is in Spain."], ids=["rome", "madrid"])
+    searches = {"similarity": store.similarity_search("capital of France", k=3),
+                "mmr": store.max_marginal_relevance_search("capital of France", k=3, fetch_k=3),
+                "retriever": store.as_retriever(search_kwargs={"k": 3}).invoke("capital of France"),
+                "rounds": MSARetriever(engine=engine, k=3, rounds=2).invoke("capital of France")}
+    for name, docs in searches.items():
+        assert len({d.id for d in docs}) == 3 and all("#" not in d.id for d in docs), name
+        for d in docs:
+            if d.id == "long":
+                assert d.page_content == long_text and d.metadata.get("src") == "a" and "part" not in d.metadata
+    # a filter sees the document as the caller added it: all its parts are admitted or left out together
+    assert [d.id for d in store.similarity_search("France", k=3, filter=lambda d: d.id == "long")] == ["long"]
+    assert [d.id for d in store.similarity_search("France", k=3, filter={"src": "a"})] == ["long"]
+    assert store.similarity_search("France", k=3, filter={"part": 0}) == []
+    # a part id is no document: neither fetched nor deleted (deleting it cut a piece out of the text)
+    assert store.get_by_ids(["long#1"]) == []
+    store.delete(["long#1"])
+    assert store.get_by_ids(["long"])[0].page_content == long_text
     store.delete(["long"])
-    assert store.get_by_ids(["long"]) == [] and len(engine) == 1
+    assert store.get_by_ids(["long"]) == [] and len(engine) == 3
+
+
+def test_store_search_counts_an_item_stored_in_parts_once(tiny_model_dir):
+    """LangGraph's InMemoryStore ranks items, not vectors: offset and limit count items, and an unindexed item
+    fills a page only after every indexed one."""
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=16)
+    store = MSAStore(engine)
+    with pytest.warns(UserWarning, match="parent_id"):
+        store.put(("m",), "long", {"text": " ".join(["Paris is the capital of France."] * 30)})  # ~20 parts
+    store.put(("m",), "k0", {"text": "Berlin is in Germany."})
+    store.put(("m",), "k1", {"text": "Rome is in Italy."})
+    store.put(("m",), "unindexed", {"text": "Madrid is in Spain."}, index=False)
+    q = "Paris is the capital of France. Paris is the capital of France."  # the long item's parts rank high
+    page = store.search(("m",), query=q, limit=3)
+    assert sorted(i.key for i in page) == ["k0", "k1", "long"] and all(i.score is not None for i in page)
+    first, rest = (store.search(("m",), query=q, limit=n, offset=o) for n, o in ((1, 0), (3, 1)))
+    assert [i.key for i in first + rest] == [i.key for i in page] + ["unindexed"]
 
 
 def test_public_names_and_langgraph_is_optional():

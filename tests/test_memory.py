@@ -248,6 +248,25 @@ def test_split_parts_join_to_the_text_given_and_keep_the_callers_metadata(tiny_m
     assert e.get(["s"])[0].metadata == {"parent_id": "my-own", "part": "intro"}
 
 
+def test_retrieve_whole_texts_counts_a_long_text_once(tiny_model_dir):
+    """whole_texts=True: k distinct texts (a text stored in parts once, at its best part), routing deeper as
+    needed; `whole_id` names the text a part belongs to."""
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", max_doc_tokens=15)
+    q = "Paris is the capital of France. Paris is the capital of France."
+    with pytest.warns(UserWarning, match="parent_id"):
+        e.add(["Paris is the capital of France. " * 12, "Rome is in Italy.", "Oslo is cold."], ids=["long", "r", "o"])
+    parts = e.retrieve(q, k=len(e))
+    whole = e.retrieve(q, k=3, whole_texts=True)
+    assert sorted(d.whole_id for d in whole) == ["long", "o", "r"]
+    first = {}
+    for d in parts:
+        first.setdefault(d.whole_id, d.id)
+    assert [d.id for d in whole] == list(first.values())  # each text at its best-routed part, in routing order
+    assert [d.id for d in e.retrieve(q, k=2, whole_texts=True)] == list(first.values())[:2]
+    assert len(e.retrieve(q, k=10, whole_texts=True)) == 3  # the memory runs out: no endless deepening
+    assert e.get(["long"])[0].whole_id == "long" and e.get(["r"])[0].whole_id == "r"
+
+
 def _split(tokenize, detokenize, text, window):
     from msa_plugins.engine.ingest import Ingestor
 

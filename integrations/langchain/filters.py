@@ -87,9 +87,21 @@ def filter_to_predicate(flt: Any) -> Optional[Predicate]:
     check_filter(flt)
     if flt is None:
         return None
+    # a part of a long text is shown under the caller's id and metadata (its page_content is the part's text),
+    # so all parts of a text are admitted or left out together
     if callable(flt):
-        return lambda doc: bool(flt(Document(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)))
-    return lambda doc: matches(doc.metadata, flt)
+        return lambda doc: bool(flt(Document(page_content=doc.text, metadata=caller_metadata(doc), id=doc.whole_id)))
+    return lambda doc: matches(caller_metadata(doc), flt)
+
+
+PART_KEYS = ("parent_id", "part")  # what the engine adds to the metadata of a long text's parts
+
+
+def caller_metadata(doc) -> dict:
+    """A memory document's metadata as the caller gave it: a part of a long text without the part keys."""
+    if doc.whole_id == doc.id:
+        return dict(doc.metadata)
+    return {k: v for k, v in doc.metadata.items() if k not in PART_KEYS}
 
 
 def filter_to_allow_ids(snapshot: Snapshot, flt: Any) -> Optional[list]:
@@ -98,4 +110,4 @@ def filter_to_allow_ids(snapshot: Snapshot, flt: Any) -> Optional[list]:
     return None if predicate is None else snapshot.select(predicate)
 
 
-__all__ = ["check_filter", "matches", "filter_to_predicate", "filter_to_allow_ids"]
+__all__ = ["check_filter", "matches", "filter_to_predicate", "filter_to_allow_ids", "caller_metadata", "PART_KEYS"]

@@ -14,12 +14,16 @@ from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDo
 from msa_plugins.validation import check_int, check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs
-from .filters import filter_to_predicate
+from .filters import caller_metadata, filter_to_predicate
 
 
-def to_document(doc: RoutedDocument) -> Document:
-    """A routed memory document as a LangChain `Document` (same id, text and metadata; metadata copied)."""
-    return Document(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)
+def to_document(doc: RoutedDocument, snapshot: Optional[Snapshot] = None) -> Document:
+    """A routed memory document as a LangChain `Document` (same id, text and metadata; metadata copied). A part
+    of a text longer than the window comes back as the whole text, under the caller's id (from `snapshot`)."""
+    if doc.whole_id == doc.id or snapshot is None:
+        return Document(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)
+    parts = snapshot.get([doc.whole_id])
+    return Document(page_content="".join(p.text for p in parts), metadata=caller_metadata(doc), id=doc.whole_id)
 
 
 def refuse_unknown(kwargs: dict, where: str, hints: Optional[dict] = None) -> None:
@@ -42,9 +46,12 @@ def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
     query = check_text(query, "query")
     k = check_int(k, "k", minimum=1)  # checked here too: the engine skips routing (and its checks) on an empty memory
     where = filter_to_predicate(flt)
+    snapshot = snapshot if snapshot is not None else engine.snapshot()  # one view: routing and the texts
+    # k distinct texts, a long one (stored in parts) once, whole, at its best part's score: as a vector store
+    # holding one vector per document ranks them
     docs = engine.retrieve(query, k=k, where=where, snapshot=snapshot, rounds=rounds, k_per_round=k_per_round,
-                           **collection_kwargs(engine, collection))
-    pairs = [(to_document(d), float(d.score)) for d in docs]
+                           whole_texts=True, **collection_kwargs(engine, collection))
+    pairs = [(to_document(d, snapshot), float(d.score)) for d in docs]
     if rounds > 1:
         for (doc, _), d in zip(pairs, docs):
             doc.metadata["routing_round"] = d.round

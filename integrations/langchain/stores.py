@@ -138,7 +138,9 @@ class MSAStore(BaseStore):
         if op.limit <= 0:
             return []
         if query:
-            routed = self.engine.retrieve(query, k=op.offset + op.limit, snapshot=snap,
+            # offset + limit distinct items: an item stored in parts counts once (LangGraph's InMemoryStore
+            # max-pools an item's vectors before offset and limit)
+            routed = self.engine.retrieve(query, k=op.offset + op.limit, snapshot=snap, whole_texts=True,
                                           where=lambda d: admitted(d) and _is_indexed(d), **self._in())
             hits = [_item(d.metadata, SearchItem, score=float(d.score))
                     for d in _first_per_item(routed)[op.offset:op.offset + op.limit]]

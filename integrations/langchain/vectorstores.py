@@ -33,12 +33,11 @@ from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine
 from msa_plugins.validation import check_int
 
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, in_collection
+from .filters import caller_metadata
 from .retrievers import refuse_unknown, route_documents
 
 logger = logging.getLogger(__name__)
 
-# a split long document's parts carry these on top of the caller's metadata
-_PART_KEYS = ("parent_id", "part")
 _SEARCH_HINTS = {
     "score_threshold": "a score threshold needs search_type='similarity_score_threshold' "
                        "(or similarity_search_with_relevance_scores)",
@@ -128,7 +127,8 @@ class MSAVectorStore(VectorStore):
             raise InvalidArgumentError("pass the ids to delete; MSAVectorStore does not delete everything at once")
         if isinstance(ids, str):
             ids = [ids]
-        self.engine.delete(ids, missing_ok=True, **self._in())  # the VectorStore contract: missing ids are no error
+        # a part id (`<id>#<p>`, never a caller's id) would delete a piece of a long text: no such document here
+        self.engine.delete([i for i in ids if "#" not in str(i)], missing_ok=True, **self._in())  # the VectorStore contract: missing ids are no error
         return True
 
     # ------------------------------------------------------------------ read
@@ -136,15 +136,12 @@ class MSAVectorStore(VectorStore):
         snap = self.engine.snapshot()  # one view: a concurrent delete cannot split this answer
         out = []
         for i in ids:  # unknown ids (and ids of other collections) are skipped, as get_by_ids specifies
-            if i not in snap:
+            if "#" in str(i) or i not in snap:  # a part id is no caller's id (ids cannot contain '#')
                 continue
             parts = snap.get([i])  # a long text stored in parts comes back whole
             if not in_collection(parts[0], self.collection_name):
                 continue
-            meta = parts[0].metadata
-            if len(parts) > 1:
-                meta = {k: v for k, v in meta.items() if k not in _PART_KEYS}
-            out.append(Document(page_content="".join(p.text for p in parts), metadata=dict(meta), id=i))
+            out.append(Document(page_content="".join(p.text for p in parts), metadata=caller_metadata(parts[0]), id=i))
         return out
 
     def similarity_search_with_score(self, query: str, k: int = 4, filter: Any = None,

@@ -248,18 +248,8 @@ class MSAVectorStore(BasePydanticVectorStore):
 
     def _route_nodes(self, query_str: str, k: int, where, snap) -> list:
         """The routed documents of the k best nodes, each node once at its best part (a node longer than the
-        window is stored in parts): routing goes deeper until k distinct nodes are found or the memory ends."""
-        ask = k
-        while True:
-            routed = self._engine.retrieve(query_str, k=ask, where=where, snapshot=snap, **self._coll())
-            best, seen = [], set()
-            for d in routed:
-                if _node_id(d) not in seen:
-                    seen.add(_node_id(d))
-                    best.append(d)
-            if len(best) >= k or len(routed) < ask:
-                return best[:k]
-            ask *= 2
+        window is stored in parts, each carrying the whole node)."""
+        return self._engine.retrieve(query_str, k=k, where=where, snapshot=snap, whole_texts=True, **self._coll())
 
     def _mmr(self, query: VectorStoreQuery, where, threshold: Optional[float], prefetch_k: Optional[int],
              prefetch_factor: float) -> list:
@@ -404,10 +394,8 @@ def _best_part_per_node(routed: list) -> list:
 
 
 def _node_id(doc) -> str:
-    """The id of the node a memory document holds: a part `<id>#<p>` of a node longer than the window (its
-    metadata says parent_id <id>, part <p>) holds node <id>."""
-    parent, part = doc.metadata.get("parent_id"), doc.metadata.get("part")
-    return parent if parent is not None and doc.id == f"{parent}#{part}" else doc.id
+    """The id of the node a memory document holds: a part `<id>#<p>` of a node longer than the window holds <id>."""
+    return doc.whole_id
 
 
 def node_from_document(doc) -> BaseNode:
