@@ -128,6 +128,34 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke("hi?", top_p=0.9)
 
 
+def test_chat_constructor_refuses_knobs_it_does_not_read(engine):
+    """pydantic dropped unknown fields in silence: ChatMSA(top_p=0.1) sampled as if never told. LangChain's
+    standard parameters still build (a local model has no request to time out or retry), streaming=True
+    streams, max_completion_tokens is max_tokens, and stop=[] per call clears the model's stop."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    for knob in ({"top_p": 0.1}, {"n": 2}, {"model_kwargs": {"top_p": 0.1}}, {"presence_penalty": 1.0}):
+        with pytest.raises(ValueError, match="unknown argument"):
+            ChatMSA(engine=engine, **knob)
+    assert ChatMSA(engine=engine, temperature=0, max_tokens=3, timeout=60, stop=[], max_retries=2,
+                   api_key="unused").max_tokens == 3
+    assert ChatMSA(engine=engine, max_completion_tokens=2).max_tokens == 2
+
+    class Tokens(BaseCallbackHandler):
+        seen = 0
+
+        def on_llm_new_token(self, token, **kwargs):
+            Tokens.seen += 1
+
+    ChatMSA(engine=engine, streaming=True, max_tokens=3).invoke("hi?", config={"callbacks": [Tokens()]})
+    assert Tokens.seen > 0
+    assert ChatMSA(engine=engine, max_tokens=3).invoke("hi?", stream=True).usage_metadata["output_tokens"] <= 3
+    full = ChatMSA(engine=engine, max_tokens=6, use_memory=False).invoke("hi?").content
+    if len(full) > 3:  # a stop string from the model's own output: the model's stop cuts, a call's stop=[] clears
+        cutting = ChatMSA(engine=engine, max_tokens=6, use_memory=False, stop=[full[1:3]])
+        assert cutting.invoke("hi?").content != full and cutting.invoke("hi?", stop=[]).content == full
+
+
 def test_tools_without_a_template_tool_block_use_the_json_protocol(engine):
     from langchain_core.tools import tool
 

@@ -13,7 +13,7 @@ from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from msa_plugins import AnswerOptions, InvalidArgumentError, InvalidTypeError, QueryResult
 from msa_plugins.validation import check_int, check_text
@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 _MIN_QUOTE = 20  # characters: a memory document this long, quoted verbatim in the prompt, means "already stuffed"
 # per-call keyword arguments ChatMSA reads (LangChain's names); anything else is refused, never ignored
 _CALL_KWARGS = {"mode", "k", "max_tokens", "temperature", "seed", "stop", "filter", "model", "tools", "tool_choice",
-                "ls_structured_output_format", "structured_output"}
+                "ls_structured_output_format", "structured_output", "stream", "parallel_tool_calls"}
+# other chat models' constructor knobs: what to use instead (any other unknown one is refused too)
+_INIT_HINTS = {"top_p": "ChatMSA samples from the full distribution at `temperature`; top_p is not supported",
+               "top_k": "ChatMSA samples from the full distribution at `temperature`; top_k is not supported",
+               "n": "ChatMSA generates one reply per call", "model_kwargs": "pass ChatMSA's own fields"}
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -150,7 +154,26 @@ class ChatMSA(BaseChatModel):
         default="auto", description="'auto': route unless the prompt already quotes memory documents; "
                                     "True: always route; False: the model alone")
     format_retries: int = Field(default=2, description="retries when a tool call / JSON reply does not validate")
+    streaming: bool = Field(default=False, description="invoke streams (callbacks get each token), as in ChatOpenAI")
+    # LangChain's standard chat-model parameters (its test suite passes them): a local model makes no API request,
+    # so there is no connection to time out, retry or authenticate; accepted so that shared config still builds
+    timeout: Optional[float] = Field(default=None, description="no API request to time out (accepted, unused)")
+    max_retries: Optional[int] = Field(default=None, description="no API request to retry (accepted, unused)")
+    api_key: Optional[Any] = Field(default=None, exclude=True, description="no API (accepted, unused)")
+    base_url: Optional[str] = Field(default=None, description="no API (accepted, unused)")
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data):
+        # pydantic drops an unknown field without a word: ChatMSA(top_p=0.1) sampled as if it were never given
+        if isinstance(data, dict):
+            data = dict(data)
+            if "max_completion_tokens" in data:  # OpenAI's newer name for max_tokens
+                data.setdefault("max_tokens", data.pop("max_completion_tokens"))
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            refuse_unknown({k: v for k, v in data.items() if k not in known}, "ChatMSA()", _INIT_HINTS)
+        return data
 
     @field_validator("collection")
     @classmethod
@@ -218,7 +241,7 @@ class ChatMSA(BaseChatModel):
             mode=kwargs.get("mode", self.mode), k=kwargs.get("k", self.k),
             max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature), seed=kwargs.get("seed", self.seed),
-            stop=stop or kwargs.get("stop") or self.stop)
+            stop=next((v for v in (stop, kwargs.get("stop"), self.stop) if v is not None), None))  # [] clears
 
     def _memory(self, messages: List[BaseMessage], kwargs: dict):
         """-> (snapshot, where, note): route over `snapshot` restricted to `where`, or (None, None, note) to
