@@ -285,6 +285,9 @@ def test_a_node_stored_in_parts_comes_back_once(engine_dir):
     for threshold in (None, 1.0, 0.0):  # MMR picks among distinct nodes: it fills top_k too
         mmr = store.query(_query("capital of France", similarity_top_k=3, mode="mmr", mmr_threshold=threshold))
         assert sorted(mmr.ids) == ["fox", "long", "short"]
+    from msa_plugins.integrations.llama_index import MSARetriever
+    assert sorted(n.node.node_id for n in MSARetriever(e, similarity_top_k=3).retrieve("Paris is the capital of France. " * 2)) == \
+        ["fox", "long", "short"]
     # by its node id the node is found, fetched and deleted whole, once
     assert store.query(_query("capital of France", similarity_top_k=3, node_ids=["long"])).ids == ["long"]
     assert [n.node_id for n in store.get_nodes(node_ids=["short", "long"])] == ["short", "long"]

@@ -51,9 +51,10 @@ class MSARetriever(BaseRetriever):
         super().__init__(callback_manager=callback_manager, verbose=verbose)
 
     def _retrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
+        # a node longer than the window is stored in parts, each carrying the whole node: each node once
         documents = self._engine.retrieve(query_text(query_bundle), k=self._k, where=self._where,
                                            collection=self._collection, rounds=self._rounds,
-                                           k_per_round=self._k_per_round)
+                                           k_per_round=self._k_per_round, whole_texts=True)
         return to_nodes(documents)
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:
