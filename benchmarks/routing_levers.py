@@ -277,7 +277,8 @@ def _write(results, path):
     lines = []
     for name, e in results["corpora"].items():
         b = e.get("bank", {})
-        mini = e["methods"].get("minilm")
+        # MiniLM does not depend on the router: a tagged run's own minilm row serves as well
+        mini = e["methods"].get("minilm") or next((r for m, r in e["methods"].items() if m.startswith("minilm@")), None)
         lines += [f"### {name}: {b.get('documents')} passages, {b.get('tokens')} tokens, "
                   f"{b.get('eval_questions')} questions", "",
                   "| method | R@1 | R@5 | R@10 | MRR | R@5 / MiniLM | MRR / MiniLM | train s |",
