@@ -127,8 +127,9 @@ class MSAVectorStore(VectorStore):
             raise InvalidArgumentError("pass the ids to delete; MSAVectorStore does not delete everything at once")
         if isinstance(ids, str):
             ids = [ids]
-        # a part id (`<id>#<p>`, never a caller's id) would delete a piece of a long text: no such document here
-        self.engine.delete([i for i in ids if "#" not in str(i)], missing_ok=True, **self._in())  # the VectorStore contract: missing ids are no error
+        # a part id (`<id>#<p>`, never a caller's id) would delete a piece of a long text: no such document here;
+        # missing ids are no error (the VectorStore contract)
+        self.engine.delete([i for i in ids if "#" not in str(i)], missing_ok=True, **self._in())
         return True
 
     # ------------------------------------------------------------------ read
