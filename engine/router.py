@@ -171,6 +171,13 @@ class Router:
             router.check_finite(f"router adapter {directory!r}")
         except (RouterMismatchError, InvalidArgumentError) as e:
             raise MemoryFormatError(str(e)) from e
+        # save replaces the two files one after the other: a save cut off between them leaves new weights
+        # beside the old manifest, which would load as the router the manifest names
+        saved = m.get("fingerprint")
+        if saved is not None and saved != router.fingerprint():
+            raise MemoryFormatError(f"router adapter {directory!r}: router.safetensors ({router.fingerprint()}) is not "
+                                    f"the router router.json was written for ({saved}); a save was interrupted or "
+                                    "the files were mixed: write the adapter again")
         return router
 
     def to_msa4b_state_dict(self) -> dict:

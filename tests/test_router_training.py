@@ -4,6 +4,7 @@ Also: training checkpoints never unpickle, NaN/inf routers are refused."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -431,6 +432,18 @@ def test_format_versions_are_clear_errors(engine, cache, tmp_path):
         json.dump(dict(meta, q_pos=[[99]] * len(meta["q_pos"])), f)  # positives that are no documents
     with pytest.raises(MemoryFormatError, match="positive"):
         FeatureCache.load(c)
+
+
+def test_router_files_from_different_saves_are_refused(engine, tmp_path):
+    """Router.save replaces router.safetensors, then router.json: a save cut off between the two leaves new
+    weights beside the old manifest. Loading them as the manifest's router would route silently wrong."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _router(engine, seed=0).save(a)
+    _router(engine, seed=1).save(b)
+    assert Router.load(a).fingerprint() == _router(engine, seed=0).fingerprint()
+    shutil.copy(os.path.join(b, "router.safetensors"), os.path.join(a, "router.safetensors"))
+    with pytest.raises(MemoryFormatError, match="interrupted"):
+        Router.load(a)
 
 
 def test_router_shape_errors_are_router_mismatch(engine):
