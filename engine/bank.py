@@ -390,8 +390,7 @@ class MemoryBank:
         stored = storage.load(directory, fingerprint_for or self.fingerprint, verify=verify)
         state = self._state_from(stored)
         saved = stored.manifest["fingerprint"]
-        with self._lock:
-            self._not_reverting("load")
+        with self._lock:  # (a reverting block holds the lock throughout: none can have opened since the check)
             # checked again under the lock: a set_router (re-key) between the first check and this swap would
             # otherwise leave the engine keying later adds with a router the loaded memory was not keyed by
             expected = fingerprint_for(saved) if fingerprint_for is not None else self.fingerprint

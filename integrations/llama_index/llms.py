@@ -152,13 +152,13 @@ class MSALLM(FunctionCallingLLM):
         return aiter_in_thread(lambda: chunks)
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponse:
-        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
+        if _offers_tools(kwargs):
             return self._chat_with_tool_protocol(messages, kwargs)
         result = self._engine.generate(_to_engine_messages(messages), self._options(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=_raw(result))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponseGen:
-        if kwargs.get("tools") and kwargs.get("tool_choice") != "none":
+        if _offers_tools(kwargs):
             # a tool call is known only once the reply is complete and valid: one chunk with all of it
             response = self._chat_with_tool_protocol(messages, kwargs)
             return iter([ChatResponse(message=response.message, delta=response.message.content or "",
@@ -294,6 +294,11 @@ TOOL_PROMPT_HEAD = "You can call tools. To call one, reply with only a JSON obje
 REQUIRED_NOTE = "You must call one of the tools."  # with a template that renders tools, the only instruction
 # a chat template's tool call (Qwen2/Qwen3): <tool_call>{...}</tool_call>; a block cut off by the token limit counts
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?=</tool_call>|<tool_call>|\Z)", re.S)
+
+
+def _offers_tools(kwargs: dict) -> bool:
+    """Does this chat call show the model tools (chat(messages, tools=..., tool_choice="none") does not)?"""
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
 
 
 def _apply_tool_choice(tools: Sequence["BaseTool"], required: bool, choice: Any):

@@ -156,7 +156,7 @@ class MSAVectorStore(BasePydanticVectorStore):
             return None
 
         def where(doc: MemoryDocument) -> bool:
-            return ((node_ids is None or _node_id(doc) in node_ids)
+            return ((node_ids is None or doc.whole_id in node_ids)
                     and (doc_ids is None or doc.metadata.get("ref_doc_id") in doc_ids)
                     and (match is None or match(doc)))
 
@@ -220,7 +220,7 @@ class MSAVectorStore(BasePydanticVectorStore):
         ids = snap.select(self._where(node_ids=node_ids, filters=filters), collection=self.collection_name)
         first_part = {}  # node id -> its document (a node stored in parts: its first part, which carries it whole)
         for d in snap.get(ids) if ids else []:
-            first_part.setdefault(_node_id(d), d)
+            first_part.setdefault(d.whole_id, d)
         order = [i for i in dict.fromkeys(node_ids) if i in first_part] if node_ids else list(first_part)
         return [node_from_document(first_part[i]) for i in order]
 
@@ -240,11 +240,13 @@ class MSAVectorStore(BasePydanticVectorStore):
         where = self._where(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters)
         if mmr is None:
             k = self._engine.answer_defaults.merged(k=query.similarity_top_k).k
-            hits = _best_part_per_node(self._route_nodes(query.query_str, k, where, self._engine.snapshot()))
+            routed = self._route_nodes(query.query_str, k, where, self._engine.snapshot())
         else:
-            hits = _best_part_per_node(self._mmr(query, where, *mmr))
-        return VectorStoreQueryResult(nodes=[n for n, _ in hits], similarities=[float(d.score) for _, d in hits],
-                                      ids=[n.node_id for n, _ in hits])
+            routed = self._mmr(query, where, *mmr)
+        # each routed document is a distinct node (a part of a long node carries the whole node)
+        nodes = [node_from_document(d) for d in routed]
+        return VectorStoreQueryResult(nodes=nodes, similarities=[float(d.score) for d in routed],
+                                      ids=[n.node_id for n in nodes])
 
     def _route_nodes(self, query_str: str, k: int, where, snap) -> list:
         """The routed documents of the k best nodes, each node once at its best part (a node longer than the
@@ -379,23 +381,6 @@ def _no_kwargs(method: str, kwargs: dict) -> None:
     if kwargs:
         raise InvalidArgumentError(f"MSAVectorStore.{method} got unsupported arguments {sorted(kwargs)}; "
                                    "nothing was done")
-
-
-def _best_part_per_node(routed: list) -> list:
-    """[(node, routed document)] in routing order, each node once: the parts of a node stored in parts (it was
-    longer than the window) all carry the whole node, so its first (best) part stands for it."""
-    out, seen = [], set()
-    for d in routed:
-        node_id = _node_id(d)
-        if node_id not in seen:  # before parsing: each part holds the whole node's JSON
-            seen.add(node_id)
-            out.append((node_from_document(d), d))
-    return out
-
-
-def _node_id(doc) -> str:
-    """The id of the node a memory document holds: a part `<id>#<p>` of a node longer than the window holds <id>."""
-    return doc.whole_id
 
 
 def node_from_document(doc) -> BaseNode:
