@@ -15,20 +15,56 @@ re-keyed for a new router with one matrix product per layer, no model forward.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Optional
 
 import torch
 
+from .._io import fsync_dir, fsync_file
 from ..errors import PathNotFoundError, InvalidArgumentError, MemoryFormatError, RouterMismatchError
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves into one folder are not serialised across processes
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 ROUTER_FORMAT_VERSION = 1
 MSA4B_Q = "model.layers.{layer}.self_attn.router_q_proj.0.weight"
 MSA4B_K = "model.layers.{layer}.self_attn.router_k_proj.0.weight"
 _MSA4B_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.router_([qk])_proj\.0\.weight$")
+WEIGHTS, MANIFEST = "router.safetensors", "router.json"  # a router adapter folder
+_TMP_WEIGHTS, _TMP_MANIFEST = ".router.safetensors.tmp", ".router.json.tmp"  # a save's new files, before renaming
+_LOCK = ".router.lock"
+ADAPTER_FILES = (WEIGHTS, MANIFEST, _TMP_WEIGHTS, _TMP_MANIFEST, _LOCK)  # every file Router.save may leave
+
+
+@contextlib.contextmanager
+def _save_lock(directory: str):
+    """Saves into one folder take turns: an OS lock on `.router.lock` (per open file, so threads too)."""
+    fd = os.open(os.path.join(directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_manifest(path: str) -> Optional[dict]:
+    """A router.json-shaped file as a dict, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
 
 
 class QKRouter:
@@ -115,31 +151,37 @@ class Router:
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str) -> None:
-        """A router adapter: `router.safetensors` (MSA-4B weight names) + `router.json`."""
+        """A router adapter: `router.safetensors` (MSA-4B weight names) + `router.json`.
+
+        The two files are replaced one after the other, so the new manifest is written in full first
+        (`.router.json.tmp`, the journal): a save cut off between the two renames leaves the new weights beside
+        that journal, and `load` finishes the save from it. A save cut off earlier leaves the old adapter as it
+        was. Saves into one folder take turns (an OS file lock), so two of them never mix their files."""
         from safetensors.torch import save_file
 
         self.check_finite(f"router not saved to {directory!r}")
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, ".router.safetensors.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.to_msa4b_state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(directory, "router.safetensors"))
         manifest = {"format_version": ROUTER_FORMAT_VERSION, "layers": self.layers, "n_heads": self.n_heads,
                     "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_size": self.hidden_size,
                     "fingerprint": self.fingerprint(), "meta": self.meta}
-        tmp = os.path.join(directory, ".router.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(directory, "router.json"))
+        with _save_lock(directory):
+            tmp_w, tmp_json = os.path.join(directory, _TMP_WEIGHTS), os.path.join(directory, _TMP_MANIFEST)
+            save_file({k: v.contiguous().cpu() for k, v in self.to_msa4b_state_dict().items()}, tmp_w)
+            fsync_file(tmp_w)
+            with open(tmp_json, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(directory)  # both complete on disk before the first rename: the journal survives a crash
+            os.replace(tmp_w, os.path.join(directory, WEIGHTS))
+            os.replace(tmp_json, os.path.join(directory, MANIFEST))
+            fsync_dir(directory)
 
     @classmethod
     def load(cls, directory: str) -> "Router":
         """Read a router adapter folder. A folder that is not one, is damaged, is from another format
         version or holds NaN/inf weights raises `MemoryFormatError` naming it; nothing is unpickled."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path_json = os.path.join(directory, "router.json")
-        path_w = os.path.join(directory, "router.safetensors")
+        path_json, path_w = os.path.join(directory, MANIFEST), os.path.join(directory, WEIGHTS)
         if not os.path.exists(directory):
             raise PathNotFoundError(f"router folder {directory!r} does not exist; pass a folder written by "
                                     "`msa train-router`, or router='none' for the training-free baseline")
@@ -151,6 +193,28 @@ class Router:
                 m = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise MemoryFormatError(f"router adapter {path_json!r} cannot be read ({e}); write the adapter again") from e
+        for _ in range(3):
+            router, saved = cls._read(directory, m, path_w)
+            if saved is None or saved == router.fingerprint():
+                return router
+            # the weights are not the ones this manifest names: a save was cut off between its two renames
+            # (its journal names the new weights), or one finished between our two reads (read again)
+            journal = _read_manifest(os.path.join(directory, _TMP_MANIFEST))
+            if journal is not None and journal.get("fingerprint") == router.fingerprint():
+                logger.warning("router adapter %r: finishing a save that was cut off (its new manifest was "
+                               "written, not yet renamed)", directory)
+                return cls._read(directory, journal, path_w, weights=router)[0]
+            m = _read_manifest(path_json) or m
+        raise MemoryFormatError(f"router adapter {directory!r}: router.safetensors ({router.fingerprint()}) is not "
+                                f"the router router.json was written for ({saved}); a save was interrupted or "
+                                "the files were mixed: write the adapter again")
+
+    @classmethod
+    def _read(cls, directory: str, m: dict, path_w: str, weights: Optional["Router"] = None) -> tuple:
+        """The router of manifest `m` and the weights file -> (router, the fingerprint `m` names)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         if not isinstance(m, dict) or m.get("format_version") != ROUTER_FORMAT_VERSION:
             version = m.get("format_version") if isinstance(m, dict) else None
             raise MemoryFormatError(f"router adapter {directory!r} has format version {version!r}, this "
@@ -159,26 +223,23 @@ class Router:
         for key in ("n_heads", "n_kv_heads", "head_dim"):
             value = m.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MemoryFormatError(f"router adapter {path_json!r}: {key} is {value!r}, expected a positive int")
+                raise MemoryFormatError(f"router adapter {directory!r}: {key} is {value!r}, expected a positive int")
             shape[key] = value
-        try:
-            weights = load_file(path_w)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise MemoryFormatError(f"router adapter {path_w!r} is damaged ({e}); write the adapter again") from e
         meta = m.get("meta")
+        meta = meta if isinstance(meta, dict) else None
+        if weights is not None:  # the weights already read, under the manifest that names them
+            state = weights.to_msa4b_state_dict()
+        else:
+            try:
+                state = load_file(path_w)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise MemoryFormatError(f"router adapter {path_w!r} is damaged ({e}); write the adapter again") from e
         try:
-            router = cls.from_msa4b_state_dict(weights, meta=meta if isinstance(meta, dict) else None, **shape)
+            router = cls.from_msa4b_state_dict(state, meta=meta, **shape)
             router.check_finite(f"router adapter {directory!r}")
         except (RouterMismatchError, InvalidArgumentError) as e:
             raise MemoryFormatError(str(e)) from e
-        # save replaces the two files one after the other: a save cut off between them leaves new weights
-        # beside the old manifest, which would load as the router the manifest names
-        saved = m.get("fingerprint")
-        if saved is not None and saved != router.fingerprint():
-            raise MemoryFormatError(f"router adapter {directory!r}: router.safetensors ({router.fingerprint()}) is not "
-                                    f"the router router.json was written for ({saved}); a save was interrupted or "
-                                    "the files were mixed: write the adapter again")
-        return router
+        return router, m.get("fingerprint")
 
     def to_msa4b_state_dict(self) -> dict:
         sd = {}

@@ -46,7 +46,7 @@ from .generation import Prompt
 from .model import DecoderModel, KVCache
 from .storage import remove_file
 from ..kernels.routing import DOC_SCORES
-from .router import QKRouter, Router
+from .router import ADAPTER_FILES, QKRouter, Router
 
 logger = logging.getLogger(__name__)
 
@@ -1108,8 +1108,8 @@ def remove_checkpoints(out_dir: str) -> int:
     """Delete what `train_router` wrote into `out_dir` (the checkpoint and `best/`), by those names only, and
     the folders when that leaves them empty; anything else there is kept. Returns the bytes freed."""
     best = os.path.join(out_dir, "best")
-    freed = sum(remove_file(p) for p in (os.path.join(out_dir, CHECKPOINT), os.path.join(best, "router.safetensors"),
-                                         os.path.join(best, "router.json")))
+    freed = sum(remove_file(p) for p in [os.path.join(out_dir, CHECKPOINT)] +
+                [os.path.join(best, name) for name in ADAPTER_FILES])
     for folder in (best, out_dir):
         try:
             os.rmdir(folder)  # only when empty

@@ -446,6 +446,65 @@ def test_router_files_from_different_saves_are_refused(engine, tmp_path):
         Router.load(a)
 
 
+def _cut_off_at_rename(monkeypatch, n: int):
+    """Make the n-th os.replace (1-based) of the next save raise, as a crash there would stop it."""
+    import msa_plugins.engine.router as router_mod
+
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == n:
+            raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(router_mod.os, "replace", replace)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_router_save_cut_off_loses_nothing(engine, tmp_path, monkeypatch, caplog, cut):
+    """A save cut off before its first rename leaves the old adapter; one cut off between the two renames left
+    only new weights beside the old manifest (refused at load before): its journal now finishes it."""
+    d = str(tmp_path / "r")
+    old, new = _router(engine, seed=0), _router(engine, seed=1)
+    old.save(d)
+    _cut_off_at_rename(monkeypatch, cut)
+    with pytest.raises(OSError, match="simulated"):
+        new.save(d)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="msa_plugins.engine.router"):
+        back = Router.load(d)
+    assert back.fingerprint() == (old if cut == 1 else new).fingerprint()
+    assert ("cut off" in caplog.text) == (cut == 2)
+    new.save(d)  # the next save goes through and cleans up
+    assert Router.load(d).fingerprint() == new.fingerprint()
+    assert sorted(os.listdir(d)) == [".router.lock", "router.json", "router.safetensors"]
+
+
+def test_concurrent_router_saves_leave_one_whole_adapter(engine, tmp_path):
+    """Threads saving different routers into one folder take turns: the folder always loads, as one of them."""
+    import threading
+
+    d = str(tmp_path / "r")
+    routers = [_router(engine, seed=s) for s in range(4)]
+    errors = []
+
+    def save(r):
+        try:
+            for _ in range(5):
+                r.save(d)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Router.load(d).fingerprint() in {r.fingerprint() for r in routers}
+
+
 def test_router_shape_errors_are_router_mismatch(engine):
     wq, wk = init_router_weights(engine.model, LAYERS, "random", 0)
     with pytest.raises(RouterMismatchError, match="W_KR for layers"):
