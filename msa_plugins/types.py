@@ -207,6 +207,9 @@ class Snapshot:
         all). None admits all."""
         if collection not in (None, "*"):
             cols = self._state.collections
+            if callable(where):  # the predicate sees only the collection's documents
+                return [self._state.ids[r] for r in range(len(self))
+                        if cols[r] == collection and where(self._doc(r, deep=False))]
             inside = self.select(where)
             return [d for d in inside if cols[self._state.row_of[d]] == collection]
         if where is None:

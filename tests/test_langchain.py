@@ -128,6 +128,31 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke("hi?", top_p=0.9)
 
 
+def test_chat_memory_check_copies_no_document(engine, monkeypatch):
+    """ChatMSA checks its collection, filter and (under "auto") quoting on every call: it reads shallow views of
+    the documents, never deep copies (a per-call cost that grew with the memory, ~18 ms at 1.5K documents)."""
+    import copy
+
+    import msa_plugins.types as types
+
+    engine.add(["An item of another collection."], ids=["other"], metadata=[{"year": 2030}], collection="notes",
+               progress=False)
+    copies, seen = [], []
+    real = copy.deepcopy
+    monkeypatch.setattr(types.copy, "deepcopy", lambda x, *a: copies.append(x) or real(x, *a))
+    chat = ChatMSA(engine=engine, max_tokens=2, k=4, filter=lambda d: seen.append(d.id) or d.metadata["year"] > 2001)
+    docs = chat.invoke("Tell me something").response_metadata["documents"]
+    assert sorted(d["id"] for d in docs) == ["f2", "f3"]
+    assert sorted(set(seen)) == ["f0", "f1", "f2", "f3"]  # the filter never sees the other collection
+    assert len(copies) == len(docs)  # the routed documents handed out, and nothing else
+    auto = ChatMSA(engine=engine, max_tokens=2, k=1, use_memory="auto")
+    quoting = auto.invoke(f"Context: {FACTS[2]} {FACTS[3]}\nQuestion: which animal jumps?")
+    assert quoting.response_metadata["memory"] == "skipped: the prompt already quotes 2 memory document(s)"
+    assert len(copies) == len(docs)
+    assert auto.invoke("Which animal jumps?").response_metadata["memory"] == "routed"
+    assert len(copies) == len(docs) + 1
+
+
 def test_chat_constructor_refuses_knobs_it_does_not_read(engine):
     """pydantic dropped unknown fields in silence: ChatMSA(top_p=0.1) sampled as if never told. LangChain's
     standard parameters still build (a local model has no request to time out or retry), streaming=True

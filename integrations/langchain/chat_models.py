@@ -19,7 +19,7 @@ from msa_plugins import AnswerOptions, InvalidArgumentError, InvalidTypeError, Q
 from msa_plugins.validation import check_int, check_text
 
 from .._aio import aiter_in_thread
-from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, documents_of
+from ._collections import ALL_COLLECTIONS, DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import filter_to_predicate
 from .retrievers import refuse_unknown
 from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt,
@@ -93,15 +93,14 @@ def _split_messages(messages: Sequence[BaseMessage], template_tools: bool = Fals
     return question, history, ("\n\n".join(system) if system else None), (human or question)
 
 
-def _quoted_documents(docs, text: str) -> int:
-    """How many memory documents `text` quotes verbatim: a retriever chain's stuffed prompt quotes the documents
-    it retrieved. Texts under _MIN_QUOTE characters are ignored (a short fact may be part of a real question)."""
-    n = 0
-    for d in docs:
-        t = d.text.strip()
-        if len(t) >= _MIN_QUOTE and len(t) < len(text) and t in text:
-            n += 1
-    return n
+def _quotes(prompt: str):
+    """A predicate: does `prompt` quote a memory document verbatim? A retriever chain's stuffed prompt quotes the
+    documents it retrieved. Texts under _MIN_QUOTE characters are ignored (a short fact may be part of a real
+    question)."""
+    def quoted(doc) -> bool:
+        t = doc.text.strip()
+        return _MIN_QUOTE <= len(t) < len(prompt) and t in prompt
+    return quoted
 
 
 def _document_metadata(docs) -> list:
@@ -251,20 +250,20 @@ class ChatMSA(BaseChatModel):
         flt = kwargs.get("filter", self.filter)
         where = filter_to_predicate(flt)
         snap = self.engine.snapshot()
-        docs = documents_of(snap, self.collection)
+        # per call, so nothing here copies the collection's documents: predicates see shallow views (select)
         if where is not None:
-            where = [d.id for d in docs if where(d)]
+            where = snap.select(where, collection=self.collection)
             if not where:  # a filter that admits nothing is a mistake here: there is nothing to answer from
                 raise InvalidArgumentError(f"no memory document matches the filter {flt!r}; check the metadata "
                                            "names and values, or drop the filter")
         if self.use_memory == "auto":  # a chain may stuff the context into a system or a human message
             prompt = "\n".join(_text(m.content, i) for i, m in enumerate(messages) if m.type in ("system", "human"))
-            quoted = _quoted_documents(docs, prompt)
+            quoted = len(snap.select(_quotes(prompt), collection=self.collection))
             if quoted:
                 logger.info("ChatMSA: the prompt already quotes %d memory documents; answering without routing",
                             quoted)
                 return None, None, f"skipped: the prompt already quotes {quoted} memory document(s)"
-        if not docs:
+        if not (len(snap) if self.collection == ALL_COLLECTIONS else self.collection in snap.collections()):
             return None, None, "skipped: no document in the collection"
         return snap, where, "routed"
 
