@@ -250,7 +250,7 @@ def cmd_ask(args) -> int:
     # the question and options are checked before the model loads: a mistake costs no time
     check_text(args.question)
     options = dict(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
-                   k_per_round=args.k_per_round)
+                   k_per_round=args.k_per_round, rerank=args.rerank)
     AnswerOptions().merged(**options)
     require_memory(args.memory)
     engine = _engine(args)
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k-per-round", action=argparse.BooleanOptionalAction, default=None,
                    help="with --rounds > 1: every round adds k documents (default), or with --no-k-per-round k is "
                         "the total, split over the rounds")
+    s.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="reorder the router's top N documents (at least k) by how likely the model finds the "
+                        "question given each; costs N short forward passes (default 0: off)")
     _add_answer_options(s, default_k=None)
     s.set_defaults(fn=cmd_ask)
 

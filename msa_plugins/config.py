@@ -73,6 +73,9 @@ class AnswerOptions:
     routing: str = "msa"  # ROUTINGS: the router alone, hybrid (router + BM25), or BM25 alone
     abstain: bool = False  # answer NOT_IN_MEMORY (QueryResult.abstained) when routing is below the memory's
     #                        calibrated threshold (MSAEngine.calibrate_abstention)
+    # interleave: 0, the routing's order; N > 0, the first round's top max(N, k) documents reordered by how
+    # likely the model finds the question given each one (UPR), fused with their routing scores (engine/rerank.py)
+    rerank: int = 0
 
     def __post_init__(self):
         check_choice(self.mode, MODES, "mode")
@@ -82,6 +85,11 @@ class AnswerOptions:
                 raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int(self.k, "k", minimum=1)
         check_int(self.rounds, "rounds", minimum=1)
+        check_int(self.rerank, "rerank", minimum=0)
+        if self.rerank and self.mode != "interleave":  # sparse and protocol attend to each layer's own picks
+            raise InvalidArgumentError(f"rerank={self.rerank} reorders the documents interleave reads, and mode "
+                                       f"{self.mode!r} attends to each routing layer's own selection; use "
+                                       "mode='interleave' or rerank=0")
         if self.rounds > 1 and self.mode != "interleave":  # sparse and protocol route once
             raise InvalidArgumentError(f"rounds={self.rounds} is interleave's multi-hop routing, and mode "
                                        f"{self.mode!r} routes once; use mode='interleave' or rounds=1")

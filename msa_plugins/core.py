@@ -27,6 +27,7 @@ from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
 from .engine.model import DecoderModel, load_hf_model
+from .engine.rerank import fuse_with_routing, question_likelihood
 from .engine.router import QKRouter, Router, read_msa4b_router
 from .engine.routing import FUSION_DEPTH, Routing, extend_chains, hybrid_route, lexical_topk, route, zscores
 from .engine import storage
@@ -422,7 +423,7 @@ class MSAEngine:
     def retrieve(self, question: str, k: Optional[int] = None, where: Where = None,
                  snapshot: Optional[Snapshot] = None, collection: str = DEFAULT_COLLECTION,
                  routing: Optional[str] = None, rounds: int = 1, k_per_round: bool = False,
-                 whole_texts: bool = False) -> list:
+                 whole_texts: bool = False, rerank: int = 0) -> list:
         """The documents the router selects for `question`, best first (layer-mean ranking).
 
         `whole_texts=True`: a text longer than the window (stored in parts `<id>#<p>`) counts once, as its
@@ -439,7 +440,10 @@ class MSAEngine:
         documents come round by round (`RoutedDocument.round`). These are exactly the documents
         `query(mode="interleave", k=, rounds=, k_per_round=)` answers from when given the same values (retrieve's
         own defaults are one round and k in all, not `config.answer`'s; and `query` with abstain may answer
-        "not in memory" instead). Returns [] when the memory is empty or nothing passes."""
+        "not in memory" instead). `rerank` = N > 0: the first round's top max(N, k) documents are reordered by
+        the model's own likelihood of the question given each (UPR) fused with their routing scores, and their
+        `score` is that fused score (`query(rerank=N)` answers from the same documents). Returns [] when the
+        memory is empty or nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
         if whole_texts:
@@ -448,7 +452,7 @@ class MSAEngine:
             ask = k
             while True:
                 routed = self.retrieve(question, k=ask, where=where, snapshot=snap, collection=collection,
-                                       routing=routing, rounds=rounds, k_per_round=k_per_round)
+                                       routing=routing, rounds=rounds, k_per_round=k_per_round, rerank=rerank)
                 best, seen = [], set()
                 for d in routed:  # each text at its first (best) part
                     if d.whole_id not in seen:
@@ -458,16 +462,19 @@ class MSAEngine:
                     return best[:want]
                 ask *= 2
         # validated like the answer options, routing too, before an empty memory returns []
-        checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round, routing=routing or self.config.answer.routing)
+        checked = AnswerOptions(rounds=rounds, k_per_round=k_per_round, routing=routing or self.config.answer.routing,
+                                rerank=rerank)
         self.check_rounds(checked.rounds)
         snap = snapshot if snapshot is not None else self.snapshot()
         allow = self._allow_ids(snap, where, collection)
         if len(snap) == 0 or allow == []:
             return []
         n_rounds, share = _round_shares(k, checked.rounds, checked.k_per_round)
-        # routed as deep as `stream` routes it, so query answers from these documents
-        first = self.route(question, k=self._first_round_depth(k, n_rounds), snapshot=snap, routing=routing,
-                           _allow=allow)
+        # routed (and reranked) as `stream` does it, so query answers from these documents
+        first = self.route(question, k=max(self._first_round_depth(k, n_rounds), rerank), snapshot=snap,
+                           routing=routing, _allow=allow)
+        if rerank:
+            first = self._rerank(question, first, snap, max(rerank, k))
         rounds = self._route_rounds(question, n_rounds, share, snap, routing, allow, first=first)
         return [d for docs in rounds for d in docs]
 
@@ -522,6 +529,21 @@ class MSAEngine:
             found += len(new)
         return rounds
 
+    def _rerank(self, question: str, routing: Routing, snap: Snapshot, depth: int) -> Routing:
+        """`routing`'s top `depth` documents (deeper ones are dropped) reordered by the model's likelihood of the
+        question given each document, fused with their routing scores (`engine/rerank.py`); ties keep the
+        routing's order. `scores` become the fused scores; `router_scores` and `per_layer` stay the router's."""
+        top = routing.top(depth)
+        if len(top.rows) < 2:
+            return top
+        texts = snap._state.texts
+        likelihood = question_likelihood(self.model, self.model.tokenizer, question, [texts[r] for r in top.rows],
+                                         batch_tokens=self.config.batch_tokens)
+        fused = fuse_with_routing(top.scores, likelihood)
+        order = sorted(range(len(fused)), key=lambda i: (-fused[i], i))
+        return Routing([top.ids[i] for i in order], [fused[i] for i in order], [top.rows[i] for i in order],
+                       top.per_layer, top.per_layer_rows, [top.router_scores[i] for i in order])
+
     def _first_round_depth(self, n: int, n_rounds: int) -> int:
         """How deep round 1 is routed: chain scores are z-scores within a ranking, so with chained rounds
         every ranking is read FUSION_DEPTH deep; otherwise its n documents are all it needs."""
@@ -540,7 +562,7 @@ class MSAEngine:
         Args:
             options: an `AnswerOptions` (default: `config.answer`); `overrides` replace single fields
                 (k=3, mode="sparse", max_new_tokens=32, temperature, seed, stop, system, prompt_style, rounds,
-                k_per_round).
+                k_per_round, rerank).
             where: restrict routing to these documents (predicate on `MemoryDocument`, or ids).
             collection: route within this collection ("*": all; default "default").
             history: earlier chat turns [{"role", "content"}], placed before the question.
@@ -577,11 +599,14 @@ class MSAEngine:
         # rounds > 1 only in interleave (AnswerOptions checks), <= max_rounds (checked above)
         n_rounds, share = _round_shares(opts.k, opts.rounds, opts.k_per_round)
         # routed once, as deep as the rounds need; abstention and `per_layer` read its top k
-        deep = self.route(question, k=self._first_round_depth(opts.k, n_rounds), snapshot=snap,
+        deep = self.route(question, k=max(self._first_round_depth(opts.k, n_rounds), opts.rerank), snapshot=snap,
                           routing=opts.routing, _allow=allow)
         routing = deep.top(opts.k)
-        if opts.abstain and not self._in_memory(snap, routing):
+        if opts.abstain and not self._in_memory(snap, routing):  # on the router's own scores, as calibrated
             return self._abstained(opts, t0, routing)
+        if opts.rerank:
+            deep = self._rerank(question, deep, snap, max(opts.rerank, opts.k))
+            routing = deep.top(opts.k)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
             if n_rounds > 1:  # each later round adds k documents not found yet, or its share of k in all

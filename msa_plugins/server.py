@@ -6,7 +6,7 @@ curl) talks to it; each memory is a "model" (`GET /v1/models`), so `model="docs"
     POST /v1/chat/completions     stream (SSE) or not; the routed documents come back as `sources`: a field
                                   of the response, and of the first SSE chunk (before any token).
                                   MSA options as extra body fields: k, mode, collection ("*": all),
-                                  filters, ids, rounds, k_per_round, prompt_style, memory,
+                                  filters, ids, rounds, k_per_round, rerank, prompt_style, memory,
                                   use_memory (False: plain chat with the model; the memory options
                                   are then refused, 422)
     GET  /v1/models               one entry per memory the caller's key may use
@@ -18,7 +18,7 @@ curl) talks to it; each memory is a "model" (`GET /v1/models`), so `model="docs"
     DELETE /v1/memories/{m}/documents/{id}    delete one
     POST /v1/memories/{m}/documents/delete    delete by ids, or by filters / collection
     POST /v1/memories/{m}/search              route only: {"query", "k", "collection", "filters", "ids",
-                                              "rounds", "k_per_round"} (other fields: 422)
+                                              "rounds", "k_per_round", "rerank"} (other fields: 422)
     GET  /health, GET /metrics (Prometheus text)
 
 Collections are the engine's (a question routes within one, "default" unless named; "*" reads all);
@@ -241,10 +241,10 @@ def _where(body: dict):
     return admits
 
 
-# what /v1/memories/{m}/search reads (rounds, k_per_round: MSAEngine.retrieve's, k in all by default)
-_SEARCH_FIELDS = {"query", "k", "collection", "filters", "ids", "rounds", "k_per_round"}
+# what /v1/memories/{m}/search reads (rounds, k_per_round, rerank: MSAEngine.retrieve's, k in all by default)
+_SEARCH_FIELDS = {"query", "k", "collection", "filters", "ids", "rounds", "k_per_round", "rerank"}
 # request fields that only answers from memory read (a plain chat, use_memory false, has no routing)
-_MEMORY_FIELDS = ("k", "mode", "rounds", "k_per_round", "prompt_style", "collection", "filters", "ids")
+_MEMORY_FIELDS = ("k", "mode", "rounds", "k_per_round", "rerank", "prompt_style", "collection", "filters", "ids")
 
 
 def _collection(body: dict) -> dict:
@@ -536,7 +536,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
                 if body[key] not in choices:
                     raise APIError(422, f"{key} must be one of {list(choices)}", param=key)
                 opts[key] = body[key]
-        for key in ("k", "rounds", "k_per_round"):
+        for key in ("k", "rounds", "k_per_round", "rerank"):
             if body.get(key) is not None:
                 opts[key] = body[key]
         AnswerOptions().merged(**opts)  # every option checked before any model work (422 on a bad one)
@@ -722,7 +722,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
         if unknown:
             raise APIError(422, f"unknown search field(s) {unknown}; the fields are {sorted(_SEARCH_FIELDS)}",
                            param=unknown[0])
-        rounds = {key: body[key] for key in ("rounds", "k_per_round") if body.get(key) is not None}
+        rounds = {key: body[key] for key in ("rounds", "k_per_round", "rerank") if body.get(key) is not None}
         docs = await run(memory.engine.retrieve, query, k=body.get("k"), where=_where(body), **_collection(body),
                          **rounds)
         return {"object": "list", "data": _sources(docs)}

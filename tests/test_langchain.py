@@ -224,6 +224,11 @@ def test_retriever_routes_with_k_and_filter(engine):
         [(d.id, d.round) for d in engine.retrieve("Where was Alice born?", k=1, rounds=2, k_per_round=True)]
     assert len(per_round) == 2
     assert "routing_round" not in r.invoke("Where was Alice born?")[0].metadata  # one round: nothing added
+    reranked = MSARetriever(engine=engine, k=2, rerank=4).invoke("Where was Alice born?")
+    assert [(d.id, d.metadata["routing_score"]) for d in reranked] == \
+        [(d.id, d.score) for d in engine.retrieve("Where was Alice born?", k=2, rerank=4)]
+    with pytest.raises(ValueError, match="rerank must be >= 0"):
+        MSARetriever(engine=engine, rerank=-1)
     # async passes per-call arguments on (BaseRetriever's default dropped them)
     assert [d.id for d in asyncio.run(r.ainvoke("Where was Alice born?", k=1))] == routing.ids[:1]
     # checked at construction as every surface checks them, before pydantic would coerce "2" or 1

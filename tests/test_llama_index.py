@@ -149,6 +149,9 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
     two_hop = MSARetriever(engine, similarity_top_k=3, rounds=2)
     want = [d.id for d in engine.retrieve("Where was Alice born?", k=3, rounds=2)]
     assert [n.node_id for n in two_hop.retrieve("Where was Alice born?")] == want
+    reranked = MSARetriever(engine, similarity_top_k=2, rerank=4).retrieve("Where was Alice born?")
+    assert [(n.node_id, n.score) for n in reranked] == \
+        [(d.id, d.score) for d in engine.retrieve("Where was Alice born?", k=2, rerank=4)]
     synthesized = RetrieverQueryEngine.from_args(two_hop, llm=MSALLM(engine=engine, **GEN))
     assert [n.node_id for n in synthesized.query("Where was Alice born?").source_nodes] == want
     # retrieve() gives the documents query() answers from, rounds included (k in all, or k per round)
@@ -157,6 +160,12 @@ def test_query_engine_sources_are_routing_in_order(index, engine):
         assert [n.node_id for n in qe.retrieve("Where was Alice born?")] == \
             [n.node_id for n in answered.source_nodes]
         assert [r["round"] for r in answered.metadata["routed"]] == [0, 1]
+    reranking = index.as_query_engine(similarity_top_k=2, rerank=3, **RETRIEVER_FREE)
+    assert [n.node_id for n in reranking.query("Where was Alice born?").source_nodes] == \
+        [n.node_id for n in reranking.retrieve("Where was Alice born?")] == \
+        [d.id for d in engine.retrieve("Where was Alice born?", k=2, rerank=3)]
+    with pytest.raises(ValueError, match="pass mode= too"):
+        index.as_query_engine(rerank=3)
 
 
 def test_streaming_and_async_match_sync(index):

@@ -63,6 +63,9 @@ def test_chat_answers_with_sources_and_usage_as_the_engine_does_alone(served):
                                      extra_body={"k": 3, "rounds": 2, "k_per_round": False})
     assert [(s["id"], s["round"]) for s in hops.model_extra["sources"]] == \
         [(d.id, d.round) for d in served["engine"].retrieve(q, k=3, rounds=2)]
+    reranked = c.chat.completions.create(model="docs", messages=[{"role": "user", "content": q}], max_tokens=1,
+                                         extra_body={"k": 2, "rerank": 4})
+    assert [s["id"] for s in reranked.model_extra["sources"]] == [d.id for d in served["engine"].retrieve(q, k=2, rerank=4)]
 
 
 def test_streaming_sends_sources_first_then_tokens_then_usage(served):
@@ -132,6 +135,10 @@ def test_memory_add_search_get_delete_then_query(served):
         r = http.post("/v1/memories/docs/search", json={"query": q, "top_k": 3})
         assert r.status_code == 422 and "top_k" in r.text
         assert http.post("/v1/memories/docs/search", json={"query": q, "rounds": 9}).status_code == 422
+        reranked = http.post("/v1/memories/docs/search", json={"query": q, "k": 2, "rerank": 4}).json()["data"]
+        assert [(d["id"], d["score"]) for d in reranked] == \
+            [(d.id, pytest.approx(d.score, abs=1e-5)) for d in served["engine"].retrieve(q, k=2, rerank=4)]
+        assert http.post("/v1/memories/docs/search", json={"query": q, "rerank": -1}).status_code == 422
         listed = http.get("/v1/memories/docs/documents", params={"collection": "news"}).json()
         assert listed["total"] == 1
         c = client(served)

@@ -38,11 +38,12 @@ def refuse_unknown(kwargs: dict, where: str, hints: Optional[dict] = None) -> No
 
 def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
                     collection: str = DEFAULT_COLLECTION, snapshot: Optional[Snapshot] = None,
-                    rounds: int = 1, k_per_round: bool = False) -> List[tuple]:
+                    rounds: int = 1, k_per_round: bool = False, rerank: int = 0) -> List[tuple]:
     """[(Document, routing score)], best first, over the documents of `collection` that `flt` admits; [] on an
     empty collection or when the filter admits nothing. The shared search of `MSARetriever` and `MSAVectorStore`.
     `snapshot`: route over this view of the memory (None: the memory now). `rounds` > 1: multi-hop routing
-    (`MSAEngine.retrieve(..., rounds=, k_per_round=)`), each document's round in `metadata["routing_round"]`."""
+    (`MSAEngine.retrieve(..., rounds=, k_per_round=)`), each document's round in `metadata["routing_round"]`.
+    `rerank` = N: the top N reordered by the model's own question likelihood (`MSAEngine.retrieve(..., rerank=)`)."""
     query = check_text(query, "query")
     k = check_int(k, "k", minimum=1)  # checked here too: the engine skips routing (and its checks) on an empty memory
     where = filter_to_predicate(flt)
@@ -50,7 +51,7 @@ def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
     # k distinct texts, a long one (stored in parts) once, whole, at its best part's score: as a vector store
     # holding one vector per document ranks them
     docs = engine.retrieve(query, k=k, where=where, snapshot=snapshot, rounds=rounds, k_per_round=k_per_round,
-                           whole_texts=True, **collection_kwargs(engine, collection))
+                           whole_texts=True, rerank=rerank, **collection_kwargs(engine, collection))
     pairs = [(to_document(d, snapshot), float(d.score)) for d in docs]
     if rounds > 1:
         for (doc, _), d in zip(pairs, docs):
@@ -69,7 +70,8 @@ class MSARetriever(BaseRetriever):
         retriever.invoke("question", k=2, filter={"year": {"$gte": 2001}})   # per-call k / filter
     Multi-hop: `rounds=2` returns k documents in all, split over 2 routing rounds (the second routes the
     question with the text the first found), each with `metadata["routing_round"]`; `k_per_round=True`: k per
-    round.
+    round. `rerank=20`: the router's top 20 (at least k) reordered by how likely the engine's own model finds
+    the query given each; `routing_score` is then the fused score.
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine whose memory is searched")
@@ -78,9 +80,10 @@ class MSARetriever(BaseRetriever):
     collection: str = Field(default=DEFAULT_COLLECTION, description="the collection searched ('*': all of them)")
     rounds: int = Field(default=1, description="routing rounds (multi-hop): later ones route with the text found")
     k_per_round: bool = Field(default=False, description="with rounds > 1: k documents per round, not k in all")
+    rerank: int = Field(default=0, description="reorder the router's top N by the model's question likelihood (0: off)")
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    @field_validator("rounds", "k_per_round", mode="before")
+    @field_validator("rounds", "k_per_round", "rerank", mode="before")
     @classmethod
     def _check_round_option(cls, v, info):
         # before pydantic's lax coercion ("2" -> 2, 1 -> True): the error every surface gives
@@ -99,10 +102,11 @@ class MSARetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: Optional[int] = None, filter: Any = None, **kwargs: Any) -> List[Document]:
         refuse_unknown(kwargs, "MSARetriever.invoke", dict.fromkeys(
-            ("rounds", "k_per_round"), "rounds and k_per_round are set on the retriever: MSARetriever(..., rounds=2)"))
+            ("rounds", "k_per_round", "rerank"),
+            "rounds, k_per_round and rerank are set on the retriever: MSARetriever(..., rounds=2)"))
         pairs = route_documents(self.engine, query, self.k if k is None else k,
                                 self.filter if filter is None else filter, self.collection, rounds=self.rounds,
-                                k_per_round=self.k_per_round)
+                                k_per_round=self.k_per_round, rerank=self.rerank)
         for doc, score in pairs:
             doc.metadata["routing_score"] = score
         return [doc for doc, _ in pairs]

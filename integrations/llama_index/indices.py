@@ -41,7 +41,7 @@ from .vector_stores import MEMORY_DIR, MSAVectorStore, NoEmbedding, check_query
 __all__ = ["MSAIndex", "load_msa_index", "MEMORY_DIR"]
 
 # MSAQueryEngine's own arguments: asking for one of them (with mode=) selects retriever-free answering
-_MSA_ANSWER_ARGS = ("mode", "rounds", "k_per_round", "system_prompt")
+_MSA_ANSWER_ARGS = ("mode", "rounds", "k_per_round", "rerank", "system_prompt")
 _GENERATION_ARGS = ("max_new_tokens", "temperature", "seed")  # set on the default MSALLM
 
 
@@ -153,8 +153,8 @@ class MSAIndex(VectorStoreIndex):
         if misplaced:
             raise InvalidArgumentError(f"{misplaced} apply to MSA's retriever-free answering: pass mode= too "
                                        "(as_query_engine(mode='interleave', ...)); to keep LlamaIndex's synthesis "
-                                       "over multi-hop routing, use RetrieverQueryEngine.from_args("
-                                       "MSARetriever(engine, rounds=2), llm=...)")
+                                       "over multi-hop or reranked routing, use RetrieverQueryEngine.from_args("
+                                       "MSARetriever(engine, rounds=2, rerank=20), llm=...)")
         generation = {k: kwargs.pop(k) for k in _GENERATION_ARGS if k in kwargs}
         if self._checking():
             _check_kwargs("as_query_engine", kwargs, _QUERY_ENGINE_ARGS)

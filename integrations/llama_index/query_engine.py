@@ -36,8 +36,8 @@ class MSAQueryEngine(BaseQueryEngine):
     give, and nothing is generated.
 
     Only MSA's own knobs are accepted (unknown ones raise): `similarity_top_k` (LlamaIndex's default, 2),
-    `filters`, `streaming`, `mode`, `max_new_tokens`, `temperature`, `rounds`, `k_per_round`, `system_prompt`,
-    `seed`, `collection_name`. Response synthesis, postprocessors and prompt templates belong to LlamaIndex's
+    `filters`, `streaming`, `mode`, `max_new_tokens`, `temperature`, `rounds`, `k_per_round`, `rerank`,
+    `system_prompt`, `seed`, `collection_name`. Response synthesis, postprocessors and prompt templates belong to LlamaIndex's
     `RetrieverQueryEngine` (`MSAIndex.as_query_engine()` without `mode=`).
     """
 
@@ -46,18 +46,19 @@ class MSAQueryEngine(BaseQueryEngine):
                  max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  rounds: Optional[int] = None, system_prompt: Optional[str] = None, seed: Optional[int] = None,
                  collection_name: str = DEFAULT_COLLECTION, callback_manager: Optional[CallbackManager] = None,
-                 k_per_round: Optional[bool] = None):
+                 k_per_round: Optional[bool] = None, rerank: Optional[int] = None):
         self._engine, self._streaming = engine, streaming
         self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
         self._where = filters_to_predicate(filters)  # checked now, not at the first query
         # LlamaIndex's names -> the engine's per-call options, checked now (not at the first query)
         self._options = engine.answer_defaults.merged(
             mode=mode, k=similarity_top_k, max_new_tokens=max_new_tokens, temperature=temperature, rounds=rounds,
-            system=system_prompt, seed=seed, k_per_round=k_per_round)
+            system=system_prompt, seed=seed, k_per_round=k_per_round, rerank=rerank)
         # retrieve(): the documents query() answers from, rounds included
         self._retriever = MSARetriever(engine, similarity_top_k=self._options.k, filters=filters,
                                        collection_name=collection_name, callback_manager=callback_manager,
-                                       rounds=self._options.rounds, k_per_round=self._options.k_per_round)
+                                       rounds=self._options.rounds, k_per_round=self._options.k_per_round,
+                                       rerank=self._options.rerank)
         super().__init__(callback_manager=callback_manager)
 
     def _get_prompt_modules(self) -> Dict[str, Any]:

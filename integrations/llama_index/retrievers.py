@@ -32,20 +32,23 @@ class MSARetriever(BaseRetriever):
     LlamaIndex's 2. `rounds` > 1 routes multi-hop (`MSAEngine.retrieve(..., rounds=)`): `similarity_top_k`
     nodes in all, split over the rounds (each later round routes the question with the text found so far),
     or with `k_per_round=True` that many per round; a node's `metadata` is the document's own, and its round
-    is not added to it.
+    is not added to it. `rerank=N`: the router's top N (at least `similarity_top_k`) reordered by how likely
+    the engine's own model finds the query given each (`MSAEngine.retrieve(..., rerank=)`); scores are then
+    the fused scores.
     """
 
     def __init__(self, engine: MSAEngine, similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
                  filters: Optional[MetadataFilters] = None, collection_name: str = DEFAULT_COLLECTION,
                  callback_manager: Optional[CallbackManager] = None, verbose: bool = False, rounds: int = 1,
-                 k_per_round: bool = False):
+                 k_per_round: bool = False, rerank: int = 0):
         self._engine = engine
         # AnswerOptions checks k, rounds and k_per_round once for every surface (k=0, k="3" and k=2.5 raise here,
         # not at the first query)
         checked = AnswerOptions(k=engine.answer_defaults.merged(k=similarity_top_k).k, rounds=rounds,
-                                k_per_round=k_per_round)
+                                k_per_round=k_per_round, rerank=rerank)
         engine.check_rounds(checked.rounds)
         self._k, self._rounds, self._k_per_round = checked.k, checked.rounds, checked.k_per_round
+        self._rerank = checked.rerank
         self._where = filters_to_predicate(filters)
         self._collection = check_collection(collection_name, allow_all=True)  # "*": every collection
         super().__init__(callback_manager=callback_manager, verbose=verbose)
@@ -54,7 +57,7 @@ class MSARetriever(BaseRetriever):
         # a node longer than the window is stored in parts, each carrying the whole node: each node once
         documents = self._engine.retrieve(query_text(query_bundle), k=self._k, where=self._where,
                                            collection=self._collection, rounds=self._rounds,
-                                           k_per_round=self._k_per_round, whole_texts=True)
+                                           k_per_round=self._k_per_round, whole_texts=True, rerank=self._rerank)
         return to_nodes(documents)
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:

@@ -51,7 +51,7 @@ from .harness import AnswerResult, Context, RunResult
 logger = logging.getLogger(__name__)
 
 # The one list of systems and datasets (the CLI's choices come from here).
-SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free", "msa-hybrid")
+SYSTEMS = ("rag-minilm", "rag-bm25", "msa", "msa-training-free", "msa-hybrid", "msa-rerank", "msa-hybrid-rerank")
 DEFAULT_SYSTEMS = ("rag-minilm", "msa")
 DATASETS = ("popqa", "popqa-test", "hotpotqa", "musique", "narrativeqa", "locomo", "jsonl", "niah")
 _DATASET_NAMES = {"hotpotqa": "hotpotqa_train100", "musique": "musique_train100", "popqa-test": "popqa_test"}
@@ -64,8 +64,12 @@ PROMPT_SUFFIXES = {"-msaprompt": "msa", "-llamaprompt": "llamaindex", "-llamause
 _ROUTER_OF = {"msa": None, "msa-training-free": "none"}
 # `msa-hybrid`: the `msa` engine (same memory, encoded once) routing with routing="hybrid" (router + BM25
 # fused), reported as its own system beside pure MSA routing.
-_ENGINE_OF = {"msa-hybrid": "msa"}
-_ROUTING_OF = {"msa-hybrid": "hybrid"}
+# `-rerank`: the same engine, its first round's top RERANK_DEPTH reordered by the model's own likelihood of the
+# question given each document (`retrieve(rerank=)`): still no second model, reported as its own system.
+_ENGINE_OF = {"msa-hybrid": "msa", "msa-rerank": "msa", "msa-hybrid-rerank": "msa"}
+_ROUTING_OF = {"msa-hybrid": "hybrid", "msa-hybrid-rerank": "hybrid"}
+RERANK_DEPTH = 20
+_RERANK_OF = {"msa-rerank": RERANK_DEPTH, "msa-hybrid-rerank": RERANK_DEPTH}
 
 
 def split_system(name: str) -> tuple[str, str | None]:
@@ -426,13 +430,15 @@ def msa_system_fn(em: EngineMemory, spec: SystemSpec, plan: "RunPlan") -> Callab
     from .msa_system import msa_answer_fn, msa_retrieve_fn
 
     routing = _ROUTING_OF.get(spec.base)  # None: the engine's default (pure MSA routing)
+    rerank = _RERANK_OF.get(spec.base, 0)
     # with rounds > 1 both paths split the same k over the rounds: recall over all of them, and answers from
     # k documents in all, the k the RAG side retrieves
     if plan.retrieval_only:
-        return msa_retrieve_fn(em.engine, routing=routing, rounds=plan.rounds)
+        return msa_retrieve_fn(em.engine, routing=routing, rounds=plan.rounds, rerank=rerank)
     style = {"prompt_style": spec.style} if spec.style else {}
     return msa_answer_fn(em.engine, mode=plan.mode, k=plan.k, rounds=plan.rounds, k_per_round=False,
-                         routing=routing, max_new_tokens=plan.max_new_tokens, temperature=0.0, **style)
+                         routing=routing, rerank=rerank, max_new_tokens=plan.max_new_tokens, temperature=0.0,
+                         **style)
 
 
 # ---------------------------------------------------------------- RAG side

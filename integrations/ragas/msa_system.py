@@ -13,13 +13,15 @@ from typing import Any, Callable
 from .harness import AnswerResult, Context
 
 
-def msa_retrieve_fn(engine: Any, routing: str | None = None, rounds: int = 1) -> Callable[[str, int], list[tuple[str, float]]]:
+def msa_retrieve_fn(engine: Any, routing: str | None = None, rounds: int = 1,
+                    rerank: int = 0) -> Callable[[str, int], list[tuple[str, float]]]:
     """Routing only (no generation): the engine's layer-mean document ranking, best first. `routing`:
     None (the engine's default), "msa", "hybrid" or "lexical"; `rounds` > 1: k split over that many
-    routing rounds (multi-hop), the documents of every round in routing order."""
+    routing rounds (multi-hop), the documents of every round in routing order. `rerank` = N: the top
+    max(N, k) reordered by the model's question likelihood (one ranking serves every k up to N)."""
 
     def retrieve(question: str, k: int) -> list[tuple[str, float]]:
-        docs = engine.retrieve(question, k=k, routing=routing, rounds=rounds)
+        docs = engine.retrieve(question, k=k, routing=routing, rounds=rounds, rerank=rerank)
         return [(str(d.id), float(d.score)) for d in docs]
 
     # in rounds, k documents are k split over the rounds, not the top k of a deeper call: the harness asks each k

@@ -1,0 +1,98 @@
+"""Reranking routed documents with the engine's own model: how likely is the question, given the document?
+
+UPR (Sachan et al. 2022, "Improving Passage Retrieval with Zero-Shot Question Generation"): a language model
+scores a candidate passage p for a question q by the mean log-probability of q's tokens after a prompt that
+holds p and asks for a question about it. No training, no labels, no second model: the generator that answers
+also judges which routed documents hold the answer. It reads each candidate's text once per question, so it
+reorders the router's top `depth` (a few tens), never the whole memory.
+
+`question_likelihood` is the batched path (left-padded rows, one forward per batch, the LM head on the
+question's tokens only); `question_likelihood_reference` scores one passage at a time, with no padding: the
+obviously-correct version the tests compare it with.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# the UPR prompt, split where the passage and the question go (raw text: base and instruct models alike)
+PASSAGE_PREFIX = "Passage: "
+QUESTION_PROMPT = "\nPlease write a question based on this passage.\nQuestion:"
+MAX_PASSAGE_TOKENS = 320  # a longer passage is cut: its start is what the question is scored against
+
+
+def _encode(tokenizer, question: str, passages: list, max_passage_tokens: int) -> tuple:
+    """-> (question ids [Tq], one prompt's ids per passage: prefix + passage (cut) + question prompt)."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    q_ids = ids(" " + question.strip())
+    prompt = ids(QUESTION_PROMPT)
+    return q_ids, [ids(PASSAGE_PREFIX + p)[:max_passage_tokens] + prompt for p in passages]
+
+
+@torch.inference_mode()
+def _question_logprob(model, prefix: list, q_ids: list) -> float:
+    ids = torch.tensor([prefix + q_ids], dtype=torch.long)
+    positions = torch.arange(ids.shape[1])[None]
+    h = model.forward(ids, positions, logits="none")  # [1, S, hidden]
+    logp = model.lm_head(h[0, len(prefix) - 1:-1]).float().log_softmax(-1)  # [Tq, vocab]: predicts q's tokens
+    return logp.gather(-1, torch.tensor(q_ids, device=logp.device)[:, None]).mean().item()
+
+
+def question_likelihood_reference(model, tokenizer, question: str, passages: list,
+                                  max_passage_tokens: int = MAX_PASSAGE_TOKENS) -> list:
+    """Mean log P(question tokens | UPR prompt with the passage), one passage at a time."""
+    q_ids, prefixes = _encode(tokenizer, question, passages, max_passage_tokens)
+    return [_question_logprob(model, prefix, q_ids) for prefix in prefixes]
+
+
+@torch.inference_mode()
+def question_likelihood(model, tokenizer, question: str, passages: list,
+                        max_passage_tokens: int = MAX_PASSAGE_TOKENS, batch_tokens: int = 8192) -> list:
+    """`question_likelihood_reference`, batched: rows left-padded so every row ends with the question's Tq tokens
+    (their positions start at 0 at each row's first real token), `batch_tokens` tokens per forward."""
+    if not passages:
+        return []
+    q_ids, prefixes = _encode(tokenizer, question, passages, max_passage_tokens)
+    Tq = len(q_ids)
+    target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))  # similar lengths batch together
+    out: list = [0.0] * len(prefixes)
+    start = 0
+    while start < len(order):
+        rows = [order[start]]
+        while start + len(rows) < len(order):  # rows are sorted by length: the next one is the longest yet
+            nxt = order[start + len(rows)]
+            if (len(rows) + 1) * (len(prefixes[nxt]) + Tq) > batch_tokens:
+                break
+            rows.append(nxt)
+        start += len(rows)
+        S = max(len(prefixes[i]) for i in rows) + Tq
+        ids = torch.zeros(len(rows), S, dtype=torch.long)
+        real = torch.zeros(len(rows), S, dtype=torch.bool)
+        for b, i in enumerate(rows):
+            seq = prefixes[i] + q_ids
+            ids[b, S - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            real[b, S - len(seq):] = True
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)  # [B, S]: 0 at each row's first real token
+        h = model.forward(ids, positions, key_padding=real, logits="none")  # [B, S, hidden]
+        logp = model.lm_head(h[:, S - Tq - 1:-1]).float().log_softmax(-1)  # [B, Tq, vocab]
+        scores = logp.gather(-1, target[None, :, None].expand(len(rows), -1, -1))[..., 0].mean(1)  # [B]
+        for b, i in enumerate(rows):
+            out[i] = scores[b].item()
+    return out
+
+
+def fuse_with_routing(route_scores: list, likelihoods: list) -> list:
+    """One score per candidate: the sum of its z-scored routing score and z-scored question likelihood (within
+    the candidates), so neither signal's scale decides alone."""
+    def z(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        sd = t.std(unbiased=False)
+        return ((t - t.mean()) / (sd if sd > 0 else 1.0)).tolist()
+    return [a + b for a, b in zip(z(route_scores), z(likelihoods))]
+
+
+__all__ = ["question_likelihood", "question_likelihood_reference", "fuse_with_routing", "MAX_PASSAGE_TOKENS"]

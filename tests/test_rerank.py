@@ -1,0 +1,98 @@
+"""Reranking by the engine model's own question likelihood (engine/rerank.py): the batched path against the
+one-passage-at-a-time reference, on every supported model family."""
+
+import math
+
+import pytest
+import torch
+
+from msa_plugins import MSAEngine
+from msa_plugins.engine.rerank import fuse_with_routing, question_likelihood, question_likelihood_reference
+
+PASSAGES = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon, the capital of Portugal.",
+            "x", "The quick brown fox jumps over the lazy dog. " * 12, ""]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_batched_likelihood_equals_reference(tiny_model_dir, family):
+    e = MSAEngine.from_pretrained(tiny_model_dir(family), device="cpu")
+    m, tok = e.model, e.model.tokenizer
+    ref = question_likelihood_reference(m, tok, "Where was Alice born?", PASSAGES, max_passage_tokens=40)
+    for batch_tokens in (8192, 60, 1):  # one batch; a few; one row per batch (a row may exceed the budget)
+        got = question_likelihood(m, tok, "Where was Alice born?", PASSAGES, max_passage_tokens=40,
+                                  batch_tokens=batch_tokens)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+    assert all(math.isfinite(x) and x < 0 for x in ref)
+    assert len(set(round(x, 6) for x in ref)) > 1  # the passages make a difference
+    assert question_likelihood(m, tok, "q?", []) == []
+
+
+def test_long_passages_are_cut_and_the_cut_is_what_counts(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
+    m, tok = e.model, e.model.tokenizer
+    long = "The quick brown fox jumps over the lazy dog. " * 50
+    a = question_likelihood(m, tok, "What jumps?", [long, long + " Paris."], max_passage_tokens=30)
+    assert a[0] == pytest.approx(a[1], abs=1e-6)  # the text past the cut is not read
+
+
+def test_fusion_sums_z_scores():
+    assert fuse_with_routing([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0]) == pytest.approx([-2.449, 0.0, 2.449], abs=1e-3)
+    assert fuse_with_routing([1.0, 1.0], [-1.0, -2.0]) == pytest.approx([1.0, -1.0])  # a constant signal adds 0
+
+
+FACTS = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon.",
+         "The quick brown fox jumps over the lazy dog.", "Memory sparse attention routes each question.",
+         "Bob moved to Berlin in 2004.", "The Nile flows through Egypt.", "Mount Fuji is in Japan."]
+
+
+@pytest.fixture()
+def engine(tiny_model_dir):
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
+    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    return e
+
+
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+def test_retrieve_rerank_equals_its_definition(engine, routing):
+    """rerank=N: the router's top N (max(N, k)), reordered by the fused score, written out here from public
+    pieces and the reference likelihood."""
+    q = "Where was Alice born?"
+    routed = engine.retrieve(q, k=5, routing=routing)
+    like = question_likelihood_reference(engine.model, engine.model.tokenizer, q, [d.text for d in routed])
+    fused = fuse_with_routing([d.score for d in routed], like)
+    want = sorted(zip(fused, range(5), [d.id for d in routed]), key=lambda t: (-t[0], t[1]))
+    got = engine.retrieve(q, k=3, routing=routing, rerank=5)
+    assert [d.id for d in got] == [i for _, _, i in want[:3]]
+    assert [d.score for d in got] == pytest.approx([f for f, _, _ in want[:3]], abs=1e-4)
+    deeper = engine.retrieve(q, k=5, routing=routing, rerank=2)  # the depth is at least k
+    assert [d.id for d in deeper] == [i for _, _, i in want]
+
+
+def test_query_answers_from_the_reranked_documents(engine):
+    q = "Where was Alice born?"
+    res = engine.query(q, k=2, rerank=6, max_new_tokens=2)
+    assert [d.id for d in res.documents] == [d.id for d in engine.retrieve(q, k=2, rerank=6)]
+    two = engine.retrieve(q, k=4, rounds=2, rerank=6)  # round 1 reranked, round 2 routes on from it
+    assert [d.round for d in two] == [0, 0, 1, 1]
+    assert [d.id for d in two[:2]] == [d.id for d in engine.retrieve(q, k=2, rerank=6)]
+
+
+def test_rerank_bad_values_are_refused(engine):
+    from msa_plugins import InvalidArgumentError, InvalidTypeError
+
+    with pytest.raises(InvalidArgumentError, match="rerank must be >= 0"):
+        engine.retrieve("q?", rerank=-1)
+    with pytest.raises(InvalidTypeError, match="rerank must be an int"):
+        engine.query("q?", rerank=True)
+    with pytest.raises(InvalidArgumentError, match="mode 'sparse'"):
+        engine.query("q?", mode="sparse", rerank=5)
+
+
+def test_eval_rerank_systems_share_the_msa_memory_and_rerank():
+    from msa_plugins.integrations.ragas.ab import EnginePool, parse_systems
+
+    specs = parse_systems(["rag-minilm", "msa", "msa-rerank", "msa-hybrid-rerank"])
+    assert [s.base for s in specs] == ["rag-minilm", "msa", "msa-rerank", "msa-hybrid-rerank"]
+    built = []
+    pool = EnginePool(lambda router: built.append(router) or object())
+    assert pool.get("msa-rerank") is pool.get("msa") is pool.get("msa-hybrid-rerank") and built == [None]
