@@ -17,18 +17,29 @@ from typing import Optional
 
 import torch
 
+from ..errors import InputTooLongError
+
 # the UPR prompt, split where the passage and the question go (raw text: base and instruct models alike)
 PASSAGE_PREFIX = "Passage: "
 QUESTION_PROMPT = "\nPlease write a question based on this passage.\nQuestion:"
 MAX_PASSAGE_TOKENS = 320  # a longer passage is cut: its start is what the question is scored against
+MIN_PASSAGE_TOKENS = 16  # a question so long that less of a document fits is refused, not scored on a stub
 
 
-def _encode(tokenizer, question: str, passages: list, max_passage_tokens: int) -> tuple:
-    """-> (question ids [Tq], one prompt's ids per passage: prefix + passage (cut) + question prompt)."""
+def _encode(model, tokenizer, question: str, passages: list, max_passage_tokens: int) -> tuple:
+    """-> (question ids [Tq], one prompt's ids per passage: prefix + passage (cut) + question prompt). The passage
+    is cut further when a long question would otherwise push a row past the model's positions."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     q_ids = ids(" " + question.strip())
     prompt = ids(QUESTION_PROMPT)
+    limit = getattr(model, "max_positions", None)
+    if limit is not None:
+        room = limit - len(prompt) - len(q_ids) - len(ids(PASSAGE_PREFIX))
+        if room < MIN_PASSAGE_TOKENS:
+            raise InputTooLongError(f"the question has {len(q_ids)} tokens: with the rerank prompt that leaves {room} "
+                                    f"of the model's {limit} positions for a document; shorten it, or drop rerank")
+        max_passage_tokens = min(max_passage_tokens, room + len(ids(PASSAGE_PREFIX)))
     return q_ids, [ids(PASSAGE_PREFIX + p)[:max_passage_tokens] + prompt for p in passages]
 
 
@@ -44,7 +55,7 @@ def _question_logprob(model, prefix: list, q_ids: list) -> float:
 def question_likelihood_reference(model, tokenizer, question: str, passages: list,
                                   max_passage_tokens: int = MAX_PASSAGE_TOKENS) -> list:
     """Mean log P(question tokens | UPR prompt with the passage), one passage at a time."""
-    q_ids, prefixes = _encode(tokenizer, question, passages, max_passage_tokens)
+    q_ids, prefixes = _encode(model, tokenizer, question, passages, max_passage_tokens)
     return [_question_logprob(model, prefix, q_ids) for prefix in prefixes]
 
 
@@ -55,7 +66,7 @@ def question_likelihood(model, tokenizer, question: str, passages: list,
     (their positions start at 0 at each row's first real token), `batch_tokens` tokens per forward."""
     if not passages:
         return []
-    q_ids, prefixes = _encode(tokenizer, question, passages, max_passage_tokens)
+    q_ids, prefixes = _encode(model, tokenizer, question, passages, max_passage_tokens)
     Tq = len(q_ids)
     target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
     order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))  # similar lengths batch together

@@ -96,3 +96,19 @@ def test_eval_rerank_systems_share_the_msa_memory_and_rerank():
     built = []
     pool = EnginePool(lambda router: built.append(router) or object())
     assert pool.get("msa-rerank") is pool.get("msa") is pool.get("msa-hybrid-rerank") and built == [None]
+
+
+def test_a_question_too_long_to_rerank_is_refused_not_cut(tmp_path):
+    from tiny_models import make_tiny_model
+
+    from msa_plugins import InputTooLongError
+
+    e = MSAEngine.from_pretrained(make_tiny_model("llama", str(tmp_path / "m"), max_position_embeddings=96),
+                                  device="cpu")
+    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    long_q = "Where was Alice born " * 8 + "?"
+    assert e.retrieve(long_q, k=2)  # routing reads it
+    with pytest.raises(InputTooLongError, match="drop rerank"):
+        e.retrieve(long_q, k=2, rerank=4)
+    got = question_likelihood(e.model, e.model.tokenizer, "Where?", [FACTS[3] * 20])  # a long passage is cut
+    assert len(got) == 1 and math.isfinite(got[0])
