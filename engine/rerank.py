@@ -35,11 +35,12 @@ def _encode(model, tokenizer, question: str, passages: list, max_passage_tokens:
     prompt = ids(QUESTION_PROMPT)
     limit = getattr(model, "max_positions", None)
     if limit is not None:
-        room = limit - len(prompt) - len(q_ids) - len(ids(PASSAGE_PREFIX))
+        n_prefix = len(ids(PASSAGE_PREFIX))
+        room = limit - len(prompt) - len(q_ids) - n_prefix
         if room < MIN_PASSAGE_TOKENS:
             raise InputTooLongError(f"the question has {len(q_ids)} tokens: with the rerank prompt that leaves {room} "
                                     f"of the model's {limit} positions for a document; shorten it, or drop rerank")
-        max_passage_tokens = min(max_passage_tokens, room + len(ids(PASSAGE_PREFIX)))
+        max_passage_tokens = min(max_passage_tokens, room + n_prefix)
     return q_ids, [ids(PASSAGE_PREFIX + p)[:max_passage_tokens] + prompt for p in passages]
 
 
