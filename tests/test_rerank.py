@@ -112,3 +112,14 @@ def test_a_question_too_long_to_rerank_is_refused_not_cut(tmp_path):
         e.retrieve(long_q, k=2, rerank=4)
     got = question_likelihood(e.model, e.model.tokenizer, "Where?", [FACTS[3] * 20])  # a long passage is cut
     assert len(got) == 1 and math.isfinite(got[0])
+
+
+def test_eval_refuses_a_rerank_system_in_sparse_mode_before_any_work():
+    from msa_plugins import InvalidArgumentError
+    from msa_plugins.integrations.ragas.ab import run_eval
+
+    def no_engine(router):
+        raise AssertionError("nothing may be built")
+
+    with pytest.raises(InvalidArgumentError, match="mode 'sparse'"):
+        run_eval(dataset="hotpotqa", systems=["msa-rerank"], mode="sparse", engine_factory=no_engine)

@@ -729,8 +729,9 @@ def run_eval(
 
     load_avg_start = machine_load()
     specs = parse_systems(systems)
-    if not retrieval_only:  # the MSA answer options (sparse mode routes once: no rounds), before any encoding
-        AnswerOptions().merged(mode=mode, k=k, rounds=rounds, max_new_tokens=max_new_tokens)
+    if not retrieval_only:  # the MSA answer options (sparse mode routes once: no rounds, no rerank), before any encoding
+        for rerank in {_RERANK_OF.get(s.base, 0) for s in specs if not s.is_rag} or {0}:
+            AnswerOptions().merged(mode=mode, k=k, rounds=rounds, max_new_tokens=max_new_tokens, rerank=rerank)
     judge = make_judge(judge_base_url, judge_model, judge_api_key)
     if bank_cache is True:
         bank_cache = default_bank_cache_dir()
