@@ -10,6 +10,10 @@ Reported: R@1/5/10 (share of a question's gold passages in the top k), MRR, and 
 more / fewer gold passages for in its top 5 than the ranking it reranks. Seconds per question are measured on
 the machine as it is (with its load average), so read them as a rough cost, not a benchmark of speed.
 
+With `--rounds 2` every system routes k = 5 in all over 2 rounds (3 + 2, `retrieve(..., rounds=2)`: chain routing,
+and with rerank each round's candidates reranked), and recall is over both rounds (`--results` then defaults to
+rerank_routing_<corpus>_2rounds.json).
+
 Only the public API. The memory is the one `msa eval` caches for the same model, router and corpus (encoded and
 cached here when missing), or a saved memory folder (`--memory`) holding the evalset's documents under their ids.
 
@@ -39,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="routing rounds, k = 5 in all (2: 3 + 2)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS))
     ap.add_argument("--results", default=None, help="JSON (default benchmarks/results/rerank_routing_<corpus>.json)")
     args = ap.parse_args(argv)
     import torch
@@ -57,26 +63,36 @@ def main(argv=None):
     else:
         engine, es = load_memory(args.corpus, args.router, args.limit, args.seed, args.device)
     questions = [q for q in es.questions[:args.questions] if q.gold_doc_ids]
-    per_system = {name: [] for name in SYSTEMS}
-    seconds = {name: [] for name in SYSTEMS}
-    top5 = {name: [] for name in SYSTEMS}
+    unknown = [n for n in args.systems.split(",") if n not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown systems {unknown}; choose from {','.join(SYSTEMS)}")
+    systems = {name: SYSTEMS[name] for name in args.systems.split(",")}
+    # one round: the top 10 of one ranking; more rounds: the 5 documents of all rounds (recall over them)
+    k, ks = (10, (1, 5, 10)) if args.rounds == 1 else (5, (1, 5))
+    per_system = {name: [] for name in systems}
+    seconds = {name: [] for name in systems}
+    top5 = {name: [] for name in systems}
     t_start = time.perf_counter()
     for i, q in enumerate(questions):
-        for name, (routing, rerank) in SYSTEMS.items():
+        for name, (routing, rerank) in systems.items():
             t0 = time.perf_counter()
-            docs = engine.retrieve(q.question, k=10, routing=routing, rerank=args.depth if rerank is None else 0)
+            docs = engine.retrieve(q.question, k=k, routing=routing, rounds=args.rounds,
+                                   rerank=args.depth if rerank is None else 0)
             seconds[name].append(time.perf_counter() - t0)
             ids = [d.id for d in docs]
-            per_system[name].append(retrieval_scores(ids, q.gold_doc_ids, (1, 5, 10)))
+            per_system[name].append(retrieval_scores(ids, q.gold_doc_ids, ks))
             top5[name].append(len(set(ids[:5]) & set(q.gold_doc_ids)))
         if (i + 1) % 10 == 0:
             print(f"{i + 1} questions, {time.perf_counter() - t_start:.0f} s:",
                   {n: round(statistics.mean(r["recall@5"] for r in rows), 3) for n, rows in per_system.items()},
                   flush=True)
-    out = {"corpus": args.corpus, "router": engine.info()["router"], "depth": args.depth, "questions": len(questions),
+    out = {"corpus": args.corpus, "router": engine.info()["router"], "depth": args.depth, "rounds": args.rounds,
+           "k": 5 if args.rounds > 1 else 10, "questions": len(questions),
            "load_average": list(os.getloadavg()), "systems": {}}
     for name, rows in per_system.items():
         base = name.split("+")[0]
+        if base not in top5:
+            base = name
         better = sum(a > b for a, b in zip(top5[name], top5[base]))
         worse = sum(a < b for a, b in zip(top5[name], top5[base]))
         out["systems"][name] = {**{k: round(v, 4) for k, v in mean_scores(rows).items()},
@@ -84,7 +100,7 @@ def main(argv=None):
                                 "vs_" + base: f"{better} better / {worse} worse" if name != base else None}
         print(name, json.dumps(out["systems"][name]), flush=True)
     out["per_question_gold_in_top5"] = top5
-    path = args.results or os.path.join(os.path.dirname(__file__), "results", f"rerank_routing_{args.corpus}.json")
+    path = args.results or os.path.join(os.path.dirname(__file__), "results", f"rerank_routing_{args.corpus}{'' if args.rounds == 1 else f'_{args.rounds}rounds'}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)

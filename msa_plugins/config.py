@@ -73,8 +73,9 @@ class AnswerOptions:
     routing: str = "msa"  # ROUTINGS: the router alone, hybrid (router + BM25), or BM25 alone
     abstain: bool = False  # answer NOT_IN_MEMORY (QueryResult.abstained) when routing is below the memory's
     #                        calibrated threshold (MSAEngine.calibrate_abstention)
-    # interleave: 0, the routing's order; N > 0, the first round's top max(N, k) documents reordered by how
-    # likely the model finds the question given each one (UPR), fused with their routing scores (engine/rerank.py)
+    # interleave: 0, the routing's order; N > 0, each round's top max(N, its share of k) candidates reordered by
+    # how likely the model finds the question given each one (UPR), fused with their routing (later rounds: chain)
+    # scores (engine/rerank.py)
     rerank: int = 0
 
     def __post_init__(self):

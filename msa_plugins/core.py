@@ -440,10 +440,10 @@ class MSAEngine:
         documents come round by round (`RoutedDocument.round`). These are exactly the documents
         `query(mode="interleave", k=, rounds=, k_per_round=)` answers from when given the same values (retrieve's
         own defaults are one round and k in all, not `config.answer`'s; and `query` with abstain may answer
-        "not in memory" instead). `rerank` = N > 0: the first round's top max(N, k) documents are reordered by
-        the model's own likelihood of the question given each (UPR) fused with their routing scores, and their
-        `score` is that fused score (`query(rerank=N)` answers from the same documents). Returns [] when the
-        memory is empty or nothing passes."""
+        "not in memory" instead). `rerank` = N > 0: each round's top max(N, its share of k) candidates are
+        reordered by the model's own likelihood of the question given each (UPR) fused with their routing (in
+        later rounds: chain) scores, and their `score` is that fused score (`query(rerank=N)` answers from the
+        same documents). Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
         if whole_texts:
@@ -473,9 +473,11 @@ class MSAEngine:
         # routed (and reranked) as `stream` does it, so query answers from these documents
         first = self.route(question, k=max(self._first_round_depth(k, n_rounds), rerank), snapshot=snap,
                            routing=routing, _allow=allow)
+        scorer = _QuestionLikelihood(self, question, snap) if rerank else None
         if rerank:
-            first = self._rerank(question, first, snap, max(rerank, k))
-        rounds = self._route_rounds(question, n_rounds, share, snap, routing, allow, first=first)
+            first = self._rerank(first, scorer, max(rerank, k))
+        rounds = self._route_rounds(question, n_rounds, share, snap, routing, allow, first=first, rerank=rerank,
+                                    scorer=scorer)
         return [d for docs in rounds for d in docs]
 
     def check_rounds(self, rounds: int) -> None:
@@ -487,7 +489,7 @@ class MSAEngine:
                                        f"with MSAEngine.from_pretrained(..., max_rounds={rounds})")
 
     def _route_rounds(self, question: str, n_rounds: int, share, snap: Snapshot, routing: Optional[str],
-                      allow, first: Routing) -> list:
+                      allow, first: Routing, rerank: int = 0, scorer: Optional["_QuestionLikelihood"] = None) -> list:
         """Documents found in up to `n_rounds` routing rounds, one list per round (rounds that find nothing
         end it). `share(r, found)`: how many documents round r adds, `found` being how many earlier rounds
         found. Later rounds route among the documents not found yet, as `config.round_routing` says: "chain"
@@ -495,7 +497,11 @@ class MSAEngine:
         context, and keeps the best chains (`engine.routing.extend_chains`); "concat" routes it once with the
         text of every document found so far. A chain-found document's `score` is its routing score given its
         parent's chain; the round lists documents best chain first. `first`: the question's own routing,
-        `_first_round_depth` deep."""
+        `_first_round_depth` deep (already reranked when `rerank`). `rerank` = N > 0: each later round's top
+        max(N, its share) candidates (chains, or the concat ranking) are reordered as round 1's were, by the
+        question's likelihood given the candidate fused with its chain (or routing) score; `scorer` keeps the
+        likelihoods round 1 computed, so a candidate is scored once per question. The document's `score` is
+        then that fused score; a chain's own score (for the next round) stays its routing chain score."""
         chain = self.config.round_routing == "chain" and n_rounds > 1
         n = share(0, 0)
         rows, scores = first.rows[:n], first.scores[:n]
@@ -516,12 +522,22 @@ class MSAEngine:
                     got = self.route(question, k=max(n, FUSION_DEPTH), context="\n\n".join(path), snapshot=snap,
                                      routing=routing, _allow=allow_r)
                     parents.append((chain_score, got.rows, got.scores))
-                links = extend_chains(parents, n)
-                new = _routed_documents(snap, [x.row for x in links], [x.score for x in links], r)
+                links = extend_chains(parents, max(n, rerank))
+                scores = [x.score for x in links]
+                if rerank and len(links) > 1:
+                    fused = fuse_with_routing([x.chain for x in links], scorer([x.row for x in links]))
+                    order = sorted(range(len(links)), key=lambda i: (-fused[i], i))[:n]
+                    links, scores = [links[i] for i in order], [fused[i] for i in order]
+                links, scores = links[:n], scores[:n]
+                new = _routed_documents(snap, [x.row for x in links], scores, r)
                 ends = [(x.chain, ends[x.parent][1] + (texts[x.row],)) for x in links]
             else:
                 context = "\n\n".join(d.text for docs in rounds for d in docs)
-                got = self.route(question, k=n, context=context, snapshot=snap, routing=routing, _allow=allow_r)
+                got = self.route(question, k=max(n, rerank), context=context, snapshot=snap, routing=routing,
+                                 _allow=allow_r)
+                if rerank:
+                    got = self._rerank(got, scorer, max(n, rerank))
+                got = got.top(n)
                 new = _routed_documents(snap, got.rows, got.scores, r)
             if not new:
                 break
@@ -529,17 +545,15 @@ class MSAEngine:
             found += len(new)
         return rounds
 
-    def _rerank(self, question: str, routing: Routing, snap: Snapshot, depth: int) -> Routing:
+    @staticmethod
+    def _rerank(routing: Routing, scorer: "_QuestionLikelihood", depth: int) -> Routing:
         """`routing`'s top `depth` documents (deeper ones are dropped) reordered by the model's likelihood of the
-        question given each document, fused with their routing scores (`engine/rerank.py`); ties keep the
-        routing's order. `scores` become the fused scores; `router_scores` and `per_layer` stay the router's."""
+        question given each document (`scorer`), fused with their routing scores (`engine/rerank.py`); ties keep
+        the routing's order. `scores` become the fused scores; `router_scores` and `per_layer` stay the router's."""
         top = routing.top(depth)
         if len(top.rows) < 2:
             return top
-        texts = snap._state.texts
-        likelihood = question_likelihood(self.model, self.model.tokenizer, question, [texts[r] for r in top.rows],
-                                         batch_tokens=self.config.batch_tokens)
-        fused = fuse_with_routing(top.scores, likelihood)
+        fused = fuse_with_routing(top.scores, scorer(top.rows))
         order = sorted(range(len(fused)), key=lambda i: (-fused[i], i))
         return Routing([top.ids[i] for i in order], [fused[i] for i in order], [top.rows[i] for i in order],
                        top.per_layer, top.per_layer_rows, [top.router_scores[i] for i in order])
@@ -604,13 +618,15 @@ class MSAEngine:
         routing = deep.top(opts.k)
         if opts.abstain and not self._in_memory(snap, routing):  # on the router's own scores, as calibrated
             return self._abstained(opts, t0, routing)
+        scorer = _QuestionLikelihood(self, question, snap) if opts.rerank else None
         if opts.rerank:
-            deep = self._rerank(question, deep, snap, max(opts.rerank, opts.k))
+            deep = self._rerank(deep, scorer, max(opts.rerank, opts.k))
             routing = deep.top(opts.k)
         rounds = [_routed_documents(snap, routing.rows, routing.scores, 0)]
         if opts.mode == "interleave":
             if n_rounds > 1:  # each later round adds k documents not found yet, or its share of k in all
-                rounds = self._route_rounds(question, n_rounds, share, snap, opts.routing, allow, first=deep)
+                rounds = self._route_rounds(question, n_rounds, share, snap, opts.routing, allow, first=deep,
+                                            rerank=opts.rerank, scorer=scorer)
             return self._answer_texts(question, [d for docs in rounds for d in docs], rounds, opts, history, t0,
                                       per_layer=routing.per_layer, routing_s=time.perf_counter() - t0)
         # sparse / protocol: the routing layers attend to the selected documents' pooled K̄/V̄
@@ -901,6 +917,24 @@ def _best_threshold(answerable: list, removed: list) -> tuple:
     key, t, tp, fp = best
     return float(t), {"dev_balanced_accuracy": key / (2 * na * nr), "dev_precision": tp / (tp + fp) if tp + fp else 0.0,
                       "dev_recall": tp / nr}
+
+
+class _QuestionLikelihood:
+    """One question's UPR likelihood given bank rows (`engine.rerank.question_likelihood`), each row scored once:
+    the rounds of one question rerank overlapping candidates."""
+
+    def __init__(self, engine: "MSAEngine", question: str, snap: Snapshot):
+        self.engine, self.question, self.texts = engine, question, snap._state.texts
+        self.known: dict = {}
+
+    def __call__(self, rows: list) -> list:
+        todo = list(dict.fromkeys(int(r) for r in rows if int(r) not in self.known))
+        if todo:
+            model = self.engine.model
+            got = question_likelihood(model, model.tokenizer, self.question, [self.texts[r] for r in todo],
+                                      batch_tokens=self.engine.config.batch_tokens)
+            self.known.update(zip(todo, got))
+        return [self.known[int(r)] for r in rows]
 
 
 def _round_shares(k: int, rounds: int, k_per_round: bool) -> tuple:

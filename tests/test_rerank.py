@@ -72,9 +72,72 @@ def test_query_answers_from_the_reranked_documents(engine):
     q = "Where was Alice born?"
     res = engine.query(q, k=2, rerank=6, max_new_tokens=2)
     assert [d.id for d in res.documents] == [d.id for d in engine.retrieve(q, k=2, rerank=6)]
-    two = engine.retrieve(q, k=4, rounds=2, rerank=6)  # round 1 reranked, round 2 routes on from it
+    two = engine.retrieve(q, k=4, rounds=2, rerank=6)  # round 1 reranked, round 2 routes on from it (reranked too)
     assert [d.round for d in two] == [0, 0, 1, 1]
     assert [d.id for d in two[:2]] == [d.id for d in engine.retrieve(q, k=2, rerank=6)]
+
+
+def _reranked(q, candidates, scores):
+    """`candidates` (id, text) with their routing (or chain) scores, reordered by the fused score, written out
+    from the reference likelihood: [(id, fused score)], best first, ties in the given order."""
+    like = question_likelihood_reference(_reranked.engine.model, _reranked.engine.model.tokenizer, q,
+                                         [t for _, t in candidates])
+    fused = fuse_with_routing(scores, like)
+    order = sorted(range(len(candidates)), key=lambda i: (-fused[i], i))
+    return [(candidates[i][0], fused[i]) for i in order]
+
+
+@pytest.mark.parametrize("round_routing", ["chain", "concat"])
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+def test_later_rounds_are_reranked_as_defined(tiny_model_dir, routing, round_routing):
+    """rerank=N in 2 rounds (k=4: 2 + 2): round 1 is single-shot rerank; round 2's top max(N, 2) candidates (chains
+    through round 1's documents, or the concat ranking) are reordered by z(chain or routing score) + z(question
+    likelihood given the candidate). Written out here from public pieces and the reference likelihood."""
+    from msa_plugins.engine.routing import FUSION_DEPTH, zscores
+
+    engine = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", round_routing=round_routing)
+    engine.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    _reranked.engine = engine
+    q, N = "Where was Alice born?", 4
+    deep = engine.retrieve(q, k=N, routing=routing, rerank=N)  # round 1 routed as deep as it is reranked
+    first = deep[:2]
+    rest = [d.id for d in engine.snapshot().documents() if d.id not in {x.id for x in first}]
+    texts = {d.id: d.text for d in engine.snapshot().documents()}
+    if round_routing == "chain":
+        parent_z = zscores([d.score for d in deep])[:2]
+        best: dict = {}
+        for z_parent, parent in zip(parent_z, first):
+            got = engine.route(q, k=FUSION_DEPTH, context=parent.text, where=rest, routing=routing)
+            for cid, z in zip(got.ids, zscores(got.scores)):
+                if cid not in best or z_parent + z > best[cid]:
+                    best[cid] = z_parent + z
+        chains = sorted(best.items(), key=lambda t: -t[1])[:N]
+        want = _reranked(q, [(c, texts[c]) for c, _ in chains], [s for _, s in chains])[:2]
+    else:
+        got = engine.route(q, k=N, context="\n\n".join(d.text for d in first), where=rest, routing=routing)
+        want = _reranked(q, [(c, texts[c]) for c in got.ids], got.scores)[:2]
+    two = engine.retrieve(q, k=4, rounds=2, routing=routing, rerank=N)
+    assert [d.round for d in two] == [0, 0, 1, 1]
+    assert [d.id for d in two[:2]] == [d.id for d in first]
+    assert [(d.id, round(d.score, 4)) for d in two[2:]] == [(i, round(f, 4)) for i, f in want]
+    res = engine.query(q, k=4, rounds=2, k_per_round=False, routing=routing, rerank=N, max_new_tokens=1)
+    assert [d.id for d in res.documents] == [d.id for d in two]
+
+
+def test_each_candidate_is_scored_once_per_question(engine, monkeypatch):
+    """Round 2's candidates overlap round 1's reranked ones: their likelihoods are computed once."""
+    import msa_plugins.core as core
+
+    scored = []
+    real = core.question_likelihood
+
+    def counting(model, tokenizer, question, passages, **kw):
+        scored.extend(passages)
+        return real(model, tokenizer, question, passages, **kw)
+
+    monkeypatch.setattr(core, "question_likelihood", counting)
+    engine.retrieve("Where was Alice born?", k=4, rounds=2, rerank=6)
+    assert scored and len(scored) == len(set(scored)) <= len(FACTS)
 
 
 def test_rerank_bad_values_are_refused(engine):

@@ -64,7 +64,7 @@ PROMPT_SUFFIXES = {"-msaprompt": "msa", "-llamaprompt": "llamaindex", "-llamause
 _ROUTER_OF = {"msa": None, "msa-training-free": "none"}
 # `msa-hybrid`: the `msa` engine (same memory, encoded once) routing with routing="hybrid" (router + BM25
 # fused), reported as its own system beside pure MSA routing.
-# `-rerank`: the same engine, its first round's top RERANK_DEPTH reordered by the model's own likelihood of the
+# `-rerank`: the same engine, each round's top RERANK_DEPTH reordered by the model's own likelihood of the
 # question given each document (`retrieve(rerank=)`): still no second model, reported as its own system.
 _ENGINE_OF = {"msa-hybrid": "msa", "msa-rerank": "msa", "msa-hybrid-rerank": "msa"}
 _ROUTING_OF = {"msa-hybrid": "hybrid", "msa-hybrid-rerank": "hybrid"}
