@@ -70,8 +70,8 @@ class MSARetriever(BaseRetriever):
         retriever.invoke("question", k=2, filter={"year": {"$gte": 2001}})   # per-call k / filter
     Multi-hop: `rounds=2` returns k documents in all, split over 2 routing rounds (the second routes the
     question with the text the first found), each with `metadata["routing_round"]`; `k_per_round=True`: k per
-    round. `rerank=20`: the router's top 20 (at least k) reordered by how likely the engine's own model finds
-    the query given each; `routing_score` is then the fused score.
+    round. `rerank=20`: the router's top 20 (at least k; with rounds, each round's) reordered by how likely the
+    engine's own model finds the query given each; `routing_score` is then the fused score.
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine whose memory is searched")

@@ -32,9 +32,9 @@ class MSARetriever(BaseRetriever):
     LlamaIndex's 2. `rounds` > 1 routes multi-hop (`MSAEngine.retrieve(..., rounds=)`): `similarity_top_k`
     nodes in all, split over the rounds (each later round routes the question with the text found so far),
     or with `k_per_round=True` that many per round; a node's `metadata` is the document's own, and its round
-    is not added to it. `rerank=N`: the router's top N (at least `similarity_top_k`) reordered by how likely
-    the engine's own model finds the query given each (`MSAEngine.retrieve(..., rerank=)`); scores are then
-    the fused scores.
+    is not added to it. `rerank=N`: the router's top N (at least `similarity_top_k`; with rounds, each round's)
+    reordered by how likely the engine's own model finds the query given each (`MSAEngine.retrieve(..., rerank=)`);
+    scores are then the fused scores.
     """
 
     def __init__(self, engine: MSAEngine, similarity_top_k: int = DEFAULT_SIMILARITY_TOP_K,
