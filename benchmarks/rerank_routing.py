@@ -100,7 +100,8 @@ def main(argv=None):
                                 "vs_" + base: f"{better} better / {worse} worse" if name != base else None}
         print(name, json.dumps(out["systems"][name]), flush=True)
     out["per_question_gold_in_top5"] = top5
-    path = args.results or os.path.join(os.path.dirname(__file__), "results", f"rerank_routing_{args.corpus}{'' if args.rounds == 1 else f'_{args.rounds}rounds'}.json")
+    suffix = "" if args.rounds == 1 else f"_{args.rounds}rounds"
+    path = args.results or os.path.join(os.path.dirname(__file__), "results", f"rerank_routing_{args.corpus}{suffix}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)
