@@ -524,11 +524,9 @@ class MSAEngine:
                     parents.append((chain_score, got.rows, got.scores))
                 links = extend_chains(parents, max(n, rerank))
                 scores = [x.score for x in links]
-                if rerank and len(links) > 1:
-                    fused = fuse_with_routing([x.chain for x in links], scorer([x.row for x in links]))
-                    order = sorted(range(len(links)), key=lambda i: (-fused[i], i))[:n]
-                    links, scores = [links[i] for i in order], [fused[i] for i in order]
-                links, scores = links[:n], scores[:n]
+                if rerank and len(links) > 1:  # else links are at most n already
+                    order, fused = _fused_order([x.chain for x in links], [x.row for x in links], scorer)
+                    links, scores = [links[i] for i in order[:n]], [fused[i] for i in order[:n]]
                 new = _routed_documents(snap, [x.row for x in links], scores, r)
                 ends = [(x.chain, ends[x.parent][1] + (texts[x.row],)) for x in links]
             else:
@@ -553,8 +551,7 @@ class MSAEngine:
         top = routing.top(depth)
         if len(top.rows) < 2:
             return top
-        fused = fuse_with_routing(top.scores, scorer(top.rows))
-        order = sorted(range(len(fused)), key=lambda i: (-fused[i], i))
+        order, fused = _fused_order(top.scores, top.rows, scorer)
         return Routing([top.ids[i] for i in order], [fused[i] for i in order], [top.rows[i] for i in order],
                        top.per_layer, top.per_layer_rows, [top.router_scores[i] for i in order])
 
@@ -917,6 +914,13 @@ def _best_threshold(answerable: list, removed: list) -> tuple:
     key, t, tp, fp = best
     return float(t), {"dev_balanced_accuracy": key / (2 * na * nr), "dev_precision": tp / (tp + fp) if tp + fp else 0.0,
                       "dev_recall": tp / nr}
+
+
+def _fused_order(route_scores: list, rows: list, scorer: "_QuestionLikelihood") -> tuple:
+    """(candidate indices best first, fused scores): z(routing or chain score) + z(question likelihood), ties in
+    the given order."""
+    fused = fuse_with_routing(route_scores, scorer(rows))
+    return sorted(range(len(fused)), key=lambda i: (-fused[i], i)), fused
 
 
 class _QuestionLikelihood:
