@@ -16,9 +16,13 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 from .errors import DocumentNotFoundError, InvalidTypeError
 
+# the metadata keys the parts of a text longer than the model's window carry (`<id>#<part>`): the whole text's id
+# and the part's number. Written by the engine's ingest, stripped again by adapters that hand back whole texts.
+PART_KEYS = ("parent_id", "part")
+
 
 def _whole_id(doc_id: str, metadata: dict) -> str:
-    parent, part = metadata.get("parent_id"), metadata.get("part")
+    parent, part = (metadata.get(k) for k in PART_KEYS)
     return parent if parent is not None and doc_id == f"{parent}#{part}" else doc_id
 
 

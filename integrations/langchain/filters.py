@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from langchain_core.documents import Document
 
 from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, Snapshot
+from msa_plugins.types import PART_KEYS  # what the engine adds to the metadata of a long text's parts
 
 Predicate = Callable[[MemoryDocument], bool]
 
@@ -93,8 +94,6 @@ def filter_to_predicate(flt: Any) -> Optional[Predicate]:
         return lambda doc: bool(flt(Document(page_content=doc.text, metadata=caller_metadata(doc), id=doc.whole_id)))
     return lambda doc: matches(caller_metadata(doc), flt)
 
-
-PART_KEYS = ("parent_id", "part")  # what the engine adds to the metadata of a long text's parts
 
 
 def caller_metadata(doc) -> dict:
