@@ -17,7 +17,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="hotpotqa", choices=sorted(LOADERS))
     ap.add_argument("--out", required=True, help="memory folder to write")
-    ap.add_argument("--limit", type=int, default=100, help="the evalset's questions, as msa eval (the loader decides the passages)")
+    ap.add_argument("--limit", type=int, default=100,
+                    help="the evalset's questions, as msa eval (the loader decides the passages)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
