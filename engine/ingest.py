@@ -21,6 +21,7 @@ from typing import Callable, Container, Optional
 from ..errors import DuplicateIdError, InputTooLongError, InvalidArgumentError
 from ..types import PART_KEYS
 from ..validation import check_ids, check_metadata, check_texts
+
 CONTEXT_TOKENS = 4  # left context a part's piece is decoded after (see Ingestor._piece_end)
 MAX_CUT_BACKOFF = 8  # tokens a part's cut may move back to land between characters (a character is <= 4 bytes)
 
