@@ -95,7 +95,6 @@ def filter_to_predicate(flt: Any) -> Optional[Predicate]:
     return lambda doc: matches(caller_metadata(doc), flt)
 
 
-
 def caller_metadata(doc) -> dict:
     """A memory document's metadata as the caller gave it: a part of a long text without the part keys."""
     if doc.whole_id == doc.id:
