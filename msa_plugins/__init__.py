@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import ALL_COLLECTIONS, DEFAULT_COLLECTION, AnswerOptions, MSAConfig
 from .core import MSAEngine
 from .engine.routing import Routing
-from .errors import (DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
+from .errors import (CallTimeoutError, DatasetNotFoundError, DocumentNotFoundError, DuplicateIdError, EmptyMemoryError,
                      InputTooLongError, InvalidArgumentError, InvalidTypeError, MemoryFormatError, MemoryLockedError,
                      ModelMismatchError, MSAError, PathNotFoundError, RouterMismatchError,
                      ToolCallError, UnsupportedModelError)
@@ -26,6 +26,7 @@ __all__ = [
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
-    "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "ToolCallError", "DatasetNotFoundError",
+    "DuplicateIdError", "MemoryLockedError", "CallTimeoutError", "PathNotFoundError", "ToolCallError",
+    "DatasetNotFoundError",
     "__version__",
 ]

@@ -61,6 +61,10 @@ class MemoryLockedError(MSAError, TimeoutError):
     """Another writer (thread or process) holds a memory folder's lock for longer than we may wait."""
 
 
+class CallTimeoutError(MSAError, TimeoutError):
+    """A call ran past the time limit its caller set (`ChatMSA(timeout=...)`); what it generated is discarded."""
+
+
 class PathNotFoundError(MSAError, FileNotFoundError):
     """A file or folder the caller named (model, router, memory, corpus) does not exist."""
 
@@ -76,5 +80,6 @@ class DatasetNotFoundError(PathNotFoundError):
 __all__ = [
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError",
-    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "ToolCallError", "DatasetNotFoundError",
+    "DocumentNotFoundError", "DuplicateIdError", "MemoryLockedError", "CallTimeoutError", "PathNotFoundError",
+    "ToolCallError", "DatasetNotFoundError",
 ]

@@ -155,7 +155,7 @@ def test_chat_memory_check_copies_no_document(engine, monkeypatch):
 
 def test_chat_constructor_refuses_knobs_it_does_not_read(engine):
     """pydantic dropped unknown fields in silence: ChatMSA(top_p=0.1) sampled as if never told. LangChain's
-    standard parameters still build (a local model has no request to time out or retry), streaming=True
+    standard parameters still build (a local model has no request to retry; timeout is its own test), streaming=True
     streams, max_completion_tokens is max_tokens, and stop=[] per call clears the model's stop."""
     from langchain_core.callbacks import BaseCallbackHandler
 
@@ -179,6 +179,57 @@ def test_chat_constructor_refuses_knobs_it_does_not_read(engine):
     if len(full) > 3:  # a stop string from the model's own output: the model's stop cuts, a call's stop=[] clears
         cutting = ChatMSA(engine=engine, max_tokens=6, use_memory=False, stop=[full[1:3]])
         assert cutting.invoke("hi?").content != full and cutting.invoke("hi?", stop=[]).content == full
+
+
+def test_chat_timeout_stops_a_call_that_runs_past_it(engine):
+    """ChatOpenAI(timeout=...) fails a call that takes too long; ChatMSA(timeout=...) was accepted and ignored. Now
+    it bounds routing + generation: checked between tokens, it stops the engine and raises CallTimeoutError (a
+    TimeoutError), in invoke, stream, astream and tool calls alike. Without a timeout nothing changes."""
+    import time
+
+    from msa_plugins import CallTimeoutError
+
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            ChatMSA(engine=engine, timeout=bad)
+    full = [c.content for c in ChatMSA(engine=engine, max_tokens=8, stop=[]).stream("Where was Alice born?")]
+    assert len([p for p in full if p]) >= 2  # the tiny model's greedy answer has several pieces to stop between
+    assert ChatMSA(engine=engine, max_tokens=8, stop=[], timeout=600).invoke("Where was Alice born?").content == \
+        "".join(full)
+
+    # a consumer slower than the timeout: the first piece arrives, the next check stops the call
+    chat = ChatMSA(engine=engine, max_tokens=8, stop=[], timeout=1.0)
+    seen = []
+    with pytest.raises(CallTimeoutError, match=r"timeout=1.0 s while (generating|routing)") as err:
+        for chunk in chat.stream("Where was Alice born?"):
+            seen.append(chunk.content)
+            time.sleep(1.05)
+    assert isinstance(err.value, TimeoutError)
+    assert "routing" in str(err.value) or len(seen) == 1  # stopped after one piece, not after all of them
+
+    async def slow_consumer():
+        got = []
+        async for chunk in chat.astream("Where was Alice born?"):
+            got.append(chunk.content)
+            await asyncio.sleep(1.05)
+        return got
+
+    with pytest.raises(CallTimeoutError):
+        asyncio.run(slow_consumer())
+
+    # a deadline already past when routing ends: invoke and a tool call fail before generating anything
+    hasty = ChatMSA(engine=engine, max_tokens=8, timeout=1e-9)
+    with pytest.raises(CallTimeoutError, match="while routing"):
+        hasty.invoke("Where was Alice born?")
+
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return city
+
+    with pytest.raises(CallTimeoutError, match="while routing"):
+        hasty.bind_tools([lookup], tool_choice="lookup").invoke("Where was Alice born?")
+    # the engine is left usable: the same call without a timeout answers as before
+    assert ChatMSA(engine=engine, max_tokens=8, stop=[]).invoke("Where was Alice born?").content == "".join(full)
 
 
 def test_tools_without_a_template_tool_block_use_the_json_protocol(engine):

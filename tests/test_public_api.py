@@ -8,8 +8,8 @@ EXPECTED_ALL = [
     "Snapshot", "MemoryDocument", "RoutedDocument", "Routing", "Stream", "QueryResult", "GenerationResult",
     "MSAError", "InvalidArgumentError", "InvalidTypeError", "InputTooLongError", "UnsupportedModelError",
     "MemoryFormatError", "ModelMismatchError", "RouterMismatchError", "EmptyMemoryError", "DocumentNotFoundError",
-    "DuplicateIdError", "MemoryLockedError", "PathNotFoundError", "ToolCallError", "DatasetNotFoundError",
-    "__version__",
+    "DuplicateIdError", "MemoryLockedError", "CallTimeoutError", "PathNotFoundError", "ToolCallError",
+    "DatasetNotFoundError", "__version__",
 ]
 
 
@@ -24,6 +24,7 @@ def test_every_error_is_an_msa_error_and_keeps_its_builtin_base():
                "UnsupportedModelError": ValueError, "MemoryFormatError": ValueError, "ModelMismatchError": ValueError,
                "RouterMismatchError": ValueError, "EmptyMemoryError": LookupError, "DocumentNotFoundError": KeyError,
                "DuplicateIdError": ValueError, "MemoryLockedError": TimeoutError,
+               "CallTimeoutError": TimeoutError,
                "PathNotFoundError": FileNotFoundError, "ToolCallError": ValueError, "DatasetNotFoundError": FileNotFoundError}
     assert sorted(builtin) == sorted(n for n in errors.__all__ if n != "MSAError")
     for name, base in builtin.items():

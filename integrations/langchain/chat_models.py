@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any, AsyncIterator, Iterator, List, Literal, Optional, Sequence, Union
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -15,7 +16,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from msa_plugins import AnswerOptions, InvalidArgumentError, InvalidTypeError, QueryResult
+from msa_plugins import AnswerOptions, CallTimeoutError, InvalidArgumentError, InvalidTypeError, QueryResult
 from msa_plugins.validation import check_int, check_text
 
 from .._aio import aiter_in_thread
@@ -154,9 +155,10 @@ class ChatMSA(BaseChatModel):
                                     "True: always route; False: the model alone")
     format_retries: int = Field(default=2, description="retries when a tool call / JSON reply does not validate")
     streaming: bool = Field(default=False, description="invoke streams (callbacks get each token), as in ChatOpenAI")
-    # LangChain's standard chat-model parameters (its test suite passes them): a local model makes no API request,
-    # so there is no connection to time out, retry or authenticate; accepted so that shared config still builds
-    timeout: Optional[float] = Field(default=None, description="no API request to time out (accepted, unused)")
+    timeout: Optional[float] = Field(default=None, description="seconds one call may take, routing and generation "
+                                                               "(None: no limit); past it, CallTimeoutError")
+    # LangChain's other standard chat-model parameters (its test suite passes them): a local model makes no API
+    # request, so there is no connection to retry or authenticate; accepted so that shared config still builds
     max_retries: Optional[int] = Field(default=None, description="no API request to retry (accepted, unused)")
     api_key: Optional[Any] = Field(default=None, exclude=True, description="no API (accepted, unused)")
     base_url: Optional[str] = Field(default=None, description="no API (accepted, unused)")
@@ -178,6 +180,13 @@ class ChatMSA(BaseChatModel):
     @classmethod
     def _check_collection(cls, v):
         return check_collection(v, allow_all=True)
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, v):
+        if v is not None and not v > 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds or None (no limit), got {v!r}")
+        return v
 
     @field_validator("format_retries")
     @classmethod
@@ -229,6 +238,27 @@ class ChatMSA(BaseChatModel):
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     # ------------------------------------------------------------------ one call
+    def _deadline(self) -> Optional[float]:
+        """When this call must be done (time.monotonic()), or None without a timeout."""
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def _check_deadline(self, deadline: Optional[float], doing: str) -> None:
+        # checked between tokens: a local forward pass cannot be cut short, so a call overruns by at most one
+        if deadline is not None and time.monotonic() > deadline:
+            raise CallTimeoutError(f"ChatMSA: the call ran past timeout={self.timeout} s while {doing}; raise "
+                                   "timeout (or set None), or ask for less work: a lower max_tokens or k")
+
+    def _pieces(self, stream, deadline: Optional[float], before: str = "routing") -> Iterator[str]:
+        """The stream's text pieces, stopping it with CallTimeoutError once the deadline passes (`before`: what
+        the call did before its first piece, for the message)."""
+        try:
+            self._check_deadline(deadline, before)
+            for piece in stream:
+                yield piece
+                self._check_deadline(deadline, "generating")
+        finally:  # also on a timeout or when the consumer stops early: the engine stops generating
+            stream.close()
+
     def _options(self, stop: Optional[List[str]], kwargs: dict) -> AnswerOptions:
         """This call's options: per-call kwargs over this model's fields over the engine's defaults (None keeps
         the next one), in LangChain's names. The one place they are mapped, and validated."""
@@ -290,19 +320,17 @@ class ChatMSA(BaseChatModel):
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         return meta, usage
 
-    def _chunks(self, started) -> Iterator[ChatGenerationChunk]:
+    def _chunks(self, started, deadline: Optional[float]) -> Iterator[ChatGenerationChunk]:
         """One chunk per piece, then an empty last chunk with the metadata and usage."""
         stream, note = started
-        try:
-            for piece in stream:
-                yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-        finally:  # also when the consumer stops early: the engine stops generating
-            stream.close()
+        for piece in self._pieces(stream, deadline):
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
         meta, usage = self._metadata(stream.result, stream.documents, note)
         yield ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=meta, usage_metadata=usage,
                                                          chunk_position="last"))
 
-    def _call_tools(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict) -> AIMessage:
+    def _call_tools(self, messages: List[BaseMessage], stop: Optional[List[str]], kwargs: dict,
+                    deadline: Optional[float]) -> AIMessage:
         """A turn with tools bound: memory documents in the system prompt, the tools through the model's chat
         template when it renders them (`engine.supports_tools`), else the JSON protocol in the system prompt;
         the reply parsed and validated, retried with the error shown to the model."""
@@ -330,10 +358,12 @@ class ChatMSA(BaseChatModel):
                       else "only the JSON object")
         prompt_tokens = completion_tokens = 0
         for attempt in range(1 + self.format_retries):
-            result = self.engine.generate(turns, options, tools=tools if native else None)
+            stream = self.engine.stream_generate(turns, options, tools=tools if native else None)
+            text = "".join(self._pieces(stream, deadline, before="routing" if attempt == 0 else
+                                        f"retrying an invalid reply (attempt {attempt + 1})"))
+            result = stream.result
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-            text = result.text
             call = None if choice == "none" else parse_tool_call(text, tools, choice)
             if call is None or (choice is None and isinstance(call, str) and not looks_like_call(text)):
                 calls, invalid = [], []  # a plain answer
@@ -370,21 +400,23 @@ class ChatMSA(BaseChatModel):
 
     def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
+        deadline = self._deadline()
         if kwargs.get("tools"):
-            msg = self._call_tools(messages, stop, kwargs)
+            msg = self._call_tools(messages, stop, kwargs, deadline)
         else:
             stream, note = self._run(messages, stop, kwargs)
-            text = "".join(stream)
+            text = "".join(self._pieces(stream, deadline))
             meta, usage = self._metadata(stream.result, stream.documents, note)
             msg = AIMessage(content=text, response_metadata=meta, usage_metadata=usage)
         return ChatResult(generations=[ChatGeneration(message=msg)], llm_output={"model_name": self._name()})
 
     def _stream(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        deadline = self._deadline()
         if kwargs.get("tools"):  # a tool call is known only once the whole reply is validated: one chunk
-            yield self._as_chunk(self._call_tools(messages, stop, kwargs))
+            yield self._as_chunk(self._call_tools(messages, stop, kwargs, deadline))
             return
-        for chunk in self._chunks(self._run(messages, stop, kwargs)):
+        for chunk in self._chunks(self._run(messages, stop, kwargs), deadline):
             if run_manager and chunk.message.chunk_position != "last":
                 run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
             yield chunk
@@ -392,11 +424,12 @@ class ChatMSA(BaseChatModel):
     async def _astream(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        deadline = self._deadline()
         if kwargs.get("tools"):
-            yield self._as_chunk(await asyncio.to_thread(self._call_tools, messages, stop, kwargs))
+            yield self._as_chunk(await asyncio.to_thread(self._call_tools, messages, stop, kwargs, deadline))
             return
         # routing, prefill and every decode step run in a worker thread; callbacks run on the event loop
-        async for chunk in aiter_in_thread(lambda: self._chunks(self._run(messages, stop, kwargs))):
+        async for chunk in aiter_in_thread(lambda: self._chunks(self._run(messages, stop, kwargs), deadline)):
             if run_manager and chunk.message.chunk_position != "last":
                 await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
             yield chunk
