@@ -232,6 +232,33 @@ def test_chat_timeout_stops_a_call_that_runs_past_it(engine):
     assert ChatMSA(engine=engine, max_tokens=8, stop=[]).invoke("Where was Alice born?").content == "".join(full)
 
 
+def test_retriever_constructor_refuses_knobs_it_does_not_read(engine):
+    """pydantic dropped them: MSARetriever(collection_name="tenant-b") searched the default collection (another
+    tenant's documents), search_kwargs={"k": 1} returned k=4. Each is refused, naming MSARetriever's way; the
+    BaseRetriever fields (tags, metadata) still build."""
+    for knob, hint in (({"collection_name": "tenant-b"}, "collection="), ({"search_kwargs": {"k": 1}}, "pass k="),
+                       ({"search_type": "mmr"}, "as_retriever"), ({"top_k": 1}, "`k=`"),
+                       ({"bogus": 1}, "unknown argument")):
+        with pytest.raises(ValueError, match=hint):
+            MSARetriever(engine=engine, **knob)
+    r = MSARetriever(engine=engine, k=1, tags=["t"], metadata={"app": "x"}, collection="default")
+    assert len(r.invoke("Where was Alice born?")) == 1 and r.tags == ["t"]
+
+
+def test_chat_without_memory_refuses_routing_knobs(engine):
+    """ChatMSA(use_memory=False) answers with the model alone: k, filter, mode (and a collection) were accepted and
+    did nothing, a bogus filter included. Now they are refused, in the constructor and per call."""
+    for knob in ({"k": 2}, {"filter": {"topic": "geo"}}, {"mode": "sparse"}, {"collection": "other"}):
+        with pytest.raises(ValueError, match="routes nothing"):
+            ChatMSA(engine=engine, use_memory=False, **knob)
+    plain = ChatMSA(engine=engine, max_tokens=3, use_memory=False)
+    for call in ({"k": 2}, {"filter": {"$bogus": 1}}, {"mode": "sparse"}):
+        with pytest.raises(InvalidArgumentError, match="routes nothing"):
+            plain.invoke("hi?", **call)
+    assert plain.invoke("hi?").response_metadata["memory"] == "off"
+    assert ChatMSA(engine=engine, max_tokens=3, k=1).invoke("hi?").response_metadata["memory"] == "routed"
+
+
 def test_tools_without_a_template_tool_block_use_the_json_protocol(engine):
     from langchain_core.tools import tool
 

@@ -331,6 +331,23 @@ def test_memory_block_inside_memory(engine):
     assert other_text == ""  # another scope sees nothing
 
 
+def test_memory_block_refuses_vector_memory_block_knobs(engine):
+    """A port from VectorMemoryBlock passes similarity_top_k, query_kwargs, ...: pydantic dropped them
+    (similarity_top_k=5 recalled 3). Each is refused, naming MSAMemoryBlock's way; LlamaIndex's own block fields
+    still build."""
+    from msa_plugins import InvalidArgumentError
+
+    for knob, hint in (({"similarity_top_k": 5}, "`k=`"), ({"query_kwargs": {"filters": None}}, "scope="),
+                       ({"retrieval_context_window": 5}, "latest user message"),
+                       ({"collection": "m"}, "collection_name"),
+                       ({"embed_model": None}, "no vector store"), ({"bogus": 1}, "unknown argument")):
+        with pytest.raises(InvalidArgumentError, match=hint):
+            MSAMemoryBlock(name="m", engine=engine, **knob)
+    block = MSAMemoryBlock(name="m", engine=engine, k=5, description="facts", priority=1, collection_name="mem",
+                           accept_short_term_memory=True)
+    assert (block.k, block.priority, block.collection_name) == (5, 1, "mem")
+
+
 def test_memory_block_keeps_sessions_apart_like_vector_memory_block(engine):
     """LlamaIndex's Memory passes its session_id to every block; a memory put under one session must not be
     recalled under another (VectorMemoryBlock filters on it: leaking it would show one user another's turns)."""

@@ -64,6 +64,12 @@ def test_construction_needs_an_engine(engine):
     with pytest.raises(ValueError, match="collection"):
         MSAVectorStore(engine, collection_name="a*")
     assert MSAVectorStore(engine).client is engine
+    # Chroma-style knobs were accepted and dropped (collection= read the "default" collection): now refused
+    for knob, hint in (({"collection": "t"}, "collection_name="), ({"persist_dir": "x"}, "from_persist_dir"),
+                       ({"bogus": 1}, "unknown argument")):
+        with pytest.raises(ValueError, match=hint):
+            MSAVectorStore(engine, **knob)
+    assert MSAVectorStore(engine, collection_name="t", flat_metadata=False).collection_name == "t"
 
 
 def test_add_and_query(store, nodes, engine):

@@ -20,9 +20,9 @@ from msa_plugins import AnswerOptions, CallTimeoutError, InvalidArgumentError, I
 from msa_plugins.validation import check_int, check_text
 
 from .._aio import aiter_in_thread
+from .._fields import refuse_unknown, unknown_fields
 from ._collections import ALL_COLLECTIONS, DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import filter_to_predicate
-from .retrievers import refuse_unknown
 from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt,
                     template_call_text, template_choice_prompt, template_result_text)
 
@@ -36,6 +36,16 @@ _CALL_KWARGS = {"mode", "k", "max_tokens", "temperature", "seed", "stop", "filte
 _INIT_HINTS = {"top_p": "ChatMSA samples from the full distribution at `temperature`; top_p is not supported",
                "top_k": "ChatMSA samples from the full distribution at `temperature`; top_k is not supported",
                "n": "ChatMSA generates one reply per call", "model_kwargs": "pass ChatMSA's own fields"}
+
+_ROUTING_KNOBS = ("k", "filter", "mode")  # they shape routing over the memory; use_memory=False routes nothing
+
+
+def _refuse_routing_knobs(values: dict, where: str, collection: bool = False) -> None:
+    given = [n for n, v in values.items() if v is not None] + ["collection"] * collection
+    if given:
+        raise InvalidArgumentError(f"ChatMSA(use_memory=False) answers with the model alone and routes nothing, "
+                                   f"so the {where}'s {given} would do nothing: drop them, or use use_memory='auto' "
+                                   "(or True) to answer from the memory")
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -172,14 +182,20 @@ class ChatMSA(BaseChatModel):
             data = dict(data)
             if "max_completion_tokens" in data:  # OpenAI's newer name for max_tokens
                 data.setdefault("max_tokens", data.pop("max_completion_tokens"))
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            refuse_unknown({k: v for k, v in data.items() if k not in known}, "ChatMSA()", _INIT_HINTS)
+            refuse_unknown(unknown_fields(cls, data), "ChatMSA()", _INIT_HINTS)
         return data
 
     @field_validator("collection")
     @classmethod
     def _check_collection(cls, v):
         return check_collection(v, allow_all=True)
+
+    @model_validator(mode="after")
+    def _check_routing_knobs(self):
+        if self.use_memory is False:
+            _refuse_routing_knobs({n: getattr(self, n) for n in _ROUTING_KNOBS}, "constructor",
+                                  self.collection != DEFAULT_COLLECTION)
+        return self
 
     @field_validator("timeout")
     @classmethod
@@ -262,7 +278,7 @@ class ChatMSA(BaseChatModel):
     def _options(self, stop: Optional[List[str]], kwargs: dict) -> AnswerOptions:
         """This call's options: per-call kwargs over this model's fields over the engine's defaults (None keeps
         the next one), in LangChain's names. The one place they are mapped, and validated."""
-        refuse_unknown({k: v for k, v in kwargs.items() if k not in _CALL_KWARGS}, "ChatMSA call")
+        refuse_unknown([k for k in kwargs if k not in _CALL_KWARGS], "ChatMSA call")
         if kwargs.get("model") not in (None, self._name()):
             raise InvalidArgumentError(f"ChatMSA runs the engine's loaded model {self._name()!r}; it cannot switch "
                                        f"to {kwargs['model']!r} per call (make another engine)")
@@ -276,6 +292,7 @@ class ChatMSA(BaseChatModel):
         """-> (snapshot, where, note): route over `snapshot` restricted to `where`, or (None, None, note) to
         answer from the prompt alone. The filter is checked first, so a mistake fails whatever the memory holds."""
         if self.use_memory is False:
+            _refuse_routing_knobs({n: kwargs.get(n) for n in _ROUTING_KNOBS}, "call")
             return None, None, "off"
         flt = kwargs.get("filter", self.filter)
         where = filter_to_predicate(flt)

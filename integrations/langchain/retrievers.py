@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
 from msa_plugins.validation import check_int, check_text
 
+from .._fields import refuse_unknown, unknown_fields
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import caller_metadata, filter_to_predicate
 
@@ -24,16 +25,6 @@ def to_document(doc: RoutedDocument, snapshot: Optional[Snapshot] = None) -> Doc
         return Document(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)
     parts = snapshot.get([doc.whole_id])
     return Document(page_content="".join(p.text for p in parts), metadata=caller_metadata(doc), id=doc.whole_id)
-
-
-def refuse_unknown(kwargs: dict, where: str, hints: Optional[dict] = None) -> None:
-    """No silent knobs: an argument this surface does not read is an error naming it (and what to use)."""
-    if not kwargs:
-        return
-    hints = hints or {}
-    notes = "; ".join(hints[k] for k in kwargs if k in hints)
-    raise InvalidArgumentError(f"{where} got unknown argument(s) {sorted(kwargs)}" + (f": {notes}" if notes else "")
-                               + "; see docs/integrations.md for the supported ones")
 
 
 def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
@@ -57,6 +48,15 @@ def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
         for (doc, _), d in zip(pairs, docs):
             doc.metadata["routing_round"] = d.round
     return pairs
+
+# what other retrievers' constructors take, and MSARetriever's way to say it (any other unknown one is refused too)
+_INIT_HINTS = {
+    "collection_name": "MSARetriever's collection is `collection=`",
+    "search_kwargs": "pass k= and filter= to MSARetriever itself (search_kwargs belongs to VectorStore.as_retriever)",
+    "search_type": "MSARetriever returns the routing order; for MMR or a score threshold use "
+                   "MSAVectorStore(engine).as_retriever(search_type=...)",
+    "top_k": "MSARetriever's number of documents is `k=`", "similarity_top_k": "MSARetriever's number of documents "
+                                                                             "is `k=`"}
 
 
 class MSARetriever(BaseRetriever):
@@ -82,6 +82,12 @@ class MSARetriever(BaseRetriever):
     k_per_round: bool = Field(default=False, description="with rounds > 1: k documents per round, not k in all")
     rerank: int = Field(default=0, description="reorder the router's top N by the model's question likelihood (0: off)")
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data):
+        refuse_unknown(unknown_fields(cls, data), "MSARetriever()", _INIT_HINTS)
+        return data
 
     @field_validator("rounds", "k_per_round", "rerank", mode="before")
     @classmethod
@@ -118,4 +124,4 @@ class MSARetriever(BaseRetriever):
                                      **kwargs)
 
 
-__all__ = ["MSARetriever", "route_documents", "to_document", "refuse_unknown"]
+__all__ = ["MSARetriever", "route_documents", "to_document"]

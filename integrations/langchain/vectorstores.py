@@ -34,7 +34,8 @@ from msa_plugins.validation import check_int
 
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs, in_collection
 from .filters import caller_metadata
-from .retrievers import refuse_unknown, route_documents
+from .._fields import refuse_unknown
+from .retrievers import route_documents
 
 logger = logging.getLogger(__name__)
 

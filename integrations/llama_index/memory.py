@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr
 
 from msa_plugins import InvalidTypeError, MemoryDocument, MSAEngine
 
+from .._fields import refuse_unknown, unknown_fields
 from ._collections import MEMORY_BLOCK_COLLECTION, check_collection
 
 SCOPE_KEY = "msa_memory_scope"  # metadata key that keeps blocks with different scopes apart
@@ -19,6 +20,20 @@ SCOPE_KEY = "msa_memory_scope"  # metadata key that keeps blocks with different 
 SESSION_KEY = "session_id"
 
 __all__ = ["MSAMemoryBlock"]
+
+# VectorMemoryBlock's knobs (a port from it passes them) and what MSAMemoryBlock does instead; any other unknown
+# argument is refused too
+_NO_VECTORS = "MSAMemoryBlock keeps its memories in the engine's memory and routes with the model: no vector store " \
+              "or embedding model"
+_INIT_HINTS = {
+    "similarity_top_k": "MSAMemoryBlock's number of memories recalled is `k=`",
+    "vector_store": _NO_VECTORS, "embed_model": _NO_VECTORS,
+    "retrieval_context_window": "MSAMemoryBlock routes on the latest user message only",
+    "query_kwargs": "MSAMemoryBlock takes no query kwargs or filters: `scope=` (and the Memory's session_id) keep "
+                    "memories apart",
+    "format_template": "MSAMemoryBlock returns the recalled messages one per line; format them in your prompt",
+    "node_postprocessors": "MSAMemoryBlock returns the routed memories as they are; it runs no node postprocessors",
+    "collection": "MSAMemoryBlock's collection is `collection_name=`"}
 
 
 class MSAMemoryBlock(BaseMemoryBlock[str]):
@@ -44,6 +59,7 @@ class MSAMemoryBlock(BaseMemoryBlock[str]):
     def __init__(self, engine: MSAEngine, **kwargs: Any):
         if engine is None:
             raise InvalidTypeError("MSAMemoryBlock needs engine=MSAEngine.from_pretrained(...)")
+        refuse_unknown(unknown_fields(type(self), kwargs), "MSAMemoryBlock()", _INIT_HINTS)
         super().__init__(**kwargs)
         check_collection(self.collection_name)
         self._engine = engine

@@ -46,6 +46,7 @@ from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, 
 
 from msa_plugins.validation import check_int, check_text
 
+from .._fields import refuse_unknown, unknown_fields
 from ._collections import DEFAULT_COLLECTION, check_collection
 from .filters import filters_to_predicate
 
@@ -120,6 +121,10 @@ class MSAVectorStore(BasePydanticVectorStore):
             raise InvalidTypeError(f"MSAVectorStore needs an MSAEngine (MSAVectorStore(engine)), got {got}: MSA "
                                    "routes with the model's own attention, so it takes no embedding model or "
                                    "vector DB client")
+        refuse_unknown(unknown_fields(type(self), kwargs), "MSAVectorStore()", {
+            "collection": "MSAVectorStore's collection is `collection_name=`",
+            "persist_dir": "load a persisted store with MSAVectorStore.from_persist_dir(persist_dir, engine)",
+            "persist_path": "load a persisted store with MSAVectorStore.from_persist_dir(persist_dir, engine)"})
         super().__init__(collection_name=check_collection(collection_name), **kwargs)
         self._engine = engine
 
