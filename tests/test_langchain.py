@@ -585,6 +585,63 @@ def test_tools_go_through_a_chat_template_that_renders_them(tools_model_dir):
             [get_weather], tool_choice="any").invoke("Weather in Rome?")
 
 
+def test_every_valid_tool_call_of_a_reply_is_returned(engine):
+    """A reply with two <tool_call> blocks gave only the first call (the second was dropped in silence); ChatOpenAI
+    returns every call the model makes unless parallel_tool_calls=False. Now so does ChatMSA. The replies are
+    scripted (what the model wrote is not under test: the random model cannot call tools); ChatMSA's parsing,
+    validation and message building are the real ones."""
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from msa_plugins import GenerationResult, Stream
+    from msa_plugins.integrations.langchain.tools import parse_tool_calls
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    @tool
+    def mul(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    tools = [convert_to_openai_tool(add), convert_to_openai_tool(mul)]
+    two = ('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "mul", "arguments": {"a": 4, "b": 5}}\n</tool_call>')
+    calls, errors = parse_tool_calls(two, tools, None)
+    assert [(c["name"], c["args"]) for c in calls] == [("add", {"a": 2, "b": 3}), ("mul", {"a": 4, "b": 5})]
+    assert errors == []
+    # a JSON list holds one call per item; an argument object is never read again as a call of its own (here, as
+    # bare arguments for a forced tool it would be one)
+    listed = '[{"name": "add", "arguments": {"a": 1, "b": 1}}, {"name": "add", "arguments": {"a": 2, "b": 2}}]'
+    assert [c["args"] for c in parse_tool_calls(listed, tools, "add")[0]] == [{"a": 1, "b": 1}, {"a": 2, "b": 2}]
+    # a valid call beside an invalid one: the valid one is taken, the other's problem reported
+    calls, errors = parse_tool_calls('{"name": "add", "arguments": {"a": 1}} {"name": "mul", "arguments": '
+                                     '{"a": 1, "b": 2}}', tools, None)
+    assert [c["name"] for c in calls] == ["mul"] and "required field 'b'" in errors[0]
+
+    class ScriptedModel:
+        """The engine, with what its model writes replaced by fixed replies."""
+
+        def __init__(self, replies):
+            self.replies = list(replies)
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def stream_generate(self, turns, options=None, *, tools=None):
+            text = self.replies.pop(0)
+            return Stream([], iter([text]), lambda t: GenerationResult(t, 10, 5, {"total_s": 0.0}))
+
+    chat = ChatMSA(engine=ScriptedModel([two, two]), use_memory=False)
+    msg = chat.bind_tools([add, mul]).invoke("2 + 3, and 4 * 5?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("add", {"a": 2, "b": 3}), ("mul", {"a": 4, "b": 5})]
+    assert len({c["id"] for c in msg.tool_calls}) == 2 and msg.content == ""
+    one = chat.bind_tools([add, mul], parallel_tool_calls=False).invoke("2 + 3, and 4 * 5?")
+    assert [c["name"] for c in one.tool_calls] == ["add"]
+
+
 def test_template_tool_calls_are_parsed_and_history_uses_the_template_format():
     from langchain_core.messages import ToolMessage
     from langchain_core.tools import tool

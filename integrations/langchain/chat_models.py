@@ -23,7 +23,7 @@ from .._aio import aiter_in_thread
 from .._fields import refuse_unknown, unknown_fields
 from ._collections import ALL_COLLECTIONS, DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import filter_to_predicate
-from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_call, protocol_prompt, schema_prompt,
+from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_calls, protocol_prompt, schema_prompt,
                     template_call_text, template_choice_prompt, template_result_text)
 
 logger = logging.getLogger(__name__)
@@ -373,6 +373,7 @@ class ChatMSA(BaseChatModel):
         turns += history + [{"role": "user", "content": question}]
         retry_form = ("a <tool_call> block holding one JSON object {\"name\": ..., \"arguments\": {...}}" if native
                       else "only the JSON object")
+        one_call = structured or kwargs.get("parallel_tool_calls") is False
         prompt_tokens = completion_tokens = 0
         for attempt in range(1 + self.format_retries):
             stream = self.engine.stream_generate(turns, options, tools=tools if native else None)
@@ -381,13 +382,14 @@ class ChatMSA(BaseChatModel):
             result = stream.result
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-            call = None if choice == "none" else parse_tool_call(text, tools, choice)
-            if call is None or (choice is None and isinstance(call, str) and not looks_like_call(text)):
+            found, errors = ([], []) if choice == "none" else parse_tool_calls(text, tools, choice)
+            if choice == "none" or (choice is None and not found and not looks_like_call(text)):
                 calls, invalid = [], []  # a plain answer
                 break
-            if isinstance(call, dict):
-                calls, invalid, text = [call], [], ""
+            if found:  # every valid call, as a hosted model returns them; one for structured output or when asked
+                calls, invalid, text = found[:1] if one_call else found, [], ""
                 break
+            call = errors[0] if errors else "no JSON object found in the reply"
             logger.info("ChatMSA: reply %d is not a valid tool call (%s)", attempt + 1, call)
             turns += [{"role": "assistant", "content": text},
                       {"role": "user", "content": f"That reply is not valid: {call}. Reply with {retry_form}."}]

@@ -142,15 +142,16 @@ def tool_call_blocks(text: str) -> List[str]:
 
 
 def _json_objects(text: str):
-    """Every JSON value that starts at a '{' or '[' in `text` (code fences ignored), in order."""
+    """(start, end, value) of every JSON value that starts at a '{' or '[' in `text` (code fences ignored), in
+    order of start; values nested in another one come too, after it."""
     text = re.sub(r"```(?:json)?", "", text)
     decoder = json.JSONDecoder()
     for m in re.finditer(r"[\[{]", text):
         try:
-            value, _ = decoder.raw_decode(text, m.start())
+            value, end = decoder.raw_decode(text, m.start())
         except json.JSONDecodeError:
             continue
-        yield value
+        yield m.start(), end, value
 
 
 def looks_like_call(text: str) -> bool:
@@ -158,43 +159,64 @@ def looks_like_call(text: str) -> bool:
     return "<tool_call>" in text or "{" in text and ('"name"' in text or '"arguments"' in text or text.lstrip().startswith(("{", "```")))
 
 
-def parse_tool_call(text: str, tools: List[dict], choice: Optional[str]) -> Union[dict, str]:
-    """-> a LangChain tool call {"name", "args", "id", "type"}, or a str saying what is wrong. A reply with
-    `<tool_call>` blocks is read from those blocks only (prose around them may hold other braces)."""
+def parse_tool_calls(text: str, tools: List[dict], choice: Optional[str]) -> tuple:
+    """-> (calls, errors): every valid call in the reply as a LangChain tool call {"name", "args", "id", "type"},
+    in order, and what is wrong with each JSON value that is not one. A reply with `<tool_call>` blocks is read
+    from those blocks only (prose around them may hold other braces); a JSON list holds one call per item. A value
+    nested inside a valid call (its arguments) is not read again as a call of its own."""
     blocks = tool_call_blocks(text)
     if blocks:
         text = "\n".join(blocks)
     by_name = {t["function"]["name"]: t["function"] for t in tools}
     forced = choice if choice not in (None, "required", "none") else (
         next(iter(by_name)) if choice == "required" and len(by_name) == 1 else None)
-    errors = []
-    for value in _json_objects(text):
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            value = value[0]  # a list of calls: this protocol takes one call per turn
-        if not isinstance(value, dict):
-            continue
-        name = value.get("name") or value.get("tool")
-        args = value.get("arguments", value.get("args", value.get("parameters")))
-        if name is None and forced is not None:  # a bare arguments object for the one forced tool
-            name, args = forced, value
-        if isinstance(args, str):  # OpenAI style: arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                errors.append("arguments is a string that is not JSON")
+    calls, errors, taken_until = [], [], -1
+    for start, end, value in _json_objects(text):
+        if start < taken_until:
+            continue  # inside a call already taken
+        items = value if isinstance(value, list) else [value]
+        found = False
+        for item in items:
+            if not isinstance(item, dict):
                 continue
-        if name not in by_name:
-            errors.append(f"unknown tool {name!r}; the tools are {list(by_name)}")
-            continue
-        if forced is not None and name != forced:
-            errors.append(f"the tool {forced!r} must be called, not {name!r}")
-            continue
-        args = {} if args is None else args
-        problems = schema_errors(args, by_name[name].get("parameters", {}))
-        if problems:
-            errors.append("; ".join(problems))
-            continue
-        return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "tool_call"}
+            call = _tool_call(item, by_name, forced)
+            if isinstance(call, dict):
+                calls.append(call)
+                found = True
+            else:
+                errors.append(call)
+        if found:
+            taken_until = end
+    return calls, errors
+
+
+def _tool_call(value: dict, by_name: dict, forced: Optional[str]) -> Union[dict, str]:
+    """One JSON object as a valid call of one of the tools, or a str saying what is wrong with it."""
+    name = value.get("name") or value.get("tool")
+    args = value.get("arguments", value.get("args", value.get("parameters")))
+    if name is None and forced is not None:  # a bare arguments object for the one forced tool
+        name, args = forced, value
+    if isinstance(args, str):  # OpenAI style: arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return "arguments is a string that is not JSON"
+    if name not in by_name:
+        return f"unknown tool {name!r}; the tools are {list(by_name)}"
+    if forced is not None and name != forced:
+        return f"the tool {forced!r} must be called, not {name!r}"
+    args = {} if args is None else args
+    problems = schema_errors(args, by_name[name].get("parameters", {}))
+    if problems:
+        return "; ".join(problems)
+    return {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "tool_call"}
+
+
+def parse_tool_call(text: str, tools: List[dict], choice: Optional[str]) -> Union[dict, str]:
+    """-> the reply's first valid call (`parse_tool_calls`), or a str saying what is wrong."""
+    calls, errors = parse_tool_calls(text, tools, choice)
+    if calls:
+        return calls[0]
     return errors[0] if errors else "no JSON object found in the reply"
 
 
@@ -209,5 +231,5 @@ def check_tools(tools) -> list:
 
 
 __all__ = ["schema_errors", "check_tool_choice", "protocol_prompt", "schema_prompt", "parse_tool_call",
-           "looks_like_call", "check_tools", "tool_call_blocks", "template_choice_prompt", "template_call_text",
-           "template_result_text"]
+           "parse_tool_calls", "looks_like_call", "check_tools", "tool_call_blocks", "template_choice_prompt",
+           "template_call_text", "template_result_text"]
