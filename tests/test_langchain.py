@@ -118,6 +118,11 @@ def test_chat_filters_and_bad_input(engine):
         chat.invoke([SystemMessage("only a system prompt")])
     with pytest.raises(ValueError, match="cannot switch"):
         chat.invoke("hi?", model="gpt-4o")
+    # ChatOpenAI(model=...) picks a model; ChatMSA's model is the engine's, and another name would be a false label
+    with pytest.raises(ValueError, match="runs the engine's loaded model"):
+        ChatMSA(engine=engine, model="gpt-4o-mini")
+    named = ChatMSA(engine=engine, model=f"some-org/{engine.model_name}", max_tokens=2)  # a hub id names it too
+    assert named.invoke("hi?", model=named._name()).response_metadata["model_name"] == named._name()
     with pytest.raises(InvalidArgumentError, match="k must be"):  # per-call options are checked as AnswerOptions
         chat.invoke("hi?", k=0)
     with pytest.raises(InvalidTypeError, match="max_new_tokens"):

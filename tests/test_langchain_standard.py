@@ -55,7 +55,8 @@ class _ChatMSASuite:
 
     @property
     def chat_model_params(self):
-        return {"engine": _engine(), "model": "tiny-llama"}
+        engine = _engine()
+        return {"engine": engine, "model": engine.model_name}
 
     @property
     def has_tool_calling(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, Iterator, List, Literal, Optional, Sequence, Union
 
@@ -151,7 +152,8 @@ class ChatMSA(BaseChatModel):
     """
 
     engine: Any = Field(exclude=True, description="the MSAEngine")
-    model_name: Optional[str] = Field(default=None, alias="model", description="defaults to the engine's model")
+    model_name: Optional[str] = Field(default=None, alias="model",
+                                      description="the engine's model (None: its name); another model is refused")
     mode: Optional[str] = Field(default=None, description="interleave, sparse or protocol (None: the engine's)")
     k: Optional[int] = Field(default=None, description="documents routed per question (None: the engine's)")
     max_tokens: Optional[int] = Field(default=None, alias="max_new_tokens")
@@ -189,6 +191,17 @@ class ChatMSA(BaseChatModel):
     @classmethod
     def _check_collection(cls, v):
         return check_collection(v, allow_all=True)
+
+    @model_validator(mode="after")
+    def _check_model(self):
+        # ChatOpenAI(model=...) picks the model; here the engine has loaded one, and a different name would only be
+        # a label: LangSmith and response_metadata would report "gpt-4o-mini" while SmolLM2 answers
+        loaded, asked = self.engine.model_name, self.model_name
+        if asked is not None and loaded not in (asked, os.path.basename(asked.rstrip("/"))):  # "org/name" is "name"
+            raise InvalidArgumentError(f"ChatMSA runs the engine's loaded model {loaded!r}, not model={asked!r}: omit "
+                                       f"model= (or pass {loaded!r}), or load that model with "
+                                       "MSAEngine.from_pretrained(...)")
+        return self
 
     @model_validator(mode="after")
     def _check_routing_knobs(self):
