@@ -317,8 +317,11 @@ def adapt_engine(engine, memory: str, *, epochs=None, teachers="auto", seed: int
                            config=AdaptConfig(doc2query=doc2query))
     p, t = res.provenance, res.timings
     ratio = f", {t['total'] / encoding_s:.2f}x the encoding time" if encoding_s else ""
-    best = res.history[-1] if res.history else {}
-    dev = f"; held-out pseudo-query MRR {best['dev_mrr']:.3f}" if best.get("dev_mrr") is not None else ""
+    # the router kept is the best epoch's (the first to reach the highest held-out MRR), not the last one's
+    scored = [h for h in res.history if h.get("dev_mrr") is not None]
+    best = max(scored, key=lambda h: h["dev_mrr"]) if scored else {}
+    dev = (f"; held-out pseudo-query MRR {scored[0]['dev_mrr']:.3f} -> {best['dev_mrr']:.3f} (epoch {best['epoch']} "
+           "kept)" if best else "")
     parts = [f"pseudo-query features {t['query_features']:.0f} s"]
     if doc2query:
         parts.append(f"doc2query {t['doc2query']:.0f} s ({p['doc2query_questions']} questions)")

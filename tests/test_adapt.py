@@ -351,8 +351,13 @@ def test_cli_adapt_rekeys_a_saved_memory_and_keeps_its_router(tiny_model_dir, tm
     args = ap.parse_args(["--model", tiny_model_dir("llama"), "adapt", "--memory", mem, "--epochs", "1",
                           "--teachers", "none"])
     assert args.fn is cmd_adapt and cmd_adapt(args) == 0
-    assert "router adapted (ict-infonce" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "router adapted (ict-infonce" in out
     router = Router.load(MSAEngine.router_for_memory(mem))
+    # the report gives the held-out MRR of the router kept (the best epoch), not of the last epoch
+    scored = [h for h in router.meta["history"] if h.get("dev_mrr") is not None]
+    kept = max(scored, key=lambda h: h["dev_mrr"])
+    assert f"{scored[0]['dev_mrr']:.3f} -> {kept['dev_mrr']:.3f} (epoch {kept['epoch']} kept)" in out, out
     assert router.meta["provenance"]["documents"] == len(IDS)
     # the saved memory is keyed by that router: it loads with it, and a second adaptation finds it itself
     e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", router=MSAEngine.router_for_memory(mem), memory=mem)
