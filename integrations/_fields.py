@@ -12,9 +12,18 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from msa_plugins import InvalidArgumentError
+from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAEngine
 
-__all__ = ["refuse_unknown", "unknown_fields"]
+__all__ = ["refuse_unknown", "unknown_fields", "check_engine"]
+
+
+def check_engine(engine, where: str) -> MSAEngine:
+    """`engine` if it is an `MSAEngine`; else an `InvalidTypeError` saying how to make one (not an AttributeError at
+    the first use)."""
+    if not isinstance(engine, MSAEngine):
+        got = "nothing" if engine is None else f"a {type(engine).__name__}"
+        raise InvalidTypeError(f"{where} needs engine=MSAEngine.from_pretrained(...), got {got}")
+    return engine
 
 
 def refuse_unknown(names: Iterable[str], where: str, hints: Optional[dict] = None) -> None:

@@ -121,6 +121,10 @@ def test_chat_filters_and_bad_input(engine):
     # ChatOpenAI(model=...) picks a model; ChatMSA's model is the engine's, and another name would be a false label
     with pytest.raises(ValueError, match="runs the engine's loaded model"):
         ChatMSA(engine=engine, model="gpt-4o-mini")
+    for not_an_engine in (None, "my-model"):  # a clear error, not an AttributeError at the first use
+        for surface in (ChatMSA, MSARetriever):
+            with pytest.raises(InvalidTypeError, match="needs engine=MSAEngine"):
+                surface(engine=not_an_engine)
     named = ChatMSA(engine=engine, model=f"some-org/{engine.model_name}", max_tokens=2)  # a hub id names it too
     assert named.invoke("hi?", model=named._name()).response_metadata["model_name"] == named._name()
     with pytest.raises(InvalidArgumentError, match="k must be"):  # per-call options are checked as AnswerOptions
@@ -590,7 +594,7 @@ def test_tools_go_through_a_chat_template_that_renders_them(tools_model_dir):
             [get_weather], tool_choice="any").invoke("Weather in Rome?")
 
 
-def test_every_valid_tool_call_of_a_reply_is_returned(engine):
+def test_every_valid_tool_call_of_a_reply_is_returned(engine, monkeypatch):
     """A reply with two <tool_call> blocks gave only the first call (the second was dropped in silence); ChatOpenAI
     returns every call the model makes unless parallel_tool_calls=False. Now so does ChatMSA. The replies are
     scripted (what the model wrote is not under test: the random model cannot call tools); ChatMSA's parsing,
@@ -626,20 +630,11 @@ def test_every_valid_tool_call_of_a_reply_is_returned(engine):
                                      '{"a": 1, "b": 2}}', tools, None)
     assert [c["name"] for c in calls] == ["mul"] and "required field 'b'" in errors[0]
 
-    class ScriptedModel:
-        """The engine, with what its model writes replaced by fixed replies."""
+    def scripted_reply(turns, options=None, *, tools=None):  # what the model writes, fixed
+        return Stream([], iter([two]), lambda t: GenerationResult(t, 10, 5, {"total_s": 0.0}))
 
-        def __init__(self, replies):
-            self.replies = list(replies)
-
-        def __getattr__(self, name):
-            return getattr(engine, name)
-
-        def stream_generate(self, turns, options=None, *, tools=None):
-            text = self.replies.pop(0)
-            return Stream([], iter([text]), lambda t: GenerationResult(t, 10, 5, {"total_s": 0.0}))
-
-    chat = ChatMSA(engine=ScriptedModel([two, two]), use_memory=False)
+    monkeypatch.setattr(engine, "stream_generate", scripted_reply)
+    chat = ChatMSA(engine=engine, use_memory=False)
     msg = chat.bind_tools([add, mul]).invoke("2 + 3, and 4 * 5?")
     assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("add", {"a": 2, "b": 3}), ("mul", {"a": 4, "b": 5})]
     assert len({c["id"] for c in msg.tool_calls}) == 2 and msg.content == ""

@@ -21,7 +21,7 @@ from msa_plugins import AnswerOptions, CallTimeoutError, InvalidArgumentError, I
 from msa_plugins.validation import check_int, check_text
 
 from .._aio import aiter_in_thread
-from .._fields import refuse_unknown, unknown_fields
+from .._fields import check_engine, refuse_unknown, unknown_fields
 from ._collections import ALL_COLLECTIONS, DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import filter_to_predicate
 from .tools import (check_tool_choice, check_tools, looks_like_call, parse_tool_calls, protocol_prompt, schema_prompt,
@@ -191,6 +191,11 @@ class ChatMSA(BaseChatModel):
     @classmethod
     def _check_collection(cls, v):
         return check_collection(v, allow_all=True)
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, v):
+        return check_engine(v, "ChatMSA")
 
     @model_validator(mode="after")
     def _check_model(self):

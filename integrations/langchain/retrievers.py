@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDocument, Snapshot
 from msa_plugins.validation import check_int, check_text
 
-from .._fields import refuse_unknown, unknown_fields
+from .._fields import check_engine, refuse_unknown, unknown_fields
 from ._collections import DEFAULT_COLLECTION, check_collection, collection_kwargs
 from .filters import caller_metadata, filter_to_predicate
 
@@ -48,6 +48,7 @@ def route_documents(engine: MSAEngine, query: str, k: int, flt: Any,
         for (doc, _), d in zip(pairs, docs):
             doc.metadata["routing_round"] = d.round
     return pairs
+
 
 # what other retrievers' constructors take, and MSARetriever's way to say it (any other unknown one is refused too)
 _INIT_HINTS = {
@@ -88,6 +89,11 @@ class MSARetriever(BaseRetriever):
     def _refuse_unknown_fields(cls, data):
         refuse_unknown(unknown_fields(cls, data), "MSARetriever()", _INIT_HINTS)
         return data
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, v):
+        return check_engine(v, "MSARetriever")
 
     @field_validator("rounds", "k_per_round", "rerank", mode="before")
     @classmethod
