@@ -56,8 +56,7 @@ _INIT_HINTS = {
     "search_kwargs": "pass k= and filter= to MSARetriever itself (search_kwargs belongs to VectorStore.as_retriever)",
     "search_type": "MSARetriever returns the routing order; for MMR or a score threshold use "
                    "MSAVectorStore(engine).as_retriever(search_type=...)",
-    "top_k": "MSARetriever's number of documents is `k=`", "similarity_top_k": "MSARetriever's number of documents "
-                                                                             "is `k=`"}
+    **dict.fromkeys(("top_k", "similarity_top_k"), "MSARetriever's number of documents is `k=`")}
 
 
 class MSARetriever(BaseRetriever):

@@ -40,6 +40,7 @@ from msa_plugins import (AnswerOptions, GenerationResult, InvalidArgumentError, 
 from msa_plugins.validation import check_text
 
 from .._aio import aiter_in_thread
+from .._fields import check_engine
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -95,8 +96,7 @@ class MSALLM(FunctionCallingLLM):
     _engine: Any = PrivateAttr()  # an MSAEngine
 
     def __init__(self, engine: Optional[MSAEngine] = None, **kwargs: Any):
-        if not isinstance(engine, MSAEngine):
-            raise InvalidTypeError(f"MSALLM needs engine=MSAEngine.from_pretrained(...), got {type(engine).__name__}")
+        check_engine(engine, "MSALLM")
         # pydantic would drop an unknown field without a word (MSALLM(max_tokens=3) generating 128 tokens)
         if "max_tokens" in kwargs:  # OpenAI's name for it
             kwargs["max_new_tokens"] = _max_new_tokens(kwargs, None)
