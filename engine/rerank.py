@@ -6,6 +6,12 @@ holds p and asks for a question about it. No training, no labels, no second mode
 also judges which routed documents hold the answer. It reads each candidate's text once per question, so it
 reorders the router's top `depth` (a few tens), never the whole memory.
 
+Path scoring (`MSAConfig.rerank_scoring="path"`, stop 32): a multi-hop question's later hop (the bridge entity's
+page) rarely shares the question's words, so alone it explains the question poorly. The candidate the single
+fused score ranks first is the anchor, and every candidate (the anchor too: then the anchor twice) is also scored
+with the anchor's text in front of it (`pair_texts`); the three z-scores are summed. One more forward per
+candidate, each about twice as long (`PAIR_PASSAGE_TOKENS`).
+
 `question_likelihood` is the batched path (left-padded rows, one forward per batch, the LM head on the
 question's tokens only); `question_likelihood_reference` scores one passage at a time, with no padding: the
 obviously-correct version the tests compare it with.
@@ -23,6 +29,8 @@ from ..errors import InputTooLongError
 PASSAGE_PREFIX = "Passage: "
 QUESTION_PROMPT = "\nPlease write a question based on this passage.\nQuestion:"
 MAX_PASSAGE_TOKENS = 320  # a longer passage is cut: its start is what the question is scored against
+PAIR_PASSAGE_TOKENS = 2 * MAX_PASSAGE_TOKENS  # path scoring: the anchor and a candidate, cut as one passage
+PAIR_SEPARATOR = "\n\n"
 MIN_PASSAGE_TOKENS = 16  # a question so long that less of a document fits is refused, not scored on a stub
 
 
@@ -97,14 +105,20 @@ def question_likelihood(model, tokenizer, question: str, passages: list,
     return out
 
 
-def fuse_with_routing(route_scores: list, likelihoods: list) -> list:
-    """One score per candidate: the sum of its z-scored routing score and z-scored question likelihood (within
-    the candidates), so neither signal's scale decides alone."""
+def fuse_with_routing(route_scores: list, *likelihoods: list) -> list:
+    """One score per candidate: the sum of its z-scored routing score and z-scored question likelihoods (each
+    within the candidates), so no signal's scale decides alone."""
     def z(xs):
         t = torch.tensor(xs, dtype=torch.float64)
         sd = t.std(unbiased=False)
-        return ((t - t.mean()) / (sd if sd > 0 else 1.0)).tolist()
-    return [a + b for a, b in zip(z(route_scores), z(likelihoods))]
+        return (t - t.mean()) / (sd if sd > 0 else 1.0)
+    return sum((z(x) for x in likelihoods), z(route_scores)).tolist()
 
 
-__all__ = ["question_likelihood", "question_likelihood_reference", "fuse_with_routing", "MAX_PASSAGE_TOKENS"]
+def pair_texts(anchor: str, passages: list) -> list:
+    """Path scoring's passages: the anchor's text, then each candidate's."""
+    return [anchor + PAIR_SEPARATOR + p for p in passages]
+
+
+__all__ = ["question_likelihood", "question_likelihood_reference", "fuse_with_routing", "pair_texts",
+           "MAX_PASSAGE_TOKENS", "PAIR_PASSAGE_TOKENS"]

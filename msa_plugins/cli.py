@@ -169,7 +169,7 @@ def _engine(args):
     from . import MSAEngine
 
     overrides = {}
-    for name in ("k", "chunk_size", "routing_chunk_size"):
+    for name in ("k", "chunk_size", "routing_chunk_size", "rerank_scoring"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     if getattr(args, "keep_inputs", False):
@@ -252,6 +252,9 @@ def cmd_ask(args) -> int:
     options = dict(mode=args.mode, k=args.k, max_new_tokens=args.max_new_tokens, rounds=args.rounds,
                    k_per_round=args.k_per_round, rerank=args.rerank)
     AnswerOptions().merged(**options)
+    if args.rerank_scoring and not args.rerank:  # it changes how reranked documents are scored, nothing else
+        raise InvalidArgumentError(f"--rerank-scoring {args.rerank_scoring} scores the documents --rerank N "
+                                   "reorders; add --rerank N (e.g. 20), or drop --rerank-scoring")
     require_memory(args.memory)
     engine = _engine(args)
     engine.load(args.memory)
@@ -407,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="reorder the router's top N documents (at least k) by how likely the model finds the "
                         "question given each; costs N short forward passes (default 0: off)")
+    s.add_argument("--rerank-scoring", choices=("single", "path"), default=None,
+                   help="with --rerank: 'single' scores each document alone (the default); 'path' also scores it "
+                        "after the top one's text, for multi-hop questions (N more forward passes, about twice as "
+                        "long)")
     _add_answer_options(s, default_k=None)
     s.set_defaults(fn=cmd_ask)
 

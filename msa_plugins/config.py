@@ -35,6 +35,7 @@ DEFAULT_ROUTING_CHUNK_SIZE = 16
 DOC_SCORES = ("maxmax", "late")  # how a document's chunk scores become its score (`MSAConfig.doc_score`)
 FUSIONS = ("rrf", "zsum")
 ROUND_ROUTINGS = ("chain", "concat")  # how routing rounds after the first read what earlier rounds found
+RERANK_SCORINGS = ("single", "path")  # rerank=N: each candidate alone, or also after the top one (engine/rerank.py)
 NOT_IN_MEMORY = "Not in memory."  # the answer of an abstained query (`AnswerOptions.abstain`)
 
 # Every memory document belongs to one collection (Chroma's shape: a tenant, a store, an app's namespace).
@@ -142,6 +143,10 @@ class MSAConfig:
     # chains scored as a beam; MDR) or "concat" (one routing with every found text); engine/routing.py says more.
     # Either way later rounds route among the documents not found yet.
     round_routing: str = "chain"
+    # rerank=N > 0: "single" (z(routing) + z(log P(question | candidate)), UPR) or "path" (adds z(log P(question |
+    # anchor + candidate)), the anchor being the candidate "single" ranks first: one more forward per candidate,
+    # about twice as long; measured in docs/results/routing_levers.md, stop 32)
+    rerank_scoring: str = "single"
     int8_routing_keys: bool = False  # routing keys as int8 + per-head scale: half the bytes (fingerprinted)
     keep_inputs: bool = False  # keep pooled layer inputs so the memory can be re-keyed for a new router
     max_doc_tokens: Optional[int] = None  # None: the model's window; longer documents are split
@@ -171,6 +176,7 @@ class MSAConfig:
         check_choice(self.doc_score, DOC_SCORES, "doc_score")
         check_choice(self.hybrid_fusion, FUSIONS, "hybrid_fusion")
         check_choice(self.round_routing, ROUND_ROUTINGS, "round_routing")
+        check_choice(self.rerank_scoring, RERANK_SCORINGS, "rerank_scoring")
         check_choice(self.content_tier, ("device", "host"), "content_tier")
         check_choice(self.routing_backend, ("auto", "torch", "triton"), "routing_backend")
         check_optional_int(self.max_doc_tokens, "max_doc_tokens", minimum=1)

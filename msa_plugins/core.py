@@ -27,7 +27,7 @@ from .engine.encoding import Encoder
 from .engine.generation import (GenerationStats, build_prompt, context_prompt, decode_stream, generate_tokens,
                                 sparse_memory)
 from .engine.model import DecoderModel, load_hf_model
-from .engine.rerank import fuse_with_routing, question_likelihood
+from .engine.rerank import PAIR_PASSAGE_TOKENS, fuse_with_routing, pair_texts, question_likelihood
 from .engine.router import QKRouter, Router, read_msa4b_router
 from .engine.routing import FUSION_DEPTH, Routing, extend_chains, hybrid_route, lexical_topk, route, zscores
 from .engine import storage
@@ -443,7 +443,8 @@ class MSAEngine:
         "not in memory" instead). `rerank` = N > 0: each round's top max(N, its share of k) candidates are
         reordered by the model's own likelihood of the question given each (UPR) fused with their routing (in
         later rounds: chain) scores, and their `score` is that fused score (`query(rerank=N)` answers from the
-        same documents). Returns [] when the memory is empty or nothing passes."""
+        same documents); with `MSAConfig.rerank_scoring="path"` the likelihood given the top candidate's text
+        followed by each is fused in too. Returns [] when the memory is empty or nothing passes."""
         question = self._check_question(question)
         k = self.config.answer.merged(k=k).k
         if whole_texts:
@@ -525,7 +526,8 @@ class MSAEngine:
                 links = extend_chains(parents, max(n, rerank))
                 scores = [x.score for x in links]
                 if rerank and len(links) > 1:  # else links are at most n already
-                    order, fused = _fused_order([x.chain for x in links], [x.row for x in links], scorer)
+                    order, fused = _fused_order([x.chain for x in links], [x.row for x in links], scorer,
+                                                self.config.rerank_scoring == "path")
                     links, scores = [links[i] for i in order[:n]], [fused[i] for i in order[:n]]
                 new = _routed_documents(snap, [x.row for x in links], scores, r)
                 ends = [(x.chain, ends[x.parent][1] + (texts[x.row],)) for x in links]
@@ -543,15 +545,15 @@ class MSAEngine:
             found += len(new)
         return rounds
 
-    @staticmethod
-    def _rerank(routing: Routing, scorer: "_QuestionLikelihood", depth: int) -> Routing:
+    def _rerank(self, routing: Routing, scorer: "_QuestionLikelihood", depth: int) -> Routing:
         """`routing`'s top `depth` documents (deeper ones are dropped) reordered by the model's likelihood of the
-        question given each document (`scorer`), fused with their routing scores (`engine/rerank.py`); ties keep
-        the routing's order. `scores` become the fused scores; `router_scores` and `per_layer` stay the router's."""
+        question given each document (`scorer`), fused with their routing scores (`engine/rerank.py`; with
+        `config.rerank_scoring="path"` also given the top one's text first); ties keep the routing's order.
+        `scores` become the fused scores; `router_scores` and `per_layer` stay the router's."""
         top = routing.top(depth)
         if len(top.rows) < 2:
             return top
-        order, fused = _fused_order(top.scores, top.rows, scorer)
+        order, fused = _fused_order(top.scores, top.rows, scorer, self.config.rerank_scoring == "path")
         return Routing([top.ids[i] for i in order], [fused[i] for i in order], [top.rows[i] for i in order],
                        top.per_layer, top.per_layer_rows, [top.router_scores[i] for i in order])
 
@@ -916,10 +918,15 @@ def _best_threshold(answerable: list, removed: list) -> tuple:
                       "dev_recall": tp / nr}
 
 
-def _fused_order(route_scores: list, rows: list, scorer: "_QuestionLikelihood") -> tuple:
+def _fused_order(route_scores: list, rows: list, scorer: "_QuestionLikelihood", path: bool = False) -> tuple:
     """(candidate indices best first, fused scores): z(routing or chain score) + z(question likelihood), ties in
-    the given order."""
-    fused = fuse_with_routing(route_scores, scorer(rows))
+    the given order. `path` (`rerank_scoring="path"`): + z(question likelihood given the anchor's text, then the
+    candidate's), the anchor being the candidate the first sum ranks first (engine/rerank.py)."""
+    alone = scorer(rows)
+    fused = fuse_with_routing(route_scores, alone)
+    if path:
+        anchor = rows[min(range(len(fused)), key=lambda i: (-fused[i], i))]
+        fused = fuse_with_routing(route_scores, alone, scorer.paired(anchor, rows))
     return sorted(range(len(fused)), key=lambda i: (-fused[i], i)), fused
 
 
@@ -930,6 +937,7 @@ class _QuestionLikelihood:
     def __init__(self, engine: "MSAEngine", question: str, snap: Snapshot):
         self.engine, self.question, self.texts = engine, question, snap._state.texts
         self.known: dict = {}
+        self.known_pairs: dict = {}
 
     def __call__(self, rows: list) -> list:
         todo = list(dict.fromkeys(int(r) for r in rows if int(r) not in self.known))
@@ -939,6 +947,19 @@ class _QuestionLikelihood:
                                       batch_tokens=self.engine.config.batch_tokens)
             self.known.update(zip(todo, got))
         return [self.known[int(r)] for r in rows]
+
+    def paired(self, anchor: int, rows: list) -> list:
+        """The likelihood given the anchor row's text, then each row's (path scoring), each pair scored once."""
+        anchor = int(anchor)
+        todo = list(dict.fromkeys(int(r) for r in rows if (anchor, int(r)) not in self.known_pairs))
+        if todo:
+            model = self.engine.model
+            got = question_likelihood(model, model.tokenizer, self.question,
+                                      pair_texts(self.texts[anchor], [self.texts[r] for r in todo]),
+                                      max_passage_tokens=PAIR_PASSAGE_TOKENS,
+                                      batch_tokens=self.engine.config.batch_tokens)
+            self.known_pairs.update(((anchor, r), x) for r, x in zip(todo, got))
+        return [self.known_pairs[(anchor, int(r))] for r in rows]
 
 
 def _round_shares(k: int, rounds: int, k_per_round: bool) -> tuple:

@@ -60,6 +60,10 @@ def test_cli_ingest_ask_info_with_a_tiny_model(tiny_model_dir, tmp_path):
                      "--rerank", "3"])
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["documents"]) == 2
+    r = run(model + ["ask", "Who built the lighthouse?", "--memory", mem, "--json", "--max-new-tokens", "1", "-k", "2",
+                     "--rerank", "3", "--rerank-scoring", "path"])
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["documents"]) == 2
     r = run(["info", mem])
     info = json.loads(r.stdout)
     assert info["n_documents"] == 3 and info["fingerprint"]["chunk_size"] == 64
@@ -181,6 +185,8 @@ def test_cli_os_errors_are_one_line_and_checked_before_encoding(tiny_model_dir, 
     assert run_here(model + ["ingest", str(note), "--memory", mem]).returncode == 0
     assert_one_line_error(run_here(model + ["ask", "What?", "--memory", mem, "-k", "0"]), "k must be >= 1")
     assert_one_line_error(run_here(model + ["ask", "What?", "--memory", mem, "--rerank", "-2"]), "rerank must be >= 0")
+    assert_one_line_error(run_here(model + ["ask", "What?", "--memory", mem, "--rerank-scoring", "path"]),
+                          "add --rerank N")
     assert_one_line_error(run_here(model + ["ask", "x" * 5000, "--memory", mem]), "question", "limit")
 
 

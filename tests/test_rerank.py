@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from msa_plugins import MSAEngine
-from msa_plugins.engine.rerank import fuse_with_routing, question_likelihood, question_likelihood_reference
+from msa_plugins.engine.rerank import (PAIR_PASSAGE_TOKENS, fuse_with_routing, pair_texts, question_likelihood,
+                                       question_likelihood_reference)
 
 PASSAGES = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon, the capital of Portugal.",
             "x", "The quick brown fox jumps over the lazy dog. " * 12, ""]
@@ -38,6 +39,8 @@ def test_long_passages_are_cut_and_the_cut_is_what_counts(tiny_model_dir):
 def test_fusion_sums_z_scores():
     assert fuse_with_routing([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0]) == pytest.approx([-2.449, 0.0, 2.449], abs=1e-3)
     assert fuse_with_routing([1.0, 1.0], [-1.0, -2.0]) == pytest.approx([1.0, -1.0])  # a constant signal adds 0
+    assert fuse_with_routing([1.0, 2.0, 3.0], [-3.0, -2.0, -1.0], [0.0, 5.0, 5.0]) == pytest.approx(
+        [-2.449 - 1.414, 0.707, 2.449 + 0.707], abs=1e-3)  # a third signal adds its z-scores too
 
 
 FACTS = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon.",
@@ -66,6 +69,52 @@ def test_retrieve_rerank_equals_its_definition(engine, routing):
     assert [d.score for d in got] == pytest.approx([f for f, _, _ in want[:3]], abs=1e-4)
     deeper = engine.retrieve(q, k=5, routing=routing, rerank=2)  # the depth is at least k
     assert [d.id for d in deeper] == [i for _, _, i in want]
+
+
+@pytest.mark.parametrize("routing", ["msa", "hybrid"])
+def test_path_rerank_equals_its_definition(tiny_model_dir, routing):
+    """rerank_scoring="path": the top N by z(routing) + z(likelihood alone) + z(likelihood given the anchor's text
+    first), the anchor being the top of the first two terms' sum (scored with itself in front). Written out here
+    from public pieces and the reference likelihood."""
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", rerank_scoring="path")
+    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    m, tok, q = e.model, e.model.tokenizer, "Where was Alice born?"
+    routed = e.retrieve(q, k=5, routing=routing)
+    scores, texts = [d.score for d in routed], [d.text for d in routed]
+    alone = question_likelihood_reference(m, tok, q, texts)
+    single = fuse_with_routing(scores, alone)
+    anchor = max(range(5), key=lambda i: (single[i], -i))
+    paired = question_likelihood_reference(m, tok, q, [texts[anchor] + "\n\n" + t for t in texts],
+                                           max_passage_tokens=PAIR_PASSAGE_TOKENS)
+    fused = fuse_with_routing(scores, alone, paired)
+    want = sorted(zip(fused, range(5), [d.id for d in routed]), key=lambda t: (-t[0], t[1]))
+    got = e.retrieve(q, k=3, routing=routing, rerank=5)
+    assert [d.id for d in got] == [i for _, _, i in want[:3]]
+    assert [d.score for d in got] == pytest.approx([f for f, _, _ in want[:3]], abs=1e-4)
+    assert [d.score for d in got] != pytest.approx(sorted(single, reverse=True)[:3], abs=1e-4)  # the pair counts
+    assert pair_texts("A.", ["B.", "C."]) == ["A.\n\nB.", "A.\n\nC."]
+    res = e.query(q, k=3, rerank=5, max_new_tokens=1)
+    assert [d.id for d in res.documents] == [d.id for d in got]
+
+
+def test_path_rerank_scores_each_pair_once_per_question(tiny_model_dir, monkeypatch):
+    """In 2 rounds the candidates overlap: each candidate alone, and each (anchor, candidate) pair, once."""
+    import msa_plugins.core as core
+
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", rerank_scoring="path")
+    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    scored = []
+    real = core.question_likelihood
+
+    def counting(model, tokenizer, question, passages, **kw):
+        scored.extend(passages)
+        return real(model, tokenizer, question, passages, **kw)
+
+    monkeypatch.setattr(core, "question_likelihood", counting)
+    two = e.retrieve("Where was Alice born?", k=4, rounds=2, rerank=6)
+    assert [d.round for d in two] == [0, 0, 1, 1]
+    pairs = [p for p in scored if "\n\n" in p]
+    assert pairs and len(scored) == len(set(scored)) and len(scored) - len(pairs) <= len(FACTS)
 
 
 def test_query_answers_from_the_reranked_documents(engine):
@@ -141,7 +190,7 @@ def test_each_candidate_is_scored_once_per_question(engine, monkeypatch):
 
 
 def test_rerank_bad_values_are_refused(engine):
-    from msa_plugins import InvalidArgumentError, InvalidTypeError
+    from msa_plugins import InvalidArgumentError, InvalidTypeError, MSAConfig
 
     with pytest.raises(InvalidArgumentError, match="rerank must be >= 0"):
         engine.retrieve("q?", rerank=-1)
@@ -149,6 +198,8 @@ def test_rerank_bad_values_are_refused(engine):
         engine.query("q?", rerank=True)
     with pytest.raises(InvalidArgumentError, match="mode 'sparse'"):
         engine.query("q?", mode="sparse", rerank=5)
+    with pytest.raises(InvalidArgumentError, match="rerank_scoring"):
+        MSAConfig(rerank_scoring="pairs")
 
 
 def test_eval_rerank_systems_share_the_msa_memory_and_rerank():
