@@ -97,26 +97,6 @@ def test_path_rerank_equals_its_definition(tiny_model_dir, routing):
     assert [d.id for d in res.documents] == [d.id for d in got]
 
 
-def test_path_rerank_scores_each_pair_once_per_question(tiny_model_dir, monkeypatch):
-    """In 2 rounds the candidates overlap: each candidate alone, and each (anchor, candidate) pair, once."""
-    import msa_plugins.core as core
-
-    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", rerank_scoring="path")
-    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
-    scored = []
-    real = core.question_likelihood
-
-    def counting(model, tokenizer, question, passages, **kw):
-        scored.extend(passages)
-        return real(model, tokenizer, question, passages, **kw)
-
-    monkeypatch.setattr(core, "question_likelihood", counting)
-    two = e.retrieve("Where was Alice born?", k=4, rounds=2, rerank=6)
-    assert [d.round for d in two] == [0, 0, 1, 1]
-    pairs = [p for p in scored if "\n\n" in p]
-    assert pairs and len(scored) == len(set(scored)) and len(scored) - len(pairs) <= len(FACTS)
-
-
 def test_query_answers_from_the_reranked_documents(engine):
     q = "Where was Alice born?"
     res = engine.query(q, k=2, rerank=6, max_new_tokens=2)
@@ -173,10 +153,14 @@ def test_later_rounds_are_reranked_as_defined(tiny_model_dir, routing, round_rou
     assert [d.id for d in res.documents] == [d.id for d in two]
 
 
-def test_each_candidate_is_scored_once_per_question(engine, monkeypatch):
-    """Round 2's candidates overlap round 1's reranked ones: their likelihoods are computed once."""
+@pytest.mark.parametrize("scoring", ["single", "path"])
+def test_each_candidate_is_scored_once_per_question(tiny_model_dir, monkeypatch, scoring):
+    """Round 2's candidates overlap round 1's reranked ones: each candidate's likelihood alone, and with path
+    scoring each (anchor, candidate) pair's, is computed once."""
     import msa_plugins.core as core
 
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", rerank_scoring=scoring)
+    e.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
     scored = []
     real = core.question_likelihood
 
@@ -185,8 +169,11 @@ def test_each_candidate_is_scored_once_per_question(engine, monkeypatch):
         return real(model, tokenizer, question, passages, **kw)
 
     monkeypatch.setattr(core, "question_likelihood", counting)
-    engine.retrieve("Where was Alice born?", k=4, rounds=2, rerank=6)
-    assert scored and len(scored) == len(set(scored)) <= len(FACTS)
+    two = e.retrieve("Where was Alice born?", k=4, rounds=2, rerank=6)
+    assert [d.round for d in two] == [0, 0, 1, 1]
+    pairs = [p for p in scored if "\n\n" in p]  # no fact holds a blank line: these are anchor + candidate
+    assert scored and len(scored) == len(set(scored)) and len(scored) - len(pairs) <= len(FACTS)
+    assert bool(pairs) == (scoring == "path")
 
 
 def test_rerank_bad_values_are_refused(engine):
