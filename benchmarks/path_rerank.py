@@ -23,14 +23,14 @@ than `rerank`, with a two-sided sign test. Every question is kept in the results
 stopped (a stopped run scores its first questions).
 
 Two kinds of record. The committed runs (MuSiQue, HotpotQA, PopQA; stops 31-32) were made before the engine had
-the option, by earlier versions of this script that read the likelihoods themselves (`scores`, `ll1`, `ll2`, `anchor`): every variant
-above is computed from them, and the "rerank" and "all ranked" orders were checked against the engine's. A run of
-this script uses only the public API (`route`, and `retrieve(..., rerank=N)` under `rerank_scoring` "single" and
-"path"), so it records those two systems' top 5 and hybrid's order; the anchor-first variants need the raw scores
-and are reported only where every record has them. The memory is `msa eval`'s cached bank (as
-`benchmarks.rerank_routing`).
+the option, by earlier versions of this script that read the likelihoods themselves (`scores`, `ll1`, `ll2`,
+`anchor`): every variant above is computed from them, and the "rerank" and "all ranked" orders were checked
+against the engine's. A run of this script uses only the public API (`route`, and `retrieve(..., rerank=N)` under
+`rerank_scoring` "single" and "path"), so it records those two systems' top 5 and hybrid's order; the anchor-first
+variants need the raw scores and are reported only where every record has them. The memory is `msa eval`'s cached
+bank (as `benchmarks.rerank_routing`).
 
-    python -m benchmarks.path_rerank --corpus hotpotqa --results /tmp/path_hotpotqa.json   # a new run; ~1 min a question
+    python -m benchmarks.path_rerank --corpus hotpotqa --results /tmp/path_hotpotqa.json   # new run, ~1 min/question
     python -m benchmarks.path_rerank --corpus musique --report-only
 """
 from __future__ import annotations
@@ -162,8 +162,10 @@ def main(argv=None):
                 json.dump(done, f)
             os.replace(tmp, path)
             print(f"{i + 1}/{len(questions)} {seconds[-1]:.0f} s", flush=True)
+    if not records:
+        raise SystemExit(f"{path} holds no scored question; run without --report-only first")
     rep = report(records)
-    if args.report_only and records:  # the summary of an older run, recomputed with today's variants
+    if args.report_only:  # the summary of an older run, recomputed with today's variants
         done.update(rep)
         with open(path + ".tmp", "w") as f:
             json.dump(done, f)

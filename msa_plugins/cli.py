@@ -31,7 +31,7 @@ import tempfile
 import time
 from importlib import resources
 
-from .config import AnswerOptions
+from .config import RERANK_SCORINGS, AnswerOptions
 from .errors import InvalidArgumentError, MemoryFormatError, MSAError
 from .validation import check_text
 
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="reorder the router's top N documents (at least k) by how likely the model finds the "
                         "question given each; costs N short forward passes (default 0: off)")
-    s.add_argument("--rerank-scoring", choices=("single", "path"), default=None,
+    s.add_argument("--rerank-scoring", choices=RERANK_SCORINGS, default=None,
                    help="with --rerank: 'single' scores each document alone (the default); 'path' also scores it "
                         "after the top one's text, for multi-hop questions (N more forward passes, about twice as "
                         "long)")

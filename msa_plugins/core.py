@@ -926,40 +926,33 @@ def _fused_order(route_scores: list, rows: list, scorer: "_QuestionLikelihood", 
     fused = fuse_with_routing(route_scores, alone)
     if path:
         anchor = rows[min(range(len(fused)), key=lambda i: (-fused[i], i))]
-        fused = fuse_with_routing(route_scores, alone, scorer.paired(anchor, rows))
+        fused = fuse_with_routing(route_scores, alone, scorer(rows, anchor=anchor))
     return sorted(range(len(fused)), key=lambda i: (-fused[i], i)), fused
 
 
 class _QuestionLikelihood:
-    """One question's UPR likelihood given bank rows (`engine.rerank.question_likelihood`), each row scored once:
-    the rounds of one question rerank overlapping candidates."""
+    """One question's UPR likelihood given bank rows (`engine.rerank.question_likelihood`), each row (and with path
+    scoring each (anchor, row) pair) scored once: the rounds of one question rerank overlapping candidates."""
 
     def __init__(self, engine: "MSAEngine", question: str, snap: Snapshot):
         self.engine, self.question, self.texts = engine, question, snap._state.texts
-        self.known: dict = {}
-        self.known_pairs: dict = {}
+        self.known: dict = {}  # (anchor row or None, row) -> likelihood
 
-    def __call__(self, rows: list) -> list:
-        todo = list(dict.fromkeys(int(r) for r in rows if int(r) not in self.known))
+    def __call__(self, rows: list, anchor: Optional[int] = None) -> list:
+        """The likelihood given each row's text; with `anchor` (path scoring), given the anchor row's text, then
+        each row's."""
+        anchor = None if anchor is None else int(anchor)
+        keys = [(anchor, int(r)) for r in rows]
+        todo = list(dict.fromkeys(key for key in keys if key not in self.known))
         if todo:
             model = self.engine.model
-            got = question_likelihood(model, model.tokenizer, self.question, [self.texts[r] for r in todo],
-                                      batch_tokens=self.engine.config.batch_tokens)
-            self.known.update(zip(todo, got))
-        return [self.known[int(r)] for r in rows]
-
-    def paired(self, anchor: int, rows: list) -> list:
-        """The likelihood given the anchor row's text, then each row's (path scoring), each pair scored once."""
-        anchor = int(anchor)
-        todo = list(dict.fromkeys(int(r) for r in rows if (anchor, int(r)) not in self.known_pairs))
-        if todo:
-            model = self.engine.model
+            texts = [self.texts[r] for _, r in todo]
+            cut = {} if anchor is None else {"max_passage_tokens": PAIR_PASSAGE_TOKENS}
             got = question_likelihood(model, model.tokenizer, self.question,
-                                      pair_texts(self.texts[anchor], [self.texts[r] for r in todo]),
-                                      max_passage_tokens=PAIR_PASSAGE_TOKENS,
-                                      batch_tokens=self.engine.config.batch_tokens)
-            self.known_pairs.update(((anchor, r), x) for r, x in zip(todo, got))
-        return [self.known_pairs[(anchor, int(r))] for r in rows]
+                                      texts if anchor is None else pair_texts(self.texts[anchor], texts),
+                                      batch_tokens=self.engine.config.batch_tokens, **cut)
+            self.known.update(zip(todo, got))
+        return [self.known[key] for key in keys]
 
 
 def _round_shares(k: int, rounds: int, k_per_round: bool) -> tuple:
