@@ -14,16 +14,20 @@ candidate, each about twice as long (`PAIR_PASSAGE_TOKENS`).
 
 `question_likelihood` is the batched path (left-padded rows, one forward per batch, the LM head on the
 question's tokens only); `question_likelihood_reference` scores one passage at a time, with no padding: the
-obviously-correct version the tests compare it with.
+obviously-correct version the tests compare it with. Prompts that share a long start (path scoring's anchor) run
+that start once and attend to its cached keys/values (`_likelihood_after_shared_prefix`), compared with the same
+reference.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from ..errors import InputTooLongError
+from ..errors import InputTooLongError, InvalidArgumentError
+from .model import KVCache
 
 # the UPR prompt, split where the passage and the question go (raw text: base and instruct models alike)
 PASSAGE_PREFIX = "Passage: "
@@ -32,6 +36,9 @@ MAX_PASSAGE_TOKENS = 320  # a longer passage is cut: its start is what the quest
 PAIR_PASSAGE_TOKENS = 2 * MAX_PASSAGE_TOKENS  # path scoring: the anchor and a candidate, cut as one passage
 PAIR_SEPARATOR = "\n\n"
 MIN_PASSAGE_TOKENS = 16  # a question so long that less of a document fits is refused, not scored on a stub
+# prompts sharing a start at least this long run it once (path scoring's anchor); below it, one more forward per
+# batch costs more than it saves (every prompt shares "Passage:")
+SHARED_PREFIX_MIN_TOKENS = 32
 
 
 def _encode(model, tokenizer, question: str, passages: list, max_passage_tokens: int) -> tuple:
@@ -68,27 +75,61 @@ def question_likelihood_reference(model, tokenizer, question: str, passages: lis
     return [_question_logprob(model, prefix, q_ids) for prefix in prefixes]
 
 
-@torch.inference_mode()
-def question_likelihood(model, tokenizer, question: str, passages: list,
-                        max_passage_tokens: int = MAX_PASSAGE_TOKENS, batch_tokens: int = 8192) -> list:
-    """`question_likelihood_reference`, batched: rows left-padded so every row ends with the question's Tq tokens
-    (their positions start at 0 at each row's first real token), `batch_tokens` tokens per forward."""
-    if not passages:
-        return []
-    q_ids, prefixes = _encode(model, tokenizer, question, passages, max_passage_tokens)
-    Tq = len(q_ids)
-    target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
-    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))  # similar lengths batch together
-    out: list = [0.0] * len(prefixes)
+def _batches(lengths: list, batch_tokens: int):
+    """Row indices in batches of similar lengths (shortest first), each at most `batch_tokens` tokens once padded
+    to its longest row (a row longer than the budget goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     start = 0
     while start < len(order):
         rows = [order[start]]
         while start + len(rows) < len(order):  # rows are sorted by length: the next one is the longest yet
             nxt = order[start + len(rows)]
-            if (len(rows) + 1) * (len(prefixes[nxt]) + Tq) > batch_tokens:
+            if (len(rows) + 1) * lengths[nxt] > batch_tokens:
                 break
             rows.append(nxt)
         start += len(rows)
+        yield rows
+
+
+def shared_prefix_enabled() -> bool:
+    """MSA_RERANK_PREFIX: "shared" (default) runs a start the prompts share once; "off" runs every prompt whole,
+    the path from before, kept for `benchmarks/rerank_prefix.py` to measure against."""
+    kind = os.environ.get("MSA_RERANK_PREFIX", "shared")
+    if kind not in ("shared", "off"):
+        raise InvalidArgumentError(f"MSA_RERANK_PREFIX={kind!r}; use 'shared' or 'off'")
+    return kind == "shared"
+
+
+def shared_prefix_length(prefixes: list) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own: the position that
+    predicts the question's first token must be in every row's own part."""
+    if len(prefixes) < 2:
+        return 0
+    n = min(len(p) for p in prefixes) - 1
+    first = prefixes[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prefixes[1:]):
+            return i
+    return max(n, 0)
+
+
+@torch.inference_mode()
+def question_likelihood(model, tokenizer, question: str, passages: list,
+                        max_passage_tokens: int = MAX_PASSAGE_TOKENS, batch_tokens: int = 8192) -> list:
+    """`question_likelihood_reference`, batched: rows left-padded so every row ends with the question's Tq tokens
+    (their positions start at 0 at each row's first real token), `batch_tokens` tokens per forward. When the
+    prompts share a start of at least `SHARED_PREFIX_MIN_TOKENS` tokens (path scoring: the anchor), that start
+    runs once (`_likelihood_after_shared_prefix`)."""
+    if not passages:
+        return []
+    q_ids, prefixes = _encode(model, tokenizer, question, passages, max_passage_tokens)
+    shared = shared_prefix_length(prefixes)
+    if shared >= SHARED_PREFIX_MIN_TOKENS and shared_prefix_enabled():
+        return _likelihood_after_shared_prefix(model, q_ids, prefixes, shared, batch_tokens)
+    Tq = len(q_ids)
+    target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
+    out: list = [0.0] * len(prefixes)
+    for rows in _batches([len(p) + Tq for p in prefixes], batch_tokens):
         S = max(len(prefixes[i]) for i in rows) + Tq
         ids = torch.zeros(len(rows), S, dtype=torch.long)
         real = torch.zeros(len(rows), S, dtype=torch.bool)
@@ -100,6 +141,41 @@ def question_likelihood(model, tokenizer, question: str, passages: list,
         h = model.forward(ids, positions, key_padding=real, logits="none")  # [B, S, hidden]
         logp = model.lm_head(h[:, S - Tq - 1:-1]).float().log_softmax(-1)  # [B, Tq, vocab]
         scores = logp.gather(-1, target[None, :, None].expand(len(rows), -1, -1))[..., 0].mean(1)  # [B]
+        for b, i in enumerate(rows):
+            out[i] = scores[b].item()
+    return out
+
+
+@torch.inference_mode()
+def _likelihood_after_shared_prefix(model, q_ids: list, prefixes: list, shared: int, batch_tokens: int) -> list:
+    """`question_likelihood` for prompts that all start with the same `shared` tokens. Those run once; their
+    keys/values (rotated at positions 0..shared-1) become every row's cache prefix, which a row's own tokens attend
+    to in full, as they would to the same tokens in front of them. Path scoring's rows are the anchor's text and
+    then a candidate's: this skips recomputing the anchor once per candidate. Rows are right-padded (harmless
+    under the causal mask), so each row's question tokens are gathered at its own offset."""
+    Tq = len(q_ids)
+    head = torch.tensor([prefixes[0][:shared]], dtype=torch.long)
+    prefix_cache = KVCache(model.n_layers, preallocated=False)
+    model.forward(head, torch.arange(shared)[None], cache=prefix_cache, logits="none")  # fills k/v [1, G, shared, D]
+    target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
+    tails = [p[shared:] + q_ids for p in prefixes]  # each row's own tokens (>= 1 before the question), then the question
+    out: list = [0.0] * len(prefixes)
+    for rows in _batches([len(t) for t in tails], batch_tokens):
+        B, S = len(rows), max(len(tails[i]) for i in rows)
+        ids = torch.zeros(B, S, dtype=torch.long)
+        for b, i in enumerate(rows):
+            ids[b, :len(tails[i])] = torch.tensor(tails[i], dtype=torch.long)
+        positions = (shared + torch.arange(S))[None].expand(B, -1)  # [B, S]: right after the shared start
+        cache = KVCache(model.n_layers, preallocated=False,
+                        memory=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))  # [B, G, shared, D], no copy
+                                for k, v in zip(prefix_cache.k, prefix_cache.v)])
+        h = model.forward(ids, positions, cache=cache, logits="none")  # [B, S, hidden]
+        # row b's question tokens sit at own positions n_b - Tq .. n_b - 1, predicted by the position before each
+        first = torch.tensor([len(tails[i]) - Tq - 1 for i in rows])  # [B]
+        at = (first[:, None] + torch.arange(Tq)[None]).to(h.device)  # [B, Tq]
+        hq = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))  # [B, Tq, hidden]
+        logp = model.lm_head(hq).float().log_softmax(-1)  # [B, Tq, vocab]
+        scores = logp.gather(-1, target[None, :, None].expand(B, -1, -1))[..., 0].mean(1)  # [B]
         for b, i in enumerate(rows):
             out[i] = scores[b].item()
     return out
@@ -121,4 +197,4 @@ def pair_texts(anchor: str, passages: list) -> list:
 
 
 __all__ = ["question_likelihood", "question_likelihood_reference", "fuse_with_routing", "pair_texts",
-           "MAX_PASSAGE_TOKENS", "PAIR_PASSAGE_TOKENS"]
+           "shared_prefix_length", "MAX_PASSAGE_TOKENS", "PAIR_PASSAGE_TOKENS", "SHARED_PREFIX_MIN_TOKENS"]

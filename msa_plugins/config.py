@@ -10,6 +10,7 @@ Environment variables read by the package (each documented where it is read):
     MSA_DATASETS        the evaluation data root (default ../shared/datasets beside the working directory)
     MSA_ROUTING_TUNE    autotune the Triton routing kernel on first use (1) or use a fixed config (0)
     MSA_KV_CACHE        "cat" selects the old growing KV cache (for benchmarks); default: preallocated
+    MSA_RERANK_PREFIX   "off" runs every rerank prompt whole, the shared anchor too (for benchmarks); default: shared
     MSA_API_KEYS        `msa serve`'s API keys: "KEY=mem1,mem2;KEY2=mem3" (see msa_plugins/server.py)
     MSA_CACHE_DIR       `msa eval`'s encoded-memory cache lives in $MSA_CACHE_DIR/eval-banks (default ~/.cache/msa-plugins)
 

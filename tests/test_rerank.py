@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from msa_plugins import MSAEngine
-from msa_plugins.engine.rerank import (PAIR_PASSAGE_TOKENS, fuse_with_routing, pair_texts, question_likelihood,
-                                       question_likelihood_reference)
+from msa_plugins.errors import InvalidArgumentError
+from msa_plugins.engine.rerank import (PAIR_PASSAGE_TOKENS, QUESTION_PROMPT, SHARED_PREFIX_MIN_TOKENS,
+                                       fuse_with_routing, pair_texts, question_likelihood,
+                                       question_likelihood_reference, shared_prefix_length)
 
 PASSAGES = ["Paris is the capital of France.", "Alice was born in 1990 in Lisbon, the capital of Portugal.",
             "x", "The quick brown fox jumps over the lazy dog. " * 12, ""]
@@ -26,6 +28,62 @@ def test_batched_likelihood_equals_reference(tiny_model_dir, family):
     assert all(math.isfinite(x) and x < 0 for x in ref)
     assert len(set(round(x, 6) for x in ref)) > 1  # the passages make a difference
     assert question_likelihood(m, tok, "q?", []) == []
+
+
+ANCHOR = "Alice Smith (born 1990) is a chemist from Lisbon who studied catalysis at the University of Porto. " * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_prompts_sharing_a_start_run_it_once_and_score_as_the_reference(tiny_model_dir, family, monkeypatch):
+    """Path scoring's rows all start with the anchor: that start runs once, as the cache prefix of every row, and
+    the scores equal the one-passage-at-a-time reference (which runs every prompt whole)."""
+    e = MSAEngine.from_pretrained(tiny_model_dir(family), device="cpu")
+    m, tok = e.model, e.model.tokenizer
+    texts = pair_texts(ANCHOR, PASSAGES)
+    q = "Where was the chemist born?"
+    ref = question_likelihood_reference(m, tok, q, texts, max_passage_tokens=PAIR_PASSAGE_TOKENS)
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    longest = (max(len(ids("Passage: " + t)[:PAIR_PASSAGE_TOKENS]) for t in texts)
+               + len(ids(QUESTION_PROMPT)) + len(ids(" " + q)))  # the longest whole prompt + question
+    forwarded = []
+    real_forward = m.forward
+
+    def counting(ids, positions, **kw):
+        forwarded.append(ids.shape)
+        return real_forward(ids, positions, **kw)
+
+    m.forward = counting
+    try:
+        for batch_tokens in (8192, 60, 1):
+            forwarded.clear()
+            got = question_likelihood(m, tok, q, texts, max_passage_tokens=PAIR_PASSAGE_TOKENS,
+                                      batch_tokens=batch_tokens)
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+            shared = forwarded[0][1]
+            assert forwarded[0][0] == 1 and shared >= len(ids("Passage: " + ANCHOR)) - 2  # the anchor: once, first
+            assert max(s for _, s in forwarded[1:]) + shared <= longest  # the rows run their own tokens only
+        monkeypatch.setenv("MSA_RERANK_PREFIX", "off")  # the path from before: every prompt whole
+        forwarded.clear()
+        got = question_likelihood(m, tok, q, texts, max_passage_tokens=PAIR_PASSAGE_TOKENS)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-4)
+        assert forwarded == [(len(texts), longest)]
+        monkeypatch.setenv("MSA_RERANK_PREFIX", "yes")
+        with pytest.raises(InvalidArgumentError, match="MSA_RERANK_PREFIX='yes'; use 'shared' or 'off'"):
+            question_likelihood(m, tok, q, texts)
+    finally:
+        m.forward = real_forward
+    assert len(set(round(x, 6) for x in ref)) > 1
+
+
+def test_shared_prefix_length_leaves_every_row_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token stays each row's
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one prompt: nothing to share
+    assert shared_prefix_length([[1], [1]]) == 0
+    assert SHARED_PREFIX_MIN_TOKENS > 2  # every UPR prompt starts with "Passage:"; that alone is not worth a forward
 
 
 def test_long_passages_are_cut_and_the_cut_is_what_counts(tiny_model_dir):
