@@ -158,7 +158,7 @@ def _likelihood_after_shared_prefix(model, q_ids: list, prefixes: list, shared: 
     prefix_cache = KVCache(model.n_layers, preallocated=False)
     model.forward(head, torch.arange(shared)[None], cache=prefix_cache, logits="none")  # fills k/v [1, G, shared, D]
     target = torch.tensor(q_ids, dtype=torch.long, device=model.device)
-    tails = [p[shared:] + q_ids for p in prefixes]  # each row's own tokens (>= 1 before the question), then the question
+    tails = [p[shared:] + q_ids for p in prefixes]  # each row's own tokens (>= 1 before the question), the question
     out: list = [0.0] * len(prefixes)
     for rows in _batches([len(t) for t in tails], batch_tokens):
         B, S = len(rows), max(len(tails[i]) for i in rows)
