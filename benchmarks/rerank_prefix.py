@@ -55,7 +55,7 @@ def main(argv=None):
                "path, off": (base.with_overrides(rerank_scoring="path"), "off"),
                "single": (base.with_overrides(rerank_scoring="single"), "shared")}
     questions = [q.question for q in es.questions if q.gold_doc_ids][:args.questions]
-    for run in RUNS:  # untimed: a process's first rerank runs about 2x slower (allocator and thread-pool warm-up)
+    for run in RUNS:  # untimed: a process's first rerank ran 2-3x slower here (warm-up)
         config, prefix = configs[run]
         timed_retrieve(engine, questions[0], args.depth, config, prefix)
     records = []
