@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -39,6 +40,16 @@ from .ingest import Ingestor
 from .lexical import TOKENIZER_VERSION, LexicalIndex
 
 _TENSOR_FIELDS = ("keys_r", "keys_r_scale", "keys", "values", "inputs")
+
+
+class Keep:
+    """What `MemoryBank.reverting` yields: `keep()` makes the block's writes stay even if it then raises."""
+
+    def __init__(self):
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,8 @@ class MemoryBank:
         if ids is None:
             raise InvalidArgumentError("upsert needs the ids of the documents to replace or add; use add to "
                                        "add documents with generated ids")
-        ids = check_ids(ids, len(check_texts(texts)))
+        texts = check_texts(texts)  # once: a generator is used up by the first look
+        ids = check_ids(ids, len(texts))
         with self._lock:
             s = self._state
             elsewhere = [(d, _collection_of(s, d)) for d in ids if d in s and _collection_of(s, d) != collection]
@@ -234,6 +246,11 @@ class MemoryBank:
         ids = [ids] if isinstance(ids, str) else list(ids)
         with self._lock:
             s = self._state
+            for d in ids:  # a part alone would leave its text cut short under the parent id, silently
+                row = s.row_of.get(d) if isinstance(d, str) else None
+                if row is not None and s.parents[row] is not None:
+                    raise InvalidArgumentError(f"{d!r} is one part of the split long text {s.parents[row]!r}; delete "
+                                               f"{s.parents[row]!r} to remove the whole text; nothing was deleted")
             if collection is not None:  # a document of another collection is not this collection's to delete
                 s = _select_rows(s, [r for r in range(len(s)) if s.collections[r] == collection])
             missing = [d for d in ids if d not in s]
@@ -250,14 +267,17 @@ class MemoryBank:
     @contextlib.contextmanager
     def reverting(self):
         """Writes made in the block are undone when it raises: the state goes back to the one it started from.
-        The bank's lock is held throughout, so no other writer's change can be undone with them."""
+        The bank's lock is held throughout, so no other writer's change can be undone with them. Yields a
+        `Keep`: once `keep()` is called (a save of the block's writes has committed) nothing is undone, so an
+        interrupt while the save cleans up cannot leave the memory older than its folder."""
         with self._lock:
-            before = self._state
+            before, kept = self._state, Keep()
             self._reverting += 1
             try:
-                yield
+                yield kept
             except BaseException:
-                self._state = before
+                if not kept.kept:
+                    self._state = before
                 raise
             finally:
                 self._reverting -= 1
@@ -294,7 +314,12 @@ class MemoryBank:
                 on_swap()
 
     def set_calibration(self, calibration: Optional[dict]) -> None:
-        """Store an abstention calibration with the memory (saved in its manifest)."""
+        """Store an abstention calibration with the memory (saved in its manifest). Its threshold must be a
+        finite float: the manifest is JSON, and a memory whose manifest holds Infinity would not load."""
+        if calibration is not None:
+            t = calibration.get("threshold") if isinstance(calibration, dict) else None
+            if not isinstance(t, float) or not math.isfinite(t):
+                raise InvalidArgumentError(f"an abstention calibration needs a finite float 'threshold', got {t!r}")
         with self._lock:
             self._state = replace(self._state, calibration=None if calibration is None else dict(calibration))
 
@@ -356,9 +381,10 @@ class MemoryBank:
         return storage.folder_lock(directory, timeout=timeout)
 
     def save(self, directory: str, lock: Optional[storage.FolderLock] = None,
-             timeout: float = storage.DEFAULT_LOCK_TIMEOUT) -> None:
+             timeout: float = storage.DEFAULT_LOCK_TIMEOUT, on_commit: Optional[Callable] = None) -> None:
         """Atomically write the bank to `directory` under its writer lock (see storage.py). The previous
-        copy stays loadable until the new manifest is in place; only the memory's own files are removed."""
+        copy stays loadable until the new manifest is in place; only the memory's own files are removed.
+        `on_commit()` runs as soon as the new manifest is in place (before the previous files are removed)."""
         # The folder lock first, then the state: one lock order everywhere (a read-modify-write holds the
         # folder while it adds), and the state written is the newest one when the write starts.
         with storage.folder_lock(directory, timeout=timeout) as held:
@@ -368,13 +394,14 @@ class MemoryBank:
             if s.content_start is not None:
                 tensors["content_start"] = s.content_start
             tensors.update({n: getattr(s, n) for n in _TENSOR_FIELDS if getattr(s, n) is not None})
-            tensors.update(s.lexical.to_tensors())  # same file, same checksum, same generation
+            lexical = s.lexical.compacted()  # no word of a deleted document is written
+            tensors.update(lexical.to_tensors())  # same file, same checksum, same generation
             docs = [{"id": s.ids[r], "text": s.texts[r], "metadata": s.metadata[r], "n_tokens": s.n_tokens[r],
                      "parent": s.parents[r], "collection": s.collections[r]} for r in range(len(s))]
-            extra = {"lexical": {"tokenizer": TOKENIZER_VERSION, "n_terms": s.lexical.n_terms},
+            extra = {"lexical": {"tokenizer": TOKENIZER_VERSION, "n_terms": lexical.n_terms},
                      "calibration": s.calibration}
             storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
-                         extra=extra)
+                         extra=extra, on_commit=on_commit)
 
     def load(self, directory: str, verify: bool = True, fingerprint_for: Optional[Callable] = None,
              on_swap: Optional[Callable] = None) -> None:

@@ -145,9 +145,24 @@ class LexicalIndex:
         return torch.from_numpy(out.astype(np.float32))
 
     # ------------------------------------------------------------------ storage
+    def compacted(self) -> "LexicalIndex":
+        """The same index over the terms its rows hold (df > 0), renumbered in the same order: the shared vocab
+        only grows, so it still holds the words of deleted documents, which a save must not write. Scores are
+        unchanged (a term no row holds scores nothing either way)."""
+        live = np.flatnonzero(self.df[:self.n_terms] > 0)  # [V'] old ids, ascending
+        if len(live) == self.n_terms:
+            return self
+        new_id = np.full(self.n_terms, -1, dtype=np.int64)
+        new_id[live] = np.arange(len(live), dtype=np.int64)  # monotone: each row's term ids stay sorted
+        words = {i: t for t, i in self.vocab.items() if i < self.n_terms}
+        vocab = {words[int(i)]: n for n, i in enumerate(live)}
+        return LexicalIndex(vocab, len(live), tuple(new_id[t] for t in self.row_terms), self.row_tf,
+                            self.df[live].copy())
+
     def to_tensors(self) -> dict:
         """The index as flat tensors for the memory's tensors file (no pickle): CSR rows of (term, tf) and
-        the vocabulary as UTF-8 bytes with offsets (a term is `\\w\\w+`, so it holds no separator issue)."""
+        the vocabulary as UTF-8 bytes with offsets (a term is `\\w\\w+`, so it holds no separator issue).
+        Call it on `compacted()`: it writes every term of the vocab, live or not."""
         words = [None] * self.n_terms
         for t, i in self.vocab.items():
             if i < self.n_terms:

@@ -156,7 +156,7 @@ def write_jsonl(path: str, records) -> tuple:
 def _write_json(path: str, obj) -> None:
     w = _HashingWriter(path)
     try:
-        w.write(json.dumps(obj, indent=1).encode("utf-8"))
+        w.write(json.dumps(obj, indent=1, allow_nan=False).encode("utf-8"))  # NaN/Infinity: load would refuse it
     finally:
         w.close()
 
@@ -204,8 +204,24 @@ def check_destination(directory: str) -> str:
     return directory
 
 
+def _check_owned_names(directory: str) -> None:
+    """Refuse, before anything is opened or written, a folder whose lock file or manifest is not a plain file: a
+    folder there may hold someone's files (and would fail the save only after its data files were renamed), and
+    a link would have the lock create or lock a file outside the memory folder."""
+    lock, manifest = os.path.join(directory, LOCK_FILE), os.path.join(directory, MANIFEST)
+    if os.path.islink(lock):
+        raise MemoryFormatError(f"{lock!r} is a symbolic link; a memory folder's lock must be a plain file in it "
+                                "(the lock would create or lock the file it points to): remove the link")
+    for path in (lock, manifest):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise MemoryFormatError(f"{path!r} is a folder where the memory keeps a file; nothing was written: move "
+                                    "it out of the memory folder")
+
+
 def _flock(directory: str, deadline: float, timeout: float) -> int:
-    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    _check_owned_names(directory)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # a link planted after the check fails here
+    fd = os.open(os.path.join(directory, LOCK_FILE), flags, FILE_MODE)
     if fcntl is None:
         return fd
     delay = 0.005
@@ -279,7 +295,7 @@ def remove_file(path: str) -> int:
                        "leftover): move it out of the memory folder", path)
         return 0
     try:
-        size = os.path.getsize(path)
+        size = os.lstat(path).st_size  # a link (dangling or not) is removed as itself, never its target
         os.remove(path)
         return size
     except FileNotFoundError:
@@ -330,17 +346,24 @@ def clean_orphans(directory: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- save
 def save(directory: str, tensors: dict, docs: list, fingerprint: dict, lock: Optional[FolderLock] = None,
-         timeout: float = DEFAULT_LOCK_TIMEOUT, extra: Optional[dict] = None) -> dict:
+         timeout: float = DEFAULT_LOCK_TIMEOUT, extra: Optional[dict] = None, on_commit=None) -> dict:
     """Atomically write a memory (tensors: name -> tensor; docs: records) into `directory` under its
     writer lock (re-entered when the caller holds it, e.g. `lock` from folder_lock). `extra`: more
-    manifest entries ("lexical", "calibration"). Returns the manifest."""
+    manifest entries ("lexical", "calibration"). `on_commit()`: called right after the commit point. Returns
+    the manifest."""
     if lock is not None and not _lock_held(lock.directory):
         raise InvalidArgumentError("the lock passed to save is not held by this thread; save inside its `with` block")
     with folder_lock(directory, timeout=timeout) as held:
-        return _save_locked(held.directory, tensors, docs, fingerprint, extra)
+        return _save_locked(held.directory, tensors, docs, fingerprint, extra, on_commit)
 
 
-def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict, extra: Optional[dict] = None) -> dict:
+def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict, extra: Optional[dict] = None,
+                 on_commit=None) -> dict:
+    try:  # before any file is written: a manifest load would refuse is never saved
+        json.dumps({"fingerprint": fingerprint, **(extra or {})}, allow_nan=False)
+    except ValueError as e:
+        raise InvalidArgumentError(f"the memory's manifest entries are not finite JSON ({e}); nothing was saved") \
+            from None
     previous = None
     if os.path.isfile(os.path.join(directory, MANIFEST)):
         try:
@@ -373,6 +396,8 @@ def _save_locked(directory: str, tensors: dict, docs: list, fingerprint: dict, e
     os.rename(tmp["tensors.safetensors"], os.path.join(directory, tensors_name))
     os.rename(tmp["docs.jsonl"], os.path.join(directory, docs_name))
     os.replace(tmp["manifest.json"], os.path.join(directory, MANIFEST))  # the commit point
+    if on_commit is not None:
+        on_commit()
     try:  # the save has happened: a failure from here on must not tell the caller it did not
         fsync_dir(directory)
         clean_orphans(directory)  # the previous generation (named by the new manifest) and any other leftovers
@@ -396,7 +421,8 @@ def read_manifest(directory: str) -> dict:
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise MemoryFormatError(f"{directory!r} holds no saved memory ({MANIFEST} is missing)")
+        what = "is a folder, not a file" if os.path.isdir(path) else "is missing"
+        raise MemoryFormatError(f"{directory!r} holds no saved memory ({MANIFEST} {what})")
     if os.path.getsize(path) > _MAX_MANIFEST_BYTES:
         _fail(path, f"is {os.path.getsize(path)} bytes, far larger than a manifest")
     try:

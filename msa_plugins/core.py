@@ -14,6 +14,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -291,9 +292,10 @@ class MSAEngine:
         after the memory's, the reverse of every other save (a save elsewhere would wait out its timeout), and
         load / set_router are refused (their settings could not be put back)."""
         with self._bank.locked(directory, timeout=timeout) as held:
-            with self._bank.reverting():
+            with self._bank.reverting() as undo:
                 yield self
-                self._bank.save(directory, lock=held)
+                # committed = kept: an interrupt while the save cleans up must not revert what the folder holds
+                self._bank.save(directory, lock=held, on_commit=undo.keep)
 
     def use_sharded_routing(self, router=None) -> None:
         """Route memory-parallel through `router` (a `ShardedRouter` of `msa_plugins.engine.sharding`, used by
@@ -902,7 +904,9 @@ def _signal(router_scores: list, signal: str) -> float:
 def _best_threshold(answerable: list, removed: list) -> tuple:
     """The threshold t (abstain when signal < t) with the best balanced accuracy on the two dev lists,
     midway between neighbouring values; and the dev precision/recall of abstaining there."""
-    values = sorted(v for v in set(answerable + removed) if v != float("-inf"))
+    # only finite values place a cut: -inf (nothing to route to) always abstains, and +inf (a margin with one
+    # document admitted) never does, under any finite threshold; an infinite one could not be saved
+    values = sorted(v for v in set(answerable + removed) if math.isfinite(v))
     cuts = [values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-6] \
         if values else [0.0]
     best = None

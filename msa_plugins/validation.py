@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import KeysView, Mapping, Set as AbstractSet
 from typing import Optional
 
 from .errors import InputTooLongError, InvalidArgumentError, InvalidTypeError
@@ -17,6 +18,30 @@ from .errors import InputTooLongError, InvalidArgumentError, InvalidTypeError
 # A question longer than this many characters is refused before it is tokenized: tokenizing a huge
 # string is itself slow, and no model window holds it (the token limit is checked after tokenizing).
 MAX_QUESTION_CHARS = 1_000_000
+
+
+def _utf8(value: str) -> bool:
+    """True when `value` can be written as UTF-8: a lone surrogate (e.g. from bytes decoded with
+    errors='surrogateescape') passes every str check but fails the memory's save, so it is refused on the way in."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_utf8(value: str, what: str) -> str:
+    if not _utf8(value):
+        at = next(i for i, ch in enumerate(value) if not _utf8(ch))
+        raise InvalidArgumentError(f"{what} holds a lone surrogate ({value[at]!r} at character {at}), which is not "
+                                   "text UTF-8 can store; decode the source with errors='replace', or remove it")
+    return value
+
+
+def unordered(value) -> bool:
+    """A set (in hash order: it would pair ids with the wrong texts) or a mapping (it iterates its keys, so
+    {id: text} would store the ids as texts). A dict's keys() view keeps insertion order and passes."""
+    return isinstance(value, Mapping) or (isinstance(value, AbstractSet) and not isinstance(value, KeysView))
 
 
 def check_int(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
@@ -73,7 +98,7 @@ def check_text(value, what: str = "question") -> str:
     if what == "question" and len(value) > MAX_QUESTION_CHARS:
         raise InputTooLongError(f"the question has {len(value):,} characters, more than the limit of "
                                 f"{MAX_QUESTION_CHARS:,}; shorten it, or add long text to the memory instead")
-    return value
+    return check_utf8(value, f"the {what}")
 
 
 def check_messages(messages) -> list:
@@ -108,6 +133,9 @@ def check_history(history) -> Optional[list]:
 def check_texts(texts) -> list:
     if isinstance(texts, (str, bytes)):
         raise InvalidTypeError("texts must be a list of strings, not a single string; wrap it: [text]")
+    if unordered(texts):
+        raise InvalidTypeError(f"texts must be an ordered list, not a {type(texts).__name__} (its order is not "
+                               "the one ids and metadata pair with); pass a list")
     try:
         texts = list(texts)
     except TypeError:
@@ -117,6 +145,7 @@ def check_texts(texts) -> list:
             raise InvalidTypeError(f"text at position {i} is a {type(t).__name__}, not a str; decode or convert it first")
         if not t.strip():
             raise InvalidArgumentError(f"text at position {i} is empty or whitespace only; memory documents need content")
+        check_utf8(t, f"text at position {i}")
     return texts
 
 
@@ -125,6 +154,9 @@ def check_ids(ids, n: int) -> list:
     names the parts of a split long document."""
     if isinstance(ids, (str, bytes)):
         raise InvalidTypeError(f"ids must be a list of str, not a single {type(ids).__name__}; wrap it: [{ids!r}]")
+    if unordered(ids):
+        raise InvalidTypeError(f"ids must be an ordered list, not a {type(ids).__name__}: its order would pair ids "
+                               "with the wrong texts; pass a list in the texts' order")
     ids = list(ids)
     if len(ids) != n:
         raise InvalidArgumentError(f"got {n} texts but {len(ids)} ids; pass one id per text or none")
@@ -132,6 +164,7 @@ def check_ids(ids, n: int) -> list:
     for i, d in enumerate(ids):
         if not isinstance(d, str) or not d.strip():
             raise InvalidTypeError(f"id at position {i} is {d!r}; ids must be non-empty strings")
+        check_utf8(d, f"id at position {i}")
         if "#" in d:
             raise InvalidArgumentError(f"id {d!r} contains '#', which names the parts of a split long document "
                                        "(<id>#<part>); use another character")
@@ -144,8 +177,10 @@ def check_ids(ids, n: int) -> list:
 
 def _json_roundtrips(value) -> bool:
     """True when JSON gives back exactly this value (str keys, lists not tuples, finite floats)."""
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
         return True
+    if isinstance(value, str):
+        return _utf8(value)
     if isinstance(value, int):
         return True
     if isinstance(value, float):
@@ -153,7 +188,7 @@ def _json_roundtrips(value) -> bool:
     if isinstance(value, list):
         return all(_json_roundtrips(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _json_roundtrips(v) for k, v in value.items())
+        return all(isinstance(k, str) and _utf8(k) and _json_roundtrips(v) for k, v in value.items())
     return False
 
 
@@ -164,6 +199,9 @@ def check_metadata(metadata, n: int) -> list:
         return [{} for _ in range(n)]
     if isinstance(metadata, dict):
         raise InvalidTypeError("metadata must be a list with one dict per text, not a single dict; wrap it: [metadata]")
+    if unordered(metadata):
+        raise InvalidTypeError(f"metadata must be an ordered list, not a {type(metadata).__name__}; pass a list in "
+                               "the texts' order")
     metadata = list(metadata)
     if len(metadata) != n:
         raise InvalidArgumentError(f"got {n} texts but {len(metadata)} metadata entries; pass one dict per text or none")
@@ -185,6 +223,10 @@ def _first_bad(m: dict) -> str:
     for k, v in m.items():
         if not isinstance(k, str):
             return f"key {k!r} is a {type(k).__name__}, not a str"
+        if not _utf8(k):
+            return f"key {k!r} holds a lone surrogate, which UTF-8 cannot store"
+        if isinstance(v, str) and not _utf8(v):
+            return f"value of {k!r} holds a lone surrogate, which UTF-8 cannot store"
         if not _json_roundtrips(v):
             return f"value of {k!r} is {type(v).__name__} {v!r}"
     return "a value is not JSON"
@@ -196,6 +238,7 @@ def check_collection(name, allow_all: bool = False) -> str:
         raise InvalidTypeError(f"collection must be a str, got {type(name).__name__}")
     if not name.strip():
         raise InvalidArgumentError("collection name is empty; name it, or leave the default")
+    check_utf8(name, "the collection name")
     if name == "*" and not allow_all:
         raise InvalidArgumentError("collection '*' means all collections: it can be read from, not written to")
     if "*" in name and name != "*":

@@ -90,3 +90,27 @@ def test_abstain_reads_router_scores_also_under_hybrid_routing(engine):
     assert engine.query("Where was Alice born?", abstain=True, routing="hybrid").abstained is True
     with pytest.raises(InvalidArgumentError, match="lexical"):
         engine.query("Where was Alice born?", abstain=True, routing="lexical")
+
+
+def test_margin_calibration_on_one_document_stays_finite_and_loads(tiny_model_dir, tmp_path):
+    # one document: every answerable margin is +inf (nothing to be second), every removed one -inf (nothing
+    # left); the threshold must still be finite, or the saved manifest would hold Infinity and never load
+    e = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=2, max_new_tokens=2)
+    e.add([DOCS["lisbon"]], ids=["lisbon"], progress=False)
+    cal = e.calibrate_abstention(["Where was Alice born?"], [["lisbon"]], signal="margin")
+    assert cal["threshold"] == 0.0 and cal["dev_balanced_accuracy"] == 1.0
+    assert not e.query("Where was Alice born?", abstain=True).abstained
+    e.save(tmp_path / "m")
+    other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4)
+    other.load(tmp_path / "m")
+    assert other.snapshot()._state.calibration["threshold"] == 0.0
+    t, _ = _best_threshold(answerable=[float("inf"), 0.3], removed=[float("-inf"), 0.1])
+    assert 0.1 < t < 0.3
+
+
+def test_a_non_finite_calibration_is_refused_and_the_saved_copy_kept(engine, tmp_path):
+    engine.save(tmp_path / "m")
+    for bad in (float("inf"), float("nan"), None, 1):
+        with pytest.raises(InvalidArgumentError, match="finite float"):
+            engine._bank.set_calibration({"threshold": bad, "signal": "margin"})
+    assert engine.snapshot()._state.calibration is None

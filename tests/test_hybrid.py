@@ -130,6 +130,26 @@ def test_index_survives_save_and_load(engine, tmp_path, tiny_model_dir):
     assert_index_is_rebuild(other)
 
 
+def test_a_save_writes_no_word_of_a_deleted_document(engine, tmp_path, tiny_model_dir):
+    """The shared vocab only grows, so it still holds a deleted document's words; the saved index holds only the
+    words of the documents kept, and scores exactly as the index in RAM does."""
+    engine.add(["Quintessa smuggled marzipan through Reykjavik."], ids=["secret"], progress=False)
+    engine.save(tmp_path / "m")
+    engine.delete(["secret", "pin"])
+    assert "quintessa" in state_of(engine).lexical.vocab  # still in RAM (older snapshots may read it)
+    engine.save(tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():
+        if f.is_file():
+            assert b"quintessa" not in f.read_bytes().lower() and b"4321" not in f.read_bytes(), f.name
+    other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, k=3)
+    other.load(tmp_path / "m")
+    saved, live = state_of(other).lexical, state_of(engine).lexical
+    assert saved.equals(live) and saved.n_terms < live.n_terms
+    for q in ("capital of France", "Quintessa marzipan", "Ana's bank PIN", "tower 1889 lighthouse"):
+        assert torch.equal(saved.scores(q), live.scores(q)), q
+    assert saved.compacted() is saved  # nothing left to drop
+
+
 def test_memory_without_index_or_of_another_tokenizer_is_reindexed(engine, tmp_path, tiny_model_dir):
     engine.save(tmp_path / "m")
     path = tmp_path / "m" / "manifest.json"

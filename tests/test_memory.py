@@ -149,6 +149,15 @@ def test_empty_add_and_delete_return_what_changed(engine):
     assert "fox" not in engine.snapshot() and len(engine) == 3
 
 
+def test_texts_and_ids_from_iterators_and_dict_views_pair_as_given(engine):
+    """upsert used to check a generator of texts, using it up, then find 0 texts to pair with the ids."""
+    engine.upsert((t for t in ["Paris is in France, on the Seine."]), ids=(i for i in ["paris"]))
+    assert engine.get(["paris"])[0].text == "Paris is in France, on the Seine."
+    by_id = {"rome": "Rome is the capital of Italy.", "oslo": "Oslo is the capital of Norway."}
+    engine.add(by_id.values(), ids=by_id.keys())  # a dict's views keep its order: accepted, and paired
+    assert [d.text for d in engine.get(["rome", "oslo"])] == list(by_id.values())
+
+
 def test_parent_id_in_metadata_does_not_group_documents(engine, tiny_model_dir, tmp_path):
     """Only a real split records a parent: a caller's metadata parent_id is just metadata."""
     engine.add(["A forged part.", "Another forged part."], ids=["f0", "f1"],
@@ -215,6 +224,9 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir, tmp_path):
         e.add(["again"], ids=["long"])
     e.upsert([long_text + " One more sentence."], ids=["long"])  # replaces every part at once
     assert len(e.get(["long"])) == -(-e.count_tokens(long_text + " One more sentence.") // 16)
+    with pytest.raises(InvalidArgumentError, match="one part of the split long text 'long'"):
+        e.delete(["long#0"])  # alone it would leave 'long' cut short, still answering to its id
+    assert [d.id for d in e.get(["long"])] == [f"long#{i}" for i in range(len(e.get(["long"])))]
     e.save(tmp_path)  # the parts stay grouped across save and load
     e.load(str(tmp_path))
     assert [d.id for d in e.get(["long"])] == [f"long#{i}" for i in range(len(e.get(["long"])))]
@@ -449,12 +461,25 @@ def test_saving_to_keeps_the_memory_and_the_folder_together(engine, tmp_path, mo
             m.setattr(storage, "clean_orphans", _permission_denied)
     reloaded.load(folder)
     assert "carol" in engine and "carol" in reloaded
+    # not even an interrupt (Ctrl-C) while cleaning up: it reaches the caller, and the memory still holds what
+    # the folder holds
+    with monkeypatch.context() as m:
+        with pytest.raises(KeyboardInterrupt):
+            with engine.saving_to(folder):
+                engine.delete(["carol"])
+                m.setattr(storage, "clean_orphans", _interrupted)
+    reloaded.load(folder)
+    assert "carol" not in engine and "carol" not in reloaded
     # a load (or re-keying) inside the block changes settings the revert could not put back: refused
     before = snapshot(engine)
     with pytest.raises(InvalidArgumentError, match="saving_to"):
         with engine.saving_to(folder):
             engine.load(folder)
     assert_same(snapshot(engine), before)
+
+
+def _interrupted(directory):
+    raise KeyboardInterrupt
 
 
 def _permission_denied(directory):

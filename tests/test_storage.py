@@ -117,6 +117,50 @@ def test_a_folder_under_an_owned_name_neither_blocks_saves_nor_is_deleted(tmp_pa
     assert "left in place" in caplog.text
 
 
+def test_a_folder_or_link_under_the_lock_or_manifest_name_is_refused_before_anything_is_written(tmp_path):
+    """A folder named manifest.json used to fail the save only at its last step, after the new data files had
+    their final names (a full generation left per retry, and load said the manifest was 'missing'); a lock
+    file that is a link made the lock create its target outside the folder."""
+    for name in (storage.MANIFEST, storage.LOCK_FILE):
+        d = tmp_path / f"planted{name}"
+        save(d)
+        os.remove(d / name)
+        (d / name).mkdir()
+        before = sorted(os.listdir(d))
+        for _ in range(2):
+            with pytest.raises(MemoryFormatError, match="is a folder where the memory keeps a file"):
+                save(d, n_docs=2)
+        assert sorted(os.listdir(d)) == before and os.listdir(d / name) == []
+    with pytest.raises(MemoryFormatError, match="manifest.json is a folder, not a file"):
+        storage.load(str(tmp_path / f"planted{storage.MANIFEST}"))
+    d, outside = tmp_path / "linked", tmp_path / "outside-lock"
+    save(d)
+    os.remove(d / storage.LOCK_FILE)
+    os.symlink(outside, d / storage.LOCK_FILE)
+    with pytest.raises(MemoryFormatError, match="symbolic link"):
+        save(d, n_docs=2)
+    assert not outside.exists() and len(storage.load(str(d), FP).docs) == 3
+
+
+def test_a_dangling_link_under_a_previous_data_file_name_is_removed_as_a_link(tmp_path):
+    save(tmp_path)
+    m = storage.read_manifest(str(tmp_path))
+    os.remove(tmp_path / m["tensors"]["file"])
+    os.symlink(tmp_path / "nowhere", tmp_path / m["tensors"]["file"])
+    save(tmp_path, n_docs=2)  # the previous generation's names are removed, the dangling link with them
+    assert not os.path.lexists(tmp_path / m["tensors"]["file"])
+    assert len(storage.load(str(tmp_path), FP).docs) == 2
+
+
+def test_a_manifest_entry_that_is_not_finite_json_is_refused_before_anything_is_written(tmp_path):
+    save(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    tensors, docs = make_memory(2)
+    with pytest.raises(InvalidArgumentError, match="not finite JSON"):
+        storage.save(str(tmp_path), tensors, docs, FP, extra={"calibration": {"threshold": float("inf")}})
+    assert sorted(os.listdir(tmp_path)) == before and len(storage.load(str(tmp_path), FP).docs) == 3
+
+
 def test_save_refuses_a_folder_that_is_not_a_memory(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
