@@ -246,11 +246,15 @@ class MemoryBank:
         ids = [ids] if isinstance(ids, str) else list(ids)
         with self._lock:
             s = self._state
-            for d in ids:  # a part alone would leave its text cut short under the parent id, silently
+            asked = {d for d in ids if isinstance(d, str)}
+            for d in ids:  # some parts alone would leave their text cut short under the parent id, silently
                 row = s.row_of.get(d) if isinstance(d, str) else None
-                if row is not None and s.parents[row] is not None:
-                    raise InvalidArgumentError(f"{d!r} is one part of the split long text {s.parents[row]!r}; delete "
-                                               f"{s.parents[row]!r} to remove the whole text; nothing was deleted")
+                parent = s.parents[row] if row is not None else None
+                if parent is not None and parent not in asked \
+                        and not all(s.ids[r] in asked for r in s.parts[parent]):
+                    raise InvalidArgumentError(f"{d!r} is one part of the split long text {parent!r}; delete "
+                                               f"{parent!r} (or all its parts) to remove the whole text; nothing "
+                                               "was deleted")
             if collection is not None:  # a document of another collection is not this collection's to delete
                 s = _select_rows(s, [r for r in range(len(s)) if s.collections[r] == collection])
             missing = [d for d in ids if d not in s]

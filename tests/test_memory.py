@@ -227,6 +227,12 @@ def test_long_documents_are_split_with_parent_id(tiny_model_dir, tmp_path):
     with pytest.raises(InvalidArgumentError, match="one part of the split long text 'long'"):
         e.delete(["long#0"])  # alone it would leave 'long' cut short, still answering to its id
     assert [d.id for d in e.get(["long"])] == [f"long#{i}" for i in range(len(e.get(["long"])))]
+    e2 = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu", chunk_size=4, max_doc_tokens=16)
+    with pytest.warns(UserWarning):
+        e2.add([long_text, "A short one."], ids=["long", "short"])
+    parts = [d.id for d in e2.get(["long"])]
+    assert e2.delete(parts) == parts  # every part at once: the whole text, as a vector store's delete asks
+    assert e2.snapshot().ids == ["short"]
     e.save(tmp_path)  # the parts stay grouped across save and load
     e.load(str(tmp_path))
     assert [d.id for d in e.get(["long"])] == [f"long#{i}" for i in range(len(e.get(["long"])))]
