@@ -186,9 +186,13 @@ class MSAEngine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` under the model's own tokenizer (no special tokens)."""
+        return len(self.token_ids(text))
+
+    def token_ids(self, text: str) -> list:
+        """The ids of `text`'s tokens under the model's own tokenizer (no special tokens)."""
         if not isinstance(text, str):
             raise InvalidTypeError(f"the text must be a str, got {type(text).__name__}")
-        return len(self._tokenize(text)) if text else 0
+        return list(self._tokenize(text)) if text else []
 
     def _tokenize(self, text: str) -> list:
         return self.model.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -673,3 +673,67 @@ def test_template_tool_calls_are_parsed_and_history_uses_the_template_format():
                            "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'}
     question, history, _, _ = _split_messages(turns)  # the JSON protocol's form
     assert question == "Tool result (add): 5" and history[-1]["content"] == '{"name": "add", "arguments": {"a": 2, "b": 3}}'
+
+
+# ------------------------------------------------------------------ drop-in fidelity against the references
+def test_store_filters_and_listing_order_match_langgraphs_in_memory_store(model_dir):
+    """Filters match nested values by containment, operators compare as numbers, and a listing without a query
+    comes in put order (an overwrite keeps its place), as InMemoryStore does; side by side on the same puts."""
+    from langgraph.store.memory import InMemoryStore
+
+    ref, ours = InMemoryStore(), MSAStore(MSAEngine.from_pretrained(model_dir, device="cpu"))
+    puts = [(("u", "ann"), "a", {"text": "alpha", "meta": {"lang": "en", "score": 5}, "n": "5"}),
+            (("u", "bob"), "b", {"text": "beta", "meta": {"lang": "en", "score": 1}, "n": "1"}),
+            (("u", "ann"), "c", {"text": "gamma", "meta": {"lang": "pt", "score": 2}, "n": "2", "tags": ["x", "y"]}),
+            (("u", "ann"), "a", {"text": "alpha again", "meta": {"lang": "en", "score": 5}, "n": "5"})]
+    for ns, key, value in puts:
+        ref.put(ns, key, value)
+        ours.put(ns, key, value)
+    for flt in ({"meta": {"lang": "en"}}, {"meta": {"score": {"$gt": 3}}}, {"n": {"$gt": 3}}, {"tags": ["x", "y"]},
+                {"meta": {"lang": {"$ne": "en"}}}, {"meta": {"missing": 1}}, None):
+        assert [(i.namespace, i.key) for i in ours.search(("u",), filter=flt)] == \
+            [(i.namespace, i.key) for i in ref.search(("u",), filter=flt)], flt
+    for offset, limit in ((0, 10), (1, 1), (2, 5)):
+        assert [i.key for i in ours.search(("u",), offset=offset, limit=limit)] == \
+            [i.key for i in ref.search(("u",), offset=offset, limit=limit)]
+    with pytest.raises(InvalidArgumentError, match=r"\$in"):  # the VectorStore filter language is not the store's
+        ours.search(("u",), filter={"n": {"$in": ["1"]}})
+    with pytest.raises(InvalidArgumentError, match=r"\$or"):
+        ours.search(("u",), filter={"$or": [{"n": "1"}]})
+    with pytest.raises(InvalidTypeError, match="compares numbers"):
+        ours.search(("u",), filter={"text": {"$gt": 1}})
+    # where InMemoryStore raises TypeError (an item lacking the field), an ordering operator admits no such item
+    ours.put(("u", "cy"), "d", {"text": "delta"})
+    assert [i.key for i in ours.search(("u",), filter={"n": {"$gte": 2}})] == ["a", "c"]
+
+
+def test_vector_store_knobs_match_in_memory_vector_store(engine):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    ref, ours = InMemoryVectorStore(DeterministicFakeEmbedding(size=8)), MSAVectorStore(engine=engine)
+    docs = [Document("Rome is in Italy.", id="doc-1"), Document("Oslo is in Norway.")]
+    for store in (ref, ours):
+        ids = store.add_documents(docs, ids=None)  # ids=None keeps each Document's own id
+        assert ids[0] == "doc-1" and [d.id for d in store.get_by_ids(["doc-1"])] == ["doc-1"]
+        assert len(store.max_marginal_relevance_search("Where is Rome?", k=3, fetch_k=2)) == 2  # at most fetch_k
+    assert asyncio.run(ours.aadd_documents([Document("Bern is in Switzerland.", id="doc-3")], ids=None)) == ["doc-3"]
+    assert [d.id for d in ours.get_by_ids(["doc-3"])] == ["doc-3"]
+    # a per-call filter=None clears the retriever's filter, as VectorStoreRetriever does
+    retriever = MSARetriever(engine=engine, k=4, filter={"topic": "geo"})
+    assert [d.id for d in retriever.invoke("capital?")] == ["f0"]
+    assert len(retriever.invoke("capital?", filter=None)) == 4
+    assert len(ours.as_retriever(search_kwargs={"k": 4, "filter": {"topic": "geo"}}).invoke("capital?",
+                                                                                           filter=None)) == 4
+
+
+def test_chat_token_ids_and_tool_knobs_without_tools(engine):
+    chat = ChatMSA(engine=engine)
+    text = "Where was Alice born?"
+    assert chat.get_token_ids(text) == engine.token_ids(text) and chat.get_num_tokens(text) == engine.count_tokens(text)
+    custom = ChatMSA(engine=engine, custom_get_token_ids=lambda t: list(range(len(t))))
+    assert custom.get_num_tokens(text) == len(text)  # LangChain's base class counts with it too
+    for knob in ({"tool_choice": "any"}, {"tool_choice": "add"}, {"parallel_tool_calls": False}):
+        with pytest.raises(InvalidArgumentError, match="needs bound tools"):
+            chat.invoke(text, **knob)
+    assert chat.invoke(text, tool_choice="auto", max_tokens=2).content is not None  # auto asks for nothing

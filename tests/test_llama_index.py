@@ -14,9 +14,9 @@ from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.schema import TextNode  # noqa: E402
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters  # noqa: E402
 
-from msa_plugins import MSAEngine  # noqa: E402
+from msa_plugins import InvalidArgumentError, MSAEngine  # noqa: E402
 from msa_plugins.integrations.llama_index import (MSAIndex, MSALLM, MSAMemoryBlock, MSAQueryEngine,  # noqa: E402
-                                                  MSAVectorStore, NoEmbedding, load_msa_index)
+                                                  MSARetriever, MSAVectorStore, NoEmbedding, load_msa_index)
 
 DOCS = [
     Document(text="Paris is the capital of France. The Seine runs through it.", id_="france",
@@ -741,3 +741,18 @@ def test_template_tool_calls_are_parsed_and_history_uses_the_template_format():
                          "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'}
     assert native[2] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
     assert _to_engine_messages(history)[2] == {"role": "user", "content": "Result of get_weather: sunny"}
+
+
+def test_a_query_bundle_asking_for_other_search_text_is_refused(index, engine):
+    """HyDEQueryTransform puts a hypothetical document into custom_embedding_strs; an embedding retriever searches
+    with it, MSA routes the question: dropping it silently would answer another query than the app asked for."""
+    from llama_index.core.schema import QueryBundle
+
+    hyde = QueryBundle("Where is Paris?", custom_embedding_strs=["Paris is the capital of France.", "Where is Paris?"])
+    retriever, qe = MSARetriever(engine, similarity_top_k=2), index.as_query_engine()
+    for call in (retriever.retrieve, qe.query):
+        with pytest.raises(InvalidArgumentError, match="custom_embedding_strs"):
+            call(hyde)
+    plain = QueryBundle("Where is Paris?", custom_embedding_strs=["Where is Paris?"])  # only the question: fine
+    plain.embedding = [0.1, 0.2]  # a vector retriever beside this one (QueryFusionRetriever) stored its embedding
+    assert [n.node_id for n in retriever.retrieve(plain)] == [n.node_id for n in retriever.retrieve("Where is Paris?")]

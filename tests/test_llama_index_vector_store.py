@@ -316,3 +316,24 @@ def test_collections_are_isolated(engine, nodes):
     assert len(a.get_nodes()) == 2
     with pytest.raises(ValueError, match="b1|n1"):  # ids are unique across the memory: no silent cross-collection upsert
         b.add([_node("n1", "clash", "x")])
+
+
+def test_an_empty_filter_list_restricts_nothing_as_in_simple_vector_store(store, nodes):
+    """MetadataFilters(filters=[], condition="or") used to admit no node (any() of nothing); SimpleVectorStore
+    reads an empty list as no filter, whatever the condition, and so does delete_nodes."""
+    from llama_index.core.vector_stores import SimpleVectorStore
+
+    store.add(nodes)
+    ref = SimpleVectorStore()
+    for i, n in enumerate(nodes):
+        n.embedding = [1.0, float(i)]
+    ref.add(nodes)
+    for condition in ("and", "or", "not"):
+        empty = MetadataFilters(filters=[], condition=condition)
+        assert len(store.query(_query(filters=empty)).nodes) == 4
+        assert len(ref.query(VectorStoreQuery(query_embedding=[1.0, 0.0], similarity_top_k=4, filters=empty)).ids) == 4
+    nested = MetadataFilters(filters=[MetadataFilter(key="country", value="pt"), MetadataFilters(filters=[])],
+                             condition="and")
+    assert [n.node_id for n in store.query(_query(filters=nested)).nodes] == ["n2"]
+    store.delete_nodes(filters=MetadataFilters(filters=[], condition="or"))
+    assert store.get_nodes() == []

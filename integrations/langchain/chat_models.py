@@ -255,9 +255,15 @@ class ChatMSA(BaseChatModel):
             params["ls_stop"] = stop or self.stop
         return params
 
+    def get_token_ids(self, text: str) -> List[int]:
+        """The model's own token ids of `text` (LangChain's default would use GPT-2's), or what
+        `custom_get_token_ids` gives when it is set, as LangChain's base class does."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.engine.token_ids(text) if text.strip() else []
+
     def get_num_tokens(self, text: str) -> int:
-        """Tokens of `text` under the model's own tokenizer (LangChain's default would use GPT-2's)."""
-        return self.engine.count_tokens(text) if text.strip() else 0
+        return len(self.get_token_ids(text))
 
     # ------------------------------------------------------------------ tools
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any):
@@ -297,6 +303,11 @@ class ChatMSA(BaseChatModel):
         """This call's options: per-call kwargs over this model's fields over the engine's defaults (None keeps
         the next one), in LangChain's names. The one place they are mapped, and validated."""
         refuse_unknown([k for k in kwargs if k not in _CALL_KWARGS], "ChatMSA call")
+        if not kwargs.get("tools"):  # without tools these would change nothing: a loud error, not a plain answer
+            knobs = [k for k in ("tool_choice", "parallel_tool_calls") if kwargs.get(k) not in (None, "auto")]
+            if knobs:
+                raise InvalidArgumentError(f"{', '.join(knobs)} needs bound tools; call bind_tools([...], "
+                                           "tool_choice=...) first, or drop it")
         if kwargs.get("model") not in (None, self._name()):
             raise InvalidArgumentError(f"ChatMSA runs the engine's loaded model {self._name()!r}; it cannot switch "
                                        f"to {kwargs['model']!r} per call (make another engine)")

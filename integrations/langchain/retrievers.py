@@ -59,6 +59,9 @@ _INIT_HINTS = {
     **dict.fromkeys(("top_k", "similarity_top_k"), "MSARetriever's number of documents is `k=`")}
 
 
+_UNSET = object()  # no per-call filter given (None is one: "no filter")
+
+
 class MSARetriever(BaseRetriever):
     """Routed documents in routing order; each carries `metadata["routing_score"]`.
 
@@ -111,12 +114,13 @@ class MSARetriever(BaseRetriever):
         return check_collection(v, allow_all=True)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
-                                k: Optional[int] = None, filter: Any = None, **kwargs: Any) -> List[Document]:
+                                k: Optional[int] = None, filter: Any = _UNSET, **kwargs: Any) -> List[Document]:
         refuse_unknown(kwargs, "MSARetriever.invoke", dict.fromkeys(
             ("rounds", "k_per_round", "rerank"),
             "rounds, k_per_round and rerank are set on the retriever: MSARetriever(..., rounds=2)"))
         pairs = route_documents(self.engine, query, self.k if k is None else k,
-                                self.filter if filter is None else filter, self.collection, rounds=self.rounds,
+                                # a per-call filter, None included, replaces the retriever's (VectorStoreRetriever)
+                                self.filter if filter is _UNSET else filter, self.collection, rounds=self.rounds,
                                 k_per_round=self.k_per_round, rerank=self.rerank)
         for doc, score in pairs:
             doc.metadata["routing_score"] = score

@@ -17,7 +17,6 @@ from msa_plugins import InvalidArgumentError, InvalidTypeError, MemoryDocument, 
 from msa_plugins.validation import check_text
 
 from ._collections import STORE_COLLECTION, check_collection, collection_kwargs, documents_of, in_collection
-from .filters import check_filter, matches
 
 _MARK = "msa_store"  # metadata flag of store items: other documents in the same memory are never items
 
@@ -38,6 +37,73 @@ def _item(meta: dict, cls=Item, **extra):
     return cls(value=meta["value"], key=meta["key"], namespace=tuple(meta["namespace"]),
                created_at=datetime.fromisoformat(meta["created_at"]),
                updated_at=datetime.fromisoformat(meta["updated_at"]), **extra)
+
+
+# LangGraph's store filter language (`InMemoryStore`, Postgres JSONB): a field's value, a nested dict matched by
+# containment, or a dict of these comparison operators; ordering operators compare as numbers
+_STORE_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte")
+
+
+def check_store_filter(flt) -> None:
+    """Refuse what LangGraph's store filters cannot express, before any routing work."""
+    if flt is None:
+        return
+    if callable(flt) or not isinstance(flt, dict):
+        raise InvalidTypeError(f"MSAStore.search takes a dict filter on item values ({{'kind': 'pet'}}, "
+                               f"{{'n': {{'$gt': 1}}}}), got {type(flt).__name__}")
+    for key, cond in flt.items():
+        if not isinstance(key, str):
+            raise InvalidTypeError(f"store filter keys are field names (str), got {key!r}")
+        if key.startswith("$"):
+            raise InvalidArgumentError(f"store filters match fields, not {key!r}: write {{'field': value}} or "
+                                       f"{{'field': {{'$gte': 2}}}} (LangGraph's operators: {', '.join(_STORE_OPS)})")
+        if isinstance(cond, dict):
+            ops = [k for k in cond if isinstance(k, str) and k.startswith("$")]
+            bad = [k for k in cond if k not in _STORE_OPS]
+            if ops and bad:
+                raise InvalidArgumentError(f"unknown store filter operator(s) {bad} on {key!r}; LangGraph's store "
+                                           f"filters take {', '.join(_STORE_OPS)}")
+            if not ops:
+                check_store_filter(cond)
+
+
+def _store_operator(value, op: str, arg) -> bool:
+    if op == "$eq":
+        return value == arg
+    if op == "$ne":
+        return value != arg
+    if value is None:  # a field the item lacks is not greater or smaller than anything (LangGraph's raises)
+        return False
+    try:
+        a, b = float(value), float(arg)
+    except (TypeError, ValueError):
+        raise InvalidTypeError(f"store filter {op} {arg!r} compares numbers, as LangGraph's store does; the item "
+                               f"value {value!r} is not one") from None
+    return {"$gt": a > b, "$gte": a >= b, "$lt": a < b, "$lte": a <= b}[op]
+
+
+def store_value_matches(item_value, filter_value) -> bool:
+    """LangGraph's `_compare_values`: a nested dict matches by containment (extra keys allowed), a list
+    element-wise, an operator dict by all its operators, anything else by equality."""
+    if isinstance(filter_value, dict):
+        if any(k.startswith("$") for k in filter_value):
+            return all(_store_operator(item_value, op, arg) for op, arg in filter_value.items())
+        return isinstance(item_value, dict) and all(store_value_matches(item_value.get(k), v)
+                                                    for k, v in filter_value.items())
+    if isinstance(filter_value, (list, tuple)):
+        return isinstance(item_value, (list, tuple)) and len(item_value) == len(filter_value) \
+            and all(store_value_matches(i, f) for i, f in zip(item_value, filter_value))
+    return item_value == filter_value
+
+
+def _in_put_order(docs: list) -> list:
+    """Items as LangGraph's InMemoryStore lists them: namespaces in the order they were first written to, each
+    namespace's items in the order they were first put (an overwrite keeps its place: created_at survives it)."""
+    first = {}
+    for d in docs:
+        ns = tuple(d.metadata["namespace"])
+        first[ns] = min(first.get(ns, d.metadata["created_at"]), d.metadata["created_at"])
+    return sorted(docs, key=lambda d: (first[tuple(d.metadata["namespace"])], d.metadata["created_at"]))
 
 
 def _first_per_item(docs: Iterable[MemoryDocument]) -> list:
@@ -124,16 +190,15 @@ class MSAStore(BaseStore):
     def _search(self, op: SearchOp, snap: Snapshot) -> list:
         prefix = tuple(op.namespace_prefix)
         flt = op.filter or None
-        check_filter(flt)
-        if callable(flt):
-            raise InvalidTypeError("MSAStore.search takes a dict filter on item values, not a callable")
+        check_store_filter(flt)
 
         def admitted(doc: MemoryDocument) -> bool:
             m = doc.metadata
             return (_is_item(doc) and in_collection(doc, self.collection_name)
-                    and tuple(m["namespace"])[:len(prefix)] == prefix and (flt is None or matches(m["value"], flt)))
+                    and tuple(m["namespace"])[:len(prefix)] == prefix
+                    and (flt is None or all(store_value_matches(m["value"].get(k), v) for k, v in flt.items())))
 
-        # no query (None or "") lists the newest items first, as LangGraph's InMemoryStore does
+        # no query (None or "") lists items in the order they were put, as LangGraph's InMemoryStore does
         query = check_text(op.query, "query") if op.query not in (None, "") else None
         if op.limit <= 0:
             return []
@@ -145,12 +210,11 @@ class MSAStore(BaseStore):
             hits = [_item(d.metadata, SearchItem, score=float(d.score))
                     for d in _first_per_item(routed)[op.offset:op.offset + op.limit]]
             if len(hits) < op.limit:  # as InMemoryStore: unindexed items fill the rest, unscored
-                rest = _first_per_item(d for d in documents_of(snap, self.collection_name)
-                                       if admitted(d) and not _is_indexed(d))
+                rest = _in_put_order(_first_per_item(d for d in documents_of(snap, self.collection_name)
+                                                     if admitted(d) and not _is_indexed(d)))
                 hits += [_item(d.metadata, SearchItem, score=None) for d in rest[:op.limit - len(hits)]]
             return hits
-        docs = _first_per_item(d for d in documents_of(snap, self.collection_name) if admitted(d))
-        docs.sort(key=lambda d: d.metadata["updated_at"], reverse=True)
+        docs = _in_put_order(_first_per_item(d for d in documents_of(snap, self.collection_name) if admitted(d)))
         return [_item(d.metadata, SearchItem) for d in docs[op.offset:op.offset + op.limit]]
 
     def _list(self, op: ListNamespacesOp, snap: Snapshot) -> list:

@@ -122,6 +122,18 @@ class MSAVectorStore(VectorStore):
         # the engine replaces existing ids and adds the others in one swap: a reader never misses a document
         return self.engine.upsert(texts, ids=ids, metadata=metadatas, progress=False, **self._in())
 
+    def add_documents(self, documents: List[Document], **kwargs: Any) -> List[str]:
+        """As `InMemoryVectorStore`: `ids=None` (or no ids) keeps each Document's own `id` (LangChain's base
+        class drops them when `ids=None` is passed explicitly); a Document without one gets a new id."""
+        if kwargs.get("ids") is None:
+            kwargs.pop("ids", None)
+        return super().add_documents(documents, **kwargs)
+
+    async def aadd_documents(self, documents: List[Document], **kwargs: Any) -> List[str]:
+        if kwargs.get("ids") is None:
+            kwargs.pop("ids", None)
+        return await super().aadd_documents(documents, **kwargs)
+
     def delete(self, ids: Optional[List[str]] = None, **kwargs: Any) -> Optional[bool]:
         refuse_unknown(kwargs, "MSAVectorStore.delete")
         if ids is None:
@@ -166,7 +178,8 @@ class MSAVectorStore(VectorStore):
                                       filter: Any = None, **kwargs: Any) -> List[Document]:
         refuse_unknown(kwargs, "MSAVectorStore.max_marginal_relevance_search", _SEARCH_HINTS)
         k = check_int(k, "k", minimum=1)
-        fetch_k = max(check_int(fetch_k, "fetch_k", minimum=1), k)
+        fetch_k = check_int(fetch_k, "fetch_k", minimum=1)
+        k = min(k, fetch_k)  # as InMemoryVectorStore: k picks among the fetch_k candidates, so at most fetch_k
         if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) \
                 or math.isnan(lambda_mult) or not 0.0 <= lambda_mult <= 1.0:
             raise InvalidArgumentError(f"lambda_mult must be a number in [0, 1] (1: relevance only, 0: diversity "

@@ -39,6 +39,8 @@ def filters_to_predicate(filters: Union[MetadataFilters, dict, None]) -> Optiona
     if not isinstance(filters, MetadataFilters):
         raise InvalidTypeError(f"filters must be a llama_index MetadataFilters (or a {{key: value}} dict), "
                                f"got {type(filters).__name__}")
+    if not filters.filters:  # as SimpleVectorStore: no filter in the list restricts nothing, whatever the condition
+        return None
     match = _compile(filters)
 
     def predicate(doc: MemoryDocument) -> bool:
@@ -65,6 +67,11 @@ def _compile(filters: MetadataFilters) -> Callable[[dict], bool]:
     """A `MetadataFilters` tree -> a function of a metadata dict (sub-filters compiled once)."""
     parts = [_compile(f) if isinstance(f, MetadataFilters) else _compile_one(f) for f in filters.filters]
     condition = filters.condition or FilterCondition.AND
+    if not parts:  # an empty group restricts nothing (an empty OR would otherwise admit nothing)
+        if condition not in (FilterCondition.AND, FilterCondition.OR, FilterCondition.NOT):
+            raise InvalidArgumentError(f"unknown filter condition {condition!r}; use one of "
+                                       f"{[c.value for c in FilterCondition]}")
+        return lambda meta: True
     if condition == FilterCondition.AND:
         return lambda meta: all(p(meta) for p in parts)
     if condition == FilterCondition.OR:

@@ -36,6 +36,7 @@ from ._collections import DEFAULT_COLLECTION
 from .filters import filters_to_predicate
 from .llms import MSALLM
 from .query_engine import MSAQueryEngine
+from .retrievers import query_text
 from .vector_stores import MEMORY_DIR, MSAVectorStore, NoEmbedding, check_query
 
 __all__ = ["MSAIndex", "load_msa_index", "MEMORY_DIR"]
@@ -43,6 +44,20 @@ __all__ = ["MSAIndex", "load_msa_index", "MEMORY_DIR"]
 # MSAQueryEngine's own arguments: asking for one of them (with mode=) selects retriever-free answering
 _MSA_ANSWER_ARGS = ("mode", "rounds", "k_per_round", "rerank", "system_prompt")
 _GENERATION_ARGS = ("max_new_tokens", "temperature", "seed")  # set on the default MSALLM
+
+
+class MSAIndexRetriever(VectorIndexRetriever):
+    """`MSAIndex.as_retriever()`: LlamaIndex's own retriever over the MSA vector store, which refuses a query
+    bundle asking for other search text (HyDE's `custom_embedding_strs`): LlamaIndex drops those strings for a
+    store that routes text, and the app would silently get the answer to another query."""
+
+    def _retrieve(self, query_bundle):
+        query_text(query_bundle)
+        return super()._retrieve(query_bundle)
+
+    async def _aretrieve(self, query_bundle):
+        query_text(query_bundle)
+        return await super()._aretrieve(query_bundle)
 
 
 def _params(*fns) -> set:
@@ -130,7 +145,7 @@ class MSAIndex(VectorStoreIndex):
         return not getattr(self._unchecked, "on", False)
 
     # ------------------------------------------------------------------ reading
-    def as_retriever(self, **kwargs: Any) -> VectorIndexRetriever:
+    def as_retriever(self, **kwargs: Any) -> MSAIndexRetriever:
         if self._checking():
             _check_kwargs("as_retriever", kwargs, _RETRIEVER_ARGS)
         # checked here, not at the first query: k (k=0, k="3"), the filters, the query mode
@@ -138,7 +153,9 @@ class MSAIndex(VectorStoreIndex):
             self._engine.answer_defaults.merged(k=kwargs["similarity_top_k"])
         filters_to_predicate(kwargs.get("filters"))
         check_query(kwargs.get("vector_store_query_mode"), dict(kwargs.get("vector_store_kwargs") or {}))
-        return super().as_retriever(**kwargs)
+        # VectorStoreIndex.as_retriever's own construction, with the retriever that checks the query bundle
+        return MSAIndexRetriever(self, node_ids=list(self.index_struct.nodes_dict.values()),
+                                 callback_manager=self._callback_manager, object_map=self._object_map, **kwargs)
 
     def as_query_engine(self, llm: Any = None, **kwargs: Any) -> BaseQueryEngine:
         """LlamaIndex's `RetrieverQueryEngine` (router as retriever, `MSALLM(engine)` unless `llm=`), or

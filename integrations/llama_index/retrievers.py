@@ -13,7 +13,7 @@ from llama_index.core.constants import DEFAULT_SIMILARITY_TOP_K
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters
 
-from msa_plugins import AnswerOptions, MSAEngine, RoutedDocument
+from msa_plugins import AnswerOptions, InvalidArgumentError, MSAEngine, RoutedDocument
 from msa_plugins.validation import check_text
 
 from ._collections import DEFAULT_COLLECTION, check_collection
@@ -65,8 +65,18 @@ class MSARetriever(BaseRetriever):
 
 
 def query_text(query: Any) -> str:
-    """The question of a `QueryBundle` or str (the error every surface gives for a bad one)."""
+    """The question of a `QueryBundle` or str (the error every surface gives for a bad one). A bundle whose
+    `custom_embedding_strs` say to embed other text (HyDEQueryTransform's hypothetical document) is refused:
+    the router reads the question, and dropping those strings silently would change what the app asked for."""
     if isinstance(query, QueryBundle):
+        # (a set `embedding` is no such request: a vector retriever beside this one, e.g. in QueryFusionRetriever,
+        # stores its embedding of query_str on the shared bundle)
+        custom = [t for t in (query.custom_embedding_strs or []) if t != query.query_str]
+        if custom:
+            raise InvalidArgumentError(
+                "this QueryBundle asks for other text to be searched with (custom_embedding_strs, e.g. from "
+                "HyDEQueryTransform); MSA routes the question itself and embeds nothing: drop the query transform, "
+                "or put the text to route on in query_str")
         query = query.query_str
     return check_text(query, "query")
 
