@@ -25,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
-from ..errors import DocumentNotFoundError, DuplicateIdError, InvalidArgumentError, ModelMismatchError
+from ..errors import (DocumentNotFoundError, DuplicateIdError, InvalidArgumentError, MemoryFormatError,
+                      ModelMismatchError)
 from ..kernels.routing import quantize_keys_int8
 from ..types import MemoryDocument
 from ..validation import check_ids, check_texts
@@ -148,6 +150,8 @@ class MemoryBank:
         self._state = BankState()
         self._lock = threading.RLock()  # the one lock: writers to this bank (readers take snapshots)
         self._reverting = 0  # depth of reverting() blocks open (on the thread holding the lock)
+        # (real folder, manifest generation) the state last equalled: its last load or save there
+        self.synced: Optional[tuple] = None
 
     # ------------------------------------------------------------------ reading
     @property
@@ -404,8 +408,21 @@ class MemoryBank:
                      "parent": s.parents[r], "collection": s.collections[r]} for r in range(len(s))]
             extra = {"lexical": {"tokenizer": TOKENIZER_VERSION, "n_terms": lexical.n_terms},
                      "calibration": s.calibration}
-            storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
-                         extra=extra, on_commit=on_commit)
+            manifest = storage.save(held.directory, tensors, docs, fingerprint, lock=lock or held, timeout=timeout,
+                                    extra=extra, on_commit=on_commit)
+            self.synced = (held.directory, manifest["generation"])
+
+    def changed_since_synced(self, directory: str) -> bool:
+        """Has another writer (`msa ingest`, another process or engine) saved to `directory` since this bank last
+        loaded or saved it? False when the bank never did, or the folder holds no readable manifest. Call under
+        the folder's lock, or the answer may be stale when read."""
+        real = os.path.realpath(directory)
+        if self.synced is None or self.synced[0] != real:
+            return False
+        try:
+            return storage.read_manifest(real)["generation"] != self.synced[1]
+        except MemoryFormatError:
+            return False
 
     def load(self, directory: str, verify: bool = True, fingerprint_for: Optional[Callable] = None,
              on_swap: Optional[Callable] = None) -> None:
@@ -427,6 +444,7 @@ class MemoryBank:
             expected = fingerprint_for(saved) if fingerprint_for is not None else self.fingerprint
             storage.check_fingerprint(stored.manifest, expected, directory)
             self._state = state
+            self.synced = (os.path.realpath(directory), stored.manifest["generation"])
             if fingerprint_for is not None:
                 provenance = {k: v for k, v in self.fingerprint.items() if k == "router_provenance"}
                 self.fingerprint = {**provenance, **expected}

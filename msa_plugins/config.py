@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .errors import InvalidArgumentError, InvalidTypeError
-from .validation import check_choice, check_int, check_optional_int, check_stop, check_temperature
+from .validation import check_choice, check_int, check_optional_int, check_stop, check_temperature, check_utf8
 
 MODES = ("interleave", "sparse", "protocol")
 # How documents are ranked (`AnswerOptions.routing`): "msa" the router alone (the default), "hybrid" the
@@ -100,9 +100,12 @@ class AnswerOptions:
         object.__setattr__(self, "temperature", check_temperature(self.temperature))
         if self.system is not None and not isinstance(self.system, str):
             raise InvalidTypeError(f"system must be a str or None, got {type(self.system).__name__}")
+        if self.system is not None:
+            check_utf8(self.system, "the system prompt")
         if self.prompt_style is not None:
             check_choice(self.prompt_style, PROMPT_STYLES, "prompt_style")
-        check_optional_int(self.seed, "seed")
+        if self.seed is not None:  # torch's generator takes a 64-bit seed
+            check_int(self.seed, "seed", minimum=-(2 ** 63), maximum=2 ** 64 - 1)
         object.__setattr__(self, "stop", check_stop(self.stop))
 
     def merged(self, **overrides) -> "AnswerOptions":

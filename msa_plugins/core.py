@@ -287,15 +287,24 @@ class MSAEngine:
             self._bank.save(directory, lock=held)
 
     @contextlib.contextmanager
-    def saving_to(self, directory: str, timeout: float = 300.0):
+    def saving_to(self, directory: str, timeout: float = 300.0, reload_if_changed: bool = False):
         """Changes made in the block are saved to `directory` when it ends, or not kept at all: when the block or
         the save raises (a full disk, say), the memory goes back to what it was, and the folder keeps its last
         good copy. The folder's writer lock and the memory's are held throughout (other writers wait; readers
         do not). A server saves every change this way, so its live memory never drifts from its folder.
         Inside the block, change the memory only: saving it to another folder there takes that folder's lock
         after the memory's, the reverse of every other save (a save elsewhere would wait out its timeout), and
-        load / set_router are refused (their settings could not be put back)."""
+        load / set_router are refused (their settings could not be put back).
+
+        `reload_if_changed=True`: when another writer (`msa ingest`, another process) has saved to the folder since
+        this memory last loaded or saved it, the folder's memory is loaded first (under the lock), so the block
+        changes that one and the save keeps the other writer's work. For a memory that only ever changes through
+        this (a server's); any change made outside it since the last save would be dropped by the reload."""
         with self._bank.locked(directory, timeout=timeout) as held:
+            if reload_if_changed and self._bank.changed_since_synced(held.directory):
+                logger.warning("%s was saved by another writer since this memory last read it; loading it before "
+                               "this change so that the other writer's work is kept", held.directory)
+                self.load(held.directory)
             with self._bank.reverting() as undo:
                 yield self
                 # committed = kept: an interrupt while the save cleans up must not revert what the folder holds

@@ -25,6 +25,12 @@ Collections are the engine's (a question routes within one, "default" unless nam
 filters match metadata fields (a value, or a list of admitted values). Writes go through the engine's snapshots: a question being answered keeps the view
 it started with, and writes never wait for answers. With a memory folder, each write is saved to it.
 
+A field the server does not know is refused (422, naming it), and so is an OpenAI option set to a value that
+would change the answer and that it cannot honour (top_p != 1, penalties, logit_bias, audio, ...); OpenAI's
+bookkeeping fields (user, metadata, store, ...) are accepted. Flags must be JSON booleans ("false" is refused).
+When another writer (`msa ingest`, `msa adapt`) has saved to a served folder, the next write loads the folder
+first, under its lock, so that work is kept; one folder cannot be served under two names.
+
 Limits (all configurable) answer with OpenAI-shaped errors, never a 500 or a hang: body size (413),
 prompt tokens and max_tokens (422), requests in flight beyond batch + queue (429 with Retry-After).
 A client that disconnects ends its generation at the next decode step.
@@ -175,7 +181,8 @@ class Memory:
         with self.write_lock:
             if not self.directory:
                 return fn()
-            with self.engine.saving_to(self.directory):
+            # another writer (msa ingest, msa adapt) may have saved to the folder: its work is loaded, not overwritten
+            with self.engine.saving_to(self.directory, reload_if_changed=True):
                 return fn()
 
 
@@ -200,12 +207,17 @@ def open_memories(specs: list, model: Optional[str] = None, router: Optional[str
     base = MSAEngine.from_pretrained(model, router=router, device=device, **overrides)
     config = base.config  # before any load: each memory adopts its own routing chunk size, not the first one's
     default_router = base.router if base.has_trained_router else None  # before any memory's own router
-    memories = {}
+    memories, folders = {}, {}
     for i, spec in enumerate(specs):
         name, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or os.path.basename(os.path.normpath(directory)) or f"memory{i}"
         if name in memories:
             raise InvalidArgumentError(f"two memories are named {name!r}; name them: --memory NAME=DIR")
+        real = os.path.realpath(directory)
+        if real in folders:  # each would save its own copy over the other's
+            raise InvalidArgumentError(f"memories {folders[real]!r} and {name!r} are the same folder {real!r}; serve "
+                                       "a folder once (one name), or give each memory its own folder")
+        folders[real] = name
         engine = base if i == 0 else sibling_engine(base, config, router=default_router)
         if os.path.exists(os.path.join(directory, "manifest.json")):
             keyed_by = None if router is not None else MSAEngine.router_for_memory(directory, model)
@@ -223,8 +235,12 @@ def _where(body: dict):
     filters, ids = body.get("filters"), body.get("ids")
     if filters is not None and not isinstance(filters, dict):
         raise APIError(422, 'filters must be an object {"field": value or [values]}', param="filters")
-    if ids is not None and (isinstance(ids, str) or not isinstance(ids, list)):
-        raise APIError(422, "ids must be a list of document ids", param="ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+        raise APIError(422, "ids must be a list of document ids (strings)", param="ids")
+    for key, want in (filters or {}).items():  # the server's filters are values, not the vector store's operators
+        if isinstance(want, dict) or str(key).startswith("$"):
+            raise APIError(422, f'filters match metadata values: {{"field": value or [values]}}; {key!r} holds '
+                                f"{want!r}, an operator this server does not read", param="filters")
     if not filters and ids is None:
         return None
     allowed = None if ids is None else set(ids)
@@ -245,6 +261,38 @@ def _where(body: dict):
 _SEARCH_FIELDS = {"query", "k", "collection", "filters", "ids", "rounds", "k_per_round", "rerank"}
 # request fields that only answers from memory read (a plain chat, use_memory false, has no routing)
 _MEMORY_FIELDS = ("k", "mode", "rounds", "k_per_round", "rerank", "prompt_style", "collection", "filters", "ids")
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    """A JSON boolean field ("false", a string, would be truthy: refused rather than read as true)."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(422, f"{key} must be true or false, got {value!r}", param=key)
+    return value
+
+
+def _refuse_unknown(fields, known, where: str) -> None:
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise APIError(422, f"unknown field(s) {unknown} in {where}; the fields are {sorted(known)}",
+                       param=unknown[0])
+
+
+# OpenAI chat-completion fields: read, refused when set to what this server cannot do, or bookkeeping it may
+# ignore (they change no answer); MSA's own fields are _MEMORY_FIELDS + memory / use_memory
+_CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream",
+                "stream_options", "n", "tools", "functions", "tool_choice", "function_call", "parallel_tool_calls",
+                "response_format", "logprobs", "top_logprobs", "top_p", "presence_penalty", "frequency_penalty",
+                "logit_bias", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                "modalities", "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options",
+                "memory", "use_memory", *_MEMORY_FIELDS}
+# OpenAI fields that change the answer, with the value that changes nothing (anything else: 422)
+_NEUTRAL = {"top_p": (1, 1.0), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
+            "top_logprobs": (0,), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+            "parallel_tool_calls": (True, False), "modalities": (["text"],), "audio": (), "prediction": (),
+            "reasoning_effort": (), "verbosity": (), "web_search_options": ()}
 
 
 def _collection(body: dict) -> dict:
@@ -475,6 +523,8 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
             data = json.loads(body or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         return data
@@ -504,6 +554,10 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
     async def chat(request: Request):
         t0 = time.perf_counter()
         body = await read_json(request)
+        _refuse_unknown(body, _CHAT_FIELDS, "a chat completion")
+        for key in ("memory", "model"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise APIError(422, f"{key} must be a string (a memory's name)", param=key)
         name = body.get("memory")
         if name is None:
             model = body.get("model")
@@ -514,8 +568,21 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
         for unsupported in ("tools", "functions", "response_format", "logprobs"):
             if body.get(unsupported) not in (None, False, [], {"type": "text"}):
                 raise APIError(422, f"{unsupported} is not supported by this server", param=unsupported)
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (1, None):
             raise APIError(422, "n must be 1", param="n")
+        for key, neutral in _NEUTRAL.items():
+            if body.get(key) is not None and body[key] not in neutral:
+                raise APIError(422, f"{key}={body[key]!r} is not supported by this server (it would change the answer; "
+                                    "drop it)", param=key)
+        stream_wanted = _flag(body, "stream", False)
+        stream_options = body.get("stream_options")
+        if stream_options is not None:  # checked before a request slot is taken
+            if not stream_wanted:
+                raise APIError(422, "stream_options applies only when stream is true", param="stream_options")
+            if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+                raise APIError(422, 'stream_options must be an object {"include_usage": true or false}',
+                               param="stream_options")
+        include_usage = bool((stream_options or {}).get("include_usage"))
         system, history, question, turns = _split_messages(body.get("messages"))
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is None:
@@ -526,7 +593,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
             stop = check_stop(body.get("stop"))
             seed = body.get("seed")
             if seed is not None:
-                check_int(seed, "seed")
+                check_int(seed, "seed", minimum=-(2 ** 63), maximum=2 ** 64 - 1)  # AnswerOptions' range
         except MSAError as e:
             raise APIError(422, str(e), param=str(e).split()[0]) from None
         opts = {"max_new_tokens": max_tokens, "temperature": temperature, "stop": stop, "seed": seed,
@@ -546,7 +613,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
             if n_prompt > limit:
                 raise APIError(422, f"the messages have {n_prompt} tokens, more than this server's limit of {limit}",
                                code="context_length_exceeded", param="messages")
-        use_memory = body.get("use_memory", True) is not False
+        use_memory = _flag(body, "use_memory", True)
         if not use_memory:  # a memory option on a plain chat would be dropped: say so instead
             for key in _MEMORY_FIELDS:
                 if body.get(key) is not None:
@@ -584,9 +651,7 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
                 await run(reader.close)
             slot.release()
 
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
+        if stream_wanted:
             async def events():
                 try:
                     yield _chunk(cid, created, name, {"role": "assistant", "content": ""}, sources=sources)
@@ -646,14 +711,18 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
     async def add_documents(name: str, request: Request):
         memory = memory_for(request, name)
         body = await read_json(request)
+        _refuse_unknown(body, ("documents", "collection", "upsert"), "an add")
         docs = body.get("documents")
         if not isinstance(docs, list) or not docs or not all(isinstance(d, dict) for d in docs):
             raise APIError(422, 'documents must be a non-empty list of {"text", "id", "metadata"}', param="documents")
+        for d in docs:
+            _refuse_unknown(d, ("text", "id", "metadata"), "a document")
+        upsert = _flag(body, "upsert", False)
         collection = _collection(body)
         texts = [d.get("text") for d in docs]
         ids = [d.get("id") for d in docs]
         metadata = [d.get("metadata") or {} for d in docs]
-        if body.get("upsert"):
+        if upsert:
             if any(i is None for i in ids):
                 raise APIError(422, "upsert needs an id for every document", param="documents")
             done = await run(memory.write, lambda: memory.engine.upsert(texts, ids, metadata=metadata, progress=False,
@@ -693,14 +762,15 @@ def create_app(memories: dict, settings: Optional[ServerSettings] = None):
     async def delete_documents(name: str, request: Request):
         memory = memory_for(request, name)
         body = await read_json(request)
+        _refuse_unknown(body, ("ids", "filters", "collection", "missing_ok"), "a delete")
         ids = body.get("ids")
         where = _where({"filters": body.get("filters")})
         collection = _collection(body).get("collection", "*")
         if ids is None and where is None and collection == "*":
             raise APIError(422, "give ids, filters or a collection of the documents to delete", param="ids")
-        if ids is not None and (isinstance(ids, str) or not isinstance(ids, list)):
-            raise APIError(422, "ids must be a list of document ids", param="ids")
-        missing_ok = bool(body.get("missing_ok", False))
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+            raise APIError(422, "ids must be a list of document ids (strings)", param="ids")
+        missing_ok = _flag(body, "missing_ok", False)
 
         def delete():
             if ids is not None:

@@ -115,6 +115,7 @@ def check_messages(messages) -> list:
             raise InvalidArgumentError(f"message {i} has role {m['role']!r}; use 'system', 'user' or 'assistant'")
         if not isinstance(m["content"], str):
             raise InvalidTypeError(f"message {i} content must be a str, got {type(m['content']).__name__}")
+        check_utf8(m["content"], f"message {i}")
         out.append({"role": m["role"], "content": m["content"]})
     if not out:
         raise InvalidArgumentError("no messages to answer")

@@ -282,3 +282,68 @@ def test_a_failed_save_leaves_the_served_memory_as_it_was(tiny_model_dir, tmp_pa
     restarted = sibling_engine(engine)
     restarted.load(folder)
     assert restarted.snapshot().ids == engine.snapshot().ids == [f"d{i}" for i in range(len(DOCS))] + ["bob"]
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_hold_no_slot(served):
+    """Each of these used to be a 500, a silent acceptance, or (a bad stream_options) a request slot never given
+    back, so that a few of them locked the server out."""
+    url, h = served["url"], {"Authorization": "Bearer key-all"}
+    msg = [{"role": "user", "content": "Where was Alice born?"}]
+
+    def chat(**body):
+        return httpx.post(url + "/v1/chat/completions", json={"model": "docs", "messages": msg, "max_tokens": 2, **body},
+                          headers=h, timeout=60)
+
+    for body, param in [({"stream": True, "stream_options": "x"}, "stream_options"),
+                        ({"stream": True, "stream_options": ["include_usage"]}, "stream_options"),
+                        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+                        ({"stream": "false"}, "stream"), ({"use_memory": "false"}, "use_memory"),
+                        ({"colection": "news"}, "colection"), ({"top_k": 3}, "top_k"),
+                        ({"top_p": 0.5}, "top_p"), ({"presence_penalty": 1}, "presence_penalty"),
+                        ({"logit_bias": {"5": 10}}, "logit_bias"), ({"model": ["docs"]}, "model"),
+                        ({"memory": {"x": 1}}, "memory"), ({"ids": [["d0"]]}, "ids"),
+                        ({"filters": {"lang": {"$eq": "en"}}}, "filters"), ({"seed": 2 ** 70}, "seed")]:
+        r = chat(**body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (body, r.status_code, r.text)
+    r = chat(user="u1", metadata={"app": "x"}, store=False, top_p=1, n=1)  # bookkeeping, neutral values: fine
+    assert r.status_code == 200
+    for messages in ([{"role": "system", "content": "Be \ud800 brief."}] + msg, [{"role": "user", "content": "\ud800?"}]):
+        r = httpx.post(url + "/v1/chat/completions", content=json.dumps({"model": "docs", "messages": messages}),
+                       headers={**h, "content-type": "application/json"})
+        assert r.status_code == 422 and "lone surrogate" in r.json()["error"]["message"]
+    deep = b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    r = httpx.post(url + "/v1/chat/completions", content=deep, headers={**h, "content-type": "application/json"})
+    assert r.status_code in (400, 413) and "error" in r.json()
+    add = url + "/v1/memories/docs/documents"
+    for body, param in [({"documents": [{"id": "z", "text": "Zed."}], "upsert": "false"}, "upsert"),
+                        ({"documents": [{"id": "z", "text": "Zed."}], "colection": "news"}, "colection"),
+                        ({"documents": [{"id": "z", "txt": "Zed."}]}, "txt")]:
+        r = httpx.post(add, json=body, headers=h)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (body, r.text)
+    r = httpx.post(url + "/v1/memories/docs/documents/delete", json={"ids": ["zz"], "missing_ok": "false"}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "missing_ok"
+    assert "z" not in served["engine"]
+    assert httpx.get(url + "/health").json()["batch"]["in_flight"] == 0  # every refused request let its slot go
+
+
+def test_the_server_keeps_what_another_writer_saved_to_its_folder(tiny_model_dir, tmp_path):
+    """`msa ingest` into a folder the server serves used to be overwritten by the server's next write (its copy in
+    memory was older); two names on one folder would each save their own copy over the other's."""
+    from msa_plugins.server import open_memories
+
+    folder = str(tmp_path / "mem")
+    with pytest.raises(ValueError, match="same folder"):
+        open_memories([f"a={folder}", f"b={tmp_path}/../{tmp_path.name}/mem"], model=tiny_model_dir("llama"),
+                      device="cpu")
+    memories = open_memories([folder], model=tiny_model_dir("llama"), device="cpu")
+    with ServerThread(create_app(memories)) as server:
+        add = server.url + "/v1/memories/mem/documents"
+        assert httpx.post(add, json={"documents": [{"id": "a", "text": "Alpha."}]}).status_code == 200
+        other = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")  # e.g. msa ingest, meanwhile
+        other.load(folder)
+        other.add(["Carla paints in Porto."], ids=["carla"], progress=False)
+        other.save(folder)
+        assert httpx.post(add, json={"documents": [{"id": "b", "text": "Beta."}]}).status_code == 200
+    restarted = MSAEngine.from_pretrained(tiny_model_dir("llama"), device="cpu")
+    restarted.load(folder)
+    assert restarted.snapshot().ids == ["a", "carla", "b"] == memories["mem"].engine.snapshot().ids
