@@ -91,9 +91,10 @@ def read_text_file(path: str) -> str:
 
 
 def document_ids(files: list, relative_to=None) -> list:
-    """Resolved paths, or paths relative to `relative_to` (which must hold every file)."""
+    """Resolved paths, or paths relative to `relative_to` (which must hold every file). A '#' in a path becomes
+    '%23': the engine keeps '#' for the parts of a long text, and a file's name is not the user's to change."""
     if relative_to is None:
-        return list(files)
+        return [f.replace("#", "%23") for f in files]
     root = os.path.realpath(relative_to)
     ids = []
     for f in files:
@@ -101,7 +102,7 @@ def document_ids(files: list, relative_to=None) -> list:
         if rel == os.pardir or rel.startswith(os.pardir + os.sep):
             raise InvalidArgumentError(f"{f} is not inside --relative-to {relative_to}; give a folder holding "
                                        "every input, or leave --relative-to out (ids are then absolute paths)")
-        ids.append(rel.replace(os.sep, "/"))
+        ids.append(rel.replace(os.sep, "/").replace("#", "%23"))
     return ids
 
 
@@ -205,6 +206,13 @@ def cmd_ingest(args) -> int:
     if not files:
         raise InvalidArgumentError(f"no {'/'.join(INGEST_SUFFIXES)} files found in {' '.join(args.files)}")
     texts = [read_text_file(f) for f in files]  # read everything first: a bad file adds nothing
+    empty = [f for f, t in zip(files, texts) if not t.strip()]  # nothing to remember: skipped, and named
+    if empty:
+        if len(empty) == len(files):
+            raise InvalidArgumentError(f"every file given is empty or whitespace only ({', '.join(empty[:3])}"
+                                       f"{', ...' if len(empty) > 3 else ''}); nothing to ingest")
+        files, texts = zip(*[(f, t) for f, t in zip(files, texts) if t.strip()])
+        files, texts = list(files), list(texts)
     ids = document_ids(files, args.relative_to)
     hashes = [text_sha256(t) for t in texts]
     check_destination(args.memory)
@@ -229,6 +237,9 @@ def cmd_ingest(args) -> int:
     print(f"ingested {len(files)} files: {len(plan.added)} added, {len(plan.replaced)} replaced, "
           f"{len(plan.unchanged)} unchanged ({n_tok} tokens encoded, {n_tok / max(dt, 1e-9):.0f} tok/s); "
           f"memory {args.memory}: {info['documents']} documents, {info['bytes'] / 1e6:.2f} MB")
+    if empty:
+        print(f"skipped {len(empty)} empty file(s): {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
+              file=sys.stderr)
     if adapted:
         print(adapted)
     return 0

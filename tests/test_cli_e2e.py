@@ -77,6 +77,25 @@ def test_cli_rejects_non_utf8_files_and_adds_nothing(tiny_model_dir, tmp_path):
     assert not os.path.exists(tmp_path / "m" / "manifest.json")
 
 
+def test_cli_skips_empty_files_by_name_and_takes_hash_in_file_names(tiny_model_dir, tmp_path):
+    """An empty file used to fail the whole ingest ('text at position 2 is empty', naming no file), and a file
+    named C#-notes.md too (ids may not hold '#'): a file name is not the user's to change."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("Alice paints in Porto.")
+    (docs / "C#-notes.md").write_text("C# has classes.")
+    (docs / "empty.md").write_text("  \n")
+    mem = str(tmp_path / "mem")
+    r = run(["--model", tiny_model_dir("llama"), "--device", "cpu", "ingest", str(docs), "--memory", mem,
+             "--relative-to", str(docs)])
+    assert r.returncode == 0, r.stderr
+    assert "ingested 2 files: 2 added" in r.stdout and "skipped 1 empty file(s)" in r.stderr and "empty.md" in r.stderr
+    assert saved_documents(tiny_model_dir("llama"), mem) == {"C%23-notes.md": "C# has classes.",
+                                                             "a.md": "Alice paints in Porto."}
+    r = run(["--model", tiny_model_dir("llama"), "ingest", str(docs / "empty.md"), "--memory", mem])
+    assert_one_line_error(r, "empty", "empty.md")
+
+
 def test_cli_ids_do_not_depend_on_the_working_directory(tiny_model_dir, tmp_path):
     """The same files named relative to two different directories are the same documents."""
     docs = tmp_path / "notes"
